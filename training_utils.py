@@ -1,0 +1,337 @@
+"""Training: TrainConfig → model (Unsloth on CUDA, transformers + PEFT otherwise) → prepared data → TRL SFTTrainer,
+with a callback that writes the run's events and honours stop requests. Reads top to bottom in `train`."""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dataset_utils import DatasetConfig
+from model_utils import ModelConfig
+from workspace import UserError, atomic_dir, config_from_dict, write_json
+
+log = logging.getLogger(__name__)
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+REPORT_TO = ("none", "tensorboard")
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run; names follow TRL / PEFT. Defaults suit a first LoRA run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    # mode: 16-bit LoRA (default), 4-bit QLoRA (load_in_4bit, CUDA only) or full fine-tune (full_finetuning)
+    load_in_4bit: bool = False
+    full_finetuning: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
+    learning_rate: float = 2e-4
+    max_steps: int | None = 60  # None: train for num_train_epochs instead
+    num_train_epochs: float = 1.0
+    per_device_train_batch_size: int = 2
+    gradient_accumulation_steps: int = 4
+    warmup_steps: int = 5
+    lr_scheduler_type: str = "linear"
+    weight_decay: float = 0.01
+    optim: str = "adamw_torch"
+    max_seq_length: int = 2048
+    packing: bool = False
+    train_on_responses_only: bool = True
+    gradient_checkpointing: bool = True
+    eval_split: float = 0.0
+    eval_steps: int = 0  # 0: evaluate at each save when eval_split > 0
+    save_steps: int = 50
+    save_total_limit: int = 2
+    logging_steps: int = 1
+    seed: int = 3407
+    report_to: str = "none"  # none or tensorboard
+
+    @property
+    def mode(self) -> str:
+        return "full" if self.full_finetuning else "qlora" if self.load_in_4bit else "lora"
+
+    def validate(self, cuda: bool | None = None) -> None:
+        """Raise UserError for the first value that cannot work; `cuda` overrides detection (tests)."""
+        self.model.validate()
+        self.dataset.validate()
+        positive = {"learning_rate": self.learning_rate, "per_device_train_batch_size": self.per_device_train_batch_size,
+                    "gradient_accumulation_steps": self.gradient_accumulation_steps, "max_seq_length": self.max_seq_length,
+                    "save_steps": self.save_steps, "logging_steps": self.logging_steps}
+        if self.max_steps is not None:
+            positive["max_steps"] = self.max_steps
+        else:
+            positive["num_train_epochs"] = self.num_train_epochs
+        for name, value in positive.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0 or math.isnan(value):
+                raise UserError(f"{name} must be a number above 0 (got {value!r}).")
+        if not self.full_finetuning:
+            if not isinstance(self.lora_r, int) or self.lora_r <= 0:
+                raise UserError(f"lora_r (LoRA rank) must be a whole number above 0 (got {self.lora_r!r}); try 16.")
+            if self.lora_alpha <= 0:
+                raise UserError(f"lora_alpha must be above 0 (got {self.lora_alpha!r}); try the same value as lora_r.")
+            if not self.target_modules:
+                raise UserError("target_modules is empty: name the linear layers LoRA adapts, e.g. q_proj, v_proj.")
+        if not 0 <= self.lora_dropout < 1:
+            raise UserError(f"lora_dropout must be in [0, 1) (got {self.lora_dropout!r}).")
+        if not 0 <= self.eval_split < 1:
+            raise UserError(f"eval_split must be a fraction in [0, 1) (got {self.eval_split!r}).")
+        if self.eval_steps < 0 or self.warmup_steps < 0 or self.save_total_limit < 1:
+            raise UserError("eval_steps and warmup_steps must be 0 or more, save_total_limit 1 or more.")
+        if self.load_in_4bit and self.full_finetuning:
+            raise UserError("Choose either 4-bit QLoRA or a full fine-tune, not both.")
+        if self.report_to not in REPORT_TO:
+            raise UserError(f"report_to must be one of: {', '.join(REPORT_TO)} (got {self.report_to!r}).")
+        if self.load_in_4bit and not (cuda if cuda is not None else _cuda()):
+            raise UserError("4-bit QLoRA needs an NVIDIA GPU (CUDA); none is available here. Use 16-bit LoRA instead.")
+
+
+def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    return config_from_dict(TrainConfig, data, "train config")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# ---------------------------------------------------------------- the run
+
+def train(config: TrainConfig, run_dir: Path, resume: bool = False) -> str:
+    """Train into `run_dir` (checkpoints/, adapter/ or merged/, events.jsonl); returns "done" or "stopped"."""
+    import model_utils
+
+    backend = model_utils.select_backend()  # first: Unsloth must be imported before transformers/trl/peft
+    config.validate()
+    run_dir = Path(run_dir)
+    workspace = run_dir.parent.parent
+    model_path = model_utils.resolve_model_path(config.model.name_or_path, workspace)
+    limit = model_utils.model_max_length(model_path)
+    if config.max_seq_length > limit:
+        raise UserError(f"max_seq_length {config.max_seq_length} is above this model's limit of {limit} tokens.")
+    log.info("backend: %s, model: %s, mode: %s", backend, model_path, config.mode)
+
+    model, tokenizer = load_for_training(config, model_path, backend)
+    prepared = prepare_training_data(config, tokenizer, workspace)
+    trainer = build_trainer(config, model, tokenizer, prepared, run_dir, backend)
+    checkpoint = _resume_point(run_dir) if resume else None
+    if resume and checkpoint is None:
+        raise UserError("This run has no checkpoint to resume from; start a new run instead.")
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+    from jobs import StopRequested
+
+    if StopRequested.requested:
+        return "stopped"
+    save_final(trainer, tokenizer, config, run_dir)
+    return "done"
+
+
+def load_for_training(config: TrainConfig, model_path: str, backend: str):
+    """(model with LoRA attached unless full fine-tune, tokenizer)."""
+    if backend == "unsloth":
+        return _load_unsloth(config, model_path)
+    return _load_transformers(config, model_path)
+
+
+def _load_unsloth(config: TrainConfig, model_path: str):
+    from unsloth import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=model_path, max_seq_length=config.max_seq_length, dtype=None, load_in_4bit=config.load_in_4bit,
+        full_finetuning=config.full_finetuning, trust_remote_code=config.model.trust_remote_code,
+    )
+    if not config.full_finetuning:
+        check_target_modules(model, config.target_modules)
+        model = FastLanguageModel.get_peft_model(
+            model, r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+            target_modules=config.target_modules, bias="none", random_state=config.seed,
+            use_gradient_checkpointing="unsloth" if config.gradient_checkpointing else False,
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _load_transformers(config: TrainConfig, model_path: str):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    import model_utils
+
+    tokenizer = model_utils.load_tokenizer(model_path, config.model.trust_remote_code)
+    on_cuda = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=torch.bfloat16 if on_cuda else torch.float32, use_safetensors=True,
+        trust_remote_code=config.model.trust_remote_code, device_map="cuda" if on_cuda else None,
+    )
+    if config.full_finetuning:
+        return model, tokenizer
+    check_target_modules(model, config.target_modules)
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=config.target_modules, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora), tokenizer
+
+
+def check_target_modules(model, target_modules: list[str]) -> None:
+    import torch
+
+    present = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    missing = [name for name in target_modules if name not in present]
+    if missing:
+        raise UserError(
+            f"target_modules {', '.join(missing)} not found in this model; its linear layers are: {', '.join(sorted(present))}."
+        )
+
+
+def prepare_training_data(config: TrainConfig, tokenizer, workspace: Path):
+    import dataset_utils
+
+    prepared = dataset_utils.prepare_dataset(
+        config.dataset, tokenizer, max_seq_length=config.max_seq_length,
+        train_on_responses_only=config.train_on_responses_only, eval_split=config.eval_split, seed=config.seed,
+        workspace=workspace,
+    )
+    log.info("dataset: %s, %d train rows, %d eval rows, %d skipped", prepared.format, len(prepared.train),
+             len(prepared.eval) if prepared.eval is not None else 0, prepared.dropped_rows)
+    return prepared
+
+
+def build_trainer(config: TrainConfig, model, tokenizer, prepared, run_dir: Path, backend: str):
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    on_cuda = torch.cuda.is_available()
+    bf16 = on_cuda and torch.cuda.is_bf16_supported()
+    has_eval = prepared.eval is not None
+    args = SFTConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        learning_rate=config.learning_rate,
+        max_steps=config.max_steps if config.max_steps is not None else -1,
+        num_train_epochs=config.num_train_epochs,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_eval_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        warmup_steps=config.warmup_steps,
+        lr_scheduler_type=config.lr_scheduler_type,
+        weight_decay=config.weight_decay,
+        optim=config.optim,
+        max_length=config.max_seq_length,
+        packing=config.packing,
+        # TRL turns bf16 on by default; on CPU bf16 autocast made a demo step 20x slower (DESIGN.md §3).
+        bf16=bf16,
+        fp16=on_cuda and not bf16,
+        # Unsloth applies its own checkpointing in get_peft_model.
+        gradient_checkpointing=config.gradient_checkpointing and backend != "unsloth",
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=(config.eval_steps or config.save_steps) if has_eval else None,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        logging_steps=config.logging_steps,
+        seed=config.seed,
+        report_to=[] if config.report_to == "none" else [config.report_to],
+        logging_dir=str(run_dir / "tensorboard"),
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+    columns = ["input_ids", "labels"]
+    trainer = SFTTrainer(
+        model=model, args=args, processing_class=tokenizer,
+        train_dataset=prepared.train.select_columns(columns),
+        eval_dataset=prepared.eval.select_columns(columns) if has_eval else None,
+    )
+    trainer.add_callback(events_callback(run_dir))
+    return trainer
+
+
+def _resume_point(run_dir: Path) -> Path | None:
+    from jobs import last_checkpoint
+
+    return last_checkpoint(run_dir)
+
+
+def save_final(trainer, tokenizer, config: TrainConfig, run_dir: Path) -> Path:
+    """Write adapter/ (LoRA) or merged/ (full fine-tune) atomically, with the tokenizer and the train config."""
+    from workspace import config_to_dict, dump_yaml
+
+    target = run_dir / ("merged" if config.full_finetuning else "adapter")
+    with atomic_dir(target) as tmp:
+        trainer.model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "train_config.yaml").write_text(dump_yaml(config_to_dict(config)))
+    shutil.rmtree(run_dir / "checkpoints" / "tmp", ignore_errors=True)
+    return target
+
+
+# ---------------------------------------------------------------- events
+
+def events_callback(run_dir: Path):
+    """A TrainerCallback writing events.jsonl / progress.json and stopping (with a checkpoint) on SIGTERM."""
+    from transformers import TrainerCallback
+
+    from jobs import StopRequested, append_event
+
+    class RunEvents(TrainerCallback):
+        def __init__(self) -> None:
+            self.started = time.monotonic()
+            self.first_step: int | None = None
+            self.last_tokens: float | None = None
+            self.last_time = self.started
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = self.last_time = time.monotonic()
+            self.first_step = state.global_step
+            append_event(run_dir, {"event": "start", "step": state.global_step, "max_steps": state.max_steps})
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if StopRequested.requested:
+                control.should_save = True
+                control.should_training_stop = True
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = dict(logs or {})
+            elapsed = time.monotonic() - self.started
+            done = state.global_step - (self.first_step or 0)
+            event: dict[str, Any] = {"event": "log", "step": state.global_step, "max_steps": state.max_steps,
+                                     "epoch": round(state.epoch or 0, 4)}
+            for key in ("loss", "eval_loss", "learning_rate", "grad_norm"):
+                if key in logs:
+                    event[key] = logs[key]
+            tokens = logs.get("num_tokens")
+            now = time.monotonic()
+            if tokens is not None and self.last_tokens is not None and now > self.last_time:
+                event["tokens_per_s"] = round((tokens - self.last_tokens) / (now - self.last_time), 1)
+            if tokens is not None:
+                self.last_tokens, self.last_time = tokens, now
+            if done > 0:
+                event["eta_s"] = round(elapsed / done * (state.max_steps - state.global_step), 1)
+            event["memory_gib"] = _memory_gib()
+            append_event(run_dir, event)
+            if "loss" in event or "eval_loss" in event:
+                write_json(run_dir / "progress.json", {**event, "updated": time.time()})
+
+        def on_save(self, args, state, control, **kwargs):
+            append_event(run_dir, {"event": "checkpoint", "step": state.global_step})
+
+    return RunEvents()
+
+
+def _memory_gib() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 1024**3, 3)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)

@@ -1,0 +1,135 @@
+"""Where the app keeps its files, how user paths are checked, and how finished files are written safely."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import typing
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+DEFAULT_WORKSPACE = Path("workspace")
+WORKSPACE_ENV = "FINETUNER_WORKSPACE"
+# Set when the app is served through a public link: user paths must then stay inside the workspace.
+CONFINE_ENV = "FINETUNER_CONFINE_PATHS"
+
+
+class UserError(Exception):
+    """An error the user can act on; the UI shows it as gr.Error, the CLI prints it as one line."""
+
+
+def workspace_root(workspace: str | Path | None = None) -> Path:
+    """The workspace folder: the argument, else $FINETUNER_WORKSPACE, else ./workspace (created if missing)."""
+    root = Path(workspace or os.environ.get(WORKSPACE_ENV) or DEFAULT_WORKSPACE).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def paths_confined() -> bool:
+    return os.environ.get(CONFINE_ENV, "") == "1"
+
+
+def resolve_user_path(path: str | Path, workspace: str | Path | None = None, must_exist: bool = True) -> Path:
+    """Resolve a path typed or uploaded by a user; outside the workspace is refused when the app is shared."""
+    if path is None or str(path).strip() == "":
+        raise UserError("No path given. Type a file or folder path, or upload a file.")
+    resolved = Path(str(path).strip()).expanduser().resolve()
+    if paths_confined():
+        root = workspace_root(workspace)
+        if not resolved.is_relative_to(root):
+            raise UserError(
+                f"Path '{path}' is outside the workspace ({root}); a shared app only reads files inside it. "
+                "Upload the file instead."
+            )
+    if must_exist and not resolved.exists():
+        raise UserError(f"Path '{path}' does not exist.")
+    return resolved
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `final`; it becomes `final` only if the block finishes."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file so that readers see the old content or the new one, never half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return default
+
+
+def config_from_dict(cls: type, data: dict[str, Any] | None, where: str = "config") -> Any:
+    """Build dataclass `cls` from a plain dict (YAML), recursing into nested dataclasses; unknown keys are errors."""
+    data = dict(data or {})
+    if not isinstance(data, dict):
+        raise UserError(f"{where} must be a mapping of option names to values.")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UserError(f"Unknown option(s) in {where}: {', '.join(unknown)}. Known options: {', '.join(sorted(names))}.")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = config_from_dict(hint, value, f"{where}.{name}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Config file '{path}' not found.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise UserError(f"Config file '{path}' is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"Config file '{path}' must hold a mapping of option names to values.")
+    return data
+
+
+def dump_yaml(data: dict[str, Any]) -> str:
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
