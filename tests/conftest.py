@@ -35,8 +35,14 @@ def session_workspace(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_model(session_workspace) -> Path:
+    """The demo model in the session workspace; a developer's already converted copy (make run) is linked in."""
     import model_utils
 
+    converted = model_utils.demo_model_dir(ROOT / "workspace")
+    if (converted / "model.safetensors").exists():
+        target = model_utils.demo_model_dir(session_workspace)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(converted)
     return model_utils.ensure_demo_model(session_workspace)
 
 
@@ -81,15 +87,14 @@ def trained_run(session_workspace, demo_model) -> Path:
     import training_utils
     from dataset_utils import DatasetConfig
     from model_utils import ModelConfig
+    from workspace import config_to_dict
 
     data = write_jsonl(session_workspace / "capitals.jsonl", capital_rows(48))
     config = training_utils.TrainConfig(
         model=ModelConfig("demo"), dataset=DatasetConfig(source=str(data)), max_steps=30, learning_rate=1e-3,
         per_device_train_batch_size=4, gradient_accumulation_steps=1, warmup_steps=0, max_seq_length=128,
-        save_steps=30, lora_r=8, lora_alpha=16, gradient_checkpointing=False, eval_split=0.25,
+        save_steps=30, lora_r=8, lora_alpha=16, gradient_checkpointing=False, eval_split=0.25, report_to="tensorboard",
     )
-    from workspace import config_to_dict
-
     run_dir = jobs.create_run("train", config_to_dict(config), session_workspace, "trained")
     training_utils.train(config, run_dir)
     jobs.write_status(run_dir, state="done")

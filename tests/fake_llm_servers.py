@@ -1,0 +1,380 @@
+"""A small local HTTP server speaking the wire protocols the official LLM SDKs use, with injectable faults.
+
+One server answers all three protocols:
+- OpenAI: POST /v1/chat/completions, GET /v1/models, GET /v1/models/{id}
+- Anthropic: POST /v1/messages, GET /v1/models, GET /v1/models/{id} (told apart by the `anthropic-version` header),
+  with Anthropic's error bodies ({"type": "error", "error": {"type": "rate_limit_error", ...}})
+- Ollama: POST /api/chat, POST /api/show, GET /api/tags
+
+Faults are queued and consumed one per chat request: 429 with Retry-After, 500, 529, dropped connections, slow
+replies and malformed JSON. Tests and bench/synth_bench.py use it; it holds no state on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+WORDS = (
+    "apple river stone cloud garden lamp copper violin meadow harbor pencil glacier lantern orbit pepper saddle "
+    "timber velvet walnut yonder anchor bishop canyon dolphin ember falcon gravel hollow island jasmine kettle "
+    "ladder marble nectar oyster pillow quartz raven silver thistle umbrella vessel willow zephyr acorn basket "
+    "candle desert engine feather goblet hazel ivory jacket kernel lemon mirror needle orchid puzzle quiver "
+    "ribbon saffron tunnel uniform valley wagon yarrow zinc amber beacon cedar drum elbow fossil ginger helmet "
+    "iris jungle kiosk lotus magnet nickel olive parrot quill rocket spruce tiger urchin vapor whistle yeast"
+).split()
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    500: "api_error",
+    529: "overloaded_error",
+}
+
+
+@dataclass
+class Fault:
+    """One injected misbehaviour: "429", "500", "529", "drop" (close without replying), "slow", "malformed"."""
+
+    kind: str
+    retry_after: float | None = None  # seconds, sent as Retry-After with 429 / 529
+    seconds: float = 0.0  # how long a "slow" reply waits before answering
+
+
+class FakeLLMServer:
+    """Threaded HTTP server on 127.0.0.1; use as a context manager or call start() / stop()."""
+
+    def __init__(
+        self,
+        models: tuple[str, ...] = ("fake-model",),
+        latency_s: float = 0.0,
+        api_key: str | None = None,
+        reply: Callable[[str, int], str] | None = None,
+        always_malformed: bool = False,
+        port: int = 0,
+    ) -> None:
+        self.models = models
+        self.latency_s = latency_s  # fixed delay before every chat reply
+        self.api_key = api_key  # when set, requests must carry it (Bearer / x-api-key) or get a 401
+        self.reply = reply  # (prompt, request number) -> reply text; default: a fresh random row for the task asked
+        self.always_malformed = always_malformed
+        self.seed = random.randrange(2**32)  # rows differ between servers, so a restarted server makes no duplicates
+        self.faults: deque[Fault] = deque()
+        self.prompts: list[str] = []
+        self.statuses: list[int] = []
+        self.chat_requests = 0
+        self.lock = threading.Lock()
+        self.port = port  # 0: any free port
+        self.httpd: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.httpd is not None, "start the server first"
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    @property
+    def openai_url(self) -> str:
+        return self.url + "/v1"
+
+    def inject(self, *faults: Fault) -> None:
+        with self.lock:
+            self.faults.extend(faults)
+
+    def start(self) -> FakeLLMServer:
+        server = self
+
+        class Handler(_Handler):
+            fake = server
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.httpd.daemon_threads = True
+        # A short poll interval: stop() waits for the serving loop to notice, once per test.
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self.httpd is not None:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+            self.httpd = None
+
+    def __enter__(self) -> FakeLLMServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def _next(self, prompt: str) -> tuple[int, Fault | None]:
+        with self.lock:
+            self.chat_requests += 1
+            self.prompts.append(prompt)
+            return self.chat_requests, self.faults.popleft() if self.faults else None
+
+
+def random_row(prompt: str, rng: random.Random) -> str:
+    """A unique, well-formed reply in the JSON shape the prompt asks for."""
+
+    def sentence(count: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(count)).capitalize() + "."
+
+    if '"messages"' in prompt:
+        match = re.search(r"(\d+) user turns?", prompt)
+        turns = int(match.group(1)) if match else 2
+        messages = []
+        for _ in range(turns):
+            messages += [{"role": "user", "content": sentence(8)}, {"role": "assistant", "content": sentence(16)}]
+        return json.dumps({"messages": messages})
+    if '"question"' in prompt:
+        return json.dumps({"question": sentence(8)[:-1] + "?", "answer": sentence(20)})
+    return json.dumps({"instruction": sentence(8), "response": sentence(20)})
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as real servers do: the SDKs pool connections
+    # Headers and body go out in two writes; without TCP_NODELAY, Nagle + delayed ACK add ~40 ms to every reply.
+    disable_nagle_algorithm = True
+    fake: FakeLLMServer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    # ------------------------------------------------------------ routing
+
+    def do_GET(self) -> None:
+        if not self._authorized():
+            return
+        if self.path.rstrip("/") == "/v1/models":
+            if self._anthropic():
+                data = [self._anthropic_model(name) for name in self.fake.models]
+                self._json(200, {"data": data, "has_more": False, "first_id": None, "last_id": None})
+            else:
+                self._json(200, {"object": "list", "data": [self._openai_model(name) for name in self.fake.models]})
+        elif self.path.startswith("/v1/models/"):
+            name = self.path[len("/v1/models/") :]
+            if name not in self.fake.models:
+                self._error(404, f"model: {name}" if self._anthropic() else f"The model '{name}' does not exist")
+            else:
+                self._json(200, self._anthropic_model(name) if self._anthropic() else self._openai_model(name))
+        elif self.path == "/api/tags":
+            self._json(
+                200,
+                {"models": [{"name": name, "model": name, "size": 1, "digest": "0" * 12} for name in self.fake.models]},
+            )
+        else:
+            self._error(404, f"no route {self.path}")
+
+    def do_POST(self) -> None:
+        body = self._body()
+        if body is None or not self._authorized():
+            return
+        if self.path == "/api/show":
+            name = body.get("model") or body.get("name")
+            if name not in self.fake.models:
+                self._error(404, f"model '{name}' not found")
+            else:
+                self._json(
+                    200,
+                    {
+                        "modelfile": "",
+                        "parameters": "",
+                        "template": "{{ .Prompt }}",
+                        "details": {"format": "gguf", "family": "fake"},
+                        "model_info": {},
+                    },
+                )
+            return
+        if self.path not in ("/v1/chat/completions", "/v1/messages", "/api/chat"):
+            self._error(404, f"no route {self.path}")
+            return
+        if body.get("model") not in self.fake.models:
+            name = body.get("model")
+            self._error(404, f"model '{name}' not found" if self.path == "/api/chat" else f"model: {name}")
+            return
+        self._chat(body)
+
+    # ------------------------------------------------------------ chat
+
+    def _chat(self, body: dict) -> None:
+        prompt = "\n".join(
+            _text(message.get("content")) for message in body.get("messages", []) if message.get("role") == "user"
+        )
+        number, fault = self.fake._next(prompt)
+        if self.fake.latency_s:
+            time.sleep(self.fake.latency_s)
+        if fault is not None:
+            if fault.kind == "drop":
+                self.close_connection = True  # no status line at all: the client sees a dropped connection
+                return
+            if fault.kind == "slow":
+                time.sleep(fault.seconds)
+            elif fault.kind in ("429", "500", "529"):
+                status = int(fault.kind)
+                headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else {}
+                self._error(status, f"injected {status}", headers)
+                return
+        if self.fake.always_malformed or (fault is not None and fault.kind == "malformed"):
+            text = 'Sure! Here is your row: {"instruction": "unterminated'
+        elif self.fake.reply is not None:
+            text = self.fake.reply(prompt, number)
+        else:
+            text = random_row(prompt, random.Random(f"{self.fake.seed}-{number}"))
+        tokens_in, tokens_out = len(prompt.split()), len(text.split())
+        if self.path == "/v1/chat/completions":
+            self._json(
+                200,
+                {
+                    "id": f"chatcmpl-{number}",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": body["model"],
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": text},
+                            "finish_reason": "stop",
+                            "logprobs": None,
+                        }
+                    ],
+                    "usage": {
+                        "prompt_tokens": tokens_in,
+                        "completion_tokens": tokens_out,
+                        "total_tokens": tokens_in + tokens_out,
+                    },
+                },
+            )
+        elif self.path == "/v1/messages":
+            self._json(
+                200,
+                {
+                    "id": f"msg_{number:08d}",
+                    "type": "message",
+                    "role": "assistant",
+                    "model": body["model"],
+                    "content": [{"type": "text", "text": text}],
+                    "stop_reason": "end_turn",
+                    "stop_sequence": None,
+                    "usage": {"input_tokens": tokens_in, "output_tokens": tokens_out},
+                },
+            )
+        else:
+            self._json(
+                200,
+                {
+                    "model": body["model"],
+                    "created_at": "2025-01-01T00:00:00Z",
+                    "message": {"role": "assistant", "content": text},
+                    "done": True,
+                    "done_reason": "stop",
+                    "total_duration": 1,
+                    "load_duration": 1,
+                    "prompt_eval_count": tokens_in,
+                    "prompt_eval_duration": 1,
+                    "eval_count": tokens_out,
+                    "eval_duration": 1,
+                },
+            )
+
+    # ------------------------------------------------------------ helpers
+
+    def _anthropic(self) -> bool:
+        return "anthropic-version" in self.headers or self.path == "/v1/messages"
+
+    def _ollama(self) -> bool:
+        return self.path.startswith("/api/")
+
+    def _authorized(self) -> bool:
+        key = self.fake.api_key
+        if key is None or self._ollama():
+            return True
+        # Anthropic's SDK sends x-api-key or, in recent versions, a Bearer token; OpenAI's a Bearer token.
+        bearer = self.headers.get("Authorization", "").removeprefix("Bearer ")
+        if bearer == key or (self._anthropic() and self.headers.get("x-api-key") == key):
+            return True
+        self._error(401, "invalid x-api-key" if self._anthropic() else "Incorrect API key provided.")
+        return False
+
+    def _body(self) -> dict | None:
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        try:
+            body = json.loads(raw or b"{}")
+        except json.JSONDecodeError:
+            self._error(400, "request body is not JSON")
+            return None
+        return body if isinstance(body, dict) else {}
+
+    def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        if self._ollama():
+            body: dict = {"error": message}
+        elif self._anthropic():
+            body = {
+                "type": "error",
+                "error": {"type": ERROR_TYPES.get(status, "api_error"), "message": message},
+                "request_id": "req_fake",
+            }
+        else:
+            body = {
+                "error": {
+                    "message": message,
+                    "type": ERROR_TYPES.get(status, "server_error"),
+                    "param": None,
+                    "code": None,
+                }
+            }
+        self._json(status, body, headers)
+
+    def _json(self, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(body).encode()
+        with self.fake.lock:
+            self.fake.statuses.append(status)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client gave up (timeout) before the reply
+
+    @staticmethod
+    def _openai_model(name: str) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "fake"}
+
+    @staticmethod
+    def _anthropic_model(name: str) -> dict:
+        return {"type": "model", "id": name, "display_name": name, "created_at": "2025-01-01T00:00:00Z"}
+
+
+def _text(content: Any) -> str:
+    """Message content as text: a string (OpenAI, Ollama) or a list of content blocks (Anthropic)."""
+    if isinstance(content, list):
+        return "".join(block.get("text", "") for block in content if isinstance(block, dict))
+    return str(content or "")
+
+
+def main() -> None:
+    """Serve until killed, printing the base URL first (bench/synth_bench.py runs it in its own process)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--latency-s", type=float, default=0.0, help="fixed delay before every chat reply")
+    parser.add_argument("--port", type=int, default=0, help="port (default: any free one)")
+    args = parser.parse_args()
+    server = FakeLLMServer(latency_s=args.latency_s, port=args.port).start()
+    print(server.url, flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Training jobs on the CPU with the demo model: config validation, a real LoRA run, stop / resume, kill -9, queue."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from conftest import capital_rows, write_jsonl
+
+import jobs
+import training_utils
+from dataset_utils import DatasetConfig
+from model_utils import ModelConfig
+from training_utils import TrainConfig
+from workspace import UserError, config_to_dict
+
+
+def small_config(data: Path, **changes) -> TrainConfig:
+    """A run that learns something visible in seconds on two CPU cores."""
+    values = dict(
+        model=ModelConfig("demo"),
+        dataset=DatasetConfig(source=str(data)),
+        max_steps=30,
+        learning_rate=1e-3,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        warmup_steps=0,
+        max_seq_length=128,
+        save_steps=10,
+        lora_r=8,
+        lora_alpha=16,
+        gradient_checkpointing=False,
+    )
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+@pytest.fixture
+def data_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "capitals.jsonl", capital_rows(48))
+
+
+@pytest.fixture
+def shared_demo(workspace, demo_model):
+    """The session's converted demo model, linked into this test's workspace (no second conversion)."""
+    (workspace / "models").mkdir(exist_ok=True)
+    (workspace / "models" / demo_model.name).symlink_to(demo_model)
+    return workspace
+
+
+def wait_for(predicate, timeout: float = 300, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("timed out waiting")
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    return [event["step"] for event in jobs.read_events(run_dir) if event.get("event") == "log" and "loss" in event]
+
+
+# ---------------------------------------------------------------- bad configs
+
+BAD_VALUES = [
+    ({"learning_rate": 0}, "learning_rate"),
+    ({"learning_rate": -1e-4}, "learning_rate"),
+    ({"per_device_train_batch_size": 0}, "per_device_train_batch_size"),
+    ({"max_steps": -5}, "max_steps"),
+    ({"max_steps": 0}, "max_steps"),
+    ({"lora_r": 0}, "lora_r"),
+    ({"lora_dropout": 1.5}, "lora_dropout"),
+    ({"report_to": "wandb-ish"}, "report_to"),
+    ({"load_in_4bit": True, "full_finetuning": True}, "not both"),
+]
+
+
+@pytest.mark.parametrize("changes, message", BAD_VALUES, ids=[str(v[0]) for v in BAD_VALUES])
+def test_bad_config_values_are_refused(tmp_path, changes, message):
+    with pytest.raises(UserError, match=message):
+        small_config(tmp_path / "d.jsonl", **changes).validate(cuda=True)
+
+
+def test_qlora_without_cuda_is_refused(tmp_path):
+    with pytest.raises(UserError, match="needs an NVIDIA GPU"):
+        small_config(tmp_path / "d.jsonl", load_in_4bit=True).validate(cuda=False)
+
+
+def test_unknown_yaml_option_is_named():
+    with pytest.raises(UserError, match="lora_rank"):
+        training_utils.train_config_from_dict({"lora_rank": 8})
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", "../up", "x/../y"])
+def test_run_names_with_slashes_or_dots_are_refused(workspace, name):
+    with pytest.raises(UserError, match="not allowed"):
+        jobs.create_run("train", {}, workspace, name)
+
+
+def test_resume_without_checkpoint_is_refused(workspace, data_file):
+    run_dir = jobs.create_run("train", config_to_dict(small_config(data_file)), workspace, "fresh")
+    jobs.write_status(run_dir, state="stopped")
+    with pytest.raises(UserError, match="no checkpoint"):
+        jobs.resume_job(run_dir)
+
+
+def test_max_seq_length_above_model_limit(shared_demo, data_file):
+    run_dir = jobs.create_run("train", {}, shared_demo, "too-long")
+    with pytest.raises(UserError, match="above this model's limit"):
+        training_utils.train(small_config(data_file, max_seq_length=10**6), run_dir)
+
+
+def test_target_modules_the_model_lacks(shared_demo, data_file):
+    run_dir = jobs.create_run("train", {}, shared_demo, "bad-modules")
+    with pytest.raises(UserError, match="c_attn not found"):
+        training_utils.train(small_config(data_file, target_modules=["c_attn"]), run_dir)
+
+
+def test_dataset_with_no_usable_rows(shared_demo, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "only a question"}]}] * 3
+    data = write_jsonl(tmp_path / "bad.jsonl", rows)
+    run_dir = jobs.create_run("train", {}, shared_demo, "no-rows")
+    with pytest.raises(UserError, match="No usable rows"):
+        training_utils.train(small_config(data), run_dir)
+
+
+# ---------------------------------------------------------------- a real run
+
+
+@pytest.mark.slow
+def test_lora_run_lowers_loss_and_adapter_changes_output(trained_run, demo_model, demo_tokenizer):
+    import torch
+    from peft import PeftModel
+
+    import model_utils
+
+    run_dir = trained_run
+
+    losses = [e["loss"] for e in jobs.read_events(run_dir) if "loss" in e]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+    assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
+    assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    assert any("tokens_per_s" in e and "eta_s" in e for e in jobs.read_events(run_dir))
+
+    prompt = demo_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of Italy?"}], tokenize=False, add_generation_prompt=True
+    )
+    inputs = demo_tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    model = model_utils.load_model(str(demo_model))
+    with torch.no_grad():
+        base = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+        tuned_model = PeftModel.from_pretrained(model, str(run_dir / "adapter"))
+        tuned = tuned_model.generate(**inputs, max_new_tokens=16, do_sample=False)
+    base_text = demo_tokenizer.decode(base[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    tuned_text = demo_tokenizer.decode(tuned[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert tuned_text != base_text
+    assert "Zebra" in tuned_text and "Zebra" not in base_text
+
+
+# ---------------------------------------------------------------- jobs: stop, resume, kill, queue
+
+
+def start(workspace: Path, data_file: Path, name: str, **changes) -> Path:
+    config = small_config(data_file, **changes)
+    run_dir = jobs.create_run("train", config_to_dict(config), workspace, name)
+    jobs.start_job(run_dir)
+    return run_dir
+
+
+def start_event_steps(run_dir: Path) -> list[int]:
+    return [e["step"] for e in jobs.read_events(run_dir) if e.get("event") == "start"]
+
+
+@pytest.mark.slow
+def test_stop_then_resume_continues_from_the_checkpoint(shared_demo, data_file):
+    run_dir = start(shared_demo, data_file, "stop-resume", max_steps=12, save_steps=3)
+    wait_for(lambda: len(logged_steps(run_dir)) >= 4)
+    jobs.stop_job(run_dir)
+    wait_for(lambda: jobs.read_status(run_dir)["state"] == "stopped", timeout=120)
+    checkpoint = jobs.last_checkpoint(run_dir)
+    assert checkpoint is not None
+    stopped_at = int(checkpoint.name.split("-")[1])
+    assert stopped_at >= 4 and not (run_dir / "adapter").exists()
+
+    jobs.resume_job(run_dir)
+    wait_for(lambda: jobs.read_status(run_dir)["state"] in ("done", "failed"))
+    assert jobs.read_status(run_dir)["state"] == "done", jobs.log_tail(run_dir)
+    assert start_event_steps(run_dir) == [0, stopped_at]
+    assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_kill_9_is_detected_and_resume_loses_at_most_one_interval(shared_demo, data_file):
+    run_dir = start(shared_demo, data_file, "killed", max_steps=12, save_steps=3)
+    wait_for(lambda: jobs.last_checkpoint(run_dir) is not None and len(logged_steps(run_dir)) >= 5)
+    killed_at = max(logged_steps(run_dir))
+    os.killpg(jobs.read_status(run_dir)["pid"], signal.SIGKILL)
+    state = wait_for(lambda: jobs.read_status(run_dir)["state"] in ("failed",) and "failed", timeout=30)
+    assert state == "failed"
+    assert "ended unexpectedly" in jobs.read_status(run_dir)["error"]
+
+    jobs.resume_job(run_dir)
+    wait_for(lambda: jobs.read_status(run_dir)["state"] in ("done", "failed"))
+    assert jobs.read_status(run_dir)["state"] == "done", jobs.log_tail(run_dir)
+    resumed_from = start_event_steps(run_dir)[-1]
+    assert killed_at - resumed_from <= 3
+
+
+@pytest.mark.slow
+def test_second_job_waits_in_the_queue(shared_demo, data_file):
+    first = start(shared_demo, data_file, "first", max_steps=200)
+    wait_for(lambda: jobs.read_status(first)["state"] == "running")
+    second = start(shared_demo, data_file, "second", max_steps=200)
+    time.sleep(3)
+    assert jobs.read_status(second)["state"] == "queued"
+    jobs.stop_job(first)
+    wait_for(lambda: jobs.read_status(second)["state"] == "running", timeout=120)
+    jobs.stop_job(second)
+    wait_for(lambda: jobs.read_status(second)["state"] == "stopped", timeout=120)
