@@ -51,7 +51,7 @@ def shared_demo(workspace, demo_model):
     return workspace
 
 
-def wait_for(predicate, timeout: float = 300, interval: float = 0.5):
+def wait_for(predicate, timeout: float = 900, interval: float = 0.5):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
