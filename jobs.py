@@ -21,7 +21,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from workspace import UserError, atomic_write_text, dump_yaml, load_yaml, read_json, workspace_root, write_json
+from workspace import (
+    UserError,
+    atomic_write_text,
+    dump_yaml,
+    load_yaml,
+    read_json,
+    resolve_user_path,
+    workspace_root,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +77,7 @@ def run_path(name_or_path: str | Path, workspace: str | Path | None = None) -> P
     """The folder of an existing run, given its name or its path."""
     candidate = Path(str(name_or_path))
     if candidate.is_dir() and (candidate / "config.yaml").exists():
-        return candidate.resolve()
+        return resolve_user_path(candidate, workspace)  # refused outside the workspace when the app is shared
     folder = runs_dir(workspace) / check_run_name(str(name_or_path))
     if not (folder / "config.yaml").exists():
         raise UserError(f"No run named '{name_or_path}' in {runs_dir(workspace)}.")
@@ -96,20 +105,58 @@ def create_run(kind: str, config: dict[str, Any], workspace: str | Path | None =
     return folder
 
 
-def start_job(run_dir: Path, resume: bool = False, env: dict[str, str] | None = None) -> int:
-    """Start the job's child process (detached from this one); returns its pid."""
+def start_job(run_dir: Path, resume: bool = False, env: dict[str, str] | None = None,
+              processes: int | None = None) -> int:
+    """Start the job's child process (detached from this one); returns its pid.
+
+    A training run on several GPUs starts torchrun, which starts one `main.py run` per GPU (DDP); `processes`
+    overrides the count taken from the run's num_gpus (several CPU processes train over gloo).
+    """
     run_dir = Path(run_dir)
-    command = [sys.executable, str(ROOT / "main.py"), "run", str(run_dir)]
-    if resume:
-        command.append("--resume")
-    child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
-    write_status(run_dir, state="queued", pid=None, pid_start=None, error="", queued_at=now())
+    launch_env: dict[str, str] = {}
+    if processes is None:
+        try:
+            processes, launch_env = job_processes(run_dir)
+        except UserError as exc:
+            write_status(run_dir, state="failed", ended=now(), error=str(exc))
+            raise
+    command = launch_command(run_dir, resume, processes)
+    child_env = {**os.environ, **launch_env, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    write_status(run_dir, state="queued", pid=None, pid_start=None, error="", queued_at=now(), processes=processes)
     with open(run_dir / "log.txt", "ab") as log_file:
         process = subprocess.Popen(command, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, env=child_env, start_new_session=True)
     write_status(run_dir, pid=process.pid, pid_start=_process_start(process.pid))
     _reap_later(process)
     return process.pid
+
+
+def job_processes(run_dir: Path) -> tuple[int, dict[str, str]]:
+    """(processes, environment) for a job: one per GPU for a training run, else one."""
+    config = read_config(run_dir)
+    if config.get("kind") != "train":
+        return 1, {}
+    import training_utils
+
+    return training_utils.gpu_launch(int(config.get("num_gpus") or 0))
+
+
+def launch_command(run_dir: Path, resume: bool, processes: int) -> list[str]:
+    """`python main.py run RUN`, through torchrun (one process per rank, a free rendezvous port) when processes > 1."""
+    entry = [str(ROOT / "main.py"), "run", str(run_dir)] + (["--resume"] if resume else [])
+    if processes <= 1:
+        return [sys.executable, *entry]
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={processes}",
+            "--master-addr=127.0.0.1", f"--master-port={free_port()}", *entry]
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the kernel picks it)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _reap_later(process: subprocess.Popen) -> None:
@@ -167,11 +214,15 @@ def read_status(run_dir: Path) -> dict[str, Any]:
     status.setdefault("state", "unknown")
     if status["state"] in ACTIVE_STATES and status.get("pid") and not _alive(status["pid"], status.get("pid_start")):
         if status["state"] == "stopping":
-            status = write_status(run_dir, state="stopped", ended=now())
+            changes = {"state": "stopped", "ended": now()}
         else:
-            status = write_status(run_dir, state="failed", ended=now(),
-                                  error="The job's process ended unexpectedly (killed or out of memory). Last log "
-                                        f"lines:\n{log_tail(run_dir)}")
+            changes = {"state": "failed", "ended": now(),
+                       "error": "The job's process ended unexpectedly (killed or out of memory). Last log "
+                                f"lines:\n{log_tail(run_dir)}"}
+        try:
+            status = write_status(run_dir, **changes)
+        except OSError:  # a full disk must not break every view of the runs; a later read writes it down
+            status = {**status, **changes}
     return status
 
 
@@ -295,38 +346,86 @@ def run_job(run_dir: Path, resume: bool = False) -> int:
     config = read_config(run_dir)
     kind = config.pop("kind")
     workspace = run_dir.parent.parent
+    rank, processes = int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if rank > 0:
+        return _run_other_rank(run_dir, kind, config, resume, rank)
     lock = gpu_lock(workspace, run_dir) if kind in GPU_KINDS else None
     if StopRequested.requested:
         write_status(run_dir, state="stopped", ended=now())
         return 0
-    write_status(run_dir, state="running", pid=os.getpid(), pid_start=_process_start(os.getpid()), started=now(),
-                 error="")
+    # Under torchrun the launcher's pid (from start_job) stays the job's: stop signals it, its death marks a failure.
+    own_pid = {} if processes > 1 else {"pid": os.getpid(), "pid_start": _process_start(os.getpid())}
+    write_status(run_dir, state="running", started=now(), error="", **own_pid)
     try:
         outcome = _dispatch(kind, config, run_dir, resume)
     except UserError as exc:
-        write_status(run_dir, state="failed", ended=now(), error=str(exc))
+        _write_end(run_dir, state="failed", ended=now(), error=str(exc))
         log.error("error: %s", exc)
         return 2
     except BaseException as exc:  # everything else: record it readably, keep the traceback in log.txt
         traceback.print_exc()
-        write_status(run_dir, state="failed", ended=now(), error=friendly_error(exc))
+        _write_end(run_dir, state="failed", ended=now(), error=friendly_error(exc))
         return 1
     finally:
         if lock is not None:
             lock.close()
-    write_status(run_dir, state="stopped" if outcome == "stopped" else "done", ended=now())
+    return 0 if _write_end(run_dir, state="stopped" if outcome == "stopped" else "done", ended=now()) else 1
+
+
+def _run_other_rank(run_dir: Path, kind: str, config: dict[str, Any], resume: bool, rank: int) -> int:
+    """A DDP rank other than 0: waits until rank 0 holds the GPU lock, then trains; it records only its failure."""
+    logging.getLogger().setLevel(logging.WARNING)  # log.txt shows rank 0's progress once
+    while (state := (read_json(run_dir / "status.json", default={}) or {}).get("state")) != "running":
+        if StopRequested.requested or state not in ("queued", None):
+            return 0
+        time.sleep(0.5)
+    try:
+        _dispatch(kind, config, run_dir, resume)
+    except UserError:
+        return 2  # every rank meets the same bad input; rank 0 records it
+    except BaseException as exc:
+        traceback.print_exc()
+        _write_end(run_dir, state="failed", ended=now(), error=f"rank {rank}: {friendly_error(exc)}")
+        return 1
     return 0
+
+
+def _write_end(run_dir: Path, **changes: Any) -> bool:
+    """Record how the job ended, unless another DDP rank already recorded a failure (its error is the cause)."""
+    if (read_json(Path(run_dir) / "status.json", default={}) or {}).get("state") == "failed":
+        return False
+    write_status(run_dir, **changes)
+    return True
 
 
 def _dispatch(kind: str, config: dict[str, Any], run_dir: Path, resume: bool) -> str:
     """Run one job in this process; returns "done" or "stopped". Each kind's module is imported only here."""
     if kind == "train":
         import model_utils
+        import training_utils  # imports no ML library, so Unsloth can still come first
 
+        fallback = training_utils.ddp_fallback()
+        if fallback:
+            write_status(run_dir, note=fallback)
         model_utils.select_backend()  # before transformers/trl/peft are imported: Unsloth patches them
-        import training_utils
 
         return training_utils.train(training_utils.train_config_from_dict(config), run_dir, resume=resume)
+    if kind == "synth":
+        import synthetic_utils
+
+        return synthetic_utils.run_synth_job(config, run_dir)  # always continues the rows already in run_dir
+    if kind == "export":
+        import gguf_utils
+
+        return gguf_utils.export(gguf_utils.export_config_from_dict(config), run_dir)  # reuses merged/ on resume
+    if kind == "eval":
+        import model_utils
+
+        model_utils.select_backend()  # before transformers/peft are imported: Unsloth patches them
+        import inference_utils
+
+        result = inference_utils.evaluate(inference_utils.eval_config_from_dict(config), run_dir, run_dir.parent.parent)
+        return "stopped" if result.get("stopped") else "done"
     raise UserError(f"This version cannot run '{kind}' jobs.")
 
 
@@ -336,6 +435,6 @@ def friendly_error(exc: BaseException) -> str:
     if "out of memory" in text.lower() or type(exc).__name__ == "OutOfMemoryError":
         return ("The GPU ran out of memory. Lower the batch size or the sequence length, or use 4-bit (QLoRA). "
                 f"({text.splitlines()[0][:200]})")
-    if isinstance(exc, OSError) and getattr(exc, "errno", None) == 28:
+    if (isinstance(exc, OSError) and getattr(exc, "errno", None) == 28) or "No space left on device" in text:
         return "The disk is full. Free some space (or delete old runs) and resume the run."
     return f"The job failed: {text.splitlines()[0][:500]} (full traceback in log.txt)"

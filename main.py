@@ -84,6 +84,44 @@ def _print_memory_estimate(config, workspace) -> None:
     print(f"memory estimate: {estimate.summary()}")
 
 
+def cmd_synth(args: argparse.Namespace) -> int:
+    import jobs
+    import synthetic_utils
+    from workspace import config_to_dict, load_yaml, resolve_user_path
+
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise UserError(f"--api-key-env {args.api_key_env}: that environment variable is not set.")
+    if args.resume:
+        run_dir = jobs.run_path(args.resume, args.workspace)
+        values = jobs.read_config(run_dir)
+        kind = values.pop("kind", None)
+        if kind != "synth":
+            raise UserError(f"Run '{run_dir.name}' is a {kind} run; resume it with `python main.py {kind} --resume`.")
+        config = synthetic_utils.synthetic_config_from_dict(values)
+        jobs.resume_job(run_dir, env=synthetic_utils.job_env(config, api_key))
+    elif args.config:
+        config = synthetic_utils.synthetic_config_from_dict(load_yaml(args.config))
+        # The job runs from the app's folder: relative document paths must keep their meaning on the way.
+        config.documents = [str(resolve_user_path(path, args.workspace)) for path in config.documents]
+        config.validate(args.workspace)
+        env = synthetic_utils.job_env(config, api_key)  # the key travels in the job's environment only
+        run_dir = jobs.create_run("synth", config_to_dict(config), args.workspace, args.name)
+        jobs.start_job(run_dir, env=env)
+    else:
+        raise UserError("Give a config file (python main.py synth CONFIG.yaml) or --resume RUN.")
+    print(f"run: {run_dir}\nrows: {run_dir / synthetic_utils.DATA_FILE}")
+    if args.detach:
+        return 0
+    code = follow(run_dir)
+    messages = [event["message"] for event in jobs.read_events(run_dir) if event.get("event") == "progress"]
+    if messages:
+        print(messages[-1])
+    return code
+
+
 def follow(run_dir) -> int:
     """Show a job's progress until it ends; Ctrl+C asks it to stop (it saves a checkpoint first)."""
     import time
@@ -117,6 +155,71 @@ def follow(run_dir) -> int:
         bar.close()
     print(f"{status['state']}{': ' + status['error'] if status.get('error') else ''}")
     return 0 if status["state"] in ("done", "stopped") else 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import gguf_utils
+    import jobs
+    from workspace import config_to_dict
+
+    config = gguf_utils.ExportConfig(run=args.run, quants=args.quant)
+    gguf_utils.check_export(config, args.workspace)  # refuse bad input before a job exists
+    run_dir = jobs.create_run("export", config_to_dict(config), args.workspace, gguf_utils.export_run_name(args.run))
+    jobs.start_job(run_dir)
+    print(f"run: {run_dir}")
+    return 0 if args.detach else follow(run_dir)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import inference_utils
+
+    config = inference_utils.GenerationConfig(system_prompt=args.system, temperature=args.temperature,
+                                              top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+    config.validate()
+    if not args.prompt.strip():
+        raise UserError("The prompt is empty; pass --prompt \"your message\".")
+    chat_model = inference_utils.load_chat_model(args.model, args.run, args.workspace)
+    messages = [{"role": "user", "content": args.prompt}]
+    if not args.compare:
+        _print_stream(inference_utils.stream_chat(chat_model, messages, config))
+        return 0
+    # A terminal shows one stream at a time: the base reply, then the tuned one (the same model, adapter toggled).
+    inference_utils.check_can_compare(chat_model)
+    for label, use_adapter in (("base", False), ("tuned", True)):
+        print(f"[{label}]", flush=True)
+        _print_stream(inference_utils.stream_chat(chat_model, messages, config, use_adapter=use_adapter))
+    return 0
+
+
+def _print_stream(replies) -> None:
+    shown = ""
+    for reply in replies:
+        sys.stdout.write(reply[len(shown):])
+        sys.stdout.flush()
+        shown = reply
+    print()
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import inference_utils
+    import jobs
+    from workspace import config_to_dict
+
+    config = inference_utils.EvalConfig(run=args.run, max_rows=args.max_rows, batch_size=args.batch_size)
+    target = inference_utils.check_evaluable(config, args.workspace)  # refuse bad input before a job exists
+    # The job resolves the run from its own folder's workspace; a run elsewhere is passed by its full path.
+    config.run = target.name if target.parent == jobs.runs_dir(args.workspace) else str(target)
+    run_dir = jobs.create_run("eval", config_to_dict(config), args.workspace, inference_utils.eval_run_name(args.run))
+    jobs.start_job(run_dir)
+    print(f"run: {run_dir}")
+    if args.detach:
+        return 0
+    code = follow(run_dir)
+    if jobs.read_status(run_dir)["state"] == "done":
+        print(Path(target / "eval.md").read_text(encoding="utf-8"))
+    return code
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -194,6 +297,57 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN", default=None, help="resume this run from its last checkpoint")
     train.add_argument("--detach", action="store_true", help="start the job and return at once")
     train.set_defaults(handler=cmd_train)
+
+    synth = commands.add_parser("synth", help="generate a synthetic dataset with an LLM (or resume one)",
+                                description="Start a job that asks an OpenAI-compatible, Anthropic or Ollama model "
+                                            "for training rows (SyntheticConfig options in YAML) and appends them "
+                                            "to data.jsonl in a new run folder; the API key comes from "
+                                            "OPENAI_API_KEY / ANTHROPIC_API_KEY and is never saved.")
+    synth.add_argument("config", nargs="?", help="YAML config file")
+    synth.add_argument("--name", default=None, help="run name (default synth-<date>-<time>)")
+    synth.add_argument("--resume", metavar="RUN", default=None, help="continue this run up to its num_rows")
+    synth.add_argument("--detach", action="store_true", help="start the job and return at once")
+    synth.add_argument("--api-key-env", metavar="VAR", default=None,
+                       help="read the API key from this environment variable instead")
+    synth.set_defaults(handler=cmd_synth)
+
+    export = commands.add_parser("export", help="export a trained run to GGUF files and an Ollama Modelfile",
+                                 description="Merge the run's adapter, convert with llama.cpp, quantize, check each "
+                                             "file against the HF model and write an Ollama Modelfile, into "
+                                             "runs/RUN/gguf/ (report.json holds the agreement figures).")
+    export.add_argument("run", help="training run name or folder")
+    export.add_argument("--quant", default="q8_0",
+                        help="comma-separated types: f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0 (default q8_0)")
+    export.add_argument("--detach", action="store_true", help="start the job and return at once")
+    export.set_defaults(handler=cmd_export)
+
+    from inference_utils import EvalConfig, GenerationConfig
+
+    chat = commands.add_parser("chat", help="chat with a model or a trained run (streams the reply)",
+                               description="Generate a reply to one prompt, token by token, with the model's chat "
+                                           "template; --run adds a training run's adapter (or uses its merged "
+                                           "model), --compare shows the base reply and then the tuned one.")
+    chat.add_argument("--model", default=None,
+                      help="demo, a Hub id or a local folder (default: the run's base model, else demo)")
+    chat.add_argument("--run", default=None, help="training run name or folder whose adapter/merged model to use")
+    chat.add_argument("--prompt", required=True, help="the user message")
+    chat.add_argument("--system", default=GenerationConfig.system_prompt, help="system prompt")
+    chat.add_argument("--temperature", type=float, default=GenerationConfig.temperature, help="0 = greedy")
+    chat.add_argument("--top-p", type=float, default=GenerationConfig.top_p, help="nucleus sampling threshold")
+    chat.add_argument("--max-new-tokens", type=int, default=GenerationConfig.max_new_tokens,
+                      help="longest reply in tokens")
+    chat.add_argument("--compare", action="store_true", help="answer with the base model, then with the tuned one")
+    chat.set_defaults(handler=cmd_chat)
+
+    evaluate = commands.add_parser("eval", help="held-out loss and perplexity of base vs tuned for a run",
+                                   description="Re-create the run's eval split, measure the loss on its reply tokens "
+                                               "with the adapter off (base) and on (tuned), and write eval.json and "
+                                               "eval.md into the run folder.")
+    evaluate.add_argument("run", help="training run name or folder")
+    evaluate.add_argument("--max-rows", type=int, default=EvalConfig.max_rows, help="eval rows to use (0 = all)")
+    evaluate.add_argument("--batch-size", type=int, default=EvalConfig.batch_size, help="rows per forward pass")
+    evaluate.add_argument("--detach", action="store_true", help="start the job and return at once")
+    evaluate.set_defaults(handler=cmd_eval)
 
     runs = commands.add_parser("runs", help="list runs and their state", description="List every run on disk.")
     runs.set_defaults(handler=cmd_runs)

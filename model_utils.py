@@ -47,6 +47,9 @@ class ModelConfig:
     def validate(self) -> None:
         if not str(self.name_or_path).strip():
             raise UserError("No model chosen. Pick the demo model, a Hub id or a local folder.")
+        if self.trust_remote_code:
+            log.warning("trust_remote_code is on: Python code shipped with '%s' will run here. Only do this for a "
+                        "model whose code you trust.", self.name_or_path)
 
 
 # ---------------------------------------------------------------- backend
@@ -201,6 +204,10 @@ def check_model_folder(folder: Path) -> None:
         raise UserError(f"'{folder}' has no tokenizer (tokenizer.json or tokenizer.model); copy the tokenizer files in.")
     if not list(folder.glob("*.safetensors")) and not (folder / "adapter_config.json").exists():
         raise UserError(f"'{folder}' has no .safetensors weights; only safetensors are loaded from user folders.")
+    if (folder / "adapter_config.json").exists() and not (folder / "adapter_model.safetensors").exists():
+        # PEFT would fall back to adapter_model.bin, a pickle: code could run when it is loaded.
+        raise UserError(f"'{folder}' holds a LoRA adapter without adapter_model.safetensors; only safetensors are "
+                        "loaded from user folders.")
 
 
 def _cached_hub_model(model_id: str) -> str:

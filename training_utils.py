@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ log = logging.getLogger(__name__)
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 REPORT_TO = ("none", "tensorboard")
+# progress.json is rewritten at most this often: the write sits between two GPU steps, and the UI polls every second.
+PROGRESS_EVERY_S = 1.0
 
 
 @dataclass
@@ -54,6 +57,7 @@ class TrainConfig:
     logging_steps: int = 1
     seed: int = 3407
     report_to: str = "none"  # none or tensorboard
+    num_gpus: int = 0  # 0: every visible GPU; more than one trains with DDP, one process per GPU (torchrun)
 
     @property
     def mode(self) -> str:
@@ -92,6 +96,10 @@ class TrainConfig:
             raise UserError(f"report_to must be one of: {', '.join(REPORT_TO)} (got {self.report_to!r}).")
         if self.load_in_4bit and not (cuda if cuda is not None else _cuda()):
             raise UserError("4-bit QLoRA needs an NVIDIA GPU (CUDA); none is available here. Use 16-bit LoRA instead.")
+        if not isinstance(self.num_gpus, int) or isinstance(self.num_gpus, bool) or self.num_gpus < 0:
+            raise UserError(f"num_gpus must be 0 (every visible GPU) or a number of GPUs (got {self.num_gpus!r}).")
+        if self.num_gpus:
+            check_num_gpus(self.num_gpus)
 
 
 def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
@@ -102,6 +110,79 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+# ---------------------------------------------------------------- GPUs and processes
+
+def visible_gpus() -> list[str]:
+    """'index: name' of every CUDA GPU this process may use (CUDA_VISIBLE_DEVICES applies)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [f"{index}: {torch.cuda.get_device_name(index)}" for index in range(torch.cuda.device_count())]
+
+
+def check_num_gpus(num_gpus: int) -> None:
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if num_gpus > count:
+        listing = "; ".join(visible_gpus()) or "none"
+        raise UserError(f"num_gpus is {num_gpus} but this machine has {count} visible GPU(s): {listing}. "
+                        "Lower num_gpus, or set it to 0 to use every visible GPU.")
+
+
+def gpu_launch(num_gpus: int) -> tuple[int, dict[str, str]]:
+    """(processes to start, environment to add) for a run on `num_gpus` GPUs (0: all visible).
+
+    A run on fewer GPUs than are visible sees only its own: with two visible GPUs and one process, the HF Trainer
+    would otherwise wrap the model in DataParallel.
+    """
+    import torch
+
+    if num_gpus:
+        check_num_gpus(num_gpus)
+    count = torch.cuda.device_count()  # NVML-based: no CUDA context in the calling (server) process
+    if count == 0:
+        return 1, {}
+    wanted = num_gpus or count
+    env = {}
+    if wanted < count:
+        listed = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        devices = [item.strip() for item in listed.split(",") if item.strip()] or [str(i) for i in range(count)]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(devices[:wanted])
+    return wanted, env
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def ddp_fallback() -> str:
+    """Under DDP, when the installed Unsloth cannot train on several GPUs: switch this process to transformers + PEFT
+    (call it before Unsloth is imported) and return the note for the run's status; else ""."""
+    import importlib.util
+
+    if world_size() <= 1 or importlib.util.find_spec("unsloth") is None or unsloth_supports_ddp():
+        return ""
+    os.environ["FINETUNER_BACKEND"] = "transformers"
+    log.warning("the installed Unsloth does not support multi-GPU training: using transformers + PEFT with DDP")
+    return "The installed Unsloth does not support multi-GPU training; this run uses transformers + PEFT with DDP."
+
+
+def unsloth_supports_ddp() -> bool:
+    """Whether the installed Unsloth places each DDP rank on its own GPU (read from its source, without importing it:
+    importing Unsloth patches transformers, so the choice must come first)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("unsloth.models.loader_utils")
+    except (ImportError, ValueError):
+        return False
+    if spec is None or not spec.origin:
+        return False
+    return "def prepare_device_map" in Path(spec.origin).read_text(encoding="utf-8", errors="replace")
 
 
 # ---------------------------------------------------------------- the run
@@ -118,10 +199,16 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False) -> str:
     limit = model_utils.model_max_length(model_path)
     if config.max_seq_length > limit:
         raise UserError(f"max_seq_length {config.max_seq_length} is above this model's limit of {limit} tokens.")
-    log.info("backend: %s, model: %s, mode: %s", backend, model_path, config.mode)
+    log.info("backend: %s, model: %s, mode: %s, processes: %d", backend, model_path, config.mode, world_size())
+    state = _distributed_state()
+    if state.is_main_process:
+        from jobs import write_status
+
+        write_status(run_dir, backend=backend, processes=state.num_processes)
 
     model, tokenizer = load_for_training(config, model_path, backend)
-    prepared = prepare_training_data(config, tokenizer, workspace)
+    with state.main_process_first():  # rank 0 prepares and caches the dataset, the other ranks read the cache
+        prepared = prepare_training_data(config, tokenizer, workspace)
     trainer = build_trainer(config, model, tokenizer, prepared, run_dir, backend)
     checkpoint = _resume_point(run_dir) if resume else None
     if resume and checkpoint is None:
@@ -132,8 +219,18 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False) -> str:
 
     if StopRequested.requested:
         return "stopped"
-    save_final(trainer, tokenizer, config, run_dir)
+    if trainer.is_world_process_zero():
+        save_final(trainer, tokenizer, config, run_dir)
     return "done"
+
+
+def _distributed_state():
+    """accelerate's process state, set up before the model loads so that ranks can wait for each other (one process
+    when not launched by torchrun; gloo on CPU, NCCL on CUDA)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def load_for_training(config: TrainConfig, model_path: str, backend: str):
@@ -173,7 +270,8 @@ def _load_transformers(config: TrainConfig, model_path: str):
     on_cuda = torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=torch.bfloat16 if on_cuda else torch.float32, use_safetensors=True,
-        trust_remote_code=config.model.trust_remote_code, device_map="cuda" if on_cuda else None,
+        trust_remote_code=config.model.trust_remote_code,
+        device_map={"": torch.cuda.current_device()} if on_cuda else None,  # a DDP rank's own GPU
     )
     if config.full_finetuning:
         return model, tokenizer
@@ -214,6 +312,8 @@ def build_trainer(config: TrainConfig, model, tokenizer, prepared, run_dir: Path
     on_cuda = torch.cuda.is_available()
     bf16 = on_cuda and torch.cuda.is_bf16_supported()
     has_eval = prepared.eval is not None
+    if config.report_to == "tensorboard":
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")  # transformers 5 reads it from here
     args = SFTConfig(
         output_dir=str(run_dir / "checkpoints"),
         learning_rate=config.learning_rate,
@@ -241,9 +341,10 @@ def build_trainer(config: TrainConfig, model, tokenizer, prepared, run_dir: Path
         logging_steps=config.logging_steps,
         seed=config.seed,
         report_to=[] if config.report_to == "none" else [config.report_to],
-        logging_dir=str(run_dir / "tensorboard"),
         dataloader_num_workers=0,
         disable_tqdm=False,
+        use_cpu=not on_cuda,  # several CPU processes then train with DDP over gloo
+        ddp_find_unused_parameters=False,  # every LoRA weight is used; the search would cost a pass each step
     )
     columns = ["input_ids", "labels"]
     trainer = SFTTrainer(
@@ -251,8 +352,30 @@ def build_trainer(config: TrainConfig, model, tokenizer, prepared, run_dir: Path
         train_dataset=prepared.train.select_columns(columns),
         eval_dataset=prepared.eval.select_columns(columns) if has_eval else None,
     )
-    trainer.add_callback(events_callback(run_dir))
+    counter = TokenCounter(trainer.data_collator)
+    trainer.data_collator = counter
+    trainer.add_callback(events_callback(run_dir, counter))
     return trainer
+
+
+class TokenCounter:
+    """The trainer's collator, counting each batch's tokens on the host: TRL logs `num_tokens` but Unsloth's trainer
+    does not, and transformers' own count (include_num_input_tokens_seen) waits for the GPU at every batch."""
+
+    def __init__(self, collate) -> None:
+        self.collate = collate
+        self.tokens = 0
+
+    def __call__(self, examples):
+        batch = self.collate(examples)
+        mask = batch.get("attention_mask")
+        self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        return batch
+
+    def __getattr__(self, name: str):  # the Trainer and Unsloth read the collator's own settings (padding_free, …)
+        if name == "collate":
+            raise AttributeError(name)
+        return getattr(self.collate, name)
 
 
 def _resume_point(run_dir: Path) -> Path | None:
@@ -276,8 +399,10 @@ def save_final(trainer, tokenizer, config: TrainConfig, run_dir: Path) -> Path:
 
 # ---------------------------------------------------------------- events
 
-def events_callback(run_dir: Path):
-    """A TrainerCallback writing events.jsonl / progress.json and stopping (with a checkpoint) on SIGTERM."""
+def events_callback(run_dir: Path, counter: TokenCounter | None = None):
+    """A TrainerCallback writing events.jsonl / progress.json and stopping (with a checkpoint) on SIGTERM.
+
+    Under DDP every rank runs it: rank 0 alone writes, and the ranks agree on stopping at the same step."""
     from transformers import TrainerCallback
 
     from jobs import StopRequested, append_event
@@ -288,18 +413,38 @@ def events_callback(run_dir: Path):
             self.first_step: int | None = None
             self.last_tokens: float | None = None
             self.last_time = self.started
+            self.stop_group = None
+            self.progress_written = 0.0
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.started = self.last_time = time.monotonic()
             self.first_step = state.global_step
-            append_event(run_dir, {"event": "start", "step": state.global_step, "max_steps": state.max_steps})
+            if world_size() > 1:
+                import torch.distributed as dist
+
+                # A CPU-side group: the per-step stop vote must not wait on the GPU.
+                self.stop_group = dist.new_group(backend="gloo")
+            if state.is_world_process_zero:
+                append_event(run_dir, {"event": "start", "step": state.global_step, "max_steps": state.max_steps,
+                                       "processes": world_size()})
 
         def on_step_end(self, args, state, control, **kwargs):
-            if StopRequested.requested:
+            stop = StopRequested.requested
+            if self.stop_group is not None:
+                import torch
+                import torch.distributed as dist
+
+                # torchrun signals the ranks one after another: a rank stopping alone would hang the others.
+                vote = torch.tensor([int(stop)])
+                dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.stop_group)
+                stop = bool(vote.item())
+            if stop:
                 control.should_save = True
                 control.should_training_stop = True
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero:
+                return
             logs = dict(logs or {})
             elapsed = time.monotonic() - self.started
             done = state.global_step - (self.first_step or 0)
@@ -308,7 +453,9 @@ def events_callback(run_dir: Path):
             for key in ("loss", "eval_loss", "learning_rate", "grad_norm"):
                 if key in logs:
                     event[key] = logs[key]
-            tokens = logs.get("num_tokens")
+            tokens = logs.get("num_tokens")  # TRL's count, over every rank
+            if tokens is None and counter is not None:
+                tokens = counter.tokens * world_size()  # this rank's, times the ranks: batches are alike in size
             now = time.monotonic()
             if tokens is not None and self.last_tokens is not None and now > self.last_time:
                 event["tokens_per_s"] = round((tokens - self.last_tokens) / (now - self.last_time), 1)
@@ -317,14 +464,32 @@ def events_callback(run_dir: Path):
             if done > 0:
                 event["eta_s"] = round(elapsed / done * (state.max_steps - state.global_step), 1)
             event["memory_gib"] = _memory_gib()
+            if self.stop_group is not None and _cuda():
+                event["gpu_memory_gib"] = _gpu_memory_used_gib()
             append_event(run_dir, event)
-            if "loss" in event or "eval_loss" in event:
+            last_step = state.global_step >= state.max_steps
+            if "eval_loss" in event or ("loss" in event and (now - self.progress_written >= PROGRESS_EVERY_S or last_step)):
                 write_json(run_dir / "progress.json", {**event, "updated": time.time()})
+                self.progress_written = now
 
         def on_save(self, args, state, control, **kwargs):
-            append_event(run_dir, {"event": "checkpoint", "step": state.global_step})
+            if state.is_world_process_zero:
+                append_event(run_dir, {"event": "checkpoint", "step": state.global_step})
 
     return RunEvents()
+
+
+def _gpu_memory_used_gib() -> list[float]:
+    """Memory in use on each visible GPU, as the driver counts it (every rank's process, not only this one's)."""
+    import torch
+
+    used = []
+    for index in range(torch.cuda.device_count()):
+        try:
+            used.append(round(torch.cuda.device_memory_used(index) / 1024**3, 2))
+        except Exception:  # no NVML: leave the list shorter rather than fail a training step
+            break
+    return used
 
 
 def _memory_gib() -> float:

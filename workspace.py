@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+import types
 import typing
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +28,8 @@ class UserError(Exception):
 def workspace_root(workspace: str | Path | None = None) -> Path:
     """The workspace folder: the argument, else $FINETUNER_WORKSPACE, else ./workspace (created if missing)."""
     root = Path(workspace or os.environ.get(WORKSPACE_ENV) or DEFAULT_WORKSPACE).expanduser().resolve()
+    if root.exists() and not root.is_dir():
+        raise UserError(f"The workspace '{root}' is a file; give a folder (--workspace).")
     root.mkdir(parents=True, exist_ok=True)
     return root
 
@@ -95,9 +98,11 @@ def read_json(path: Path, default: Any = None) -> Any:
 
 def config_from_dict(cls: type, data: dict[str, Any] | None, where: str = "config") -> Any:
     """Build dataclass `cls` from a plain dict (YAML), recursing into nested dataclasses; unknown keys are errors."""
-    data = dict(data or {})
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
         raise UserError(f"{where} must be a mapping of option names to values.")
+    data = dict(data)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -106,10 +111,54 @@ def config_from_dict(cls: type, data: dict[str, Any] | None, where: str = "confi
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
+        # validate() compares numbers and reads strings: a quoted number or a missing value must stop here instead.
+        if not _fits(value, hint):
+            raise UserError(f"Option '{name}' in {where} must be {_describe(hint)} (got {value!r}).")
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
             value = config_from_dict(hint, value, f"{where}.{name}")
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a YAML or form value has the option's type; ints and floats are not told apart (forms give 16.0)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, option) for option in args)
+    if hint is type(None):
+        return value is None
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, (dict, hint))
+    base = origin or hint
+    if base in (int, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if base is list:
+        return isinstance(value, list) and all(_fits(item, args[0]) for item in value if args)
+    if base is dict:
+        return isinstance(value, dict) and (
+            not args or all(_fits(key, args[0]) and _fits(item, args[1]) for key, item in value.items())
+        )
+    return isinstance(value, base) if isinstance(base, type) else True
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if option is type(None) else _describe(option) for option in args)
+    if dataclasses.is_dataclass(hint):
+        return "a mapping of option names to values"
+    base = origin or hint
+    names = {bool: "true or false", int: "a number", float: "a number", str: "text"}
+    if base in names:
+        return names[base]
+    if base is list:
+        item = _describe(args[0]) if args else ""
+        return "a list" + (f" of {item[2:]}s" if item.startswith("a ") else f" of {item} values" if item else "")
+    if base is dict:
+        return "a mapping" + (f" of {_describe(args[0])} to {_describe(args[1])}" if args else "")
+    return getattr(base, "__name__", str(base))
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

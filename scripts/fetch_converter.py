@@ -14,16 +14,35 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-# What the converters import from their own folder (the gguf package itself comes from PyPI).
-WANTED = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "LICENSE")
+# What the converters import from their own folder. gguf-py/ too: the converter puts it first on sys.path, and
+# PyPI's gguf 0.19.0 is older than the gguf-py of the same number in llama-cpp-python 0.3.36 (no LazyChunkedTensor).
+WANTED = (
+    "convert_hf_to_gguf.py",
+    "convert_lora_to_gguf.py",
+    "conversion/",
+    "gguf-py/gguf/",
+    "gguf-py/LICENSE",
+    "LICENSE",
+)
 
 
 def main(dest: str) -> None:
     version = importlib.metadata.version("llama-cpp-python")
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", tmp,
-             f"llama-cpp-python=={version}"],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "-d",
+                tmp,
+                f"llama-cpp-python=={version}",
+            ],
             check=True,
         )
         sdist = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
@@ -31,14 +50,16 @@ def main(dest: str) -> None:
         with tarfile.open(sdist) as archive:
             prefix = f"{archive.getnames()[0].split('/')[0]}/vendor/llama.cpp/"
             members = [
-                member for member in archive.getmembers()
-                if member.name.startswith(prefix) and member.name[len(prefix):].startswith(WANTED)
+                member
+                for member in archive.getmembers()
+                if member.name.startswith(prefix) and member.name[len(prefix) :].startswith(WANTED)
             ]
             for member in members:
-                member.name = member.name[len(prefix):]
+                member.name = member.name[len(prefix) :]
             archive.extractall(staging, members=members, filter="data")
         if not (staging / "convert_hf_to_gguf.py").exists():
             sys.exit(f"convert_hf_to_gguf.py not found in {sdist.name}")
+        check_converter(staging / "convert_hf_to_gguf.py")
         (staging / "VERSION").write_text(version + "\n")
         target = Path(dest) / "llama.cpp"
         if target.exists():
@@ -46,6 +67,13 @@ def main(dest: str) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(staging), target)
     print(f"llama.cpp converter {version} in {target}")
+
+
+def check_converter(script: Path) -> None:
+    """Fail now, not at export time, if the converter cannot import its helpers."""
+    result = subprocess.run([sys.executable, str(script), "--print-supported-models"], capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"{script.name} does not start:\n{result.stderr[-2000:]}")
 
 
 if __name__ == "__main__":
