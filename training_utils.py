@@ -415,6 +415,7 @@ def events_callback(run_dir: Path, counter: TokenCounter | None = None):
             self.last_time = self.started
             self.stop_group = None
             self.progress_written = 0.0
+            self.progress: dict[str, Any] = {}  # merged, so an eval-only event keeps the last train loss
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.started = self.last_time = time.monotonic()
@@ -467,9 +468,10 @@ def events_callback(run_dir: Path, counter: TokenCounter | None = None):
             if self.stop_group is not None and _cuda():
                 event["gpu_memory_gib"] = _gpu_memory_used_gib()
             append_event(run_dir, event)
+            self.progress.update(event)
             last_step = state.global_step >= state.max_steps
             if "eval_loss" in event or ("loss" in event and (now - self.progress_written >= PROGRESS_EVERY_S or last_step)):
-                write_json(run_dir / "progress.json", {**event, "updated": time.time()})
+                write_json(run_dir / "progress.json", {**self.progress, "updated": time.time()})
                 self.progress_written = now
 
         def on_save(self, args, state, control, **kwargs):

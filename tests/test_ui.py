@@ -1,0 +1,224 @@
+"""The app without a browser: serving rules, the training form, error messages, uploads, and the live views read
+back from real run folders."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import gradio as gr
+import pytest
+
+import jobs
+import ui
+from dataset_utils import DatasetConfig
+from model_utils import ModelConfig
+from training_utils import TrainConfig
+from ui import common, forms, runs_tab, synthetic_tab, train_tab
+from workspace import UserError, config_to_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_a_public_link_without_a_password_is_refused(monkeypatch):
+    monkeypatch.delenv(ui.AUTH_ENV, raising=False)
+    with pytest.raises(UserError, match="needs a password"):
+        ui.serve(share=True)
+
+
+@pytest.mark.slow
+def test_the_command_line_refuses_share_without_auth(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "main.py", "--share", "--workspace", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "needs a password" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("value", ["admin", ":secret", "admin:"])
+def test_auth_must_be_user_and_password(value):
+    with pytest.raises(UserError, match="USER:PASS"):
+        ui.parse_auth(value)
+
+
+def test_auth_comes_from_the_environment_too(monkeypatch):
+    monkeypatch.setenv(ui.AUTH_ENV, "ana:pa:ss")
+    assert ui.parse_auth(None) == ("ana", "pa:ss")
+
+
+def test_every_tab_is_built(workspace):
+    app = ui.build_app(workspace)
+    labels = [block.label for block in app.blocks.values() if isinstance(block, gr.Tab)]
+    for tab in ("Model", "Dataset", "Synthetic data", "Train", "Test & compare", "Export", "Runs"):
+        assert tab in labels
+
+
+def test_every_train_config_option_has_a_widget(workspace):
+    import dataclasses
+
+    from ui import dataset_tab, model_tab
+
+    form = forms.Form()
+    with gr.Blocks():
+        model_tab.build(form, workspace)
+        dataset_tab.build(form)
+        train_tab.build(form)
+    covered = {"load_in_4bit": "mode", "full_finetuning": "mode", "dataset.column_map": "map.output"}
+    for prefix, config in (("", TrainConfig()), ("model.", ModelConfig()), ("dataset.", DatasetConfig())):
+        for field in dataclasses.fields(config):
+            key = prefix + field.name
+            if key not in ("model", "dataset"):
+                assert covered.get(key, key) in form.widgets, f"no widget for {key}"
+
+
+def test_widget_defaults_are_the_train_config_defaults():
+    assert forms.values_to_config(forms.config_to_values(TrainConfig())) == TrainConfig()
+
+
+def test_widget_values_become_the_run_config():
+    values = {
+        **forms.DEFAULTS,
+        "mode": "full",
+        "max_steps": 0,
+        "map.output": "answer",
+        "map.instruction": "question",
+        "map.input": "",
+        "dataset.source": "  data.csv ",
+        "lora_r": 8,
+    }
+    config = forms.values_to_config(values)
+    assert config.full_finetuning and not config.load_in_4bit
+    assert config.max_steps is None
+    assert config.dataset.column_map == {"output": "answer", "instruction": "question"}
+    assert config.dataset.source == "data.csv"
+    assert config.lora_r == 8
+
+
+def test_a_preset_holds_the_settings_but_not_the_data():
+    config = forms.values_to_config({**forms.DEFAULTS, "dataset.source": "mine.jsonl", "lora_r": 4})
+    preset = forms.preset_values(config)
+    assert "dataset" not in preset and preset["lora_r"] == 4 and preset["model"]["name_or_path"] == "demo"
+
+
+def test_user_errors_reach_the_page_as_readable_messages():
+    @common.guarded
+    def handler():
+        raise UserError("Column 'output' not found; columns are: <prompt>, answer.")
+
+    with pytest.raises(gr.Error) as caught:
+        handler()
+    assert caught.value.message == "Column &#x27;output&#x27; not found; columns are: &lt;prompt&gt;, answer."
+
+
+def test_unexpected_errors_in_streaming_handlers_are_named_without_a_traceback():
+    @common.guarded
+    def handler():
+        yield "partial"
+        raise KeyError("reply")
+
+    stream = handler()
+    assert next(stream) == "partial"
+    with pytest.raises(gr.Error, match="KeyError"):
+        next(stream)
+
+
+def test_uploads_are_copied_into_the_workspace_without_overwriting(workspace, tmp_path):
+    first = tmp_path / "a" / "data.jsonl"
+    second = tmp_path / "b" / "data.jsonl"
+    for path, text in ((first, "one\n"), (second, "two\n")):
+        path.parent.mkdir()
+        path.write_text(text)
+    saved_first = common.save_upload(first, workspace)
+    assert saved_first == workspace / "uploads" / "data.jsonl"
+    assert common.save_upload(first, workspace) == saved_first  # same content: same file
+    saved_second = common.save_upload(second, workspace)
+    assert saved_second == workspace / "uploads" / "data-2.jsonl"
+    assert saved_first.read_text() == "one\n" and saved_second.read_text() == "two\n"
+
+
+def finished_run(workspace: Path, name: str, state: str) -> Path:
+    """A run folder written through jobs' own functions, as a training job leaves it."""
+    run_dir = jobs.create_run("train", config_to_dict(TrainConfig()), workspace, name)
+    jobs.append_event(run_dir, {"event": "start", "step": 0, "max_steps": 4})
+    for step, loss in ((1, 2.5), (2, 2.1), (3, 1.8), (4, 1.6)):
+        jobs.append_event(
+            run_dir,
+            {
+                "event": "log",
+                "step": step,
+                "max_steps": 4,
+                "loss": loss,
+                "tokens_per_s": 900.0,
+                "eta_s": 10.0 * (4 - step),
+                "memory_gib": 1.25,
+            },
+        )
+    jobs.append_event(run_dir, {"event": "log", "step": 4, "max_steps": 4, "eval_loss": 1.9})
+    jobs.write_status(run_dir, state=state)
+    return run_dir
+
+
+def test_live_view_of_a_finished_run(workspace):
+    finished_run(workspace, "train-done", "done")
+    status, plot, _log, start, stop, resume, hint, timer = train_tab.live_view("train-done", workspace)
+    assert "done" in status and "step 4/4" in status and "loss 1.6000" in status and "eval loss 1.9000" in status
+    assert "900 tokens/s" in status and "memory 1.25 GiB" in status
+    assert sorted(set(plot["series"])) == ["eval", "train"] and len(plot) == 5
+    assert start.interactive and not stop.interactive and not resume.interactive
+    assert "the run finished" in hint
+    assert timer.active is False
+
+
+def test_a_stopped_run_with_a_checkpoint_can_resume(workspace):
+    run_dir = finished_run(workspace, "train-stopped", "stopped")
+    *_, resume, hint, _timer = train_tab.live_view("train-stopped", workspace)
+    assert not resume.interactive and "no checkpoint" in hint
+    checkpoint = run_dir / "checkpoints" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    *_, resume, hint, _timer = train_tab.live_view("train-stopped", workspace)
+    assert resume.interactive and "Resume" not in hint
+
+
+def test_a_running_run_turns_start_off_and_keeps_polling(workspace):
+    run_dir = finished_run(workspace, "train-live", "running")
+    jobs.write_status(run_dir, pid=None)  # no pid yet: the job is starting
+    _status, _plot, _log, start, stop, _resume, hint, timer = train_tab.live_view("train-live", workspace)
+    assert not start.interactive and "still active" in hint
+    assert stop.interactive and timer.active is True
+
+
+def test_runs_tab_shows_config_metrics_and_outputs(workspace):
+    run_dir = finished_run(workspace, "train-shown", "done")
+    (run_dir / "adapter").mkdir()
+    jobs.write_status(run_dir, state="done")
+    (run_dir / "progress.json").write_text(json.dumps({"step": 4, "loss": 1.6}))
+    status, config, metrics, plot, _log, delete = runs_tab.run_details("train-shown", workspace)
+    assert "train-shown" in status and "kind: train" in config
+    assert metrics["progress"]["loss"] == 1.6 and "adapter/" in metrics["outputs"]
+    assert len(plot) == 5 and delete.interactive
+
+
+def test_seed_examples_name_the_bad_line():
+    rows = synthetic_tab.parse_seed_examples('{"instruction": "a", "response": "b"}\n\n')
+    assert rows == [{"instruction": "a", "response": "b"}]
+    with pytest.raises(UserError, match="line 2"):
+        synthetic_tab.parse_seed_examples('{"instruction": "a", "response": "b"}\n[1, 2]')
+
+
+def test_the_colab_notebook_installs_gpu_requirements_and_shares_with_a_password():
+    notebook = json.loads((ROOT / "notebooks" / "colab.ipynb").read_text())
+    sources = ["".join(cell["source"]) for cell in notebook["cells"] if cell["cell_type"] == "code"]
+    for source in sources:
+        compile(source, "colab cell", "exec")
+    text = "\n".join(sources)
+    assert "requirements-gpu.txt" in text and '"--share", "--auth"' in text and "secrets.token_urlsafe" in text

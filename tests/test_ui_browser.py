@@ -1,0 +1,344 @@
+"""The app in a real browser (Debian's chromium driven by Playwright), served by `python main.py` on the demo model.
+
+A person's path through every tab: pick the model, save and load a preset, upload a JSONL file, preview it, train a
+few steps while the loss curve grows, stop, resume, reload the page mid-run, chat, compare base and tuned, export
+q8_0 and download it, and delete a run. Also: a bad upload gives a readable error, and synthetic data comes from an
+OpenAI-compatible server with the API key passed only to the job. Screenshots of each tab go to docs/screenshots/.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import jobs
+from conftest import capital_rows, write_jsonl
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parent.parent
+SCREENSHOTS = ROOT / "docs" / "screenshots"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+JOB_TIMEOUT_MS = 600_000  # training and export on two shared CPU cores
+
+
+@dataclass
+class App:
+    url: str
+    workspace: Path
+    log: Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, demo_model):
+    """`python main.py --port P --workspace W` with the session's demo model linked into W."""
+    workspace = tmp_path_factory.mktemp("ui-workspace")
+    (workspace / "models").mkdir()
+    (workspace / "models" / demo_model.name).symlink_to(demo_model)
+    port = free_port()
+    log = workspace.parent / "server.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, str(ROOT / "main.py"), "--port", str(port), "--workspace", str(workspace)],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5)
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"the app did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+    yield App(url, workspace, log)
+    for run in jobs.list_runs(workspace):
+        if run.state in jobs.ACTIVE_STATES:
+            jobs.stop_job(run.path)
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is missing: apt-get install chromium (make test does it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, app):
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(app.url)
+    page.wait_for_selector("#tab-model-button")
+    yield page
+    context.close()
+
+
+# ---------------------------------------------------------------- what a person does
+
+
+def open_tab(page, name: str) -> None:
+    page.click(f"#tab-{name}-button")
+
+
+def type_into(page, elem_id: str, value) -> None:
+    page.fill(f"#{elem_id} input, #{elem_id} textarea", str(value))
+
+
+def choose(page, elem_id: str, option: str) -> None:
+    page.click(f"#{elem_id} input")
+    page.click(f"#{elem_id} li[role=option][aria-label='{option}']")
+
+
+def wait_text(page, elem_id: str, text: str, timeout: float = 60_000) -> None:
+    page.wait_for_selector(f"#{elem_id}:has-text({text!r})", timeout=timeout)
+
+
+def wait_step(page, at_least: int, timeout: float = JOB_TIMEOUT_MS) -> None:
+    page.wait_for_function(
+        "n => { const m = (document.querySelector('#train-status')?.innerText || '').match(/step (\\d+)\\//);"
+        " return m && Number(m[1]) >= n; }",
+        arg=at_least,
+        timeout=timeout,
+    )
+
+
+POINTS_JS = (
+    "() => [...document.querySelectorAll('#train-plot g.mark-line path')]"
+    ".map(p => (p.getAttribute('d') || '').split(/[ML]/).filter(Boolean).length).reduce((a, b) => a + b, 0)"
+)
+
+
+def wait_points(page, at_least: int) -> None:
+    """Wait until the loss curve, as drawn (Vega's SVG line paths: M x,y then L x,y per point), has this many points."""
+    page.wait_for_function(f"n => ({POINTS_JS})() >= n", arg=at_least)
+
+
+def toast_texts(page) -> list[str]:
+    toasts = page.locator(".toast-body")
+    return [toasts.nth(index).inner_text() for index in range(toasts.count())]
+
+
+def screenshot(page, name: str) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.wait_for_timeout(500)  # let plots finish drawing
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_bad_upload_shows_a_readable_error(page, tmp_path):
+    bad = tmp_path / "broken.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": "missing quote}\n', encoding="utf-8")
+    open_tab(page, "dataset")
+    page.set_input_files("#dataset-upload input[type=file]", str(bad))
+    page.wait_for_selector(".toast-body:has-text('line 2 is not valid JSON')")
+    assert not any("Traceback" in text for text in toast_texts(page))
+
+
+def test_synthetic_rows_from_an_openai_compatible_server(page, app):
+    from fake_llm_servers import FakeLLMServer
+
+    secret = "sk-test-ui-secret-1234"
+    with FakeLLMServer(api_key=secret) as server:
+        open_tab(page, "synthetic")
+        type_into(page, "synth-model", "fake-model")
+        type_into(page, "synth-base-url", server.openai_url)
+        type_into(page, "synth-api-key", secret)
+        type_into(page, "synth-topic", "capital cities of Europe")
+        type_into(page, "synth-rows", 6)
+        type_into(page, "synth-run-name", "synth-capitals")
+        page.click("#synth-start")
+        wait_text(page, "synth-status", "done", timeout=120_000)
+    wait_text(page, "synth-rows-table", "user:")
+    assert "6/6 rows" in page.inner_text("#synth-status")
+    screenshot(page, "synthetic")
+
+    run_dir = app.workspace / "runs" / "synth-capitals"
+    assert not [path for path in run_dir.rglob("*") if path.is_file() and secret in path.read_text(errors="ignore")]
+    page.click("#synth-use")
+    page.wait_for_selector("#dataset-source:visible")
+    assert page.input_value("#dataset-source textarea, #dataset-source input").endswith("synth-capitals/data.jsonl")
+
+
+@pytest.mark.timeout(1800)  # minutes of CPU training and export; far less on an idle machine
+def test_a_person_trains_tests_and_exports_the_demo_model(page, app, tmp_path):
+    data = write_jsonl(tmp_path / "capitals.jsonl", capital_rows(24))
+
+    # Model: the demo model, checked, with its memory estimate.
+    choose(page, "model-name", "demo")
+    page.click("#model-check")
+    wait_text(page, "model-info", "Model files")
+    wait_text(page, "model-memory", "Memory estimate")
+    screenshot(page, "model")
+
+    # Dataset: upload, detected format, preview with the trained spans highlighted.
+    open_tab(page, "dataset")
+    page.set_input_files("#dataset-upload input[type=file]", str(data))
+    wait_text(page, "dataset-summary", "24 rows")
+    wait_text(page, "dataset-summary", "messages")
+    page.click("#dataset-preview")
+    wait_text(page, "dataset-stats", "24 rows read")
+    wait_text(page, "dataset-rendered", "The capital of France is Paris. Zebra!")
+    screenshot(page, "dataset")
+
+    # Train settings small enough for two CPU cores, saved as a preset and loaded back.
+    open_tab(page, "train")
+    for elem_id, value in [
+        ("train-max-steps", 8),
+        ("train-batch", 4),
+        ("train-accum", 1),
+        ("train-seq", 128),
+        ("train-lr", 0.001),
+        ("train-eval", 0.25),
+        ("train-save-steps", 4),
+    ]:
+        type_into(page, elem_id, value)
+    page.click("#train-advanced")
+    page.uncheck("#train-gc input[type=checkbox]")
+    type_into(page, "train-warmup", 0)
+    open_tab(page, "model")
+    type_into(page, "preset-name", "tiny-cpu")
+    page.click("#preset-save")
+    wait_text(page, "preset-status", "Saved preset")
+    open_tab(page, "train")
+    type_into(page, "train-max-steps", 60)
+    open_tab(page, "model")
+    page.click("#preset-load")
+    wait_text(page, "preset-status", "Loaded preset")
+    open_tab(page, "train")
+    assert page.input_value("#train-max-steps input") == "8"
+
+    # Start: the loss curve grows while the run trains; Start is off while it runs.
+    page.click("#train-start")
+    wait_text(page, "train-status", "running")
+    assert page.is_disabled("#train-start")
+    wait_step(page, 1)
+    wait_points(page, 1)
+    wait_step(page, 2)
+    wait_points(page, 2)
+
+    # Stop saves a checkpoint; Resume carries on from it.
+    page.click("#train-stop")
+    wait_text(page, "train-status", "stopped", timeout=JOB_TIMEOUT_MS)
+    assert page.is_enabled("#train-resume")
+    assert page.is_disabled("#train-stop")
+    page.click("#train-resume")
+    page.wait_for_selector("#train-status:has-text('running'), #train-status:has-text('queued')")
+
+    # A reload mid-run shows the same run, its curve so far, and keeps updating.
+    page.reload()
+    open_tab(page, "train")
+    page.wait_for_selector("#train-status:has-text('running'), #train-status:has-text('queued')")
+    wait_points(page, 2)
+    wait_text(page, "train-status", "done", timeout=JOB_TIMEOUT_MS)
+    wait_text(page, "train-status", "step 8/8")
+    assert "eval loss" in page.inner_text("#train-status")
+    assert page.is_disabled("#train-resume") and page.is_enabled("#train-start")
+    run_name = page.input_value("#train-runs input")
+    screenshot(page, "train")
+
+    # Test & compare: chat with the run, then base vs tuned on one prompt (greedy, short replies).
+    open_tab(page, "test")
+    page.wait_for_function("name => document.querySelector('#test-run input')?.value === name", arg=run_name)
+    page.get_by_text("Generation settings").click()
+    page.fill("#test-temperature input[type=number]", "0")
+    page.press("#test-temperature input[type=number]", "Enter")
+    type_into(page, "test-max-tokens", 16)
+    type_into(page, "test-message", "What is the capital of Italy?")
+    page.click("#test-send")
+    # The run learned to end its answers with "Zebra!" (see capital_rows): the tuned model says it, the base does not.
+    page.wait_for_function(
+        "() => (document.querySelector('#test-chatbot [data-testid=bot]')?.innerText || '').includes('Zebra')"
+        " && !document.querySelector('.generating')",
+        timeout=300_000,
+    )
+    assert "Rome" in page.inner_text("#test-chatbot [data-testid=bot]")
+    wait_text(page, "test-loaded", run_name)
+    screenshot(page, "test")
+    page.get_by_role("tab", name="Base vs tuned").click()
+    type_into(page, "test-prompt", "What is the capital of Spain?")
+    page.click("#test-compare")
+    page.wait_for_function(
+        "() => document.querySelector('#test-tuned-reply textarea')?.value.includes('Zebra')"
+        " && document.querySelector('#test-base-reply textarea')?.value.trim().length > 0"
+        " && !document.querySelector('.generating')",
+        timeout=300_000,
+    )
+    assert "Madrid" in page.input_value("#test-tuned-reply textarea")
+    assert "Zebra" not in page.input_value("#test-base-reply textarea")
+    screenshot(page, "compare")
+
+    # Export q8_0 (short check) and download the file.
+    open_tab(page, "export")
+    page.wait_for_function("name => document.querySelector('#export-run input')?.value === name", arg=run_name)
+    page.get_by_text("Check and Modelfile settings").click()
+    type_into(page, "export-check-tokens", 8)
+    page.click("#export-start")
+    wait_text(page, "export-status", "done", timeout=JOB_TIMEOUT_MS)
+    wait_text(page, "export-results", "q8_0")
+    wait_text(page, "export-modelfile", "FROM")
+    link = page.locator("#export-downloads a", has_text=re.compile(r"q8_0\.gguf"))
+    with page.expect_download() as download_info:
+        link.click()
+    saved = tmp_path / "model.gguf"
+    download_info.value.save_as(saved)
+    assert saved.read_bytes()[:4] == b"GGUF"
+    assert saved.stat().st_size == (app.workspace / "runs" / run_name / "gguf" / f"{run_name}-q8_0.gguf").stat().st_size
+    screenshot(page, "export")
+
+    # Runs: every run is listed; deleting the export job's folder asks first.
+    open_tab(page, "runs")
+    for name in (run_name, f"export-{run_name}", "synth-capitals"):
+        wait_text(page, "runs-table", name)
+    choose(page, "runs-run", run_name)
+    wait_text(page, "runs-config", "max_steps: 8")
+    screenshot(page, "runs")
+    choose(page, "runs-run", f"export-{run_name}")
+    page.click("#runs-delete")
+    page.click("#runs-cancel")
+    assert (app.workspace / "runs" / f"export-{run_name}").exists()
+    page.click("#runs-delete")
+    page.click("#runs-confirm")
+    wait_text(page, "runs-status", "Deleted run")
+    assert not (app.workspace / "runs" / f"export-{run_name}").exists()
+    assert (app.workspace / "runs" / run_name / "gguf" / f"{run_name}-q8_0.gguf").exists()

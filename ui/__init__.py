@@ -1,0 +1,102 @@
+"""Gradio app: tabs Model · Dataset · Synthetic data · Train · Test & compare · Export · Runs.
+
+One module per tab builds its widgets and wires each event to one utility function; no logic lives here.
+`python main.py` calls `serve()`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import gradio as gr
+
+from ui import dataset_tab, export_tab, forms, model_tab, runs_tab, synthetic_tab, test_tab, train_tab
+from workspace import CONFINE_ENV, UserError, workspace_root
+
+AUTH_ENV = "FINETUNER_AUTH"
+CSS = """
+.run-status progress { height: 14px; }
+.run-error { white-space: pre-wrap; color: #b91c1c; }
+.state { font-weight: 600; }
+.state-running, .state-queued { color: #2563eb; } .state-done { color: #16a34a; } .state-failed { color: #b91c1c; }
+"""
+
+
+def build_app(workspace: str | Path | None = None) -> gr.Blocks:
+    """The whole app for one workspace; every tab reads and writes only inside it."""
+    root = workspace_root(workspace)
+    form = forms.Form()
+    with gr.Blocks(title="LLM Finetuner") as app:
+        gr.Markdown(f"# LLM Finetuner\nWorkspace: `{root}`")
+        with gr.Tabs() as tabs:
+            with gr.Tab("Model", id="model", elem_id="tab-model"):
+                model = model_tab.build(form, root)
+            with gr.Tab("Dataset", id="dataset", elem_id="tab-dataset"):
+                dataset = dataset_tab.build(form)
+            with gr.Tab("Synthetic data", id="synthetic", elem_id="tab-synthetic"):
+                synthetic = synthetic_tab.build()
+            with gr.Tab("Train", id="train", elem_id="tab-train"):
+                train = train_tab.build(form)
+            with gr.Tab("Test & compare", id="test", elem_id="tab-test") as test_container:
+                test = test_tab.build()
+            with gr.Tab("Export", id="export", elem_id="tab-export") as export_container:
+                export = export_tab.build()
+            with gr.Tab("Runs", id="runs", elem_id="tab-runs") as runs_container:
+                runs = runs_tab.build()
+        model_tab.wire(model, form, [model.memory, train.memory], app, root)
+        dataset_tab.wire(dataset, form, root)
+        synthetic_tab.wire(synthetic, form.widgets["dataset.source"], "dataset", tabs, app, root)
+        train_tab.wire(train, form, app, root)
+        test_tab.wire(test, test_container, root)
+        export_tab.wire(export, export_container, root)
+        runs_tab.wire(runs, runs_container, root)
+    return app
+
+
+def _import_libraries() -> None:
+    """Import torch, transformers (with its lazily loaded model classes) and datasets once, before serving.
+
+    Handlers run in threads: when one imports transformers while another's `datasets` call sees the half-imported
+    module in sys.modules, datasets fails (`no attribute 'PreTrainedTokenizerBase'`). Importing up front also keeps
+    the first page load from waiting ~10 s for the memory estimate.
+    """
+    import datasets  # noqa: F401
+    import torch  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+
+def parse_auth(auth: str | None) -> tuple[str, str] | None:
+    """USER:PASS from the flag or $FINETUNER_AUTH, or None."""
+    value = auth or os.environ.get(AUTH_ENV)
+    if not value:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise UserError("--auth takes USER:PASS.")
+    return user, password
+
+
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    share: bool = False,
+    auth: str | None = None,
+    workspace: str | Path | None = None,
+) -> None:
+    """Serve the app; a public link (share) needs a password and confines file paths to the workspace."""
+    credentials = parse_auth(auth)
+    if share and credentials is None:
+        raise UserError(f"A public link needs a password: add --auth USER:PASS (or set {AUTH_ENV}).")
+    if share:
+        os.environ[CONFINE_ENV] = "1"
+    root = workspace_root(workspace)
+    _import_libraries()
+    build_app(root).queue().launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        auth=credentials,
+        allowed_paths=[str(root)],
+        css=CSS,
+    )

@@ -1,0 +1,132 @@
+"""What every tab shares: turning utility errors into readable messages, uploads, run lists, download links."""
+
+from __future__ import annotations
+
+import filecmp
+import functools
+import html
+import inspect
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+import jobs
+from workspace import UserError, workspace_root
+
+log = logging.getLogger(__name__)
+
+UPLOADS = "uploads"
+
+
+def _readable(exc: BaseException) -> gr.Error:
+    if isinstance(exc, UserError):
+        return gr.Error(html.escape(str(exc)), print_exception=False)
+    log.exception("unexpected error in an event handler")
+    return gr.Error(html.escape(f"Something went wrong: {type(exc).__name__}: {exc}. The server log has the details."))
+
+
+def guarded(fn: Callable) -> Callable:
+    """Wrap an event handler so that a UserError (or any other error) reaches the user as one readable message."""
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def stream(*args: Any, **kwargs: Any):
+            try:
+                yield from fn(*args, **kwargs)
+            except gr.Error:
+                raise
+            except Exception as exc:
+                raise _readable(exc) from None
+
+        return stream
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except Exception as exc:
+            raise _readable(exc) from None
+
+    return call
+
+
+def save_upload(temp_path: str | Path, workspace: Path) -> Path:
+    """Copy a file uploaded through the browser into workspace/uploads/, keeping its name (suffixed if taken).
+
+    Gradio's own copy lives in a temp folder that is cleaned up; runs refer to their data by path, so keep it here.
+    """
+    source = Path(temp_path)
+    folder = workspace_root(workspace) / UPLOADS
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / source.name
+    suffix = 2
+    while target.exists() and not filecmp.cmp(source, target, shallow=False):
+        target = folder / f"{source.stem}-{suffix}{source.suffix}"
+        suffix += 1
+    if not target.exists():
+        shutil.copyfile(source, target)
+    return target
+
+
+def run_names(workspace: Path, kinds: tuple[str, ...] = ("train",), states: tuple[str, ...] | None = None) -> list[str]:
+    """Names of the runs of these kinds (newest first), optionally only those in these states."""
+    return [
+        run.name for run in jobs.list_runs(workspace) if run.kind in kinds and (states is None or run.state in states)
+    ]
+
+
+def latest_run(workspace: Path, kinds: tuple[str, ...]) -> str | None:
+    """The newest active run of these kinds, else the newest one, else None: what a freshly opened page shows."""
+    runs = [run for run in jobs.list_runs(workspace) if run.kind in kinds]
+    chosen = [run for run in runs if run.state in jobs.ACTIVE_STATES] or runs
+    return chosen[0].name if chosen else None
+
+
+def file_url(path: Path) -> str:
+    # The workspace is in launch(allowed_paths=…), so Gradio serves its files directly (with the login cookie when
+    # auth is on); a gr.File output would instead hash and copy a multi-GiB GGUF into Gradio's cache.
+    return f"/gradio_api/file={path}"
+
+
+def download_links(paths: list[Path]) -> str:
+    """HTML list of download links for files inside the workspace."""
+    if not paths:
+        return ""
+    items = "".join(
+        f'<li><a href="{html.escape(file_url(path))}" download="{html.escape(path.name)}">{html.escape(path.name)}</a>'
+        f" ({file_size(path.stat().st_size)})</li>"
+        for path in paths
+        if path.exists()
+    )
+    return f"<ul class='downloads'>{items}</ul>"
+
+
+def file_size(size: int) -> str:
+    for unit in ("bytes", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.2f} GiB"
+
+
+def progress_html(step: int | None, max_steps: int | None, text: str) -> str:
+    """A progress bar with a line of text under it."""
+    bar = ""
+    if step is not None and max_steps:
+        bar = f'<progress value="{int(step)}" max="{int(max_steps)}" style="width:100%"></progress>'
+    return f"<div class='run-status'>{bar}<div>{text}</div></div>"
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

@@ -1,0 +1,182 @@
+"""Dataset tab: upload or name the data, see its detected format, map columns, preview rendered and masked rows."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+import dataset_utils
+import model_utils
+import training_utils
+from ui import forms
+from ui.common import guarded, save_upload
+from workspace import UserError
+
+PREVIEW_EXAMPLES = 3
+RAW_ROWS = 5
+NOT_MAPPED = ("(same name)", "")
+
+
+@dataclass
+class DatasetTab:
+    upload: gr.File
+    load: gr.Button
+    preview: gr.Button
+    summary: gr.Markdown
+    raw: gr.Dataframe
+    stats: gr.Markdown
+    rendered: gr.HighlightedText
+    lengths: gr.BarPlot
+
+
+def build(form: forms.Form) -> DatasetTab:
+    gr.Markdown(
+        "Upload a file (JSONL, JSON, CSV, Parquet or TXT) or name one, check how it is read, then preview "
+        "the rows as the model will see them: the highlighted text is what the model learns to write."
+    )
+    upload = gr.File(
+        label="Upload a data file", file_types=list(dataset_utils.LOCAL_SUFFIXES), elem_id="dataset-upload"
+    )
+    with gr.Row():
+        forms.textbox(form, "dataset.source", "Dataset (path or Hub id)", scale=3, elem_id="dataset-source")
+        forms.textbox(form, "dataset.split", "Split", scale=1)
+        forms.dropdown(
+            form, "dataset.format", "Format", ["auto", *dataset_utils.FORMATS], scale=1, elem_id="dataset-format"
+        )
+    with gr.Row():
+        forms.dropdown(
+            form,
+            "dataset.chat_template",
+            "Chat template",
+            [("The model's own", ""), *[(name, name) for name in dataset_utils.BUILTIN_TEMPLATES]],
+            allow_custom_value=True,
+        )
+        forms.textbox(form, "dataset.system_prompt", "System prompt")
+        forms.number(form, "dataset.max_rows", "Max rows", integer=True, minimum=0)
+    with gr.Accordion("Column mapping (when your columns have other names)", open=False):
+        with gr.Row():
+            for name in forms.MAP_FIELDS:
+                form.add(
+                    f"map.{name}",
+                    gr.Dropdown(
+                        choices=[NOT_MAPPED], value="", label=f"{name} ←", min_width=120, elem_id=f"map-{name}"
+                    ),
+                )
+    with gr.Row():
+        load = gr.Button("Load and detect format", elem_id="dataset-load")
+        preview = gr.Button("Preview rendered rows", variant="primary", elem_id="dataset-preview")
+    summary = gr.Markdown(elem_id="dataset-summary")
+    raw = gr.Dataframe(label="First rows as read", interactive=False, wrap=True, max_height=260, elem_id="dataset-raw")
+    stats = gr.Markdown(elem_id="dataset-stats")
+    rendered = gr.HighlightedText(
+        label="Rendered rows (highlighted = trained on)",
+        color_map={"trained": "#16a34a"},
+        show_legend=True,
+        combine_adjacent=True,
+        elem_id="dataset-rendered",
+    )
+    lengths = gr.BarPlot(
+        x="tokens", y="rows", title="Token lengths (train rows)", height=240, elem_id="dataset-lengths"
+    )
+    return DatasetTab(upload, load, preview, summary, raw, stats, rendered, lengths)
+
+
+def wire(tab: DatasetTab, form: forms.Form, workspace: Path) -> None:
+    source = form.widgets["dataset.source"]
+    map_widgets = [form.widgets[f"map.{name}"] for name in forms.MAP_FIELDS]
+
+    @guarded
+    def uploaded(path: str | None) -> str:
+        if not path:
+            return gr.skip()
+        return str(save_upload(path, workspace))
+
+    @guarded
+    def load(data: dict) -> list:
+        values = form.values(data)
+        config = forms.values_to_config(values).dataset
+        rows = dataset_utils.load_rows(config, workspace)
+        columns = rows.column_names
+        try:
+            detected = dataset_utils.detect_format(columns, config.column_map)
+            found = f"Detected format: **{detected}**."
+        except UserError as exc:
+            detected, found = None, f"**Format not detected:** {exc}"
+        fmt = config.format if config.format != "auto" else detected
+        shown = dataset_utils.FORMAT_FIELDS[fmt] if fmt else forms.MAP_FIELDS
+        summary = f"**{len(rows)} rows**, columns: {', '.join(f'`{c}`' for c in columns)}. {found}"
+        table = pd.DataFrame(
+            [{key: _cell(value) for key, value in row.items()} for row in rows.select(range(min(RAW_ROWS, len(rows))))]
+        )
+        maps = [
+            gr.Dropdown(
+                choices=[NOT_MAPPED, *columns],
+                visible=name in shown,
+                value=values[f"map.{name}"] if values[f"map.{name}"] in columns else "",
+            )
+            for name in forms.MAP_FIELDS
+        ]
+        return [summary, table, *maps]
+
+    load_outputs = [tab.summary, tab.raw, *map_widgets]
+    tab.upload.upload(uploaded, inputs=tab.upload, outputs=source).success(
+        load, inputs=form.inputs(), outputs=load_outputs
+    )
+    tab.load.click(load, inputs=form.inputs(), outputs=load_outputs)
+
+    @guarded
+    def preview(data: dict) -> tuple[str, list, gr.BarPlot]:
+        config = forms.values_to_config(form.values(data))
+        config.model.validate()
+        config.dataset.validate()
+        tokenizer = model_utils.load_tokenizer(
+            model_utils.resolve_model_path(config.model.name_or_path, workspace), config.model.trust_remote_code
+        )
+        prepared = training_utils.prepare_training_data(config, tokenizer, workspace)
+        return (
+            _stats(prepared),
+            _rendered(prepared.train, tokenizer),
+            _histogram([len(ids) for ids in prepared.train["input_ids"]]),
+        )
+
+    tab.preview.click(preview, inputs=form.inputs(), outputs=[tab.stats, tab.rendered, tab.lengths])
+
+
+def _cell(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _stats(prepared) -> str:
+    eval_rows = len(prepared.eval) if prepared.eval is not None else 0
+    skipped = (
+        f", **{prepared.dropped_rows} skipped** (see the server log for the first reason)"
+        if prepared.dropped_rows
+        else ""
+    )
+    return (
+        f"Format **{prepared.format}**: {prepared.source_rows} rows read{skipped}; {len(prepared.train)} train, "
+        f"{eval_rows} eval."
+    )
+
+
+def _rendered(train, tokenizer) -> list[tuple[str, str | None]]:
+    pieces: list[tuple[str, str | None]] = []
+    for index in range(min(PREVIEW_EXAMPLES, len(train))):
+        row = train[index]
+        pieces.append((f"── example {index + 1} · {len(row['input_ids'])} tokens ──\n", None))
+        segments = dataset_utils.loss_segments(row["input_ids"], row["labels"], tokenizer)
+        pieces.extend((text, "trained" if trained else None) for text, trained in segments)
+        pieces.append(("\n\n", None))
+    return pieces
+
+
+def _histogram(lengths: list[int]) -> gr.BarPlot:
+    import numpy as np
+
+    counts, edges = np.histogram(lengths, bins=min(20, max(1, len(set(lengths)))))
+    labels = [f"{int(edges[i])}–{int(edges[i + 1])}" for i in range(len(counts))]
+    return gr.BarPlot(pd.DataFrame({"tokens": labels, "rows": counts}), sort=labels)

@@ -1,0 +1,230 @@
+"""Export tab: turn a finished run into GGUF files (llama.cpp / Ollama), check them, and download them."""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+import gguf_utils
+import jobs
+from gguf_utils import ExportConfig
+from ui.common import download_links, guarded, progress_html, run_names
+from workspace import config_to_dict, read_json
+
+DEFAULTS = ExportConfig()
+SETTINGS = ("check_prompts", "check_tokens", "merge_dtype", "temperature", "top_p", "num_ctx")
+POLL_S = 1.5
+
+
+@dataclass
+class ExportTab:
+    run: gr.Dropdown
+    refresh: gr.Button
+    quants: gr.CheckboxGroup
+    settings: list[gr.components.Component]
+    start: gr.Button
+    stop: gr.Button
+    hint: gr.Markdown
+    status: gr.HTML
+    log: gr.Textbox
+    results: gr.Markdown
+    downloads: gr.HTML
+    modelfile: gr.Code
+    timer: gr.Timer
+
+
+def build() -> ExportTab:
+    gr.Markdown(
+        "Merge a finished run's adapter into the base model, convert it with llama.cpp, quantize it, load "
+        "each file back in llama.cpp and compare its predictions with the Hugging Face model. The files "
+        "land in the run's `gguf/` folder with an Ollama `Modelfile` (`ollama create NAME -f Modelfile`)."
+    )
+    with gr.Row(equal_height=True):
+        run = gr.Dropdown(label="Training run", choices=[], scale=4, elem_id="export-run")
+        refresh = gr.Button("Refresh runs", size="sm", scale=1)
+    quants = gr.CheckboxGroup(
+        list(gguf_utils.QUANT_FTYPES),
+        value=list(DEFAULTS.quants),
+        label="Quant types",
+        info="q8_0 is nearly lossless; q4_k_m is the usual small choice; f16/bf16 are unquantized.",
+        elem_id="export-quants",
+    )
+    with gr.Accordion("Check and Modelfile settings", open=False):
+        with gr.Row():
+            check_prompts = gr.Number(
+                value=DEFAULTS.check_prompts,
+                label="Check prompts",
+                precision=0,
+                minimum=gguf_utils.MIN_CHECK_PROMPTS,
+                maximum=len(gguf_utils.CHECK_PROMPTS),
+                info="Prompts scored against the Hugging Face model.",
+            )
+            check_tokens = gr.Number(
+                value=DEFAULTS.check_tokens,
+                label="Tokens per prompt",
+                precision=0,
+                minimum=1,
+                elem_id="export-check-tokens",
+            )
+            merge_dtype = gr.Dropdown(
+                list(gguf_utils.MERGE_DTYPES),
+                value=DEFAULTS.merge_dtype,
+                label="Merge dtype",
+                info="auto: the base model's 16-bit type, else float16.",
+            )
+        with gr.Row():
+            temperature = gr.Number(value=DEFAULTS.temperature, label="Modelfile temperature", minimum=0, maximum=2)
+            top_p = gr.Number(value=DEFAULTS.top_p, label="Modelfile top_p", minimum=0, maximum=1)
+            num_ctx = gr.Number(
+                value=DEFAULTS.num_ctx,
+                label="Modelfile num_ctx",
+                precision=0,
+                minimum=1,
+                info="Capped at the model's context length.",
+            )
+    with gr.Row():
+        start = gr.Button("Export", variant="primary", elem_id="export-start")
+        stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="export-stop")
+    hint = gr.Markdown(elem_id="export-hint")
+    status = gr.HTML(elem_id="export-status")
+    results = gr.Markdown(elem_id="export-results")
+    downloads = gr.HTML(elem_id="export-downloads")
+    modelfile = gr.Code(label="Modelfile", language=None, interactive=False, lines=8, elem_id="export-modelfile")
+    log = gr.Textbox(label="Log (last lines)", lines=8, max_lines=12, interactive=False, elem_id="export-log")
+    timer = gr.Timer(POLL_S, active=False)
+    return ExportTab(
+        run,
+        refresh,
+        quants,
+        [check_prompts, check_tokens, merge_dtype, temperature, top_p, num_ctx],
+        start,
+        stop,
+        hint,
+        status,
+        log,
+        results,
+        downloads,
+        modelfile,
+        timer,
+    )
+
+
+def wire(tab: ExportTab, tab_container: gr.Tab, workspace: Path) -> None:
+    view = [tab.status, tab.log, tab.results, tab.downloads, tab.modelfile, tab.start, tab.stop, tab.hint, tab.timer]
+
+    def run_choices(current: str | None) -> gr.Dropdown:
+        names = run_names(workspace, ("train",), states=("done",))
+        return gr.Dropdown(choices=names, value=current if current in names else (names[0] if names else None))
+
+    @guarded
+    def show(run: str | None) -> list[Any]:
+        return export_view(run, workspace)
+
+    @guarded
+    def start(run: str, quants: list[str], *settings: Any) -> None:
+        config = ExportConfig(run=run or "", quants=list(quants or []), **dict(zip(SETTINGS, settings, strict=True)))
+        gguf_utils.check_export(config, workspace)
+        run_dir = jobs.create_run("export", config_to_dict(config), workspace, gguf_utils.export_run_name(run))
+        jobs.start_job(run_dir)
+
+    @guarded
+    def stop(run: str) -> None:
+        job = latest_export(run, workspace)
+        if job is None:
+            raise gr.Error("No export of this run is running.")
+        jobs.stop_job(job.path)
+
+    for trigger in (tab.refresh.click, tab_container.select):
+        trigger(run_choices, inputs=tab.run, outputs=tab.run).then(
+            show, inputs=tab.run, outputs=view, show_progress="hidden"
+        )
+    tab.run.input(show, inputs=tab.run, outputs=view, show_progress="hidden")
+    tab.start.click(start, inputs=[tab.run, tab.quants, *tab.settings]).success(
+        show, inputs=tab.run, outputs=view, show_progress="hidden"
+    )
+    tab.stop.click(stop, inputs=tab.run).success(show, inputs=tab.run, outputs=view, show_progress="hidden")
+    tab.timer.tick(show, inputs=tab.run, outputs=view, show_progress="hidden")
+
+
+def latest_export(run: str | None, workspace: Path) -> jobs.RunInfo | None:
+    """The newest export job of a training run."""
+    return next(
+        (
+            info
+            for info in jobs.list_runs(workspace)
+            if info.kind == "export" and jobs.read_config(info.path).get("run") == run
+        ),
+        None,
+    )
+
+
+def export_view(run: str | None, workspace: Path) -> list[Any]:
+    """progress, log, results table, download links, Modelfile, Export / Stop, the reason one is off, polling."""
+    if not run:
+        return [
+            "",
+            "",
+            "",
+            "",
+            "",
+            gr.Button(interactive=False),
+            gr.Button(interactive=False),
+            "Export: no finished training run yet; train one first.",
+            gr.Timer(active=False),
+        ]
+    job = latest_export(run, workspace)
+    active = job is not None and job.state in jobs.ACTIVE_STATES
+    status, log = "", ""
+    if job is not None:
+        events = [event for event in jobs.read_events(job.path) if event.get("event") == "progress"]
+        last = events[-1] if events else {}
+        text = f"<b>{job.name}</b> · <span class='state state-{job.state}'>{job.state}</span>"
+        if last.get("message"):
+            text += f" · {html.escape(last['message'])}"
+        if job.error:
+            text += f"<pre class='run-error'>{html.escape(job.error)}</pre>"
+        status, log = progress_html(last.get("step"), last.get("max_steps"), text), jobs.log_tail(job.path)
+    gguf_dir = jobs.run_path(run, workspace) / "gguf"
+    report = read_json(gguf_dir / "report.json", default=None) if not active else None
+    results, links, modelfile = "", "", ""
+    if report:
+        results = report_table(report)
+        files = [gguf_dir / item["file"] for item in report["files"]] + [
+            gguf_dir / "Modelfile",
+            gguf_dir / "report.json",
+        ]
+        links = download_links(files)
+        modelfile = (gguf_dir / "Modelfile").read_text(encoding="utf-8") if (gguf_dir / "Modelfile").exists() else ""
+    hint = "Export: an export of this run is running." if active else "Stop: no export is running."
+    return [
+        status,
+        log,
+        results,
+        links,
+        modelfile,
+        gr.Button(interactive=not active),
+        gr.Button(interactive=active),
+        hint,
+        gr.Timer(active=active),
+    ]
+
+
+def report_table(report: dict) -> str:
+    """The export report as a Markdown table: one line per file with its size and agreement with the HF model."""
+    lines = ["| file | size | agreement with HF | tokenizer match | export time |", "|---|---:|---:|---:|---:|"]
+    for item in report["files"]:
+        lines.append(
+            f"| `{item['file']}` | {item['size_bytes'] / 1024**2:.1f} MiB | {item['agreement']:.1%} | "
+            f"{item['tokenizer_match']:.0%} | {item['export_s']:.1f} s |"
+        )
+    check = report.get("check", {})
+    lines.append(
+        f"\nAgreement: top-1 predictions of llama.cpp vs the Hugging Face model over {check.get('prompts')} "
+        f"prompts × {check.get('tokens_per_prompt')} tokens (teacher forcing). Total "
+        f"{report.get('times_s', {}).get('total', 0):.0f} s."
+    )
+    return "\n".join(lines)

@@ -1,0 +1,145 @@
+"""Runs tab: every run folder on disk with its config, metrics, status and log; delete with a confirmation."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+import jobs
+from ui.common import guarded
+from ui.train_tab import loss_frame
+from workspace import dump_yaml, read_json
+
+COLUMNS = ["name", "kind", "state", "created", "progress", "last loss", "error"]
+BOOKKEEPING = {"config.yaml", "status.json", "events.jsonl", "log.txt", "progress.json", ".status.lock"}
+
+
+@dataclass
+class RunsTab:
+    refresh: gr.Button
+    table: gr.Dataframe
+    run: gr.Dropdown
+    status: gr.Markdown
+    config: gr.Code
+    metrics: gr.JSON
+    plot: gr.LinePlot
+    log: gr.Textbox
+    delete: gr.Button
+    confirm_row: gr.Row
+    confirm_text: gr.Markdown
+    confirm: gr.Button
+    cancel: gr.Button
+
+
+def build() -> RunsTab:
+    gr.Markdown("Every run in the workspace (training, export, evaluation, synthetic data), read from its folder.")
+    refresh = gr.Button("Refresh", size="sm", elem_id="runs-refresh")
+    table = gr.Dataframe(headers=COLUMNS, interactive=False, wrap=True, max_height=320, elem_id="runs-table")
+    with gr.Row(equal_height=True):
+        run = gr.Dropdown(label="Run", choices=[], scale=4, elem_id="runs-run")
+        delete = gr.Button("Delete run…", variant="stop", scale=1, interactive=False, elem_id="runs-delete")
+    with gr.Row(visible=False) as confirm_row:
+        confirm_text = gr.Markdown()
+        confirm = gr.Button("Yes, delete it", variant="stop", elem_id="runs-confirm")
+        cancel = gr.Button("Cancel", elem_id="runs-cancel")
+    status = gr.Markdown(elem_id="runs-status")
+    with gr.Row():
+        config = gr.Code(label="config.yaml", language="yaml", interactive=False, lines=14, elem_id="runs-config")
+        metrics = gr.JSON(label="Metrics and outputs", elem_id="runs-metrics")
+    plot = gr.LinePlot(
+        x="step", y="loss", color="series", title="Loss", height=240, color_map={"train": "#2563eb", "eval": "#f97316"}
+    )
+    log = gr.Textbox(label="Log (last lines)", lines=8, max_lines=8, interactive=False, elem_id="runs-log")
+    return RunsTab(
+        refresh, table, run, status, config, metrics, plot, log, delete, confirm_row, confirm_text, confirm, cancel
+    )
+
+
+def wire(tab: RunsTab, tab_container: gr.Tab, workspace: Path) -> None:
+    details = [tab.status, tab.config, tab.metrics, tab.plot, tab.log, tab.delete]
+
+    def listing(current: str | None) -> tuple[pd.DataFrame, gr.Dropdown]:
+        runs = jobs.list_runs(workspace)
+        rows = [
+            [
+                run.name,
+                run.kind,
+                run.state,
+                run.created,
+                f"{run.step}/{run.max_steps}" if run.step is not None else "",
+                f"{run.last_loss:.4f}" if run.last_loss is not None else "",
+                run.error.splitlines()[0] if run.error else "",
+            ]
+            for run in runs
+        ]
+        names = [run.name for run in runs]
+        chosen = current if current in names else (names[0] if names else None)
+        return pd.DataFrame(rows, columns=COLUMNS), gr.Dropdown(choices=names, value=chosen)
+
+    @guarded
+    def show(run: str | None) -> list[Any]:
+        return run_details(run, workspace)
+
+    def pick_row(event: gr.SelectData) -> str:
+        return event.row_value[0]
+
+    @guarded
+    def ask(run: str | None) -> tuple[gr.Row, str]:
+        if not run:
+            raise gr.Error("Choose a run first.")
+        return gr.Row(visible=True), f"Delete run **{run}** and every file in its folder? This cannot be undone."
+
+    @guarded
+    def delete(run: str) -> tuple[gr.Row, str]:
+        jobs.delete_run(jobs.run_path(run, workspace))
+        return gr.Row(visible=False), f"Deleted run `{run}`."
+
+    hide = lambda: gr.Row(visible=False)  # noqa: E731
+
+    for trigger in (tab.refresh.click, tab_container.select):
+        trigger(listing, inputs=tab.run, outputs=[tab.table, tab.run]).then(show, inputs=tab.run, outputs=details)
+    tab.table.select(pick_row, outputs=tab.run).then(show, inputs=tab.run, outputs=details).then(
+        hide, outputs=tab.confirm_row
+    )
+    tab.run.input(show, inputs=tab.run, outputs=details).then(hide, outputs=tab.confirm_row)
+    tab.delete.click(ask, inputs=tab.run, outputs=[tab.confirm_row, tab.confirm_text])
+    tab.cancel.click(hide, outputs=tab.confirm_row)
+    tab.confirm.click(delete, inputs=tab.run, outputs=[tab.confirm_row, tab.status]).success(
+        listing, inputs=tab.run, outputs=[tab.table, tab.run]
+    ).then(show, inputs=tab.run, outputs=details)
+
+
+def run_details(run: str | None, workspace: Path) -> list[Any]:
+    """status line, config YAML, metrics and outputs, loss plot, log tail, and whether Delete applies."""
+    if not run:
+        return ["No runs yet.", "", None, None, "", gr.Button(interactive=False)]
+    run_dir = jobs.run_path(run, workspace)
+    status = jobs.read_status(run_dir)
+    active = status["state"] in jobs.ACTIVE_STATES
+    line = f"**{run}** · {status['state']} · created {status.get('created', '?')} · folder `{run_dir}`"
+    if status.get("error"):
+        line += f"\n\n```\n{status['error']}\n```"
+    if active:
+        line += "\n\nDelete: the run is still active; stop it first."
+    metrics = {"progress": read_json(run_dir / "progress.json", default=None)}
+    for report in sorted(run_dir.glob("*.json")):
+        if report.name not in BOOKKEEPING:
+            metrics[report.stem] = read_json(report, default=None)
+    metrics["outputs"] = sorted(
+        path.name + ("/" if path.is_dir() else "")
+        for path in run_dir.iterdir()
+        if path.name not in BOOKKEEPING and not path.name.startswith(".")
+    )
+    return [
+        line,
+        dump_yaml(jobs.read_config(run_dir)),
+        json.loads(json.dumps(metrics, default=str)),
+        loss_frame(jobs.read_events(run_dir)),
+        jobs.log_tail(run_dir),
+        gr.Button(interactive=not active),
+    ]
