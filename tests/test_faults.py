@@ -313,7 +313,7 @@ def test_files_outside_the_workspace_are_not_served(app, tmp_path):
     for path in (
         secret,
         app.workspace / "escape.txt",
-        f"{app.workspace}/../{secret.parent.name}/secret.txt",
+        f"{app.workspace}/{os.path.relpath(secret, app.workspace)}",
         "/etc/passwd",
         ROOT / "main.py",
     ):
