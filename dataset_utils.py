@@ -494,7 +494,7 @@ def loss_segments(input_ids: list[int], labels: list[int], tokenizer) -> list[tu
     segments: list[tuple[str, bool]] = []
     run: list[int] = []
     trained_run = None
-    for token, label in zip(input_ids, labels):
+    for token, label in zip(input_ids, labels, strict=True):
         trained = label != -100
         if trained_run is not None and trained != trained_run:
             segments.append((tokenizer.decode(run), trained_run))

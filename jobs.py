@@ -16,10 +16,11 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from workspace import (
     UserError,
@@ -58,7 +59,7 @@ class RunInfo:
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def runs_dir(workspace: str | Path | None = None) -> Path:
@@ -335,7 +336,7 @@ def gpu_lock(workspace: Path, run_dir: Path, wait: Callable[[float], None] = tim
             return handle
         except BlockingIOError:
             if StopRequested.requested:
-                raise SystemExit(0)
+                raise SystemExit(0) from None
             wait(0.5)
 
 

@@ -8,9 +8,10 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from workspace import UserError, atomic_dir, dump_yaml, load_yaml, resolve_user_path, workspace_root
 

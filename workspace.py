@@ -9,9 +9,10 @@ import shutil
 import tempfile
 import types
 import typing
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 

@@ -6,9 +6,9 @@ import json
 import time
 
 import pytest
-from conftest import capital_rows, write_jsonl
 
 import dataset_utils
+from conftest import capital_rows, write_jsonl
 from dataset_utils import DatasetConfig, detect_format, prepare_dataset, row_to_messages
 from workspace import UserError
 

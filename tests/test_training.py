@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import capital_rows, write_jsonl
 
 import jobs
 import training_utils
+from conftest import capital_rows, write_jsonl
 from dataset_utils import DatasetConfig
 from model_utils import ModelConfig
 from training_utils import TrainConfig
