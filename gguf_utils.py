@@ -636,6 +636,13 @@ def reference_predictions(model_dir: Path, config: ExportConfig) -> Reference:
     return Reference(prompts, prompt_ids, continuation, sample)
 
 
+def llama_threads() -> int:
+    """Threads for llama.cpp: one core fewer than this process may use. llama.cpp's threads spin-wait for each
+    other at every layer, so one descheduled thread stalls them all: on this project's shared 2-core machine,
+    2 threads evaluated and generated 7-60x slower than 1 while other jobs ran."""
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
 def check_gguf(path: Path, reference: Reference) -> dict[str, Any]:
     """Load a GGUF in llama.cpp, generate, and score the reference prefixes: top-1 agreement with the HF model,
     whether llama.cpp tokenizes the prompts the same way, and a sample reply."""
@@ -645,8 +652,15 @@ def check_gguf(path: Path, reference: Reference) -> dict[str, Any]:
     started = time.monotonic()
     longest = max(len(ids) + len(cont) for ids, cont in zip(reference.prompt_ids, reference.continuation, strict=True))
     try:
+        threads = llama_threads()
         llm = llama_cpp.Llama(
-            str(path), n_ctx=longest + 16, logits_all=True, n_threads=os.cpu_count(), n_gpu_layers=-1, verbose=False
+            str(path),
+            n_ctx=longest + 16,
+            logits_all=True,
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_gpu_layers=-1,
+            verbose=False,
         )
     except ValueError as exc:
         raise UserError(
