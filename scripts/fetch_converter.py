@@ -70,10 +70,19 @@ def main(dest: str) -> None:
 
 
 def check_converter(script: Path) -> None:
-    """Fail now, not at export time, if the converter cannot import its helpers."""
+    """Fail now, not at export time: the converter must start, and import the gguf-py shipped beside it."""
     result = subprocess.run([sys.executable, str(script), "--print-supported-models"], capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"{script.name} does not start:\n{result.stderr[-2000:]}")
+    # The same sys.path change the converter makes for itself.
+    where = "import sys; sys.path.insert(1, sys.argv[1]); import gguf; print(gguf.__file__)"
+    found = subprocess.run(
+        [sys.executable, "-c", where, str(script.parent / "gguf-py")], capture_output=True, text=True
+    )
+    if not Path(found.stdout.strip()).resolve().is_relative_to(script.parent.resolve()):
+        sys.exit(
+            f"the converter would import gguf from {found.stdout.strip() or found.stderr[-500:]}, not its own gguf-py"
+        )
 
 
 if __name__ == "__main__":

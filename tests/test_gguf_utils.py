@@ -83,7 +83,10 @@ def test_f16_and_q8_0_load_in_llama_cpp_and_agree_with_the_hf_model(exported):
 
     run_dir, report = exported
     for file in report["files"]:
-        llm = llama_cpp.Llama(str(run_dir / "gguf" / file["file"]), n_ctx=256, verbose=False)
+        threads = gguf_utils.llama_threads()
+        llm = llama_cpp.Llama(
+            str(run_dir / "gguf" / file["file"]), n_ctx=256, n_threads=threads, n_threads_batch=threads, verbose=False
+        )
         reply = llm.create_chat_completion(
             [{"role": "user", "content": "What is the capital of Italy?"}], max_tokens=16, temperature=0.0
         )
