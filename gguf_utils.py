@@ -199,9 +199,21 @@ def needed_disk_bytes(source: ExportSource, config: ExportConfig) -> dict[str, i
         needed["merged"] = params * 2
     for quant in config.quants:
         needed[quant] = int(params * BITS_PER_WEIGHT[quant] / 8) + 32 * 2**20  # + vocabulary and metadata
-    if not set(config.quants) & set(FLOAT_TYPES):
-        needed["16-bit intermediate"] = params * 2
+    dtype = _merge_dtype(source, config) if source.adapter_dir else _model_dtype(source.merged_dir)
+    for outtype in conversions(config.quants, dtype)[0]:
+        if outtype not in config.quants:
+            needed[f"{outtype} intermediate"] = params * 2
     return needed
+
+
+def conversions(quants: list[str], model_dtype: str | None) -> tuple[list[str], str]:
+    """(the converter's output types, the one quantization starts from): each 16-bit type asked for, plus the
+    quantizer's source (bf16 for a bfloat16 model, else f16) when quantized types are asked for."""
+    outtypes = [quant for quant in quants if quant in FLOAT_TYPES]
+    base = "bf16" if model_dtype == "bfloat16" else "f16"
+    if any(quant not in FLOAT_TYPES for quant in quants) and base not in outtypes:
+        outtypes.append(base)
+    return outtypes, base
 
 
 def check_disk_space(source: ExportSource, config: ExportConfig) -> None:
@@ -263,22 +275,21 @@ def export(config: ExportConfig, job_dir: Path) -> str:
         merge_s = time.monotonic() - merge_started
 
         step("converting with llama.cpp's convert_hf_to_gguf.py")
-        base_type = "bf16" if _model_dtype(merged) == "bfloat16" else "f16"
-        outtypes = [base_type] + [quant for quant in config.quants if quant in FLOAT_TYPES and quant != base_type]
+        outtypes, base_type = conversions(config.quants, _model_dtype(merged))
         converted = {
             outtype: staging.file(f"{name}-{outtype}.gguf") if outtype in config.quants else staging.scratch(outtype)
             for outtype in outtypes
         }
         convert_s = {}
         # The HF reference is computed while the converter runs: both read merged/, neither needs the other.
-        first = start_conversion(merged, converted[base_type], base_type)
+        first = start_conversion(merged, converted[outtypes[0]], outtypes[0])
         reference_started = time.monotonic()
         try:
             reference, reference_error = reference_predictions(merged, config), None
         except Exception as exc:  # reported after the converter's own verdict, which says more (e.g. unsupported)
             reference, reference_error = None, exc
         reference_s = time.monotonic() - reference_started
-        convert_s[base_type] = finish_conversion(first)
+        convert_s[outtypes[0]] = finish_conversion(first)
         for outtype in outtypes[1:]:
             convert_s[outtype] = finish_conversion(start_conversion(merged, converted[outtype], outtype))
         if reference_error is not None:
@@ -295,14 +306,15 @@ def export(config: ExportConfig, job_dir: Path) -> str:
         for quant in config.quants:
             step(f"loading {quant} in llama.cpp and comparing with the HF model")
             check = check_gguf(files[quant], reference)
+            converted_s = convert_s[quant if quant in convert_s else base_type]
             results.append(
                 {
                     "quant": quant,
                     "file": f"{name}-{quant}.gguf",
                     "size_bytes": files[quant].stat().st_size,
-                    "convert_s": round(convert_s.get(quant, convert_s[base_type]), 2),
+                    "convert_s": round(converted_s, 2),
                     "quantize_s": round(quantize_s.get(quant, 0.0), 2),
-                    "export_s": round(convert_s.get(quant, convert_s[base_type]) + quantize_s.get(quant, 0.0), 2),
+                    "export_s": round(converted_s + quantize_s.get(quant, 0.0), 2),
                     **check,
                 }
             )

@@ -95,8 +95,15 @@ def test_adapter_on_a_model_of_another_shape_is_refused(trained_run, demo_tokeni
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     tiny = tmp_path / "tiny-llama"
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(demo_tokenizer), max_position_embeddings=256)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(demo_tokenizer),
+        max_position_embeddings=256,
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(tiny)
     demo_tokenizer.save_pretrained(tiny)
     with pytest.raises(UserError, match="was trained on 'demo' and does not fit model .*size mismatch"):
@@ -182,21 +189,22 @@ def test_chat_cli_streams_the_reply(trained_run, session_workspace):
 def test_eval_shows_lower_held_out_loss_for_tuned(trained_run, tmp_path):
     job_dir = tmp_path / "job"
     job_dir.mkdir()
-    result = inference_utils.evaluate(EvalConfig(run=str(trained_run), batch_size=4), job_dir)
-    assert result["rows"] == 12 and result["tokens"] > 0  # 25 % of 48 rows held out
+    result = inference_utils.evaluate(EvalConfig(run=str(trained_run), max_rows=4, batch_size=2), job_dir)
+    assert result["rows"] == 4 and result["eval_rows_total"] == 12  # 25 % of 48 rows held out
+    assert result["tokens"] > 0
     assert result["tuned"]["loss"] < result["base"]["loss"]
     assert result["tuned"]["perplexity"] < result["base"]["perplexity"]
     assert json.loads((trained_run / "eval.json").read_text()) == result
     assert "| tuned (adapter) |" in (trained_run / "eval.md").read_text()
     progress = [event for event in jobs.read_events(job_dir) if event["event"] == "progress"]
-    assert progress[-1]["step"] == progress[-1]["max_steps"] == 6  # 3 batches × (base, tuned)
+    assert progress[-1]["step"] == progress[-1]["max_steps"] == 4  # 2 batches × (base, tuned)
 
 
 @pytest.mark.slow
 def test_eval_cli_runs_an_eval_job(trained_run, workspace):
-    done = main_py("--workspace", str(workspace), "eval", str(trained_run), "--max-rows", "4")
+    done = main_py("--workspace", str(workspace), "eval", str(trained_run), "--max-rows", "2")
     assert done.returncode == 0, done.stderr + done.stdout
     assert "| base (demo) |" in done.stdout
     (job,) = [run for run in jobs.list_runs(workspace) if run.kind == "eval"]
     assert job.name == "eval-trained" and job.state == "done"
-    assert json.loads((trained_run / "eval.json").read_text())["rows"] == 4
+    assert json.loads((trained_run / "eval.json").read_text())["rows"] == 2
