@@ -70,7 +70,7 @@ class ExportConfig:
 
     run: str = ""  # the training run (name or folder)
     quants: list[str] = field(default_factory=lambda: ["q8_0"])  # also accepts "q4_k_m,q8_0"
-    check_prompts: int = MIN_CHECK_PROMPTS  # prompts from CHECK_PROMPTS scored against the HF model
+    check_prompts: int = len(CHECK_PROMPTS)  # prompts scored against the HF model: all 16 (512 tokens) by default
     check_tokens: int = 32  # tokens scored per prompt
     merge_dtype: str = "auto"  # 16-bit type of merged/: auto = the base model's if 16-bit, else float16
     temperature: float = 0.7  # Modelfile PARAMETERs
@@ -285,9 +285,9 @@ def export(config: ExportConfig, job_dir: Path) -> str:
         first = start_conversion(merged, converted[outtypes[0]], outtypes[0])
         reference_started = time.monotonic()
         try:
-            reference, reference_error = reference_predictions(merged, config), None
+            (reference, chat, reference_cached), reference_error = hf_side(merged, config), None
         except Exception as exc:  # reported after the converter's own verdict, which says more (e.g. unsupported)
-            reference, reference_error = None, exc
+            reference_error = exc
         reference_s = time.monotonic() - reference_started
         convert_s[outtypes[0]] = finish_conversion(first)
         for outtype in outtypes[1:]:
@@ -321,8 +321,7 @@ def export(config: ExportConfig, job_dir: Path) -> str:
             log.info("%s: agreement %.4f, %d bytes", quant, check["agreement"], results[-1]["size_bytes"])
 
         step("writing the Modelfile and report.json")
-        tokenizer = _load_tokenizer(merged)
-        modelfile, modelfile_info = build_modelfile(f"{name}-{config.quants[0]}.gguf", tokenizer, config, merged)
+        modelfile, modelfile_info = build_modelfile(f"{name}-{config.quants[0]}.gguf", chat, config, merged)
         staging.file("Modelfile").write_text(modelfile, encoding="utf-8")
         report = {
             "run": name,
@@ -332,7 +331,8 @@ def export(config: ExportConfig, job_dir: Path) -> str:
             "merged_reused": reused,
             "merged_dtype": _model_dtype(merged),
             "llama_cpp_python": _llama_cpp_version(),
-            "reference": "the Hugging Face model in merged/ (float32 on CPU, bfloat16 on CUDA)",
+            "reference": "the Hugging Face model in merged/, computed in float32 (in 16 bits on a GPU too small)",
+            "reference_cached": reference_cached,
             "check": {
                 "method": "top-1 agreement under teacher forcing: at every position both models score the same "
                 "prefix (prompt + the HF model's greedy continuation so far)",
@@ -601,7 +601,40 @@ class Reference:
     sample: str  # its reply to the first prompt
 
 
-def reference_predictions(model_dir: Path, config: ExportConfig) -> Reference:
+REFERENCE_CACHE = ".export_reference.json"  # in merged/: the HF side of the check, reused while merged/ is unchanged
+
+
+def hf_side(model_dir: Path, config: ExportConfig) -> tuple[Reference, dict[str, Any], bool]:
+    """(the HF model's reference predictions, the chat format for the Modelfile, whether they came from the cache).
+
+    Both depend only on merged/ and the check settings, so exporting another quant type of the same model later
+    reuses them instead of loading the HF model again.
+    """
+    from dataclasses import asdict
+
+    key = {
+        "files": [
+            [path.name, path.stat().st_size, path.stat().st_mtime_ns]
+            for path in sorted(Path(model_dir).iterdir())
+            if path.is_file() and path.name != REFERENCE_CACHE
+        ],
+        "prompts": list(CHECK_PROMPTS[: config.check_prompts]),
+        "tokens": config.check_tokens,
+    }
+    cached = read_json(Path(model_dir) / REFERENCE_CACHE)
+    if cached and cached.get("key") == key:
+        return Reference(**cached["reference"]), cached["chat_format"], True
+    tokenizer = _load_tokenizer(model_dir)
+    reference = reference_predictions(model_dir, config, tokenizer)
+    chat = chat_format(tokenizer)
+    try:
+        write_json(Path(model_dir) / REFERENCE_CACHE, {"key": key, "reference": asdict(reference), "chat_format": chat})
+    except OSError as exc:  # a read-only merged/ only costs the next export this step again
+        log.info("could not cache the reference: %s", exc)
+    return reference, chat, False
+
+
+def reference_predictions(model_dir: Path, config: ExportConfig, tokenizer) -> Reference:
     """Greedy continuations of the check prompts by the HF model (one batch, with a KV cache).
 
     Generation runs on past the end of the reply (the model then writes the next turn's markers): every prompt gets
@@ -612,8 +645,7 @@ def reference_predictions(model_dir: Path, config: ExportConfig) -> Reference:
 
     import model_utils
 
-    tokenizer = _load_tokenizer(model_dir)
-    model = model_utils.load_model(str(model_dir))
+    model = model_utils.load_model(str(model_dir), dtype=_reference_dtype(model_dir))
     chats = [[{"role": "user", "content": text}] for text in CHECK_PROMPTS[: config.check_prompts]]
     prompts = [tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) for chat in chats]
     prompt_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in prompts]
@@ -648,11 +680,27 @@ def reference_predictions(model_dir: Path, config: ExportConfig) -> Reference:
     return Reference(prompts, prompt_ids, continuation, sample)
 
 
+def _reference_dtype(model_dir: Path) -> str:
+    """float32, so that the reference adds no rounding of its own, unless that would not fit the GPU (a 8B model
+    needs 32 GiB in float32): then the model's own 16-bit type."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "float32"
+    weights = sum(path.stat().st_size for path in Path(model_dir).glob("*.safetensors"))  # 16-bit on disk
+    free, _ = torch.cuda.mem_get_info()
+    return "float32" if 2 * weights < 0.8 * free else "auto"
+
+
 def llama_threads() -> int:
     """Threads for llama.cpp: one core fewer than this process may use. llama.cpp's threads spin-wait for each
     other at every layer, so one descheduled thread stalls them all: on this project's shared 2-core machine,
     2 threads evaluated and generated 7-60x slower than 1 while other jobs ran."""
     return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def check_gguf(path: Path, reference: Reference) -> dict[str, Any]:
@@ -680,11 +728,20 @@ def check_gguf(path: Path, reference: Reference) -> dict[str, Any]:
             f"may not be supported by llama-cpp-python {_llama_cpp_version()}."
         ) from None
     load_s = time.monotonic() - started
-    per_prompt, matches, same_tokens = [], 0, 0
+    per_prompt, matches, same_tokens, previous = [], 0, 0, []
+    # The prompts open alike (the template's system turn): keep that prefix's KV cache instead of recomputing it,
+    # except in recurrent models, whose state cannot be cut back.
+    reuse = not (getattr(llm, "_is_recurrent", False) or getattr(llm, "_is_hybrid", False))
     for text, ids, cont in zip(reference.prompts, reference.prompt_ids, reference.continuation, strict=True):
         same_tokens += llm.tokenize(text.encode(), add_bos=False, special=True) == ids
-        llm.reset()
-        llm.eval(ids + cont[:-1])
+        sequence = ids + cont[:-1]
+        shared = min(_common_prefix(previous, sequence), len(ids) - 1) if reuse else 0
+        if shared:
+            llm.n_tokens = shared  # eval() drops the cache after this position
+        else:
+            llm.reset()
+        llm.eval(sequence[shared:])
+        previous = sequence
         scores = llm.scores[len(ids) - 1 : len(ids) - 1 + len(cont)]
         gguf_top1 = np.argmax(scores, axis=-1).tolist()
         agree = sum(a == b for a, b in zip(gguf_top1, cont, strict=True))
@@ -809,8 +866,9 @@ _TEST_CHATS = (
 )
 
 
-def build_modelfile(gguf_name: str, tokenizer, config: ExportConfig, model_dir: Path) -> tuple[str, dict[str, Any]]:
-    """An Ollama Modelfile for `gguf_name` (FROM, TEMPLATE, stop tokens, PARAMETERs) and what it holds."""
+def chat_format(tokenizer) -> dict[str, Any]:
+    """What the Modelfile needs from the tokenizer: an Ollama TEMPLATE that renders exactly like the chat template
+    (checked on sample chats; None when the template has no per-role shape) and the stop tokens."""
     turns = chat_turns(tokenizer) if getattr(tokenizer, "chat_template", None) else None
     template = None
     if turns is not None:
@@ -828,20 +886,26 @@ def build_modelfile(gguf_name: str, tokenizer, config: ExportConfig, model_dir: 
     for piece in ([turns.assistant[1], turns.user[0]] if template else []) + [tokenizer.eos_token or ""]:
         found = sorted((piece.find(token), token) for token in tokenizer.all_special_tokens if token and token in piece)
         stops += [token for _, token in found if token not in stops]
+    return {"template": template, "stops": stops}
+
+
+def build_modelfile(gguf_name: str, chat: dict[str, Any], config: ExportConfig, model_dir: Path) -> tuple[str, dict]:
+    """An Ollama Modelfile for `gguf_name` (FROM, TEMPLATE, stop tokens, PARAMETERs) and what it holds."""
     max_length = int((read_json(model_dir / "config.json", {}) or {}).get("max_position_embeddings") or config.num_ctx)
     lines = [
         "# Ollama Modelfile written by LLM Finetuner. Create the model in this folder with: ollama create NAME -f Modelfile",
         f"FROM ./{gguf_name}",
     ]
-    if template:
-        lines.append(f'TEMPLATE """{template}"""')
-    lines += [f"PARAMETER stop {json.dumps(stop, ensure_ascii=False)}" for stop in stops]
+    if chat["template"]:
+        lines.append(f'TEMPLATE """{chat["template"]}"""')
+    lines += [f"PARAMETER stop {json.dumps(stop, ensure_ascii=False)}" for stop in chat["stops"]]
     lines += [
         f"PARAMETER temperature {config.temperature}",
         f"PARAMETER top_p {config.top_p}",
         f"PARAMETER num_ctx {min(config.num_ctx, max_length)}",
     ]
-    return "\n".join(lines) + "\n", {"file": "Modelfile", "from": gguf_name, "template": bool(template), "stop": stops}
+    info = {"file": "Modelfile", "from": gguf_name, "template": bool(chat["template"]), "stop": chat["stops"]}
+    return "\n".join(lines) + "\n", info
 
 
 # ---------------------------------------------------------------- a renderer for the Go template subset above

@@ -217,7 +217,9 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False) -> str:
 
     from jobs import StopRequested
 
-    if StopRequested.requested:
+    # A stop that lands on the last step finishes the run: resuming from a checkpoint at max_steps would make the
+    # Trainer run one step past it.
+    if StopRequested.requested and trainer.state.global_step < trainer.state.max_steps:
         return "stopped"
     if trainer.is_world_process_zero():
         save_final(trainer, tokenizer, config, run_dir)
