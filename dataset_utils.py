@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,15 +34,21 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
 }
 LOCAL_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet", ".txt")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "model": "assistant", "system": "system"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
 # ChatML: offered when a model has no chat template of its own.
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 BUILTIN_TEMPLATES = {"chatml": CHATML_TEMPLATE}
-PREPARE_VERSION = "1"  # bump when the prepared layout changes, so old caches are not reused
+PREPARE_VERSION = "2"  # bump when the prepared layout changes, so old caches are not reused
 
 
 @dataclass
@@ -58,7 +65,9 @@ class DatasetConfig:
 
     def validate(self) -> None:
         if not str(self.source).strip():
-            raise UserError("No dataset given. Choose a local file (CSV, JSON, JSONL, Parquet, TXT) or a Hub dataset id.")
+            raise UserError(
+                "No dataset given. Choose a local file (CSV, JSON, JSONL, Parquet, TXT) or a Hub dataset id."
+            )
         if self.format != "auto" and self.format not in FORMATS:
             raise UserError(f"Unknown dataset format '{self.format}'. Choose auto or one of: {', '.join(FORMATS)}.")
         if not isinstance(self.column_map, dict):
@@ -81,6 +90,7 @@ class PreparedDataset:
 
 
 # ---------------------------------------------------------------- loading
+
 
 def load_rows(config: DatasetConfig, workspace: str | Path | None = None):
     """Load the raw rows of a local file or a Hub dataset as a `datasets.Dataset`."""
@@ -197,12 +207,21 @@ def load_hub_dataset(dataset_id: str, split: str):
     try:
         return datasets.load_dataset(dataset_id, split=split)
     except Exception as exc:  # datasets raises many types for unreachable / unknown ids
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(exc).lower() or "connect" in str(exc).lower()
-        hint = " The Hub cannot be reached and it is not in the local cache; download it on a connected machine or use a local file." if offline else ""
-        raise UserError(f"Could not load Hub dataset '{dataset_id}' (split '{split}').{hint} ({type(exc).__name__})") from None
+        offline = (
+            os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(exc).lower() or "connect" in str(exc).lower()
+        )
+        hint = (
+            " The Hub cannot be reached and it is not in the local cache; download it on a connected machine or use a local file."
+            if offline
+            else ""
+        )
+        raise UserError(
+            f"Could not load Hub dataset '{dataset_id}' (split '{split}').{hint} ({type(exc).__name__})"
+        ) from None
 
 
 # ---------------------------------------------------------------- formats and messages
+
 
 def detect_format(columns: list[str], column_map: dict[str, str] | None = None) -> str:
     """Which format the columns match (after the column map), or a UserError listing the columns."""
@@ -227,9 +246,13 @@ def resolve_columns(columns: list[str], fmt: str, column_map: dict[str, str]) ->
     """Field -> column for `fmt`, checking that every mapped and required column exists."""
     for field_name, column in column_map.items():
         if field_name not in FORMAT_FIELDS[fmt]:
-            raise UserError(f"'{field_name}' is not a field of the {fmt} format; its fields are: {', '.join(FORMAT_FIELDS[fmt])}.")
+            raise UserError(
+                f"'{field_name}' is not a field of the {fmt} format; its fields are: {', '.join(FORMAT_FIELDS[fmt])}."
+            )
         if column not in columns:
-            raise UserError(f"Column '{column}' (mapped to '{field_name}') not found; columns are: {', '.join(columns)}.")
+            raise UserError(
+                f"Column '{column}' (mapped to '{field_name}') not found; columns are: {', '.join(columns)}."
+            )
     resolved = {name: column_map.get(name, name) for name in FORMAT_FIELDS[fmt]}
     missing = [name for name in REQUIRED_FIELDS[fmt] if resolved[name] not in columns]
     if missing:
@@ -242,6 +265,7 @@ def resolve_columns(columns: list[str], fmt: str, column_map: dict[str, str]) ->
 
 def row_to_messages(row: dict, fmt: str, fields: dict[str, str], system_prompt: str = "") -> list[dict]:
     """One source row as a list of {role, content} messages (checked: alternating, ends with an assistant)."""
+
     def get(name: str) -> str:
         value = row.get(fields.get(name, ""), None)
         return "" if value is None else str(value)
@@ -317,6 +341,7 @@ def check_conversation(messages: list[dict]) -> None:
 
 # ---------------------------------------------------------------- chat template and tokens
 
+
 def ensure_chat_template(tokenizer, chat_template: str = "") -> None:
     """Give the tokenizer the chosen template; refuse a model with none unless one is chosen."""
     if chat_template:
@@ -326,8 +351,10 @@ def ensure_chat_template(tokenizer, chat_template: str = "") -> None:
     try:
         render_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], tokenizer)
     except Exception as exc:  # jinja2 raises several types; a broken template must not fail every row later
-        raise UserError(f"The chat template cannot be rendered ({type(exc).__name__}: {exc}). Fix it or choose "
-                        "another (e.g. chatml).") from None
+        raise UserError(
+            f"The chat template cannot be rendered ({type(exc).__name__}: {exc}). Fix it or choose "
+            "another (e.g. chatml)."
+        ) from None
 
 
 def render_chat(messages: list[dict], tokenizer, add_generation_prompt: bool = False) -> str:
@@ -335,7 +362,8 @@ def render_chat(messages: list[dict], tokenizer, add_generation_prompt: bool = F
 
 
 def assistant_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of the assistant replies (the part that is trained)."""
+    """The rendered conversation and the character spans of the assistant replies (the part that is trained):
+    from the end of the generation prompt before each reply to the end of the reply's turn."""
     text = render_chat(messages, tokenizer)
     spans = []
     for index, message in enumerate(messages):
@@ -352,104 +380,292 @@ def assistant_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[in
     return text, spans
 
 
-def tokenize_with_mask(text: str, spans: list[tuple[int, int]] | None, tokenizer, max_seq_length: int) -> dict:
-    """input_ids and labels; tokens outside `spans` get label -100 (spans=None trains every token)."""
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=True,
-                        max_length=max_seq_length)
-    ids = encoded["input_ids"]
+@dataclass
+class ChatTurns:
+    """The text a chat template puts around each message, found by rendering marker messages."""
+
+    default_system: str  # before the first message when the conversation has no system message
+    system: tuple[str, str]
+    user: tuple[str, str]
+    assistant: tuple[str, str]
+    generation: str  # after a final user message: the start of the assistant's reply
+
+
+_MARKS = {"system": "SYSTEMzqxq", "user1": "USERONEzqxq", "assistant": "ASSISTANTzqxq", "user2": "USERTWOzqxq"}
+
+
+def _cut(text: str, prefix: str = "", suffix: str = "") -> str:
+    if not text.startswith(prefix) or not text.endswith(suffix) or len(prefix) + len(suffix) > len(text):
+        raise ValueError("chat template pieces do not line up")
+    return text[len(prefix) : len(text) - len(suffix)]
+
+
+def chat_turns(tokenizer, render: Callable[[Any, list[dict], bool], str] | None = None) -> ChatTurns | None:
+    """The chat template as per-role text around messages, or None when it is not of that shape.
+
+    `render(tokenizer, messages, add_generation_prompt)` renders a conversation (default: the template as is)."""
+    render = render or (lambda tok, messages, generation: render_chat(messages, tok, generation))
+    m = _MARKS
+    system = {"role": "system", "content": m["system"]}
+    user1, user2 = {"role": "user", "content": m["user1"]}, {"role": "user", "content": m["user2"]}
+    assistant = {"role": "assistant", "content": m["assistant"]}
+    try:
+        full = render(tokenizer, [system, user1, assistant, user2], True)
+        user_end = render(tokenizer, [system, user1], False).split(m["user1"], 1)[1]
+        user_gen = render(tokenizer, [system, user1], True).split(m["user1"], 1)[1]
+        assistant_end = render(tokenizer, [system, user1, assistant], False).split(m["assistant"], 1)[1]
+        no_system = render(tokenizer, [user1], True).split(m["user1"], 1)[0]
+        system_start, rest = full.split(m["system"], 1)
+        between_system_user, rest = rest.split(m["user1"], 1)
+        between_user_assistant, rest = rest.split(m["assistant"], 1)
+        between_assistant_user, _ = rest.split(m["user2"], 1)
+        user_start = _cut(between_assistant_user, prefix=assistant_end)
+        return ChatTurns(
+            default_system=_cut(no_system, suffix=user_start),
+            system=(system_start, _cut(between_system_user, suffix=user_start)),
+            user=(user_start, user_end),
+            assistant=(_cut(between_user_assistant, prefix=user_end), assistant_end),
+            generation=_cut(user_gen, prefix=user_end),
+        )
+    except Exception as exc:  # templates raise on role orders they refuse; any failure means "not this shape"
+        log.info("chat template is not a per-role template (%s)", exc)
+        return None
+
+
+def spans_from_turns(messages: list[dict], turns: ChatTurns) -> tuple[str, list[tuple[int, int]]] | None:
+    """What assistant_spans returns, by joining the template's per-role pieces instead of rendering the template
+    once per turn; None for a conversation this shortcut cannot vouch for (content with outer whitespace, which
+    some templates trim)."""
+    parts, spans, length = [], [], 0
+    if messages[0]["role"] != "system":
+        parts.append(turns.default_system)
+        length = len(turns.default_system)
+    for message in messages:
+        content = message["content"]
+        if content != content.strip():
+            return None
+        prefix, suffix = getattr(turns, message["role"])
+        start = length + len(prefix)
+        length = start + len(content) + len(suffix)
+        if message["role"] == "assistant":
+            spans.append((start, length))
+        parts += (prefix, content, suffix)
+    return "".join(parts), spans
+
+
+def fast_turns(conversations: list[list[dict]], tokenizer) -> ChatTurns | None:
+    """The template's pieces when joining them reproduces assistant_spans exactly on these sample conversations
+    (and the generation prompt is the start of an assistant turn, so reply spans begin in the same place)."""
+    turns = chat_turns(tokenizer)
+    if turns is None or turns.generation != turns.assistant[0]:
+        return None
+    for messages in conversations:
+        fast = spans_from_turns(messages, turns)
+        if fast is not None and fast != assistant_spans(messages, tokenizer):
+            log.info("chat template pieces do not reproduce the template; rendering every row with it")
+            return None
+    return turns
+
+
+def _labels(ids: list[int], offsets: list[tuple[int, int]] | None, spans: list[tuple[int, int]] | None) -> list[int]:
+    """Token ids where a token overlaps a trained span, -100 elsewhere (spans=None trains every token)."""
     if spans is None:
-        labels = list(ids)
-    else:
-        # A plain loop per span: a generator per token took a third of the whole preparation time.
-        labels = [-100] * len(ids)
-        for start_span, end_span in spans:
-            for index, (start, end) in enumerate(encoded["offset_mapping"]):
-                if start < end_span and end > start_span:
-                    labels[index] = ids[index]
-    return {"input_ids": ids, "labels": labels}
+        return list(ids)
+    import numpy as np
+
+    ids_array = np.asarray(ids, dtype=np.int64)
+    bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    trained = np.zeros(len(ids), dtype=bool)
+    for start_span, end_span in spans:
+        trained |= (bounds[:, 0] < end_span) & (bounds[:, 1] > start_span)
+    return np.where(trained, ids_array, -100).tolist()
 
 
-def encode_row(row: dict, fmt: str, fields: dict[str, str], tokenizer, max_seq_length: int,
-               train_on_responses_only: bool, system_prompt: str = "") -> dict:
-    """Render and tokenize one source row."""
+def render_row(
+    row: dict,
+    fmt: str,
+    fields: dict[str, str],
+    tokenizer,
+    train_on_responses_only: bool,
+    system_prompt: str = "",
+    turns: ChatTurns | None = None,
+) -> tuple[str, list[tuple[int, int]] | None]:
+    """One source row as text, with the character spans to train on (None: every token)."""
     if fmt == "text":
         text = str(row.get(fields["text"]) or "")
         if not text.strip():
             raise UserError("A text row is empty.")
-        text = text + (tokenizer.eos_token or "")
-        encoded = tokenize_with_mask(text, None, tokenizer, max_seq_length)
-    else:
-        messages = row_to_messages(row, fmt, fields, system_prompt)
-        if train_on_responses_only:
-            text, spans = assistant_spans(messages, tokenizer)
-        else:
-            text, spans = render_chat(messages, tokenizer), None
-        encoded = tokenize_with_mask(text, spans, tokenizer, max_seq_length)
-    encoded["text"] = text
-    return encoded
+        return text + (tokenizer.eos_token or ""), None
+    messages = row_to_messages(row, fmt, fields, system_prompt)
+    if not train_on_responses_only:
+        return render_chat(messages, tokenizer), None
+    fast = spans_from_turns(messages, turns) if turns is not None else None
+    return fast if fast is not None else assistant_spans(messages, tokenizer)
 
 
-def _encode_batch(batch: dict[str, list], fmt: str, fields: dict[str, str], tokenizer, max_seq_length: int,
-                  train_on_responses_only: bool, system_prompt: str) -> dict[str, list]:
-    out: dict[str, list] = {"input_ids": [], "labels": [], "text": [], "error": []}
+def encode_rows(
+    texts: list[str], spans: list[list[tuple[int, int]] | None], tokenizer, max_seq_length: int
+) -> list[dict]:
+    """Tokenize many rendered rows in one call (the fast tokenizer's batch path) and mask them."""
+    if not texts:
+        return []
+    need_offsets = any(row_spans is not None for row_spans in spans)
+    encoded = tokenizer(
+        texts, add_special_tokens=False, return_offsets_mapping=need_offsets, truncation=True, max_length=max_seq_length
+    )
+    offsets = encoded["offset_mapping"] if need_offsets else [None] * len(texts)
+    return [
+        {"input_ids": ids, "labels": _labels(ids, row_offsets, row_spans)}
+        for ids, row_offsets, row_spans in zip(encoded["input_ids"], offsets, spans, strict=True)
+    ]
+
+
+def encode_row(
+    row: dict,
+    fmt: str,
+    fields: dict[str, str],
+    tokenizer,
+    max_seq_length: int,
+    train_on_responses_only: bool,
+    system_prompt: str = "",
+) -> dict:
+    """Render and tokenize one source row."""
+    text, spans = render_row(row, fmt, fields, tokenizer, train_on_responses_only, system_prompt)
+    return {**encode_rows([text], [spans], tokenizer, max_seq_length)[0], "text": text}
+
+
+def _encode_batch(
+    batch: dict[str, list],
+    fmt: str,
+    fields: dict[str, str],
+    tokenizer,
+    max_seq_length: int,
+    train_on_responses_only: bool,
+    system_prompt: str,
+    turns: ChatTurns | None,
+) -> dict[str, list]:
     size = len(next(iter(batch.values())))
+    texts, spans, errors = [""] * size, [None] * size, [""] * size
     for index in range(size):
         row = {key: values[index] for key, values in batch.items()}
         try:
-            encoded = encode_row(row, fmt, fields, tokenizer, max_seq_length, train_on_responses_only, system_prompt)
-            encoded["error"] = ""
+            texts[index], spans[index] = render_row(
+                row, fmt, fields, tokenizer, train_on_responses_only, system_prompt, turns
+            )
         except UserError as exc:
-            encoded = {"input_ids": [], "labels": [], "text": "", "error": str(exc)}
-        for key in out:
-            out[key].append(encoded[key])
-    return out
+            errors[index] = str(exc)
+    good = [index for index in range(size) if not errors[index]]
+    encoded = dict(
+        zip(
+            good,
+            encode_rows([texts[i] for i in good], [spans[i] for i in good], tokenizer, max_seq_length),
+            strict=True,
+        )
+    )
+    empty = {"input_ids": [], "labels": []}
+    rows = [encoded.get(index, empty) for index in range(size)]
+    return {
+        "input_ids": [row["input_ids"] for row in rows],
+        "labels": [row["labels"] for row in rows],
+        "text": texts,
+        "error": errors,
+        # A row whose trained tokens were all cut off by truncation teaches nothing.
+        "usable": [not errors[i] and any(label != -100 for label in rows[i]["labels"]) for i in range(size)],
+    }
 
 
 # ---------------------------------------------------------------- the whole preparation
 
-def prepare_dataset(config: DatasetConfig, tokenizer, max_seq_length: int = 1024,
-                    train_on_responses_only: bool = True, eval_split: float = 0.0, seed: int = 3407,
-                    workspace: str | Path | None = None, num_proc: int | None = None) -> PreparedDataset:
+
+def prepare_dataset(
+    config: DatasetConfig,
+    tokenizer,
+    max_seq_length: int = 1024,
+    train_on_responses_only: bool = True,
+    eval_split: float = 0.0,
+    seed: int = 3407,
+    workspace: str | Path | None = None,
+    num_proc: int | None = None,
+) -> PreparedDataset:
     """Load → detect → map → render → tokenize → filter → split; the result is cached under the workspace."""
     import datasets
 
     if not 0 <= eval_split < 1:
         raise UserError("eval_split must be a fraction between 0 (no evaluation) and 1, e.g. 0.1.")
-    raw = load_rows(config, workspace)
-    fmt = config.format if config.format != "auto" else detect_format(raw.column_names, config.column_map)
-    fields = resolve_columns(raw.column_names, fmt, config.column_map)
-    if fmt != "text":
+    config.validate()
+    if config.chat_template:
         ensure_chat_template(tokenizer, config.chat_template)
-
-    key = _cache_key(config, raw, tokenizer, max_seq_length, train_on_responses_only, eval_split, seed, fmt)
+    # A local file is keyed by its bytes, so a cached preparation is found without parsing the file again.
+    local = resolve_user_path(str(config.source).strip(), workspace) if _looks_local(str(config.source)) else None
+    raw = None if local is not None else load_rows(config, workspace)
+    key = _cache_key(config, local, raw, tokenizer, max_seq_length, train_on_responses_only, eval_split, seed)
     cache_dir = workspace_root(workspace) / "cache" / "datasets" / key
     if (cache_dir / "done.json").exists():
         meta = json.loads((cache_dir / "done.json").read_text())
         train = datasets.load_from_disk(str(cache_dir / "train"))
         evaluation = datasets.load_from_disk(str(cache_dir / "eval")) if (cache_dir / "eval").exists() else None
-        return PreparedDataset(train, evaluation, fmt, meta["source_rows"], meta["dropped_rows"], True, cache_dir)
+        return PreparedDataset(
+            train, evaluation, meta["format"], meta["source_rows"], meta["dropped_rows"], True, cache_dir
+        )
 
+    raw = raw if raw is not None else load_rows(config, workspace)
+    fmt = config.format if config.format != "auto" else detect_format(raw.column_names, config.column_map)
+    fields = resolve_columns(raw.column_names, fmt, config.column_map)
+    turns = None
+    if fmt != "text":
+        ensure_chat_template(tokenizer, config.chat_template)
+        if train_on_responses_only:
+            turns = fast_turns(_sample_conversations(raw, fmt, fields, config.system_prompt), tokenizer)
+    # Rendering is Python work: a second process pays off on large datasets only (start-up and pickling cost).
     processes = num_proc if num_proc is not None else (min(4, os.cpu_count() or 1) if len(raw) >= 20000 else None)
     encoded = raw.map(
-        _encode_batch, batched=True, batch_size=1000, num_proc=processes, remove_columns=raw.column_names,
-        fn_kwargs={"fmt": fmt, "fields": fields, "tokenizer": tokenizer, "max_seq_length": max_seq_length,
-                   "train_on_responses_only": train_on_responses_only, "system_prompt": config.system_prompt},
-        desc="Rendering and tokenizing", load_from_cache_file=False, keep_in_memory=True,
+        _encode_batch,
+        batched=True,
+        batch_size=1000,
+        num_proc=processes,
+        remove_columns=raw.column_names,
+        fn_kwargs={
+            "fmt": fmt,
+            "fields": fields,
+            "tokenizer": tokenizer,
+            "max_seq_length": max_seq_length,
+            "train_on_responses_only": train_on_responses_only,
+            "system_prompt": config.system_prompt,
+            "turns": turns,
+        },
+        desc="Rendering and tokenizing",
+        load_from_cache_file=False,
+        keep_in_memory=True,
     )
     errors = [message for message in encoded["error"] if message]
-    usable = encoded.filter(
-        lambda row: not row["error"] and any(label != -100 for label in row["labels"]), keep_in_memory=True
-    ).remove_columns(["error"])
+    keep = [index for index, usable in enumerate(encoded["usable"]) if usable]
+    usable = encoded.select(keep, keep_in_memory=True).remove_columns(["error", "usable"])
     if len(usable) == 0:
-        reason = f" First problem: {errors[0]}" if errors else " Every row lost its trained tokens to truncation; raise max_seq_length."
+        reason = (
+            f" First problem: {errors[0]}"
+            if errors
+            else " Every row lost its trained tokens to truncation; raise max_seq_length."
+        )
         raise UserError(f"No usable rows in the dataset after filtering ({len(raw)} rows read).{reason}")
     if errors:
         log.warning("%d of %d rows skipped; first problem: %s", len(errors), len(raw), errors[0])
 
     train, evaluation = split_train_eval(usable, eval_split, seed)
-    _save_prepared(cache_dir, train, evaluation, {"source_rows": len(raw), "dropped_rows": len(raw) - len(usable),
-                                                   "format": fmt})
+    _save_prepared(
+        cache_dir, train, evaluation, {"source_rows": len(raw), "dropped_rows": len(raw) - len(usable), "format": fmt}
+    )
     return PreparedDataset(train, evaluation, fmt, len(raw), len(raw) - len(usable), False, cache_dir)
+
+
+def _sample_conversations(raw, fmt: str, fields: dict[str, str], system_prompt: str, count: int = 64) -> list:
+    """Up to `count` readable conversations from the start of the rows, to check the template shortcut on."""
+    conversations = []
+    for row in raw.select(range(min(count, len(raw)))):
+        try:
+            conversations.append(row_to_messages(row, fmt, fields, system_prompt))
+        except UserError:
+            continue  # reported with its row when the rows are encoded
+    return conversations
 
 
 def split_train_eval(dataset, eval_split: float, seed: int):
@@ -463,18 +679,48 @@ def split_train_eval(dataset, eval_split: float, seed: int):
     return parts["train"], parts["test"]
 
 
-def _cache_key(config: DatasetConfig, raw, tokenizer, max_seq_length: int, train_on_responses_only: bool,
-               eval_split: float, seed: int, fmt: str) -> str:
+def _cache_key(
+    config: DatasetConfig,
+    local: Path | None,
+    raw,
+    tokenizer,
+    max_seq_length: int,
+    train_on_responses_only: bool,
+    eval_split: float,
+    seed: int,
+) -> str:
+    """A key for everything the prepared rows depend on: the data (a local file's bytes, a Hub dataset's
+    fingerprint), the options and the tokenizer."""
     parts = {
-        "version": PREPARE_VERSION, "data": raw._fingerprint, "config": json.dumps(config.__dict__, sort_keys=True),
-        "template": tokenizer.chat_template or "", "vocab": len(tokenizer), "tokenizer": tokenizer.name_or_path,
-        "eos": tokenizer.eos_token or "", "max_seq_length": max_seq_length, "responses_only": train_on_responses_only,
-        "eval_split": eval_split, "seed": seed, "format": fmt,
+        "version": PREPARE_VERSION,
+        "config": json.dumps(config.__dict__, sort_keys=True),
+        "template": tokenizer.chat_template or "",
+        "vocab": len(tokenizer),
+        "tokenizer": tokenizer.name_or_path,
+        "eos": tokenizer.eos_token or "",
+        "max_seq_length": max_seq_length,
+        "responses_only": train_on_responses_only,
+        "eval_split": eval_split,
+        "seed": seed,
     }
-    if _looks_local(str(config.source)):
-        stat = Path(str(config.source)).expanduser().resolve().stat()
-        parts["file"] = f"{stat.st_size}:{stat.st_mtime_ns}"
+    if local is not None:
+        parts["file"] = _file_digest(local)
+    else:
+        parts["data"] = raw._fingerprint
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _file_digest(path: Path) -> str:
+    """The file's content hash (BLAKE2: about 1 s per GB here), or '' for a path that is not a readable file (the
+    preparation then reports it)."""
+    digest = hashlib.blake2b(digest_size=20)
+    try:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
+    except OSError:
+        return ""
+    return digest.hexdigest()
 
 
 def _save_prepared(cache_dir: Path, train, evaluation, meta: dict) -> None:
@@ -488,6 +734,7 @@ def _save_prepared(cache_dir: Path, train, evaluation, meta: dict) -> None:
 
 
 # ---------------------------------------------------------------- preview
+
 
 def loss_segments(input_ids: list[int], labels: list[int], tokenizer) -> list[tuple[str, bool]]:
     """The example as (text, trained?) runs, merging neighbouring tokens of the same kind."""

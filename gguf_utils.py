@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dataset_utils import ChatTurns, chat_turns
 from workspace import UserError, atomic_dir, config_from_dict, load_yaml, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -767,20 +768,6 @@ def check_gguf(path: Path, reference: Reference) -> dict[str, Any]:
 # ---------------------------------------------------------------- Ollama Modelfile
 
 
-@dataclass
-class ChatTurns:
-    """The text a chat template puts around each message, found by rendering marker messages."""
-
-    default_system: str  # before the first message when the conversation has no system message
-    system: tuple[str, str]
-    user: tuple[str, str]
-    assistant: tuple[str, str]  # the end part is left out after the last message (the reply continues there)
-    generation: str  # after a final user message: the start of the assistant's reply
-
-
-_MARKS = {"system": "SYSTEMzqxq", "user1": "USERONEzqxq", "assistant": "ASSISTANTzqxq", "user2": "USERTWOzqxq"}
-
-
 def hf_chat_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
     """The prompt as the tokenizer's chat template renders it where Ollama would use the TEMPLATE: with a generation
     prompt after a user turn."""
@@ -794,41 +781,6 @@ def _render_plain(tokenizer, messages: list[dict[str, str]], generation: bool) -
     if bos and text.startswith(bos) and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]:
         text = text[len(bos) :]
     return text
-
-
-def _cut(text: str, prefix: str = "", suffix: str = "") -> str:
-    if not text.startswith(prefix) or not text.endswith(suffix) or len(prefix) + len(suffix) > len(text):
-        raise ValueError("chat template pieces do not line up")
-    return text[len(prefix) : len(text) - len(suffix)]
-
-
-def chat_turns(tokenizer) -> ChatTurns | None:
-    """The chat template as per-role text around messages, or None when it is not of that shape."""
-    m = _MARKS
-    system = {"role": "system", "content": m["system"]}
-    user1, user2 = {"role": "user", "content": m["user1"]}, {"role": "user", "content": m["user2"]}
-    assistant = {"role": "assistant", "content": m["assistant"]}
-    try:
-        full = _render_plain(tokenizer, [system, user1, assistant, user2], True)
-        user_end = _render_plain(tokenizer, [system, user1], False).split(m["user1"], 1)[1]
-        user_gen = _render_plain(tokenizer, [system, user1], True).split(m["user1"], 1)[1]
-        assistant_end = _render_plain(tokenizer, [system, user1, assistant], False).split(m["assistant"], 1)[1]
-        no_system = _render_plain(tokenizer, [user1], True).split(m["user1"], 1)[0]
-        system_start, rest = full.split(m["system"], 1)
-        between_system_user, rest = rest.split(m["user1"], 1)
-        between_user_assistant, rest = rest.split(m["assistant"], 1)
-        between_assistant_user, _ = rest.split(m["user2"], 1)
-        user_start = _cut(between_assistant_user, prefix=assistant_end)
-        return ChatTurns(
-            default_system=_cut(no_system, suffix=user_start),
-            system=(system_start, _cut(between_system_user, suffix=user_start)),
-            user=(user_start, user_end),
-            assistant=(_cut(between_user_assistant, prefix=user_end), assistant_end),
-            generation=_cut(user_gen, prefix=user_end),
-        )
-    except Exception as exc:  # templates raise on role orders they refuse; any failure means "not this shape"
-        log.info("chat template is not a per-role template (%s)", exc)
-        return None
 
 
 def go_template(turns: ChatTurns) -> str:
@@ -869,7 +821,7 @@ _TEST_CHATS = (
 def chat_format(tokenizer) -> dict[str, Any]:
     """What the Modelfile needs from the tokenizer: an Ollama TEMPLATE that renders exactly like the chat template
     (checked on sample chats; None when the template has no per-role shape) and the stop tokens."""
-    turns = chat_turns(tokenizer) if getattr(tokenizer, "chat_template", None) else None
+    turns = chat_turns(tokenizer, _render_plain) if getattr(tokenizer, "chat_template", None) else None
     template = None
     if turns is not None:
         try:

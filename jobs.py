@@ -123,6 +123,10 @@ def start_job(run_dir: Path, resume: bool = False, env: dict[str, str] | None = 
             raise
     command = launch_command(run_dir, resume, processes)
     child_env = {**os.environ, **launch_env, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    if processes > 1 and "OMP_NUM_THREADS" not in child_env:
+        # torchrun would give each rank one thread; the host work of a step (collation, the optimizer's CPU side)
+        # gets the rank's share of the cores instead, as a one-process run has all of them.
+        child_env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // processes))
     write_status(run_dir, state="queued", pid=None, pid_start=None, error="", queued_at=now(), processes=processes)
     with open(run_dir / "log.txt", "ab") as log_file:
         process = subprocess.Popen(command, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
@@ -179,14 +183,14 @@ def stop_job(run_dir: Path) -> None:
         write_status(run_dir, state="stopped", ended=now())
 
 
-def resume_job(run_dir: Path, env: dict[str, str] | None = None) -> int:
-    """Start a stopped or failed run again from its last checkpoint."""
+def resume_job(run_dir: Path, env: dict[str, str] | None = None, processes: int | None = None) -> int:
+    """Start a stopped or failed run again from its last checkpoint (`processes` as for start_job)."""
     status = read_status(run_dir)
     if status["state"] in ACTIVE_STATES:
         raise UserError(f"Run '{Path(run_dir).name}' is still {status['state']}.")
     if read_config(run_dir)["kind"] == "train" and last_checkpoint(run_dir) is None:
         raise UserError(f"Run '{Path(run_dir).name}' has no checkpoint to resume from; start a new run instead.")
-    return start_job(run_dir, resume=True, env=env)
+    return start_job(run_dir, resume=True, env=env, processes=processes)
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:

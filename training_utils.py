@@ -3,6 +3,7 @@ with a callback that writes the run's events and honours stop requests. Reads to
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -42,6 +43,9 @@ class TrainConfig:
     num_train_epochs: float = 1.0
     per_device_train_batch_size: int = 2
     gradient_accumulation_steps: int = 4
+    # On a GPU, fold accumulation steps into a larger micro-batch while the memory estimate says it fits: the same
+    # effective batch (per_device × accumulation) in fewer, larger steps, which keep the GPU busier.
+    fit_micro_batch: bool = True
     warmup_steps: int = 5
     lr_scheduler_type: str = "linear"
     weight_decay: float = 0.01
@@ -206,6 +210,20 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False) -> str:
 
         write_status(run_dir, backend=backend, processes=state.num_processes)
 
+    if config.fit_micro_batch and _cuda():
+        from jobs import read_status
+
+        earlier = read_status(run_dir) if resume else {}
+        if earlier.get("micro_batch"):  # a resumed run keeps its micro-batch: the Trainer skips batches by count
+            config = dataclasses.replace(config, per_device_train_batch_size=earlier["micro_batch"],
+                                         gradient_accumulation_steps=earlier["gradient_accumulation"])
+        else:
+            config = fit_micro_batch(config, model_path)
+        if state.is_main_process:
+            from jobs import write_status
+
+            write_status(run_dir, micro_batch=config.per_device_train_batch_size,
+                         gradient_accumulation=config.gradient_accumulation_steps)
     model, tokenizer = load_for_training(config, model_path, backend)
     with state.main_process_first():  # rank 0 prepares and caches the dataset, the other ranks read the cache
         prepared = prepare_training_data(config, tokenizer, workspace)
@@ -226,13 +244,49 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False) -> str:
     return "done"
 
 
+def fit_micro_batch(config: TrainConfig, model_path: str, headroom: float = 0.85) -> TrainConfig:
+    """The config with the largest micro-batch that divides the effective batch and whose memory estimate fits in
+    `headroom` of the free GPU memory (never smaller than the configured one)."""
+    import model_utils
+
+    effective = config.per_device_train_batch_size * config.gradient_accumulation_steps
+    estimate = model_utils.estimate_memory(model_path, config.mode, config.lora_r, config.target_modules, 1,
+                                           config.max_seq_length, config.gradient_checkpointing)
+    if estimate.available_gib is None:
+        return config
+    fixed = estimate.weights_gib + estimate.trainable_gib
+    for micro in sorted((size for size in range(1, effective + 1) if effective % size == 0), reverse=True):
+        if micro <= config.per_device_train_batch_size:
+            return config
+        needed = fixed + estimate.activations_gib * micro  # activations grow with the tokens of a micro-batch
+        if needed <= headroom * estimate.available_gib:
+            log.info("micro-batch %d × accumulation %d (estimate %.1f GiB of %.1f GiB free)", micro,
+                     effective // micro, needed, estimate.available_gib)
+            return dataclasses.replace(config, per_device_train_batch_size=micro,
+                                       gradient_accumulation_steps=effective // micro)
+    return config
+
+
 def _distributed_state():
     """accelerate's process state, set up before the model loads so that ranks can wait for each other (one process
     when not launched by torchrun; gloo on CPU, NCCL on CUDA)."""
     import torch
     from accelerate import PartialState
 
+    if world_size() > 1 and not torch.cuda.is_available():
+        _restore_indexed_cpu_locations()
     return PartialState(cpu=not torch.cuda.is_available())
+
+
+def _restore_indexed_cpu_locations() -> None:
+    """Resuming a DDP run, transformers loads the optimizer state with map_location=args.device, which CPU ranks
+    name 'cpu:N'; torch.load knows only 'cpu' and fails. Teach it that 'cpu:N' is the CPU."""
+    import torch.serialization
+
+    def keep_on_cpu(storage, location: str):
+        return storage if location.startswith("cpu:") else None
+
+    torch.serialization.register_package(100, lambda storage: None, keep_on_cpu)
 
 
 def load_for_training(config: TrainConfig, model_path: str, backend: str):
@@ -416,6 +470,7 @@ def events_callback(run_dir: Path, counter: TokenCounter | None = None):
             self.last_tokens: float | None = None
             self.last_time = self.started
             self.stop_group = None
+            self.pending = None  # the stop vote under way: (its work handle, its ballot)
             self.progress_written = 0.0
             self.progress: dict[str, Any] = {}  # merged, so an eval-only event keeps the last train loss
 
@@ -434,16 +489,34 @@ def events_callback(run_dir: Path, counter: TokenCounter | None = None):
         def on_step_end(self, args, state, control, **kwargs):
             stop = StopRequested.requested
             if self.stop_group is not None:
-                import torch
-                import torch.distributed as dist
-
-                # torchrun signals the ranks one after another: a rank stopping alone would hang the others.
-                vote = torch.tensor([int(stop)])
-                dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.stop_group)
-                stop = bool(vote.item())
+                stop = self.vote(stop)
             if stop:
                 control.should_save = True
                 control.should_training_stop = True
+
+        def vote(self, stop: bool) -> bool:
+            """Whether any rank has been asked to stop, agreed by all ranks at the same step: torchrun signals the
+            ranks one after another, and a rank stopping alone would hang the others.
+
+            Each step waits for the vote started one step earlier and starts the next one, so the all-reduce runs
+            beside a training step instead of between two; a stop lands one step later."""
+            import torch
+            import torch.distributed as dist
+
+            agreed = False
+            if self.pending is not None:
+                work, ballot = self.pending
+                work.wait()
+                agreed = bool(ballot.item())
+            ballot = torch.tensor([int(stop)])
+            self.pending = (dist.all_reduce(ballot, op=dist.ReduceOp.MAX, group=self.stop_group, async_op=True),
+                            ballot)
+            return agreed
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.pending is not None:  # every rank started the same votes: finish the last one together
+                self.pending[0].wait()
+                self.pending = None
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero:

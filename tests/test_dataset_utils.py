@@ -208,3 +208,52 @@ def test_path_outside_workspace_refused_when_shared(tmp_path, demo_tokenizer, mo
 def test_offline_hub_dataset_names_the_id(tmp_path, demo_tokenizer):
     with pytest.raises(UserError, match="someone/missing-dataset"):
         prepare_dataset(DatasetConfig(source="someone/missing-dataset"), demo_tokenizer, workspace=tmp_path)
+
+
+# ---------------------------------------------------------------- the template shortcut (one render per row)
+
+SHORTCUT_CONVERSATIONS = [
+    [{"role": "user", "content": "Capital of Peru?"}, {"role": "assistant", "content": "Lima."}],
+    [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "Capital of Chile?"},
+        {"role": "assistant", "content": "Santiago"},
+        {"role": "user", "content": "And of Bolivia?"},
+        {"role": "assistant", "content": "Sucre, and La Paz is the seat of government."},
+    ],
+]
+# Drops the system turn and trims contents: rendering it per role is not what the template does.
+TRIMMING_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}<{{ message['role'] }}>"
+    "{{ message['content'] | trim }}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+@pytest.mark.parametrize("messages", SHORTCUT_CONVERSATIONS)
+def test_template_pieces_give_the_same_text_and_spans_as_rendering(demo_tokenizer, messages):
+    turns = dataset_utils.fast_turns(SHORTCUT_CONVERSATIONS, demo_tokenizer)
+    assert turns is not None  # the demo model's ChatML template, with its default system turn
+    assert dataset_utils.spans_from_turns(messages, turns) == dataset_utils.assistant_spans(messages, demo_tokenizer)
+
+
+def test_a_template_the_pieces_cannot_reproduce_is_rendered_per_row(tmp_path, demo_tokenizer):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_tokenizer.name_or_path)
+    tokenizer.chat_template = TRIMMING_TEMPLATE
+    assert dataset_utils.fast_turns(SHORTCUT_CONVERSATIONS, tokenizer) is None
+    rows = [{"messages": messages} for messages in SHORTCUT_CONVERSATIONS]
+    prepared = prepare(tmp_path, tokenizer, "chat.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    assert set(prepared.train["text"]) == {tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in rows}
+
+
+def test_outer_whitespace_in_a_reply_is_left_to_the_template(tmp_path, demo_tokenizer):
+    messages = [{"role": "user", "content": "Capital of Peru?"}, {"role": "assistant", "content": " Lima.\n"}]
+    turns = dataset_utils.chat_turns(demo_tokenizer)
+    assert dataset_utils.spans_from_turns(messages, turns) is None
+    prepared = prepare(tmp_path, demo_tokenizer, "chat.jsonl", json.dumps({"messages": messages}) + "\n")
+    text, spans = dataset_utils.assistant_spans(messages, demo_tokenizer)
+    assert prepared.train[0]["text"] == text
+    row = prepared.train[0]
+    trained = [piece for piece, on in dataset_utils.loss_segments(row["input_ids"], row["labels"], demo_tokenizer) if on]
+    assert "".join(trained).startswith(" Lima.")

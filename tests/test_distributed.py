@@ -187,3 +187,24 @@ def test_a_dying_rank_fails_the_job_and_ends_the_other_rank(demo_workspace, data
     wait_for(lambda: not processes_of(run_dir), timeout=90)  # torchrun ends rank 0: nothing hangs
     assert jobs.read_status(run_dir)["state"] == "failed"
     assert not (run_dir / "adapter").exists()
+
+
+@pytest.mark.slow
+def test_two_process_run_stops_with_a_checkpoint_and_resumes_to_the_end(demo_workspace, data_file):
+    config = ddp_config(data_file, max_steps=8, save_steps=100)
+    run_dir = jobs.create_run("train", config_to_dict(config), demo_workspace, "ddp-stop")
+    jobs.start_job(run_dir, processes=2)
+    wait_for(lambda: any("loss" in event for event in jobs.read_events(run_dir)), timeout=600)
+    jobs.stop_job(run_dir)
+    status = wait_for(lambda: ended(run_dir), timeout=300)
+    assert status["state"] == "stopped", f"{status.get('error')}\n{jobs.log_tail(run_dir, 40)}"
+    checkpoint = jobs.last_checkpoint(run_dir)
+    assert checkpoint is not None and int(checkpoint.name.split("-")[1]) < 8  # both ranks stopped at one step
+    wait_for(lambda: not processes_of(run_dir), timeout=60)
+
+    jobs.resume_job(run_dir, processes=2)
+    status = wait_for(lambda: ended(run_dir), timeout=600)
+    assert status["state"] == "done", f"{status.get('error')}\n{jobs.log_tail(run_dir, 40)}"
+    steps = [event["step"] for event in jobs.read_events(run_dir) if event["event"] == "log" and "loss" in event]
+    assert max(steps) == 8 and len(steps) == len(set(steps))  # resumed where it stopped, each step logged once
+    assert (run_dir / "adapter" / "adapter_model.safetensors").exists()

@@ -223,3 +223,29 @@ def test_second_job_waits_in_the_queue(shared_demo, data_file):
     wait_for(lambda: jobs.read_status(second)["state"] == "running", timeout=120)
     jobs.stop_job(second)
     wait_for(lambda: jobs.read_status(second)["state"] == "stopped", timeout=120)
+
+
+# ---------------------------------------------------------------- micro-batch from the memory estimate
+
+
+def test_accumulation_is_folded_into_the_micro_batch_while_the_estimate_fits(data_file, demo_model):
+    config = small_config(data_file, per_device_train_batch_size=2, gradient_accumulation_steps=4)
+    roomy = training_utils.fit_micro_batch(config, str(demo_model))  # gigabytes free: the whole batch at once
+    assert (roomy.per_device_train_batch_size, roomy.gradient_accumulation_steps) == (8, 1)
+    tight = training_utils.fit_micro_batch(config, str(demo_model), headroom=1e-6)  # nothing fits: unchanged
+    assert (tight.per_device_train_batch_size, tight.gradient_accumulation_steps) == (2, 4)
+    odd = training_utils.fit_micro_batch(small_config(data_file, per_device_train_batch_size=1,
+                                                      gradient_accumulation_steps=6), str(demo_model))
+    assert odd.per_device_train_batch_size * odd.gradient_accumulation_steps == 6  # the effective batch is kept
+
+
+def test_a_gpu_run_trains_with_the_micro_batch_it_chose_and_records_it(shared_demo, data_file, monkeypatch):
+    monkeypatch.setattr(training_utils, "_cuda", lambda: True)  # the choice is made on CUDA only; it runs on CPU here
+    config = small_config(data_file, max_steps=2, per_device_train_batch_size=1, gradient_accumulation_steps=4,
+                          save_steps=2)
+    run_dir = jobs.create_run("train", config_to_dict(config), shared_demo, "fitted")
+    assert training_utils.train(config, run_dir) == "done"
+    status = jobs.read_status(run_dir)
+    assert (status["micro_batch"], status["gradient_accumulation"]) == (4, 1)
+    state = (run_dir / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text()
+    assert '"train_batch_size": 4' in state
