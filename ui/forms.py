@@ -42,6 +42,8 @@ HELP = {
     "per_device_train_batch_size": "Rows per step on each device. Memory grows with it.",
     "gradient_accumulation_steps": "Steps whose gradients are summed before an update: a larger effective batch "
     "without more memory.",
+    "fit_micro_batch": "On a GPU, run the accumulation steps as one larger batch while the memory estimate fits "
+    "(same effective batch, faster).",
     "max_seq_length": "Longer examples are cut to this many tokens.",
     "lora_r": "Rank of the LoRA matrices: 8-64. Higher learns more and uses more memory.",
     "lora_alpha": "LoRA scaling; usually equal to the rank or twice it.",

@@ -106,6 +106,7 @@ def _settings(form: forms.Form) -> None:
             forms.checkbox(form, "gradient_checkpointing", "Gradient checkpointing", elem_id="train-gc")
             forms.checkbox(form, "train_on_responses_only", "Train on responses only")
             forms.checkbox(form, "packing", "Packing")
+            forms.checkbox(form, "fit_micro_batch", "Fit micro-batch to GPU memory")
         with gr.Row():
             forms.number(form, "warmup_steps", "Warm-up steps", integer=True, minimum=0, elem_id="train-warmup")
             forms.dropdown(form, "lr_scheduler_type", "Scheduler", forms.SCHEDULERS, allow_custom_value=True)
