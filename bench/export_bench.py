@@ -14,6 +14,7 @@ it from merged/, as a second export of the same model does. Target: app â‰¤ 1.1Ã
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -76,7 +77,8 @@ def train_demo_run(workspace: Path, steps: int) -> str:
     )
     run_dir = jobs.create_run("train", config_to_dict(config), workspace, "bench-export")
     started = time.monotonic()
-    training_utils.train(config, run_dir)
+    with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs; stdout carries only JSON lines
+        training_utils.train(config, run_dir)
     jobs.write_status(run_dir, state="done")
     emit({"measurement": "train_demo_lora", "steps": steps, "seconds": round(time.monotonic() - started, 2)})
     return run_dir.name
