@@ -100,10 +100,30 @@ class TrainConfig:
             raise UserError(f"report_to must be one of: {', '.join(REPORT_TO)} (got {self.report_to!r}).")
         if self.load_in_4bit and not (cuda if cuda is not None else _cuda()):
             raise UserError("4-bit QLoRA needs an NVIDIA GPU (CUDA); none is available here. Use 16-bit LoRA instead.")
+        check_optimizer_and_scheduler(self.optim, self.lr_scheduler_type, cuda)
         if not isinstance(self.num_gpus, int) or isinstance(self.num_gpus, bool) or self.num_gpus < 0:
             raise UserError(f"num_gpus must be 0 (every visible GPU) or a number of GPUs (got {self.num_gpus!r}).")
         if self.num_gpus:
             check_num_gpus(self.num_gpus)
+
+
+def check_optimizer_and_scheduler(optim: str, scheduler: str, cuda: bool | None = None) -> None:
+    """Refuse names the Trainer does not know, and bitsandbytes optimizers without a GPU, before a job starts."""
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    optimizers = [name.value for name in OptimizerNames]
+    if optim not in optimizers:
+        common = "adamw_torch, adamw_torch_fused, adamw_8bit, paged_adamw_8bit, adafactor, sgd"
+        raise UserError(f"Unknown optimizer '{optim}'. Common ones: {common} (all: {', '.join(optimizers)}).")
+    schedulers = [name.value for name in SchedulerType]
+    if scheduler not in schedulers:
+        raise UserError(f"Unknown lr_scheduler_type '{scheduler}'. Choose one of: {', '.join(schedulers)}.")
+    bitsandbytes = "bnb" in optim or optim.startswith("paged_") or optim in ("adamw_8bit", "ademamix_8bit",
+                                                                              "lion_8bit", "lion_32bit")
+    if bitsandbytes and not (cuda if cuda is not None else _cuda()):
+        raise UserError(f"The optimizer '{optim}' comes from bitsandbytes and needs an NVIDIA GPU; use adamw_torch "
+                        "here.")
 
 
 def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
