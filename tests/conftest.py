@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -80,22 +81,65 @@ def capital_rows(count: int) -> list[dict]:
     return rows
 
 
+def demo_train_config(data: Path, **changes):
+    """A LoRA run of the demo model that learns something visible in seconds on two CPU cores."""
+    from dataset_utils import DatasetConfig
+    from model_utils import ModelConfig
+    from training_utils import TrainConfig
+
+    values = dict(
+        model=ModelConfig("demo"),
+        dataset=DatasetConfig(source=str(data)),
+        max_steps=30,
+        learning_rate=1e-3,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        warmup_steps=0,
+        max_seq_length=128,
+        save_steps=10,
+        lora_r=8,
+        lora_alpha=16,
+        gradient_checkpointing=False,
+    )
+    return TrainConfig(**{**values, **changes})
+
+
 @pytest.fixture(scope="session")
 def trained_run(session_workspace, demo_model) -> Path:
     """A finished 30-step LoRA run on the demo model (learns to end answers with "Zebra!"), made once per session."""
     import jobs
     import training_utils
-    from dataset_utils import DatasetConfig
-    from model_utils import ModelConfig
     from workspace import config_to_dict
 
     data = write_jsonl(session_workspace / "capitals.jsonl", capital_rows(48))
-    config = training_utils.TrainConfig(
-        model=ModelConfig("demo"), dataset=DatasetConfig(source=str(data)), max_steps=30, learning_rate=1e-3,
-        per_device_train_batch_size=4, gradient_accumulation_steps=1, warmup_steps=0, max_seq_length=128,
-        save_steps=30, lora_r=8, lora_alpha=16, gradient_checkpointing=False, eval_split=0.25, report_to="tensorboard",
-    )
+    config = demo_train_config(data, save_steps=30, eval_split=0.25, report_to="tensorboard")
     run_dir = jobs.create_run("train", config_to_dict(config), session_workspace, "trained")
     training_utils.train(config, run_dir)
     jobs.write_status(run_dir, state="done")
     return run_dir
+
+
+@pytest.fixture
+def demo_workspace(workspace, demo_model) -> Path:
+    """The session's converted demo model, linked into this test's workspace (no second conversion)."""
+    (workspace / "models").mkdir(exist_ok=True)
+    (workspace / "models" / demo_model.name).symlink_to(demo_model)
+    return workspace
+
+
+def wait_for(predicate, timeout: float = 900, interval: float = 0.5, what: str = "the condition"):
+    """predicate()'s first true value, polled every `interval` seconds; fails the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    """The steps of a run's training-loss events."""
+    import jobs
+
+    return [event["step"] for event in jobs.read_events(run_dir) if event.get("event") == "log" and "loss" in event]

@@ -5,61 +5,28 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import time
 from pathlib import Path
 
 import pytest
 from safetensors import safe_open
 
 import jobs
-from conftest import capital_rows, write_jsonl
+from conftest import capital_rows, demo_train_config, wait_for, write_jsonl
 from dataset_utils import DatasetConfig
-from model_utils import ModelConfig
 from training_utils import TrainConfig, gpu_launch
 from workspace import UserError, config_to_dict
 
 
 def ddp_config(data: Path, **changes) -> TrainConfig:
     """Short sequences and two rows per process: a few DDP steps take seconds on two CPU cores."""
-    values = dict(
-        model=ModelConfig("demo"),
-        dataset=DatasetConfig(source=str(data)),
-        max_steps=4,
-        learning_rate=1e-3,
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=1,
-        warmup_steps=0,
-        max_seq_length=96,
-        save_steps=4,
-        lora_r=8,
-        lora_alpha=16,
-        gradient_checkpointing=False,
+    return demo_train_config(
+        data, **{"max_steps": 4, "per_device_train_batch_size": 2, "max_seq_length": 96, "save_steps": 4, **changes}
     )
-    values.update(changes)
-    return TrainConfig(**values)
-
-
-@pytest.fixture
-def demo_workspace(workspace, demo_model):
-    """The session's converted demo model, linked into this test's workspace."""
-    (workspace / "models").mkdir(exist_ok=True)
-    (workspace / "models" / demo_model.name).symlink_to(demo_model)
-    return workspace
 
 
 @pytest.fixture
 def data_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "capitals.jsonl", capital_rows(32))
-
-
-def wait_for(predicate, timeout: float):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError("timed out waiting")
 
 
 def ended(run_dir: Path) -> dict:

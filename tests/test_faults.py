@@ -28,7 +28,7 @@ import jobs
 import main
 import model_utils
 import synthetic_utils
-from conftest import capital_rows, write_jsonl
+from conftest import capital_rows, logged_steps, wait_for, write_jsonl
 from dataset_utils import DatasetConfig
 from model_utils import ModelConfig
 from training_utils import TrainConfig
@@ -53,22 +53,8 @@ TINY = {
 }
 
 
-def wait_for(predicate, timeout: float = 600, interval: float = 0.5, what: str = "the condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def state(run_dir: Path) -> str:
     return jobs.read_status(run_dir)["state"]
-
-
-def logged_steps(run_dir: Path) -> list[int]:
-    return [event["step"] for event in jobs.read_events(run_dir) if event.get("event") == "log" and "loss" in event]
 
 
 def start_steps(run_dir: Path) -> list[int]:

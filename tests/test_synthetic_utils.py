@@ -18,6 +18,7 @@ from fake_llm_servers import FakeLLMServer, Fault
 
 import jobs
 import synthetic_utils
+from conftest import wait_for
 from synthetic_utils import SyntheticConfig, generate
 from workspace import UserError, config_to_dict, dump_yaml
 
@@ -53,16 +54,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float = 60, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("timed out waiting")
 
 
 def write_pdf(path: Path, text: str) -> Path:
@@ -453,14 +444,14 @@ def test_a_job_killed_at_100_rows_resumes_to_exactly_200_unique_rows(workspace):
         env = synthetic_utils.job_env(config, KEY)
         jobs.start_job(run_dir, env=env)
         data = run_dir / "data.jsonl"
-        wait_for(lambda: data.exists() and data.read_text().count("\n") >= 100)
+        wait_for(lambda: data.exists() and data.read_text().count("\n") >= 100, timeout=60, interval=0.05)
         os.killpg(jobs.read_status(run_dir)["pid"], signal.SIGKILL)
-        wait_for(lambda: jobs.read_status(run_dir)["state"] == "failed")
+        wait_for(lambda: jobs.read_status(run_dir)["state"] == "failed", timeout=60, interval=0.05)
         killed_at = len(read_rows(run_dir))
         assert 100 <= killed_at < 200
 
         jobs.resume_job(run_dir, env=env)
-        wait_for(lambda: data.read_text().count("\n") >= killed_at + 30)
+        wait_for(lambda: data.read_text().count("\n") >= killed_at + 30, timeout=60, interval=0.05)
         jobs.stop_job(run_dir)
         wait_for(lambda: jobs.read_status(run_dir)["state"] not in jobs.ACTIVE_STATES)
         assert jobs.read_status(run_dir)["state"] == "stopped"

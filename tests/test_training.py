@@ -11,58 +11,13 @@ import pytest
 
 import jobs
 import training_utils
-from conftest import capital_rows, write_jsonl
-from dataset_utils import DatasetConfig
-from model_utils import ModelConfig
-from training_utils import TrainConfig
+from conftest import capital_rows, demo_train_config, logged_steps, wait_for, write_jsonl
 from workspace import UserError, config_to_dict
-
-
-def small_config(data: Path, **changes) -> TrainConfig:
-    """A run that learns something visible in seconds on two CPU cores."""
-    values = dict(
-        model=ModelConfig("demo"),
-        dataset=DatasetConfig(source=str(data)),
-        max_steps=30,
-        learning_rate=1e-3,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=1,
-        warmup_steps=0,
-        max_seq_length=128,
-        save_steps=10,
-        lora_r=8,
-        lora_alpha=16,
-        gradient_checkpointing=False,
-    )
-    values.update(changes)
-    return TrainConfig(**values)
 
 
 @pytest.fixture
 def data_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "capitals.jsonl", capital_rows(48))
-
-
-@pytest.fixture
-def shared_demo(workspace, demo_model):
-    """The session's converted demo model, linked into this test's workspace (no second conversion)."""
-    (workspace / "models").mkdir(exist_ok=True)
-    (workspace / "models" / demo_model.name).symlink_to(demo_model)
-    return workspace
-
-
-def wait_for(predicate, timeout: float = 900, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("timed out waiting")
-
-
-def logged_steps(run_dir: Path) -> list[int]:
-    return [event["step"] for event in jobs.read_events(run_dir) if event.get("event") == "log" and "loss" in event]
 
 
 # ---------------------------------------------------------------- bad configs
@@ -83,12 +38,12 @@ BAD_VALUES = [
 @pytest.mark.parametrize("changes, message", BAD_VALUES, ids=[str(v[0]) for v in BAD_VALUES])
 def test_bad_config_values_are_refused(tmp_path, changes, message):
     with pytest.raises(UserError, match=message):
-        small_config(tmp_path / "d.jsonl", **changes).validate(cuda=True)
+        demo_train_config(tmp_path / "d.jsonl", **changes).validate(cuda=True)
 
 
 def test_qlora_without_cuda_is_refused(tmp_path):
     with pytest.raises(UserError, match="needs an NVIDIA GPU"):
-        small_config(tmp_path / "d.jsonl", load_in_4bit=True).validate(cuda=False)
+        demo_train_config(tmp_path / "d.jsonl", load_in_4bit=True).validate(cuda=False)
 
 
 def test_unknown_yaml_option_is_named():
@@ -103,30 +58,30 @@ def test_run_names_with_slashes_or_dots_are_refused(workspace, name):
 
 
 def test_resume_without_checkpoint_is_refused(workspace, data_file):
-    run_dir = jobs.create_run("train", config_to_dict(small_config(data_file)), workspace, "fresh")
+    run_dir = jobs.create_run("train", config_to_dict(demo_train_config(data_file)), workspace, "fresh")
     jobs.write_status(run_dir, state="stopped")
     with pytest.raises(UserError, match="no checkpoint"):
         jobs.resume_job(run_dir)
 
 
-def test_max_seq_length_above_model_limit(shared_demo, data_file):
-    run_dir = jobs.create_run("train", {}, shared_demo, "too-long")
+def test_max_seq_length_above_model_limit(demo_workspace, data_file):
+    run_dir = jobs.create_run("train", {}, demo_workspace, "too-long")
     with pytest.raises(UserError, match="above this model's limit"):
-        training_utils.train(small_config(data_file, max_seq_length=10**6), run_dir)
+        training_utils.train(demo_train_config(data_file, max_seq_length=10**6), run_dir)
 
 
-def test_target_modules_the_model_lacks(shared_demo, data_file):
-    run_dir = jobs.create_run("train", {}, shared_demo, "bad-modules")
+def test_target_modules_the_model_lacks(demo_workspace, data_file):
+    run_dir = jobs.create_run("train", {}, demo_workspace, "bad-modules")
     with pytest.raises(UserError, match="c_attn not found"):
-        training_utils.train(small_config(data_file, target_modules=["c_attn"]), run_dir)
+        training_utils.train(demo_train_config(data_file, target_modules=["c_attn"]), run_dir)
 
 
-def test_dataset_with_no_usable_rows(shared_demo, tmp_path):
+def test_dataset_with_no_usable_rows(demo_workspace, tmp_path):
     rows = [{"messages": [{"role": "user", "content": "only a question"}]}] * 3
     data = write_jsonl(tmp_path / "bad.jsonl", rows)
-    run_dir = jobs.create_run("train", {}, shared_demo, "no-rows")
+    run_dir = jobs.create_run("train", {}, demo_workspace, "no-rows")
     with pytest.raises(UserError, match="No usable rows"):
-        training_utils.train(small_config(data), run_dir)
+        training_utils.train(demo_train_config(data), run_dir)
 
 
 # ---------------------------------------------------------------- a real run
@@ -167,7 +122,7 @@ def test_lora_run_lowers_loss_and_adapter_changes_output(trained_run, demo_model
 
 
 def start(workspace: Path, data_file: Path, name: str, **changes) -> Path:
-    config = small_config(data_file, **changes)
+    config = demo_train_config(data_file, **changes)
     run_dir = jobs.create_run("train", config_to_dict(config), workspace, name)
     jobs.start_job(run_dir)
     return run_dir
@@ -178,8 +133,8 @@ def start_event_steps(run_dir: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_stop_then_resume_continues_from_the_checkpoint(shared_demo, data_file):
-    run_dir = start(shared_demo, data_file, "stop-resume", max_steps=12, save_steps=3)
+def test_stop_then_resume_continues_from_the_checkpoint(demo_workspace, data_file):
+    run_dir = start(demo_workspace, data_file, "stop-resume", max_steps=12, save_steps=3)
     wait_for(lambda: len(logged_steps(run_dir)) >= 4)
     jobs.stop_job(run_dir)
     wait_for(lambda: jobs.read_status(run_dir)["state"] == "stopped", timeout=120)
@@ -196,8 +151,8 @@ def test_stop_then_resume_continues_from_the_checkpoint(shared_demo, data_file):
 
 
 @pytest.mark.slow
-def test_kill_9_is_detected_and_resume_loses_at_most_one_interval(shared_demo, data_file):
-    run_dir = start(shared_demo, data_file, "killed", max_steps=12, save_steps=3)
+def test_kill_9_is_detected_and_resume_loses_at_most_one_interval(demo_workspace, data_file):
+    run_dir = start(demo_workspace, data_file, "killed", max_steps=12, save_steps=3)
     wait_for(lambda: jobs.last_checkpoint(run_dir) is not None and len(logged_steps(run_dir)) >= 5)
     killed_at = max(logged_steps(run_dir))
     os.killpg(jobs.read_status(run_dir)["pid"], signal.SIGKILL)
@@ -213,10 +168,10 @@ def test_kill_9_is_detected_and_resume_loses_at_most_one_interval(shared_demo, d
 
 
 @pytest.mark.slow
-def test_second_job_waits_in_the_queue(shared_demo, data_file):
-    first = start(shared_demo, data_file, "first", max_steps=200)
+def test_second_job_waits_in_the_queue(demo_workspace, data_file):
+    first = start(demo_workspace, data_file, "first", max_steps=200)
     wait_for(lambda: jobs.read_status(first)["state"] == "running")
-    second = start(shared_demo, data_file, "second", max_steps=200)
+    second = start(demo_workspace, data_file, "second", max_steps=200)
     time.sleep(3)
     assert jobs.read_status(second)["state"] == "queued"
     jobs.stop_job(first)
@@ -229,21 +184,21 @@ def test_second_job_waits_in_the_queue(shared_demo, data_file):
 
 
 def test_accumulation_is_folded_into_the_micro_batch_while_the_estimate_fits(data_file, demo_model):
-    config = small_config(data_file, per_device_train_batch_size=2, gradient_accumulation_steps=4)
+    config = demo_train_config(data_file, per_device_train_batch_size=2, gradient_accumulation_steps=4)
     roomy = training_utils.fit_micro_batch(config, str(demo_model))  # gigabytes free: the whole batch at once
     assert (roomy.per_device_train_batch_size, roomy.gradient_accumulation_steps) == (8, 1)
     tight = training_utils.fit_micro_batch(config, str(demo_model), headroom=1e-6)  # nothing fits: unchanged
     assert (tight.per_device_train_batch_size, tight.gradient_accumulation_steps) == (2, 4)
-    odd = training_utils.fit_micro_batch(small_config(data_file, per_device_train_batch_size=1,
+    odd = training_utils.fit_micro_batch(demo_train_config(data_file, per_device_train_batch_size=1,
                                                       gradient_accumulation_steps=6), str(demo_model))
     assert odd.per_device_train_batch_size * odd.gradient_accumulation_steps == 6  # the effective batch is kept
 
 
-def test_a_gpu_run_trains_with_the_micro_batch_it_chose_and_records_it(shared_demo, data_file, monkeypatch):
+def test_a_gpu_run_trains_with_the_micro_batch_it_chose_and_records_it(demo_workspace, data_file, monkeypatch):
     monkeypatch.setattr(training_utils, "_cuda", lambda: True)  # the choice is made on CUDA only; it runs on CPU here
-    config = small_config(data_file, max_steps=2, per_device_train_batch_size=1, gradient_accumulation_steps=4,
+    config = demo_train_config(data_file, max_steps=2, per_device_train_batch_size=1, gradient_accumulation_steps=4,
                           save_steps=2)
-    run_dir = jobs.create_run("train", config_to_dict(config), shared_demo, "fitted")
+    run_dir = jobs.create_run("train", config_to_dict(config), demo_workspace, "fitted")
     assert training_utils.train(config, run_dir) == "done"
     status = jobs.read_status(run_dir)
     assert (status["micro_batch"], status["gradient_accumulation"]) == (4, 1)
