@@ -228,7 +228,7 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False) -> str:
     if state.is_main_process:
         from jobs import write_status
 
-        write_status(run_dir, backend=backend, processes=state.num_processes)
+        write_status(run_dir, backend=backend, processes=state.num_processes, device="GPU" if _cuda() else "CPU")
 
     if config.fit_micro_batch and _cuda():
         from jobs import read_status

@@ -222,3 +222,14 @@ def test_the_colab_notebook_installs_gpu_requirements_and_shares_with_a_password
         compile(source, "colab cell", "exec")
     text = "\n".join(sources)
     assert "requirements-gpu.txt" in text and '"--share", "--auth"' in text and "secrets.token_urlsafe" in text
+
+
+def test_the_live_view_names_the_gpus_their_memory_the_micro_batch_and_a_fallback():
+    status = {"state": "running", "processes": 2, "device": "GPU", "micro_batch": 8, "gradient_accumulation": 1,
+              "note": "The installed Unsloth does not support multi-GPU training; this run uses transformers + PEFT."}
+    events = [{"event": "log", "step": 3, "max_steps": 10, "loss": 1.5, "memory_gib": 3.3, "gpu_memory_gib": [7.05, 5.67]}]
+    line = train_tab.status_line("ddp", status, events)
+    for shown in ("step 3/10", "2 GPUs", "per GPU 7.0, 5.7 GiB", "micro-batch 8 × 1", "transformers + PEFT"):
+        assert shown in line, line
+    cpu = train_tab.status_line("ddp", {**status, "device": "CPU", "micro_batch": None, "note": ""}, events[:1])
+    assert "2 processes" in cpu and "micro-batch" not in cpu

@@ -18,6 +18,7 @@ AUTH_ENV = "FINETUNER_AUTH"
 CSS = """
 .run-status progress { height: 14px; }
 .run-error { white-space: pre-wrap; color: #b91c1c; }
+.run-note { color: #92400e; }
 .state { font-weight: 600; }
 .state-running, .state-queued { color: #2563eb; } .state-done { color: #16a34a; } .state-failed { color: #b91c1c; }
 """

@@ -241,7 +241,16 @@ def status_line(run: str, status: dict, events: list[dict]) -> str:
         parts.append(f"ETA {duration(latest['eta_s'])}")
     if "memory_gib" in latest:
         parts.append(f"memory {latest['memory_gib']:.2f} GiB")
+    if (status.get("processes") or 1) > 1:
+        devices = "GPUs" if status.get("device") == "GPU" else "processes"
+        parts.append(f"{status['processes']} {devices}")
+    if latest.get("gpu_memory_gib"):
+        parts.append("per GPU " + ", ".join(f"{used:.1f}" for used in latest["gpu_memory_gib"]) + " GiB")
+    if status.get("micro_batch"):
+        parts.append(f"micro-batch {status['micro_batch']} × {status['gradient_accumulation']}")
     line = " · ".join(parts)
+    if status.get("note"):
+        line += f"<div class='run-note'>{html.escape(status['note'])}</div>"
     if status.get("error"):
         line += f"<pre class='run-error'>{html.escape(status['error'])}</pre>"
     return line
