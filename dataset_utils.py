@@ -132,7 +132,7 @@ def load_local_file(path: Path):
     else:
         text = _read_utf8(path)
         if suffix == ".jsonl":
-            rows = _parse_jsonl(text, path.name)
+            rows = parse_jsonl(text, f"'{path.name}'")
         elif suffix == ".json":
             rows = _parse_json(text, path.name)
         elif suffix == ".csv":
@@ -161,7 +161,8 @@ def _read_utf8(path: Path) -> str:
     return text
 
 
-def _parse_jsonl(text: str, name: str) -> list[dict]:
+def parse_jsonl(text: str, label: str) -> list[dict]:
+    """JSON objects, one per non-blank line; a bad line is named as "<label> line N"."""
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -169,9 +170,9 @@ def _parse_jsonl(text: str, name: str) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise UserError(f"'{name}' line {number} is not valid JSON: {exc.msg}.") from None
+            raise UserError(f"{label} line {number} is not valid JSON: {exc.msg}.") from None
         if not isinstance(row, dict):
-            raise UserError(f"'{name}' line {number} is not a JSON object.")
+            raise UserError(f"{label} line {number} is not a JSON object.")
         rows.append(row)
     return rows
 

@@ -11,12 +11,13 @@ from pathlib import Path
 import gradio as gr
 import pytest
 
+import dataset_utils
 import jobs
 import ui
 from dataset_utils import DatasetConfig
 from model_utils import ModelConfig
 from training_utils import TrainConfig
-from ui import common, forms, runs_tab, synthetic_tab, train_tab
+from ui import common, forms, runs_tab, train_tab
 from workspace import UserError, config_to_dict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -209,10 +210,10 @@ def test_runs_tab_shows_config_metrics_and_outputs(workspace):
 
 
 def test_seed_examples_name_the_bad_line():
-    rows = synthetic_tab.parse_seed_examples('{"instruction": "a", "response": "b"}\n\n')
+    rows = dataset_utils.parse_jsonl('{"instruction": "a", "response": "b"}\n\n', "Seed example")
     assert rows == [{"instruction": "a", "response": "b"}]
     with pytest.raises(UserError, match="line 2"):
-        synthetic_tab.parse_seed_examples('{"instruction": "a", "response": "b"}\n[1, 2]')
+        dataset_utils.parse_jsonl('{"instruction": "a", "response": "b"}\n[1, 2]', "Seed example")
 
 
 def test_the_colab_notebook_installs_gpu_requirements_and_shares_with_a_password():

@@ -14,11 +14,12 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+import dataset_utils
 import jobs
 import synthetic_utils
 from synthetic_utils import SyntheticConfig
 from ui.common import guarded, latest_run, progress_html, run_names, save_upload
-from workspace import UserError, config_to_dict
+from workspace import config_to_dict
 
 DEFAULTS = SyntheticConfig()
 KINDS = ("synth",)
@@ -214,7 +215,7 @@ def wire(
 
     def config_from(values: tuple, seeds: str, documents: list[str] | None) -> SyntheticConfig:
         data = dict(zip(names, values, strict=True))
-        data["seed_examples"] = parse_seed_examples(seeds)
+        data["seed_examples"] = dataset_utils.parse_jsonl(seeds or "", "Seed example")
         data["documents"] = [str(save_upload(path, workspace)) for path in documents or []]
         config = synthetic_utils.synthetic_config_from_dict(data)
         config.validate(workspace)
@@ -268,22 +269,6 @@ def wire(
     tab.runs.input(show, inputs=tab.runs, outputs=view, show_progress="hidden")
     tab.timer.tick(show, inputs=tab.runs, outputs=view, show_progress="hidden")
     app.load(opened, outputs=[tab.runs, *view], show_progress="hidden")
-
-
-def parse_seed_examples(text: str | None) -> list[dict]:
-    """Seed rows typed as JSONL; a line that is not a JSON object is named."""
-    rows = []
-    for number, line in enumerate((text or "").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"Seed example line {number} is not valid JSON: {exc.msg}.") from None
-        if not isinstance(row, dict):
-            raise UserError(f'Seed example line {number} must be a JSON object, e.g. {{"instruction": …}}.')
-        rows.append(row)
-    return rows
 
 
 def synth_view(run: str | None, workspace: Path) -> list[Any]:
