@@ -614,7 +614,7 @@ def prepare_dataset(
     fields = resolve_columns(raw.column_names, fmt, config.column_map)
     turns = None
     if fmt != "text":
-        ensure_chat_template(tokenizer, config.chat_template)
+        ensure_chat_template(tokenizer)  # a chosen template was applied above, before the cache key
         if train_on_responses_only:
             turns = fast_turns(_sample_conversations(raw, fmt, fields, config.system_prompt), tokenizer)
     # Rendering is Python work: a second process pays off on large datasets only (start-up and pickling cost).

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -611,8 +611,6 @@ def hf_side(model_dir: Path, config: ExportConfig) -> tuple[Reference, dict[str,
     Both depend only on merged/ and the check settings, so exporting another quant type of the same model later
     reuses them instead of loading the HF model again.
     """
-    from dataclasses import asdict
-
     key = {
         "files": [
             [path.name, path.stat().st_size, path.stat().st_mtime_ns]
