@@ -1,5 +1,5 @@
 # Two commands set up a fresh machine: `make run` (install + launch the app on the demo model) and
-# `make test` (install + run the tests). Each step leaves a stamp, so a second call reinstalls nothing.
+# `make test` (install + lint + run the tests). Each step leaves a stamp, so a second call reinstalls nothing.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -15,7 +15,7 @@ run: setup
 	$(PY) main.py demo-model
 	$(PY) main.py
 
-test: setup $(BROWSER)
+test: lint $(BROWSER)
 	$(PY) -m pytest
 
 setup: $(INSTALLED) $(CONVERTER)

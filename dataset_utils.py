@@ -9,10 +9,11 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from settings import check, option
 from workspace import UserError, resolve_user_path, workspace_root
 
 log = logging.getLogger(__name__)
@@ -49,31 +50,41 @@ CHATML_TEMPLATE = (
 )
 BUILTIN_TEMPLATES = {"chatml": CHATML_TEMPLATE}
 PREPARE_VERSION = "2"  # bump when the prepared layout changes, so old caches are not reused
+# The one default of each, for TrainConfig and for a preview (Dataset tab, `main.py dataset`) that has no config.
+DEFAULT_MAX_SEQ_LENGTH = 2048
+DEFAULT_SEED = 3407
 
 
 @dataclass
 class DatasetConfig:
     """Where the data is and how to read it."""
 
-    source: str = ""  # local file (csv/json/jsonl/parquet/txt) or a Hub dataset id
-    split: str = "train"  # Hub split to read
-    format: str = "auto"  # auto or one of FORMATS
-    column_map: dict[str, str] = field(default_factory=dict)  # format field -> column, e.g. {"output": "answer"}
-    chat_template: str = ""  # "" = the model's own; "chatml" or a Jinja template when the model has none
-    system_prompt: str = ""  # added as a system turn when a row has none
-    max_rows: int = 0  # 0 = all rows
+    source: str = option(
+        "", help="A file inside the workspace (upload one above), any local path (CSV, JSON, JSONL, Parquet, TXT), "
+        "or a Hub dataset id.", label="Dataset (path or Hub id)",
+    )
+    split: str = option("train", help="Which split of a Hub dataset to read.", label="Split")
+    format: str = option(
+        "auto", help="auto detects Alpaca, ShareGPT, messages, prompt/completion or text from the columns.",
+        choices=("auto", *FORMATS), label="Format",
+    )
+    column_map: dict[str, str] = option(
+        default_factory=dict, help="Format field -> column, for columns with other names, e.g. {output: answer}.",
+        label="Column mapping",
+    )
+    chat_template: str = option(
+        "", help="Empty = the model's own template. 'chatml' (or a Jinja template) for models without one.",
+        label="Chat template",
+    )
+    system_prompt: str = option("", help="Added as a system turn to rows that have none.", label="System prompt")
+    max_rows: int = option(0, help="Read at most this many rows (0 = all).", minimum=0, label="Max rows")
 
     def validate(self) -> None:
+        check(self)
         if not str(self.source).strip():
             raise UserError(
                 "No dataset given. Choose a local file (CSV, JSON, JSONL, Parquet, TXT) or a Hub dataset id."
             )
-        if self.format != "auto" and self.format not in FORMATS:
-            raise UserError(f"Unknown dataset format '{self.format}'. Choose auto or one of: {', '.join(FORMATS)}.")
-        if not isinstance(self.column_map, dict):
-            raise UserError("column_map must map format fields to column names, e.g. {output: answer}.")
-        if self.max_rows < 0:
-            raise UserError("max_rows must be 0 (all rows) or a positive number.")
 
 
 @dataclass
@@ -521,20 +532,6 @@ def encode_rows(
     ]
 
 
-def encode_row(
-    row: dict,
-    fmt: str,
-    fields: dict[str, str],
-    tokenizer,
-    max_seq_length: int,
-    train_on_responses_only: bool,
-    system_prompt: str = "",
-) -> dict:
-    """Render and tokenize one source row."""
-    text, spans = render_row(row, fmt, fields, tokenizer, train_on_responses_only, system_prompt)
-    return {**encode_rows([text], [spans], tokenizer, max_seq_length)[0], "text": text}
-
-
 def _encode_batch(
     batch: dict[str, list],
     fmt: str,
@@ -581,10 +578,10 @@ def _encode_batch(
 def prepare_dataset(
     config: DatasetConfig,
     tokenizer,
-    max_seq_length: int = 1024,
+    max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH,
     train_on_responses_only: bool = True,
     eval_split: float = 0.0,
-    seed: int = 3407,
+    seed: int = DEFAULT_SEED,
     workspace: str | Path | None = None,
     num_proc: int | None = None,
 ) -> PreparedDataset:

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workspace import UserError, atomic_write_text, load_yaml, write_json
+import runfolder
+from settings import check, option
+from workspace import UserError, atomic_write_text, write_json
 
 log = logging.getLogger(__name__)
 
@@ -27,20 +29,20 @@ TUNED_ADAPTER = "default"
 class GenerationConfig:
     """How a reply is generated."""
 
-    system_prompt: str = ""  # added as a system turn when the conversation has none
-    temperature: float = 0.7  # 0 = greedy (always the most likely token)
-    top_p: float = 0.9
-    max_new_tokens: int = 256
+    system_prompt: str = option("", help="Added as a system turn when the conversation has none.",
+                                label="System prompt")
+    temperature: float = option(
+        0.7, help="0 = greedy (always the most likely token); higher gives more varied replies.", minimum=0,
+        maximum=2, label="Temperature",
+    )
+    top_p: float = option(
+        0.9, help="Sample only from the most likely tokens whose probabilities add up to this.", minimum=0,
+        exclusive_minimum=True, maximum=1, label="Top-p",
+    )
+    max_new_tokens: int = option(256, help="The longest reply, in tokens.", minimum=1, label="Max new tokens")
 
     def validate(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
-            raise UserError(
-                f"max_new_tokens must be a whole number of 1 or more (got {self.max_new_tokens!r}); try 256."
-            )
-        if not isinstance(self.temperature, (int, float)) or math.isnan(self.temperature) or self.temperature < 0:
-            raise UserError(f"temperature must be 0 (greedy) or more (got {self.temperature!r}); try 0.7.")
-        if not isinstance(self.top_p, (int, float)) or math.isnan(self.top_p) or not 0 < self.top_p <= 1:
-            raise UserError(f"top_p must be above 0 and at most 1 (got {self.top_p!r}); try 0.9.")
+        check(self)
 
 
 @dataclass
@@ -66,32 +68,12 @@ class ChatModel:
 # ---------------------------------------------------------------- runs
 
 
-def trained_output(run: str | Path, workspace: str | Path | None = None) -> tuple[Path, Path]:
-    """(run folder, its adapter/ or merged/ folder); UserError for an unknown run or one without a trained model."""
-    import jobs
-
-    run_dir = jobs.run_path(run, workspace)
-    kind = jobs.read_config(run_dir).get("kind")
-    if kind != "train":
-        raise UserError(f"Run '{run_dir.name}' is a {kind} job, not a training run; choose a training run.")
-    for name in ("adapter", "merged"):
-        if (run_dir / name / "config.json").exists() or (run_dir / name / "adapter_config.json").exists():
-            return run_dir, run_dir / name
-    state = jobs.read_status(run_dir)["state"]
-    raise UserError(
-        f"Run '{run_dir.name}' has no trained model yet (no adapter/ or merged/ folder; the run is {state}). "
-        "Wait for it to finish, resume it, or choose another run."
-    )
-
-
-def run_train_config(run_dir: Path, output_dir: Path | None = None):
-    """The TrainConfig a run was trained with (saved beside its adapter, else the run's config.yaml)."""
+def trained_run(run: str | Path, workspace: str | Path | None = None):
+    """(the run's TrainedModel, the TrainConfig it was trained with); UserError for a run without a trained model."""
     import training_utils
 
-    saved = output_dir / "train_config.yaml" if output_dir is not None else None
-    data = load_yaml(saved) if saved is not None and saved.exists() else load_yaml(Path(run_dir) / "config.yaml")
-    data.pop("kind", None)
-    return training_utils.train_config_from_dict(data)
+    trained = runfolder.trained_model(runfolder.run_path(run, workspace))
+    return trained, training_utils.train_config_from_dict(trained.train_config)
 
 
 # ---------------------------------------------------------------- loading
@@ -108,12 +90,12 @@ def load_chat_model(model: str | None = None, run: str | None = None, workspace:
     run_dir = output_dir = None
     trust_remote_code = load_in_4bit = False
     if run:
-        run_dir, output_dir = trained_output(run, workspace)
-        train_config = run_train_config(run_dir, output_dir)
+        trained, train_config = trained_run(run, workspace)
+        run_dir, output_dir = trained.run_dir, trained.path
         model = model or train_config.model.name_or_path
         trust_remote_code, load_in_4bit = train_config.model.trust_remote_code, train_config.load_in_4bit
         # Resolve names like "demo" in the workspace the run was trained in, as training did.
-        workspace = run_dir.parent.parent
+        workspace = runfolder.run_workspace(run_dir)
     model = model or model_utils.DEMO_MODEL
     kind = "base" if output_dir is None else output_dir.name
     model_path = model_utils.resolve_model_path(model, workspace)
@@ -352,17 +334,16 @@ def _stop_token_ids(model, tokenizer) -> set[int]:
 class EvalConfig:
     """Which run to evaluate on its held-out split, and how much of it."""
 
-    run: str = ""  # run name or folder
-    max_rows: int = 200  # evaluate at most this many eval rows (0 = all)
-    batch_size: int = 8
+    run: str = option("", help="The training run (name or folder) whose held-out rows to evaluate on.",
+                      label="Training run")
+    max_rows: int = option(200, help="Evaluate at most this many held-out rows (0 = all).", minimum=0,
+                           label="Max rows (0 = all)")
+    batch_size: int = option(8, help="Rows per forward pass.", minimum=1, label="Batch size")
 
     def validate(self) -> None:
+        check(self)
         if not str(self.run).strip():
             raise UserError("No run chosen; pick the training run to evaluate.")
-        if not isinstance(self.max_rows, int) or self.max_rows < 0:
-            raise UserError(f"max_rows must be 0 (all rows) or a positive whole number (got {self.max_rows!r}).")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise UserError(f"batch_size must be a whole number of 1 or more (got {self.batch_size!r}); try 8.")
 
 
 def eval_config_from_dict(data: dict[str, Any]) -> EvalConfig:
@@ -379,8 +360,8 @@ def check_evaluable(config: EvalConfig, workspace: str | Path | None = None) -> 
 def _evaluable(config: EvalConfig, workspace: str | Path | None):
     """(run folder, its adapter/ or merged/ folder, its TrainConfig) of a run that can be evaluated."""
     config.validate()
-    run_dir, output_dir = trained_output(config.run, workspace)
-    train_config = run_train_config(run_dir, output_dir)
+    trained, train_config = trained_run(config.run, workspace)
+    run_dir, output_dir = trained.run_dir, trained.path
     if not train_config.eval_split:
         raise UserError(
             f"Run '{run_dir.name}' was trained with eval_split 0, so it has no held-out rows to evaluate on. "
@@ -389,7 +370,17 @@ def _evaluable(config: EvalConfig, workspace: str | Path | None):
     return run_dir, output_dir, train_config
 
 
-def evaluate(config: EvalConfig, job_dir: Path | None = None, workspace: str | Path | None = None) -> dict[str, Any]:
+def eval_job(config: EvalConfig, ctx: runfolder.JobContext) -> str:
+    """The evaluation stage's job: picks the backend before any ML library is imported, then evaluates."""
+    import model_utils
+
+    model_utils.select_backend()  # before transformers/peft are imported: Unsloth patches them
+    result = evaluate(config, ctx.reporter, ctx.stop, ctx.workspace)
+    return "stopped" if result.get("stopped") else "done"
+
+
+def evaluate(config: EvalConfig, reporter: runfolder.Reporter | None = None, stop: runfolder.StopFlag | None = None,
+             workspace: str | Path | None = None) -> dict[str, Any]:
     """Held-out loss and perplexity of base vs tuned on the run's eval split; writes eval.json and eval.md there.
 
     The loss counts only the trained tokens (label != -100), as in training. Returns {"stopped": True} when the job
@@ -397,12 +388,13 @@ def evaluate(config: EvalConfig, job_dir: Path | None = None, workspace: str | P
     """
     import model_utils
     from dataset_utils import prepare_dataset
-    from jobs import StopRequested
 
+    reporter = reporter or runfolder.Reporter(None)
+    stop = stop or runfolder.StopFlag()
     started = time.monotonic()
     run_dir, output_dir, train_config = _evaluable(config, workspace)
-    run_workspace = run_dir.parent.parent
-    _progress(job_dir, None, None, f"Re-creating the eval split of {run_dir.name}")
+    run_workspace = runfolder.run_workspace(run_dir)
+    reporter.progress(None, None, f"Re-creating the eval split of {run_dir.name}")
     model_path = model_utils.resolve_model_path(train_config.model.name_or_path, run_workspace)
     # The tokenizer training used, so the prepared data comes from the same cache (same rows either way).
     tokenizer = model_utils.load_tokenizer(model_path, train_config.model.trust_remote_code)
@@ -421,19 +413,19 @@ def evaluate(config: EvalConfig, job_dir: Path | None = None, workspace: str | P
     batches = [rows[start : start + config.batch_size] for start in range(0, len(rows), config.batch_size)]
     total_steps = 2 * len(batches)
     done_steps = 0
-    _progress(job_dir, 0, total_steps, f"Loading the model to evaluate {len(rows)} held-out rows")
+    reporter.start(0, total_steps, f"Loading the model to evaluate {len(rows)} held-out rows")
 
     def measure(chat_model: ChatModel, side: str, disable_adapter: bool) -> tuple[float, int] | None:
         nonlocal done_steps
         loss_sum, tokens = 0.0, 0
         for index, batch in enumerate(batches, start=1):
-            if StopRequested.requested:
+            if stop.requested:
                 return None
             with chat_model.lock, chat_model.model.disable_adapter() if disable_adapter else contextlib.nullcontext():
                 batch_loss, batch_tokens = _batch_loss(chat_model.model, batch, tokenizer.pad_token_id)
             loss_sum, tokens = loss_sum + batch_loss, tokens + batch_tokens
             done_steps += 1
-            _progress(job_dir, done_steps, total_steps, f"{side}: batch {index}/{len(batches)}")
+            reporter.progress(done_steps, total_steps, f"{side}: batch {index}/{len(batches)}")
         return loss_sum, tokens
 
     if output_dir.name == "adapter":
@@ -462,8 +454,7 @@ def evaluate(config: EvalConfig, job_dir: Path | None = None, workspace: str | P
     }
     write_json(run_dir / "eval.json", result)
     atomic_write_text(run_dir / "eval.md", eval_markdown(result))
-    _progress(
-        job_dir,
+    reporter.progress(
         total_steps,
         total_steps,
         f"held-out loss: base {result['base']['loss']:.4f} → tuned {result['tuned']['loss']:.4f}",
@@ -512,16 +503,6 @@ def eval_markdown(result: dict[str, Any]) -> str:
         f"{result['seed']}), {result['tokens']} trained tokens; loss counts only the reply tokens that training "
         "learned from.\n"
     )
-
-
-def _progress(job_dir: Path | None, step: int | None, max_steps: int | None, message: str) -> None:
-    """A progress event for the job's bar (step/max_steps) and message; a message alone while the total is unknown."""
-    if job_dir is None:
-        return
-    from jobs import append_event
-
-    counts = {"step": step, "max_steps": max_steps} if max_steps else {}
-    append_event(job_dir, {"event": "progress", **counts, "message": message})
 
 
 def eval_run_name(run: str) -> str:

@@ -18,19 +18,26 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
+# Flags of `main.py dataset`, `chat` and `eval`: built from the configs' field metadata (help, defaults, bounds).
+DATASET_FLAGS = ("split", "format", "chat_template", "system_prompt", "max_rows")
+PREPARE_FLAGS = ("max_seq_length", "eval_split", "train_on_responses_only", "seed")
+EVAL_FLAGS = ("max_rows", "batch_size")
+
+
 def cmd_dataset(args: argparse.Namespace) -> int:
     import dataset_utils
     import model_utils
+    import settings
+    import training_utils
+    from workspace import config_from_dict
 
-    config = dataset_utils.DatasetConfig(
-        source=args.source, split=args.split, format=args.format, column_map=_parse_mapping(args.map),
-        chat_template=args.chat_template, system_prompt=args.system_prompt, max_rows=args.max_rows,
-    )
+    values = settings.arguments_to_dict(args, dataset_utils.DatasetConfig, DATASET_FLAGS)
+    config = config_from_dict(dataset_utils.DatasetConfig,
+                              {**values, "source": args.source, "column_map": _parse_mapping(args.map)}, "dataset")
+    config.validate()
+    prepare = settings.arguments_to_dict(args, training_utils.TrainConfig, PREPARE_FLAGS)
     tokenizer = model_utils.load_tokenizer(model_utils.resolve_model_path(args.model, args.workspace))
-    prepared = dataset_utils.prepare_dataset(
-        config, tokenizer, max_seq_length=args.max_seq_length, train_on_responses_only=not args.train_on_all,
-        eval_split=args.eval_split, workspace=args.workspace,
-    )
+    prepared = dataset_utils.prepare_dataset(config, tokenizer, workspace=args.workspace, **prepare)
     eval_rows = len(prepared.eval) if prepared.eval is not None else 0
     print(f"format: {prepared.format}")
     print(f"rows: {prepared.source_rows} read, {prepared.dropped_rows} skipped, {len(prepared.train)} train, "
@@ -54,20 +61,18 @@ def _parse_mapping(pairs: list[str]) -> dict[str, str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import jobs
+    import submit
 
     if args.resume:
-        run_dir = jobs.run_path(args.resume, args.workspace)
-        jobs.resume_job(run_dir)
+        run_dir = submit.resume(args.resume, args.workspace)
     elif args.config:
         import training_utils
-        from workspace import config_to_dict, load_yaml
+        from workspace import load_yaml
 
         config = training_utils.train_config_from_dict(load_yaml(args.config))
         config.validate()
         _print_memory_estimate(config, args.workspace)
-        run_dir = jobs.create_run("train", config_to_dict(config), args.workspace, args.name)
-        jobs.start_job(run_dir)
+        run_dir = submit.submit_train(config, args.workspace, args.name)
     else:
         raise UserError("Give a config file (python main.py train CONFIG.yaml) or --resume RUN.")
     print(f"run: {run_dir}")
@@ -78,16 +83,15 @@ def _print_memory_estimate(config, workspace) -> None:
     import model_utils
 
     path = model_utils.resolve_model_path(config.model.name_or_path, workspace)
-    estimate = model_utils.estimate_memory(path, config.mode, config.lora_r, config.target_modules,
-                                           config.per_device_train_batch_size, config.max_seq_length,
-                                           config.gradient_checkpointing)
+    estimate = model_utils.estimate_memory(config, path)
     print(f"memory estimate: {estimate.summary()}")
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    import jobs
+    import runfolder
+    import submit
     import synthetic_utils
-    from workspace import config_to_dict, load_yaml, resolve_user_path
+    from workspace import load_yaml
 
     api_key = None
     if args.api_key_env:
@@ -95,30 +99,22 @@ def cmd_synth(args: argparse.Namespace) -> int:
         if not api_key:
             raise UserError(f"--api-key-env {args.api_key_env}: that environment variable is not set.")
     if args.resume:
-        run_dir = jobs.run_path(args.resume, args.workspace)
-        values = jobs.read_config(run_dir)
-        kind = values.pop("kind", None)
+        run_dir = runfolder.run_path(args.resume, args.workspace)
+        kind = runfolder.read_kind(run_dir)
         if kind != "synth":
             raise UserError(f"Run '{run_dir.name}' is a {kind} run; resume it with `python main.py {kind} --resume`.")
-        config = synthetic_utils.synthetic_config_from_dict(values)
-        jobs.resume_job(run_dir, env=synthetic_utils.job_env(config, api_key))
+        submit.resume(run_dir, args.workspace, api_key=api_key)
     elif args.config:
-        config = synthetic_utils.synthetic_config_from_dict(load_yaml(args.config))
-        # The job runs from the app's folder: relative document paths must keep their meaning on the way.
-        config.documents = [str(resolve_user_path(path, args.workspace)) for path in config.documents]
-        config.validate(args.workspace)
-        env = synthetic_utils.job_env(config, api_key)  # the key travels in the job's environment only
-        run_dir = jobs.create_run("synth", config_to_dict(config), args.workspace, args.name)
-        jobs.start_job(run_dir, env=env)
+        run_dir = submit.submit_synth(load_yaml(args.config), args.workspace, args.name, api_key=api_key)
     else:
         raise UserError("Give a config file (python main.py synth CONFIG.yaml) or --resume RUN.")
     print(f"run: {run_dir}\nrows: {run_dir / synthetic_utils.DATA_FILE}")
     if args.detach:
         return 0
     code = follow(run_dir)
-    messages = [event["message"] for event in jobs.read_events(run_dir) if event.get("event") == "progress"]
-    if messages:
-        print(messages[-1])
+    message = runfolder.read_progress(run_dir).message
+    if message:
+        print(message)
     return code
 
 
@@ -129,52 +125,55 @@ def follow(run_dir) -> int:
     from tqdm import tqdm
 
     import jobs
+    import runfolder
 
     seen, bar = 0, None
+    shown = ("loss", "eval_loss", "tokens_per_s")
     try:
         while True:
-            for event in jobs.read_events(run_dir, since=seen):
+            for event in runfolder.read_events(run_dir, since=seen):
                 seen += 1
-                if event.get("max_steps") and bar is None:
-                    bar = tqdm(total=event["max_steps"], unit="step")
-                if bar is not None and "step" in event:
-                    bar.n = event["step"]
-                    bar.set_postfix({k: event[k] for k in ("loss", "eval_loss", "tokens_per_s") if k in event})
+                if event.total and bar is None:
+                    bar = tqdm(total=event.total, unit="step")
+                if bar is not None and event.step is not None:
+                    bar.n = event.step
+                    postfix = {key: event.metrics[key] for key in shown if key in event.metrics}
+                    if event.message:
+                        postfix["at"] = event.message[:60]
+                    bar.set_postfix(postfix)
                     bar.refresh()
-            status = jobs.read_status(run_dir)
-            if status["state"] not in jobs.ACTIVE_STATES:
+            status = jobs.job_status(run_dir)
+            if not status.active:
                 break
             time.sleep(1)
     except KeyboardInterrupt:
         print("\nstopping (saving a checkpoint)…", file=sys.stderr)
         jobs.stop_job(run_dir)
-        while jobs.read_status(run_dir)["state"] in jobs.ACTIVE_STATES:
+        while jobs.job_status(run_dir).active:
             time.sleep(1)
-        status = jobs.read_status(run_dir)
+        status = jobs.job_status(run_dir)
     if bar is not None:
         bar.close()
-    print(f"{status['state']}{': ' + status['error'] if status.get('error') else ''}")
-    return 0 if status["state"] in ("done", "stopped") else 1
+    print(f"{status.state}{': ' + status.error if status.error else ''}")
+    return 0 if status.state in ("done", "stopped") else 1
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     import gguf_utils
-    import jobs
-    from workspace import config_to_dict
+    import submit
 
-    config = gguf_utils.ExportConfig(run=args.run, quants=args.quant)
-    gguf_utils.check_export(config, args.workspace)  # refuse bad input before a job exists
-    run_dir = jobs.create_run("export", config_to_dict(config), args.workspace, gguf_utils.export_run_name(args.run))
-    jobs.start_job(run_dir)
+    run_dir = submit.submit_export(gguf_utils.ExportConfig(run=args.run, quants=args.quant), args.workspace)
     print(f"run: {run_dir}")
     return 0 if args.detach else follow(run_dir)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     import inference_utils
+    import settings
+    from workspace import config_from_dict
 
-    config = inference_utils.GenerationConfig(system_prompt=args.system, temperature=args.temperature,
-                                              top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+    values = settings.arguments_to_dict(args, inference_utils.GenerationConfig)
+    config = config_from_dict(inference_utils.GenerationConfig, values, "generation settings")
     config.validate()
     if not args.prompt.strip():
         raise UserError("The prompt is empty; pass --prompt \"your message\".")
@@ -201,24 +200,22 @@ def _print_stream(replies) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import inference_utils
     import jobs
-    from workspace import config_to_dict
+    import runfolder
+    import settings
+    import submit
 
-    config = inference_utils.EvalConfig(run=args.run, max_rows=args.max_rows, batch_size=args.batch_size)
-    target = inference_utils.check_evaluable(config, args.workspace)  # refuse bad input before a job exists
-    # The job resolves the run from its own folder's workspace; a run elsewhere is passed by its full path.
-    config.run = target.name if target.parent == jobs.runs_dir(args.workspace) else str(target)
-    run_dir = jobs.create_run("eval", config_to_dict(config), args.workspace, inference_utils.eval_run_name(args.run))
-    jobs.start_job(run_dir)
+    config = inference_utils.EvalConfig(run=args.run, **settings.arguments_to_dict(args, inference_utils.EvalConfig,
+                                                                                    EVAL_FLAGS))
+    run_dir = submit.submit_eval(config, args.workspace)
     print(f"run: {run_dir}")
     if args.detach:
         return 0
     code = follow(run_dir)
-    if jobs.read_status(run_dir)["state"] == "done":
-        print(Path(target / "eval.md").read_text(encoding="utf-8"))
+    if jobs.job_status(run_dir).state == "done":
+        target = runfolder.run_path(config.run, args.workspace)
+        print((target / "eval.md").read_text(encoding="utf-8"))
     return code
 
 
@@ -229,16 +226,26 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if not runs:
         print("no runs yet")
     for run in runs:
-        progress = f"step {run.step}/{run.max_steps}" if run.step is not None else ""
-        loss = f"loss {run.last_loss:.4f}" if run.last_loss is not None else ""
-        print(f"{run.name:32} {run.kind:7} {run.state:9} {progress:16} {loss}")
+        print(f"{run.name:32} {run.kind:7} {run.state:9} {progress_line(run.progress)}")
     return 0
 
 
-def cmd_stop(args: argparse.Namespace) -> int:
-    import jobs
+def progress_line(progress) -> str:
+    """step/total, loss and message of a run's newest progress, the same for every kind of job."""
+    parts = []
+    if progress.step is not None and progress.total:
+        parts.append(f"step {progress.step}/{progress.total}")
+    if progress.metrics.get("loss") is not None:
+        parts.append(f"loss {progress.metrics['loss']:.4f}")
+    if progress.message:
+        parts.append(progress.message)
+    return "  ".join(parts)
 
-    jobs.stop_job(jobs.run_path(args.run, args.workspace))
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    import submit
+
+    submit.stop(args.run, args.workspace)
     print("stop requested; the job saves a checkpoint and ends")
     return 0
 
@@ -257,6 +264,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import settings
+    from dataset_utils import DatasetConfig
+    from inference_utils import EvalConfig, GenerationConfig
+    from training_utils import TrainConfig
+
     parser = argparse.ArgumentParser(prog="python main.py", description=__doc__)
     parser.add_argument("--workspace", default=None, help="folder for models, runs and caches (default ./workspace)")
     parser.add_argument("--verbose", action="store_true", help="log debug messages")
@@ -277,15 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
                                            "and examples with the trained (loss-carrying) spans marked ⟦like this⟧.")
     data.add_argument("source", help="local CSV/JSON/JSONL/Parquet/TXT file or a Hub dataset id")
     data.add_argument("--model", default="demo", help="model whose tokenizer and chat template to use (default demo)")
-    data.add_argument("--format", default="auto", help="auto, alpaca, sharegpt, messages, prompt_completion or text")
     data.add_argument("--map", action="append", metavar="FIELD=COLUMN", help="column mapping, repeatable")
-    data.add_argument("--split", default="train", help="Hub split (default train)")
-    data.add_argument("--chat-template", default="", help="'chatml' or a Jinja template, for models without one")
-    data.add_argument("--system-prompt", default="", help="system turn added to rows that have none")
-    data.add_argument("--max-rows", type=int, default=0, help="read at most this many rows (0 = all)")
-    data.add_argument("--max-seq-length", type=int, default=1024, help="truncate examples to this many tokens")
-    data.add_argument("--eval-split", type=float, default=0.0, help="fraction held out for evaluation")
-    data.add_argument("--train-on-all", action="store_true", help="train on every token, not only the replies")
+    settings.add_arguments(data, DatasetConfig, DATASET_FLAGS)
+    settings.add_arguments(data, TrainConfig, PREPARE_FLAGS)
     data.add_argument("--examples", type=int, default=2, help="how many rendered examples to print")
     data.set_defaults(handler=cmd_dataset)
     train = commands.add_parser("train", help="start (or resume) a training run",
@@ -321,7 +327,6 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--detach", action="store_true", help="start the job and return at once")
     export.set_defaults(handler=cmd_export)
 
-    from inference_utils import EvalConfig, GenerationConfig
 
     chat = commands.add_parser("chat", help="chat with a model or a trained run (streams the reply)",
                                description="Generate a reply to one prompt, token by token, with the model's chat "
@@ -331,11 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="demo, a Hub id or a local folder (default: the run's base model, else demo)")
     chat.add_argument("--run", default=None, help="training run name or folder whose adapter/merged model to use")
     chat.add_argument("--prompt", required=True, help="the user message")
-    chat.add_argument("--system", default=GenerationConfig.system_prompt, help="system prompt")
-    chat.add_argument("--temperature", type=float, default=GenerationConfig.temperature, help="0 = greedy")
-    chat.add_argument("--top-p", type=float, default=GenerationConfig.top_p, help="nucleus sampling threshold")
-    chat.add_argument("--max-new-tokens", type=int, default=GenerationConfig.max_new_tokens,
-                      help="longest reply in tokens")
+    settings.add_arguments(chat, GenerationConfig)
     chat.add_argument("--compare", action="store_true", help="answer with the base model, then with the tuned one")
     chat.set_defaults(handler=cmd_chat)
 
@@ -344,8 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                "with the adapter off (base) and on (tuned), and write eval.json and "
                                                "eval.md into the run folder.")
     evaluate.add_argument("run", help="training run name or folder")
-    evaluate.add_argument("--max-rows", type=int, default=EvalConfig.max_rows, help="eval rows to use (0 = all)")
-    evaluate.add_argument("--batch-size", type=int, default=EvalConfig.batch_size, help="rows per forward pass")
+    settings.add_arguments(evaluate, EvalConfig, EVAL_FLAGS)
     evaluate.add_argument("--detach", action="store_true", help="start the job and return at once")
     evaluate.set_defaults(handler=cmd_eval)
 

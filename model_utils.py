@@ -3,6 +3,7 @@ the memory estimate, and saved presets."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from settings import check, option
 from workspace import UserError, atomic_dir, dump_yaml, load_yaml, resolve_user_path, workspace_root
 
 log = logging.getLogger(__name__)
@@ -42,10 +44,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer
 class ModelConfig:
     """Which model to start from."""
 
-    name_or_path: str = DEMO_MODEL  # "demo", a Hub id (from the local cache when offline) or a local folder
-    trust_remote_code: bool = False  # runs code shipped with the model: only for models you trust
+    name_or_path: str = option(
+        DEMO_MODEL, help="The built-in demo model works offline; type any Hub id (from the local cache) or a local "
+        "folder.", label="Model",
+    )
+    trust_remote_code: bool = option(
+        False, help="Runs Python code shipped with the model. Only for models you trust.", label="Trust remote code"
+    )
 
     def validate(self) -> None:
+        check(self)
         if not str(self.name_or_path).strip():
             raise UserError("No model chosen. Pick the demo model, a Hub id or a local folder.")
         if self.trust_remote_code:
@@ -53,12 +61,33 @@ class ModelConfig:
                         "model whose code you trust.", self.name_or_path)
 
 
-# ---------------------------------------------------------------- backend
+# ---------------------------------------------------------------- device and backend
 
-def cuda_available() -> bool:
+@dataclass(frozen=True)
+class Device:
+    """The CUDA GPUs this process sees (CUDA_VISIBLE_DEVICES applies); free memory changes, so it is not kept here."""
+
+    cuda: bool
+    gpu_count: int
+    names: tuple[str, ...]
+    bf16: bool  # every visible GPU computes in bfloat16 natively (compute capability 8.0 or newer)
+
+    @property
+    def name(self) -> str:
+        """What the UI and logs call the device, e.g. 'NVIDIA H200' or 'CPU'."""
+        return self.names[0] if self.names else "CPU"
+
+
+@functools.cache
+def detect_device() -> Device:
+    """This process's device, read once. Reading properties opens no CUDA context, so DDP ranks stay on their GPU."""
     import torch
 
-    return torch.cuda.is_available()
+    if not torch.cuda.is_available():
+        return Device(cuda=False, gpu_count=0, names=(), bf16=False)
+    properties = [torch.cuda.get_device_properties(index) for index in range(torch.cuda.device_count())]
+    return Device(cuda=True, gpu_count=len(properties), names=tuple(item.name for item in properties),
+                  bf16=all(item.major >= 8 for item in properties))
 
 
 def select_backend() -> str:
@@ -68,7 +97,7 @@ def select_backend() -> str:
     """
     if os.environ.get("FINETUNER_BACKEND") == "transformers":
         return "transformers"
-    if not cuda_available() or importlib.util.find_spec("unsloth") is None:
+    if not detect_device().cuda or importlib.util.find_spec("unsloth") is None:
         return "transformers"
     import unsloth  # noqa: F401  (import for its patches)
 
@@ -244,12 +273,14 @@ def model_max_length(model_path: str) -> int:
 
 
 def load_model(model_path: str, trust_remote_code: bool = False, dtype: str = "auto"):
-    """A transformers causal LM for inference (fp32 on CPU, bf16 on CUDA unless told otherwise)."""
+    """A transformers causal LM for inference (fp32 on CPU; on CUDA bf16, or fp16 on GPUs without it, unless told)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    on_cuda = torch.cuda.is_available()
-    torch_dtype = {"auto": torch.bfloat16 if on_cuda else torch.float32, "float32": torch.float32,
+    device = detect_device()
+    on_cuda = device.cuda
+    native = torch.bfloat16 if device.bf16 else torch.float16
+    torch_dtype = {"auto": native if on_cuda else torch.float32, "float32": torch.float32,
                    "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
@@ -311,29 +342,30 @@ def lora_parameter_count(config: dict, lora_r: int, target_modules: list[str]) -
     return per_layer * config.get("num_hidden_layers", 1)
 
 
-def estimate_memory(model_path: str, mode: str, lora_r: int, target_modules: list[str], batch_size: int,
-                    max_seq_length: int, gradient_checkpointing: bool = True) -> MemoryEstimate:
-    """Memory for one training step: weights + trainable state + activations, against the free device memory.
+def estimate_memory(config: Any, model_path: str) -> MemoryEstimate:
+    """Memory for one training step on the model at `model_path`: weights + trainable state + activations, against
+    the free device memory.
 
-    mode: "lora" (16-bit LoRA), "qlora" (4-bit base + LoRA) or "full".
+    config: the run's TrainConfig (not imported here: training_utils imports this module).
     """
     import torch
 
-    params, config = count_parameters(model_path)
-    on_cuda = torch.cuda.is_available()
+    mode, batch_size, max_seq_length = config.mode, config.per_device_train_batch_size, config.max_seq_length
+    params, shape = count_parameters(model_path)
+    on_cuda = detect_device().cuda
     bytes_per_weight = {"qlora": 0.5625, "lora": 2.0 if on_cuda else 4.0, "full": 2.0 if on_cuda else 4.0}[mode]
-    trainable = params if mode == "full" else lora_parameter_count(config, lora_r, target_modules)
+    trainable = params if mode == "full" else lora_parameter_count(shape, config.lora_r, config.target_modules)
     # trainable weights in fp32 (full: plus an fp32 master copy on GPU), gradients, two AdamW moments.
     trainable_bytes = trainable * (4 + 4 + 8) + (trainable * 2 if mode == "full" and on_cuda else 0)
-    hidden = config.get("hidden_size", 0)
-    layers = config.get("num_hidden_layers", 1)
-    vocab = config.get("vocab_size", 32000)
+    hidden = shape.get("hidden_size", 0)
+    layers = shape.get("num_hidden_layers", 1)
+    vocab = shape.get("vocab_size", 32000)
     tokens = batch_size * max_seq_length
     act_bytes = 2 if on_cuda else 4
     # With checkpointing only each layer's input is kept, plus one layer recomputed in full (~ 16 hidden-sized
     # tensors and the MLP's wider ones); the fp32 logits and their gradient are usually the largest single part.
-    per_layer_full = tokens * (16 * hidden + 3 * config.get("intermediate_size", 4 * hidden)) * act_bytes
-    kept = tokens * hidden * act_bytes * layers if gradient_checkpointing else per_layer_full * layers
+    per_layer_full = tokens * (16 * hidden + 3 * shape.get("intermediate_size", 4 * hidden)) * act_bytes
+    kept = tokens * hidden * act_bytes * layers if config.gradient_checkpointing else per_layer_full * layers
     logits = tokens * vocab * 4 * 2
     activations = kept + per_layer_full + logits
     weights = params * bytes_per_weight
@@ -341,7 +373,7 @@ def estimate_memory(model_path: str, mode: str, lora_r: int, target_modules: lis
     gib = 1024**3
     if on_cuda:
         free, _ = torch.cuda.mem_get_info()
-        available, device = free / gib, torch.cuda.get_device_name(0)
+        available, device = free / gib, detect_device().name
     else:
         available, device = _available_ram() / gib, "CPU (system RAM)"
     return MemoryEstimate(weights / gib, trainable_bytes / gib, activations / gib, total / gib, available, device,

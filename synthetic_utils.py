@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import runfolder
+from settings import check, option
 from workspace import UserError, config_from_dict, read_json, resolve_user_path, write_json
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,6 @@ OLLAMA_DEFAULT_URL = "http://localhost:11434"
 NO_KEY = "no-key"
 DOCUMENT_SUFFIXES = (".txt", ".md", ".pdf")
 DATA_FILE = "data.jsonl"
-STATUS_FILE = "synth_status.json"
 FINGERPRINT_FILE = "synth_fingerprint.json"
 # The settings that shape the rows: a folder's rows are only continued under the same values. Speed, retry, price
 # and row-count settings may change between runs (raising num_rows extends a finished dataset).
@@ -90,41 +91,76 @@ ANGLES = (
 class SyntheticConfig:
     """What to generate, from which model, and how hard to push the server. The API key is never a field here."""
 
-    provider: str = "openai"  # openai (also vLLM, llama.cpp server, LM Studio via base_url), anthropic or ollama
-    model: str = ""
-    base_url: str = ""  # "" = the provider's own API (Ollama: http://localhost:11434)
-    task: str = "instructions"  # instructions, documents (Q&A grounded in `documents`) or conversations
-    topic: str = ""  # what the data is about; required for instructions and conversations
-    seed_examples: list[dict] = field(default_factory=list)  # rows in the task's JSON shape, shown as style examples
-    documents: list[str] = field(default_factory=list)  # TXT / MD / PDF files for the documents task
-    chunk_chars: int = 2000  # document text sent with each request
-    turns: int = 3  # user turns per conversation
-    num_rows: int = 100
-    concurrency: int = 8  # requests in flight at once
-    max_retries: int = 5  # per request, on 429 / 5xx / timeouts / connection errors
-    backoff_s: float = 1.0  # first retry delay; doubles each retry, with jitter; a Retry-After header wins
-    timeout_s: float = 60.0  # per request
-    temperature: float = 0.8  # OpenAI-compatible servers and Ollama; Anthropic's messages API has none
-    max_tokens: int = 1024  # per reply
+    provider: str = option(
+        "openai", help="openai also covers vLLM, llama.cpp server and LM Studio (set the base URL).",
+        choices=PROVIDERS, label="Provider",
+    )
+    model: str = option("", help="The model to generate with, e.g. gpt-4o-mini, claude-sonnet-4-5 or llama3.2.",
+                        label="Model")
+    base_url: str = option(
+        "", help="Empty: the provider's own API (Ollama: http://localhost:11434).", label="Base URL"
+    )
+    task: str = option(
+        "instructions", help="instructions, documents (Q&A grounded in your documents) or conversations.",
+        choices=TASKS, label="Task",
+    )
+    topic: str = option("", help="What the data is about; required for instructions and conversations.",
+                        label="Topic")
+    seed_examples: list[dict] = option(
+        default_factory=list, help="Rows in the task's JSON shape, shown to the model as style examples.",
+        label="Seed examples",
+    )
+    documents: list[str] = option(default_factory=list, help="TXT, MD or PDF files for the documents task.",
+                                  label="Documents")
+    chunk_chars: int = option(2000, help="Document text sent with each request.", minimum=200,
+                              label="Document chunk (chars)", advanced=True)
+    turns: int = option(3, help="User turns per conversation.", minimum=1, maximum=50, label="Turns (conversations)")
+    num_rows: int = option(100, help="Rows to generate.", minimum=1, label="Rows")
+    concurrency: int = option(8, help="Requests in flight at once.", minimum=1, maximum=256,
+                              label="Requests at once")
+    max_retries: int = option(5, help="Retries per request on 429 / 5xx / timeouts / connection errors.",
+                              minimum=0, maximum=100, label="Retries", advanced=True)
+    backoff_s: float = option(
+        1.0, help="First retry delay; doubles each retry, with jitter; a Retry-After header wins.", minimum=0,
+        label="First retry delay (s)", advanced=True,
+    )
+    timeout_s: float = option(60.0, help="Per request.", minimum=0, exclusive_minimum=True,
+                              label="Request timeout (s)", advanced=True)
+    temperature: float = option(
+        0.8, help="OpenAI-compatible servers and Ollama; Anthropic's messages API has none.", minimum=0, maximum=2,
+        label="Temperature",
+    )
+    max_tokens: int = option(1024, help="Per reply.", minimum=1, label="Max tokens per reply", advanced=True)
     # How replies are held to the row's JSON shape (the prompt always asks for it too):
     # json_schema: structured output (OpenAI, vLLM, LM Studio, llama.cpp's llama-server, Anthropic, Ollama);
     # json_object: JSON mode with the schema attached (`python -m llama_cpp.server`; Ollama's format="json";
     # Anthropic: the prompt alone); none: the prompt alone, for servers that support neither.
-    response_format: str = "json_schema"
-    min_chars: int = 2  # every turn of a row must have at least this many characters...
-    max_chars: int = 4000  # ...and at most this many
-    near_duplicate_threshold: float = 0.8  # word-trigram Jaccard similarity that counts as a duplicate; 1 = exact only
-    max_consecutive_rejects: int = 25  # stop when this many replies in a row are unusable
-    price_per_million_input: float | None = None  # USD per million tokens, for the cost estimate
-    price_per_million_output: float | None = None
+    response_format: str = option(
+        "json_schema", help="json_object for python -m llama_cpp.server; none for servers without JSON modes.",
+        choices=RESPONSE_FORMATS, label="Response format", advanced=True,
+    )
+    min_chars: int = option(2, help="Every turn of a row must have at least this many characters.", minimum=0,
+                            label="Min chars per turn", advanced=True)
+    max_chars: int = option(4000, help="Every turn of a row must have at most this many characters.", minimum=1,
+                            label="Max chars per turn", advanced=True)
+    near_duplicate_threshold: float = option(
+        0.8, help="Word-trigram Jaccard similarity that counts as a duplicate; 1 = exact duplicates only.",
+        minimum=0, exclusive_minimum=True, maximum=1, label="Near-duplicate threshold", advanced=True,
+    )
+    max_consecutive_rejects: int = option(25, help="Stop when this many replies in a row are unusable.", minimum=1,
+                                          label="Stop after rejects in a row", advanced=True)
+    price_per_million_input: float | None = option(
+        None, help="USD per million input tokens, for the cost estimate.", minimum=0,
+        label="USD per million input tokens", advanced=True,
+    )
+    price_per_million_output: float | None = option(
+        None, help="USD per million output tokens, for the cost estimate.", minimum=0,
+        label="USD per million output tokens", advanced=True,
+    )
 
     def validate(self, workspace: str | Path | None = None) -> None:
         """Raise UserError for the first value that cannot work."""
-        if self.provider not in PROVIDERS:
-            raise UserError(
-                f"Unknown provider '{self.provider}'. Choose openai (also for vLLM, llama.cpp server or "
-                "LM Studio with base_url), anthropic or ollama."
-            )
+        check(self)
         if not str(self.model).strip():
             raise UserError(
                 "No model given. Name the model to generate with, e.g. gpt-4o-mini, claude-sonnet-4-5 or llama3.2."
@@ -133,13 +169,6 @@ class SyntheticConfig:
             raise UserError(
                 f"base_url '{self.base_url}' must start with http:// or https://, e.g. http://localhost:8000/v1."
             )
-        if self.response_format not in RESPONSE_FORMATS:
-            raise UserError(
-                f"Unknown response_format '{self.response_format}'. Choose json_schema (OpenAI, vLLM, "
-                "LM Studio, Ollama), json_object (python -m llama_cpp.server) or none (prompt only)."
-            )
-        if self.task not in TASKS:
-            raise UserError(f"Unknown task '{self.task}'. Choose one of: {', '.join(TASKS)}.")
         if self.task != "documents" and not str(self.topic).strip():
             raise UserError(f"The {self.task} task needs a topic: describe what the data should be about.")
         if self.task == "documents":
@@ -150,31 +179,12 @@ class SyntheticConfig:
                     raise UserError(f"Document '{path}' is not a TXT, MD or PDF file.")
                 if not resolve_user_path(path, workspace).is_file():
                     raise UserError(f"Document '{path}' is not a file.")
-        _check_number("num_rows", self.num_rows, 1, integer=True)
-        _check_number("concurrency", self.concurrency, 1, 256, integer=True)
-        _check_number("max_retries", self.max_retries, 0, 100, integer=True)
-        _check_number("backoff_s", self.backoff_s, 0)
-        _check_number("timeout_s", self.timeout_s, 0.001)
-        _check_number("max_tokens", self.max_tokens, 1, integer=True)
-        _check_number("turns", self.turns, 1, 50, integer=True)
-        _check_number("chunk_chars", self.chunk_chars, 200, integer=True)
-        _check_number("min_chars", self.min_chars, 0, integer=True)
-        _check_number("max_chars", self.max_chars, max(1, self.min_chars), integer=True)
-        _check_number("max_consecutive_rejects", self.max_consecutive_rejects, 1, integer=True)
-        _check_number("temperature", self.temperature, 0, 2)
-        if not isinstance(self.near_duplicate_threshold, (int, float)) or not 0 < self.near_duplicate_threshold <= 1:
+        if self.max_chars < self.min_chars:
             raise UserError(
-                f"near_duplicate_threshold must be in (0, 1], e.g. 0.8; 1 removes exact duplicates only "
-                f"(got {self.near_duplicate_threshold!r})."
+                f"max_chars ({self.max_chars}) is below min_chars ({self.min_chars}); raise max_chars or lower min_chars."
             )
-        prices = (self.price_per_million_input, self.price_per_million_output)
-        if (prices[0] is None) != (prices[1] is None):
+        if (self.price_per_million_input is None) != (self.price_per_million_output is None):
             raise UserError("Give both price_per_million_input and price_per_million_output (USD), or neither.")
-        for name, price in zip(("price_per_million_input", "price_per_million_output"), prices, strict=True):
-            if price is not None:
-                _check_number(name, price, 0)
-        if not isinstance(self.seed_examples, list):
-            raise UserError("seed_examples must be a list of example rows.")
         keys = TASK_KEYS[self.task]
         for index, example in enumerate(self.seed_examples, 1):
             if not isinstance(example, dict) or any(key not in example for key in keys):
@@ -183,21 +193,14 @@ class SyntheticConfig:
                 )
 
 
-def _check_number(name: str, value: Any, minimum: float, maximum: float | None = None, integer: bool = False) -> None:
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or value < minimum or (maximum and value > maximum):
-        wanted = "a whole number" if integer else "a number"
-        limits = f"from {minimum:g} to {maximum:g}" if maximum else f"of at least {minimum:g}"
-        raise UserError(f"{name} must be {wanted} {limits} (got {value!r}).")
-
-
 def synthetic_config_from_dict(data: dict[str, Any]) -> SyntheticConfig:
     return config_from_dict(SyntheticConfig, data, "synthetic data config")
 
 
 @dataclass
 class SynthSummary:
-    """Counters of a generation run; synth_status.json holds the latest, totals across resumes."""
+    """Counters of a generation run; the run folder's progress.json holds the latest (as its metrics), totals across
+    resumes."""
 
     state: str  # running, done, stopped or failed
     rows_done: int
@@ -731,11 +734,13 @@ def backoff_delay(attempt: int, backoff_s: float, retry_after: float | None) -> 
 
 
 class _Run:
-    """The state of one generation: rows written, duplicates index, counters; writes rows and the status file."""
+    """The state of one generation: rows written, duplicates index, counters; writes rows and reports progress."""
 
-    def __init__(self, config: SyntheticConfig, out_dir: Path, previous: dict[str, Any], rows: list[list[dict]]):
+    def __init__(self, config: SyntheticConfig, out_dir: Path, reporter: runfolder.Reporter, rows: list[list[dict]]):
         self.config = config
         self.out_dir = out_dir
+        self.reporter = reporter
+        previous = runfolder.read_progress(out_dir).metrics
         self.index = DuplicateIndex(config.near_duplicate_threshold)
         for messages in rows:
             self.index.add(row_text(messages))
@@ -798,12 +803,14 @@ class _Run:
             summary.estimated_cost = round((summary.tokens_in * prices[0] + summary.tokens_out * prices[1]) / 1e6, 6)
         return summary
 
-    def write_status(self, force: bool = False) -> None:
+    def report(self, force: bool = False) -> None:
+        """Counters to the reporter, at most every STATUS_INTERVAL_S unless `force`."""
         now = time.monotonic()
         if force or now - self.last_status_write >= STATUS_INTERVAL_S:
             self.last_status_write = now
             snapshot = self.snapshot()
-            write_json(self.out_dir / STATUS_FILE, {**asdict(snapshot), "rows_per_s": round(snapshot.rows_per_s, 3)})
+            self.reporter.progress(snapshot.rows_done, snapshot.num_rows, snapshot.line(), force=True,
+                                   **asdict(snapshot), rows_per_s=round(snapshot.rows_per_s, 3))
 
     def close(self) -> None:
         os.close(self.fd)
@@ -844,7 +851,6 @@ async def _generate(
     run: _Run,
     provider: _Provider,
     chunks: list[str],
-    progress: Callable[[SynthSummary], None],
     should_stop: Callable[[], bool],
 ) -> str:
     config = run.config
@@ -870,8 +876,7 @@ async def _generate(
             if sum(run.consecutive_rejects.values()) >= config.max_consecutive_rejects:
                 raise UserError(_rejects_message(run))
             if finished:
-                run.write_status()
-                progress(run.snapshot())
+                run.report()
         return "done"
     finally:
         for task in pending:
@@ -931,7 +936,8 @@ def _claim_folder(config: SyntheticConfig, out_dir: Path) -> None:
             "to continue that dataset."
         )
     if stored.get("fingerprint") != fingerprint(config):
-        (out_dir / STATUS_FILE).unlink(missing_ok=True)  # counters of the old settings, which made no rows
+        # Counters of the old settings, which made no rows.
+        (out_dir / "progress.json").unlink(missing_ok=True)
         write_json(
             out_dir / FINGERPRINT_FILE, {"fingerprint": fingerprint(config), "settings": _content_settings(config)}
         )
@@ -964,12 +970,13 @@ def generate(
     config: SyntheticConfig,
     out_dir: str | Path,
     api_key: str | None = None,
-    progress: Callable[[SynthSummary], None] | None = None,
+    reporter: runfolder.Reporter | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> SynthSummary:
     """Generate rows into out_dir/data.jsonl until it holds config.num_rows; resumes a folder of the same settings.
 
-    progress is called with the counters after every batch of replies; should_stop is polled to end early
+    The reporter gets the counters after batches of replies (by default one writing out_dir/progress.json and
+    events.jsonl); should_stop is polled to end early
     ("stopped"). Raises UserError for problems a user can fix (server unreachable, unknown model, bad key, a model
     whose replies keep being unusable); rows written so far stay.
     """
@@ -979,7 +986,7 @@ def generate(
     out_dir.mkdir(parents=True, exist_ok=True)
     chunks = load_document_chunks(config.documents, config.chunk_chars) if config.task == "documents" else []
     _claim_folder(config, out_dir)
-    run = _Run(config, out_dir, read_json(out_dir / STATUS_FILE, default={}) or {}, read_rows(out_dir))
+    run = _Run(config, out_dir, reporter or runfolder.Reporter(out_dir), read_rows(out_dir))
     # The SDKs' HTTP library logs every request at INFO: thousands of lines in a job's log.
     for name in ("httpx", "httpx2"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -998,7 +1005,7 @@ def generate(
         else:
             provider = PROVIDER_CLASSES[config.provider](config, key)
             state = asyncio.run(
-                _generate(run, provider, chunks, progress or (lambda summary: None), should_stop or (lambda: False))
+                _generate(run, provider, chunks, should_stop or (lambda: False))
             )
     except UserError as exc:
         run.summary.error = str(exc)
@@ -1006,34 +1013,11 @@ def generate(
     finally:
         run.close()
         summary = run.snapshot(state)
-        run.write_status(force=True)
-        if progress is not None:
-            progress(summary)
+        run.report(force=True)
     log.info("%s: %s", state, summary.line())
     return summary
 
 
-def run_synth_job(config: dict[str, Any], run_dir: Path) -> str:
-    """A synth job inside `python main.py run`: the run folder is the output folder; the key comes from the env."""
-    from jobs import StopRequested, append_event
-
-    last_event = 0.0
-
-    def progress(summary: SynthSummary) -> None:
-        nonlocal last_event
-        if summary.state == "running" and time.monotonic() - last_event < STATUS_INTERVAL_S:
-            return
-        last_event = time.monotonic()
-        event = {
-            "event": "progress",
-            "step": summary.rows_done,
-            "max_steps": summary.num_rows,
-            "message": summary.line(),
-        }
-        append_event(run_dir, event)
-        write_json(Path(run_dir) / "progress.json", {**event, "updated": time.time()})
-
-    summary = generate(
-        synthetic_config_from_dict(config), run_dir, progress=progress, should_stop=lambda: StopRequested.requested
-    )
-    return summary.state
+def synth_job(config: SyntheticConfig, ctx: runfolder.JobContext) -> str:
+    """The synthetic-data stage's job: the run folder is the output folder; the key comes from the environment."""
+    return generate(config, ctx.run_dir, reporter=ctx.reporter, should_stop=ctx.stop).state

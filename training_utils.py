@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import shutil
 import time
@@ -13,16 +12,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dataset_utils import DatasetConfig
-from model_utils import ModelConfig
-from workspace import UserError, atomic_dir, config_from_dict, write_json
+from dataset_utils import DEFAULT_MAX_SEQ_LENGTH, DEFAULT_SEED, DatasetConfig
+from model_utils import Device, ModelConfig, detect_device
+from runfolder import JobContext, last_checkpoint, read_status
+from settings import check, option
+from workspace import UserError, atomic_dir, config_from_dict
 
 log = logging.getLogger(__name__)
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 REPORT_TO = ("none", "tensorboard")
-# progress.json is rewritten at most this often: the write sits between two GPU steps, and the UI polls every second.
-PROGRESS_EVERY_S = 1.0
+
+
+def _optimizer_names() -> list[str]:
+    from transformers.training_args import OptimizerNames
+
+    return [name.value for name in OptimizerNames]
+
+
+def _scheduler_names() -> list[str]:
+    from transformers.trainer_utils import SchedulerType
+
+    return [name.value for name in SchedulerType]
 
 
 @dataclass
@@ -31,97 +42,141 @@ class TrainConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    # mode: 16-bit LoRA (default), 4-bit QLoRA (load_in_4bit, CUDA only) or full fine-tune (full_finetuning)
-    load_in_4bit: bool = False
-    full_finetuning: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
-    learning_rate: float = 2e-4
-    max_steps: int | None = 60  # None: train for num_train_epochs instead
-    num_train_epochs: float = 1.0
-    per_device_train_batch_size: int = 2
-    gradient_accumulation_steps: int = 4
-    # On a GPU, fold accumulation steps into a larger micro-batch while the memory estimate says it fits: the same
-    # effective batch (per_device × accumulation) in fewer, larger steps, which keep the GPU busier.
-    fit_micro_batch: bool = True
-    warmup_steps: int = 5
-    lr_scheduler_type: str = "linear"
-    weight_decay: float = 0.01
-    optim: str = "adamw_torch"
-    max_seq_length: int = 2048
-    packing: bool = False
-    train_on_responses_only: bool = True
-    gradient_checkpointing: bool = True
-    eval_split: float = 0.0
-    eval_steps: int = 0  # 0: evaluate at each save when eval_split > 0
-    save_steps: int = 50
-    save_total_limit: int = 2
-    logging_steps: int = 1
-    seed: int = 3407
-    report_to: str = "none"  # none or tensorboard
-    num_gpus: int = 0  # 0: every visible GPU; more than one trains with DDP, one process per GPU (torchrun)
+    # mode: 16-bit LoRA (default), 4-bit QLoRA (load_in_4bit) or full fine-tune (full_finetuning)
+    load_in_4bit: bool = option(
+        False, help="QLoRA: LoRA on a base model loaded in 4 bits, the least memory; NVIDIA GPU only.",
+        label="4-bit QLoRA",
+    )
+    full_finetuning: bool = option(
+        False, help="Change every weight instead of training LoRA adapters: the most memory.", label="Full fine-tune"
+    )
+    lora_r: int = option(
+        16, help="Rank of the LoRA matrices: 8-64. Higher learns more and uses more memory.", minimum=1,
+        label="LoRA rank (r)",
+    )
+    lora_alpha: int = option(
+        16, help="LoRA scaling; usually equal to the rank or twice it.", minimum=0, exclusive_minimum=True,
+        label="LoRA alpha",
+    )
+    lora_dropout: float = option(
+        0.0, help="Dropout on the LoRA path; 0 is fastest.", minimum=0, maximum=1, exclusive_maximum=True,
+        label="LoRA dropout",
+    )
+    target_modules: list[str] = option(
+        default_factory=lambda: list(ALL_LINEAR),
+        help="Linear layers that get LoRA adapters (type others for models with other names).",
+        label="LoRA target modules",
+    )
+    learning_rate: float = option(
+        2e-4, help="2e-4 suits LoRA; full fine-tunes want about 10x less.", minimum=0, exclusive_minimum=True,
+        label="Learning rate",
+    )
+    max_steps: int | None = option(
+        60, help="Optimizer steps to train for; none (0 in the UI) = train for the number of epochs instead.",
+        minimum=1, label="Max steps",
+    )
+    num_train_epochs: float = option(
+        1.0, help="Passes over the data (used when max steps is 0).", minimum=0, exclusive_minimum=True,
+        label="Epochs",
+    )
+    per_device_train_batch_size: int = option(
+        2, help="Rows per step on each device. Memory grows with it.", minimum=1, label="Batch size"
+    )
+    gradient_accumulation_steps: int = option(
+        4, help="Steps whose gradients are summed before an update: a larger effective batch without more memory.",
+        minimum=1, label="Gradient accumulation",
+    )
+    # Folding accumulation into the micro-batch keeps the effective batch (per_device × accumulation) and the GPU busier.
+    fit_micro_batch: bool = option(
+        True, help="On a GPU, run the accumulation steps as one larger batch while the memory estimate fits "
+        "(same effective batch, faster).", label="Fit micro-batch to GPU memory", advanced=True,
+    )
+    warmup_steps: int = option(
+        5, help="Steps over which the learning rate ramps up from 0.", minimum=0, label="Warm-up steps", advanced=True
+    )
+    lr_scheduler_type: str = option(
+        "linear", help="How the learning rate changes after warm-up.", choices=_scheduler_names, label="Scheduler",
+        advanced=True,
+    )
+    weight_decay: float = option(
+        0.01, help="L2 penalty on the weights.", minimum=0, label="Weight decay", advanced=True
+    )
+    optim: str = option(
+        "adamw_torch", help="Optimizer; 8-bit ones need bitsandbytes and a GPU.", choices=_optimizer_names,
+        label="Optimizer", advanced=True,
+    )
+    max_seq_length: int = option(
+        DEFAULT_MAX_SEQ_LENGTH, help="Longer examples are cut to this many tokens.", minimum=1, label="Max sequence length"
+    )
+    packing: bool = option(
+        False, help="Pack several short examples into one sequence (faster on short rows).", label="Packing",
+        advanced=True,
+    )
+    train_on_responses_only: bool = option(
+        True, help="Compute the loss only on the assistant's replies, not on the prompts.",
+        label="Train on responses only", advanced=True,
+    )
+    gradient_checkpointing: bool = option(
+        True, help="Recompute activations in the backward pass: much less memory, ~30% slower.",
+        label="Gradient checkpointing", advanced=True,
+    )
+    eval_split: float = option(
+        0.0, help="Fraction of rows held out to measure eval loss (0 = none).", minimum=0, maximum=1,
+        exclusive_maximum=True, label="Eval split",
+    )
+    eval_steps: int = option(
+        0, help="Evaluate every this many steps (0 = at each checkpoint).", minimum=0, label="Eval every (steps)",
+        advanced=True,
+    )
+    save_steps: int = option(
+        50, help="Save a checkpoint (a resume point) every this many steps.", minimum=1,
+        label="Checkpoint every (steps)",
+    )
+    save_total_limit: int = option(
+        2, help="Keep only this many checkpoints.", minimum=1, label="Checkpoints kept", advanced=True
+    )
+    logging_steps: int = option(
+        1, help="Log loss every this many steps.", minimum=1, label="Log every (steps)", advanced=True
+    )
+    seed: int = option(
+        DEFAULT_SEED, help="Random seed for shuffling and LoRA initialisation.", minimum=0, maximum=2**32 - 1, label="Seed",
+        advanced=True,
+    )
+    report_to: str = option(
+        "none", help="Also log to TensorBoard (run folder/tensorboard).", choices=REPORT_TO, label="Report to",
+        advanced=True,
+    )
+    num_gpus: int = option(
+        0, help="0 = every visible GPU; more than one trains with DDP, one process per GPU (torchrun).", minimum=0,
+        label="GPUs", advanced=True,
+    )
 
     @property
     def mode(self) -> str:
         return "full" if self.full_finetuning else "qlora" if self.load_in_4bit else "lora"
 
-    def validate(self, cuda: bool | None = None) -> None:
-        """Raise UserError for the first value that cannot work; `cuda` overrides detection (tests)."""
+    def validate(self, device: Device | None = None) -> None:
+        """Raise UserError for the first value that cannot work; `device` overrides detection (tests)."""
+        check(self)
         self.model.validate()
         self.dataset.validate()
-        positive = {"learning_rate": self.learning_rate, "per_device_train_batch_size": self.per_device_train_batch_size,
-                    "gradient_accumulation_steps": self.gradient_accumulation_steps, "max_seq_length": self.max_seq_length,
-                    "save_steps": self.save_steps, "logging_steps": self.logging_steps}
-        if self.max_steps is not None:
-            positive["max_steps"] = self.max_steps
-        else:
-            positive["num_train_epochs"] = self.num_train_epochs
-        for name, value in positive.items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0 or math.isnan(value):
-                raise UserError(f"{name} must be a number above 0 (got {value!r}).")
-        if not self.full_finetuning:
-            if not isinstance(self.lora_r, int) or self.lora_r <= 0:
-                raise UserError(f"lora_r (LoRA rank) must be a whole number above 0 (got {self.lora_r!r}); try 16.")
-            if self.lora_alpha <= 0:
-                raise UserError(f"lora_alpha must be above 0 (got {self.lora_alpha!r}); try the same value as lora_r.")
-            if not self.target_modules:
-                raise UserError("target_modules is empty: name the linear layers LoRA adapts, e.g. q_proj, v_proj.")
-        if not 0 <= self.lora_dropout < 1:
-            raise UserError(f"lora_dropout must be in [0, 1) (got {self.lora_dropout!r}).")
-        if not 0 <= self.eval_split < 1:
-            raise UserError(f"eval_split must be a fraction in [0, 1) (got {self.eval_split!r}).")
-        if self.eval_steps < 0 or self.warmup_steps < 0 or self.save_total_limit < 1:
-            raise UserError("eval_steps and warmup_steps must be 0 or more, save_total_limit 1 or more.")
+        if not self.full_finetuning and not self.target_modules:
+            raise UserError("target_modules is empty: name the linear layers LoRA adapts, e.g. q_proj, v_proj.")
         if self.load_in_4bit and self.full_finetuning:
             raise UserError("Choose either 4-bit QLoRA or a full fine-tune, not both.")
-        if self.report_to not in REPORT_TO:
-            raise UserError(f"report_to must be one of: {', '.join(REPORT_TO)} (got {self.report_to!r}).")
-        if self.load_in_4bit and not (cuda if cuda is not None else _cuda()):
+        device = device or detect_device()
+        if self.load_in_4bit and not device.cuda:
             raise UserError("4-bit QLoRA needs an NVIDIA GPU (CUDA); none is available here. Use 16-bit LoRA instead.")
-        check_optimizer_and_scheduler(self.optim, self.lr_scheduler_type, cuda)
-        if not isinstance(self.num_gpus, int) or isinstance(self.num_gpus, bool) or self.num_gpus < 0:
-            raise UserError(f"num_gpus must be 0 (every visible GPU) or a number of GPUs (got {self.num_gpus!r}).")
+        check_optimizer_device(self.optim, device)
         if self.num_gpus:
             check_num_gpus(self.num_gpus)
 
 
-def check_optimizer_and_scheduler(optim: str, scheduler: str, cuda: bool | None = None) -> None:
-    """Refuse names the Trainer does not know, and bitsandbytes optimizers without a GPU, before a job starts."""
-    from transformers.trainer_utils import SchedulerType
-    from transformers.training_args import OptimizerNames
-
-    optimizers = [name.value for name in OptimizerNames]
-    if optim not in optimizers:
-        common = "adamw_torch, adamw_torch_fused, adamw_8bit, paged_adamw_8bit, adafactor, sgd"
-        raise UserError(f"Unknown optimizer '{optim}'. Common ones: {common} (all: {', '.join(optimizers)}).")
-    schedulers = [name.value for name in SchedulerType]
-    if scheduler not in schedulers:
-        raise UserError(f"Unknown lr_scheduler_type '{scheduler}'. Choose one of: {', '.join(schedulers)}.")
+def check_optimizer_device(optim: str, device: Device) -> None:
+    """Refuse bitsandbytes optimizers without a GPU before a job starts."""
     bitsandbytes = "bnb" in optim or optim.startswith("paged_") or optim in ("adamw_8bit", "ademamix_8bit",
                                                                               "lion_8bit", "lion_32bit")
-    if bitsandbytes and not (cuda if cuda is not None else _cuda()):
+    if bitsandbytes and not device.cuda:
         raise UserError(f"The optimizer '{optim}' comes from bitsandbytes and needs an NVIDIA GPU; use adamw_torch "
                         "here.")
 
@@ -131,9 +186,9 @@ def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
 
 
 def _cuda() -> bool:
-    import torch
+    import model_utils
 
-    return torch.cuda.is_available()
+    return model_utils.detect_device().cuda
 
 
 # ---------------------------------------------------------------- GPUs and processes
@@ -211,53 +266,58 @@ def unsloth_supports_ddp() -> bool:
 
 # ---------------------------------------------------------------- the run
 
-def train(config: TrainConfig, run_dir: Path, resume: bool = False) -> str:
-    """Train into `run_dir` (checkpoints/, adapter/ or merged/, events.jsonl); returns "done" or "stopped"."""
+def launch_plan(settings: dict[str, Any]) -> tuple[int, dict[str, str]]:
+    """(processes, environment) for a training job: one process per GPU it trains on."""
+    return gpu_launch(int(settings.get("num_gpus") or 0))
+
+
+def train_job(config: TrainConfig, ctx: JobContext) -> str:
+    """The training stage's job: picks the backend before any ML library is imported, then trains."""
+    import model_utils
+
+    fallback = ddp_fallback()
+    if fallback:
+        ctx.note(note=fallback)
+    model_utils.select_backend()  # before transformers/trl/peft are imported: Unsloth patches them
+    return train(config, ctx)
+
+
+def train(config: TrainConfig, ctx: JobContext) -> str:
+    """Train into the run folder (checkpoints/, adapter/ or merged/, events); returns "done" or "stopped"."""
     import model_utils
 
     backend = model_utils.select_backend()  # first: Unsloth must be imported before transformers/trl/peft
     config.validate()
-    run_dir = Path(run_dir)
-    workspace = run_dir.parent.parent
+    run_dir, workspace = ctx.run_dir, ctx.workspace
     model_path = model_utils.resolve_model_path(config.model.name_or_path, workspace)
     limit = model_utils.model_max_length(model_path)
     if config.max_seq_length > limit:
         raise UserError(f"max_seq_length {config.max_seq_length} is above this model's limit of {limit} tokens.")
     log.info("backend: %s, model: %s, mode: %s, processes: %d", backend, model_path, config.mode, world_size())
     state = _distributed_state()
-    if state.is_main_process:
-        from jobs import write_status
-
-        write_status(run_dir, backend=backend, processes=state.num_processes, device="GPU" if _cuda() else "CPU")
+    ctx.note(backend=backend, processes=state.num_processes, device="GPU" if _cuda() else "CPU")
 
     if config.fit_micro_batch and _cuda():
-        from jobs import read_status
-
-        earlier = read_status(run_dir) if resume else {}
-        if earlier.get("micro_batch"):  # a resumed run keeps its micro-batch: the Trainer skips batches by count
-            config = dataclasses.replace(config, per_device_train_batch_size=earlier["micro_batch"],
-                                         gradient_accumulation_steps=earlier["gradient_accumulation"])
+        earlier = read_status(run_dir) if ctx.resume else None
+        if earlier and earlier.micro_batch:  # a resumed run keeps its micro-batch: the Trainer skips batches by count
+            config = dataclasses.replace(config, per_device_train_batch_size=earlier.micro_batch,
+                                         gradient_accumulation_steps=earlier.gradient_accumulation)
         else:
             config = fit_micro_batch(config, model_path)
-        if state.is_main_process:
-            from jobs import write_status
-
-            write_status(run_dir, micro_batch=config.per_device_train_batch_size,
-                         gradient_accumulation=config.gradient_accumulation_steps)
+        ctx.note(micro_batch=config.per_device_train_batch_size,
+                 gradient_accumulation=config.gradient_accumulation_steps)
     model, tokenizer = load_for_training(config, model_path, backend)
     with state.main_process_first():  # rank 0 prepares and caches the dataset, the other ranks read the cache
         prepared = prepare_training_data(config, tokenizer, workspace)
-    trainer = build_trainer(config, model, tokenizer, prepared, run_dir, backend)
-    checkpoint = _resume_point(run_dir) if resume else None
-    if resume and checkpoint is None:
+    trainer = build_trainer(config, model, tokenizer, prepared, ctx, backend)
+    checkpoint = last_checkpoint(run_dir) if ctx.resume else None
+    if ctx.resume and checkpoint is None:
         raise UserError("This run has no checkpoint to resume from; start a new run instead.")
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
-    from jobs import StopRequested
-
     # A stop that lands on the last step finishes the run: resuming from a checkpoint at max_steps would make the
     # Trainer run one step past it.
-    if StopRequested.requested and trainer.state.global_step < trainer.state.max_steps:
+    if ctx.stop.requested and trainer.state.global_step < trainer.state.max_steps:
         return "stopped"
     if trainer.is_world_process_zero():
         save_final(trainer, tokenizer, config, run_dir)
@@ -270,8 +330,7 @@ def fit_micro_batch(config: TrainConfig, model_path: str, headroom: float = 0.85
     import model_utils
 
     effective = config.per_device_train_batch_size * config.gradient_accumulation_steps
-    estimate = model_utils.estimate_memory(model_path, config.mode, config.lora_r, config.target_modules, 1,
-                                           config.max_seq_length, config.gradient_checkpointing)
+    estimate = model_utils.estimate_memory(dataclasses.replace(config, per_device_train_batch_size=1), model_path)
     if estimate.available_gib is None:
         return config
     fixed = estimate.weights_gib + estimate.trainable_gib
@@ -290,12 +349,14 @@ def fit_micro_batch(config: TrainConfig, model_path: str, headroom: float = 0.85
 def _distributed_state():
     """accelerate's process state, set up before the model loads so that ranks can wait for each other (one process
     when not launched by torchrun; gloo on CPU, NCCL on CUDA)."""
-    import torch
     from accelerate import PartialState
 
-    if world_size() > 1 and not torch.cuda.is_available():
+    import model_utils
+
+    on_cuda = model_utils.detect_device().cuda
+    if world_size() > 1 and not on_cuda:
         _restore_indexed_cpu_locations()
-    return PartialState(cpu=not torch.cuda.is_available())
+    return PartialState(cpu=not on_cuda)
 
 
 def _restore_indexed_cpu_locations() -> None:
@@ -343,9 +404,10 @@ def _load_transformers(config: TrainConfig, model_path: str):
     import model_utils
 
     tokenizer = model_utils.load_tokenizer(model_path, config.model.trust_remote_code)
-    on_cuda = torch.cuda.is_available()
+    device = model_utils.detect_device()
+    on_cuda = device.cuda
     model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=torch.bfloat16 if on_cuda else torch.float32, use_safetensors=True,
+        model_path, dtype=(torch.bfloat16 if device.bf16 else torch.float16) if on_cuda else torch.float32, use_safetensors=True,
         trust_remote_code=config.model.trust_remote_code,
         device_map={"": torch.cuda.current_device()} if on_cuda else None,  # a DDP rank's own GPU
     )
@@ -381,13 +443,15 @@ def prepare_training_data(config: TrainConfig, tokenizer, workspace: Path):
     return prepared
 
 
-def build_trainer(config: TrainConfig, model, tokenizer, prepared, run_dir: Path, backend: str):
-    import torch
+def build_trainer(config: TrainConfig, model, tokenizer, prepared, ctx: JobContext, backend: str):
     from trl import SFTConfig, SFTTrainer
 
-    on_cuda = torch.cuda.is_available()
-    bf16 = on_cuda and torch.cuda.is_bf16_supported()
+    import model_utils
+
+    device = model_utils.detect_device()
+    on_cuda, bf16 = device.cuda, device.bf16
     has_eval = prepared.eval is not None
+    run_dir = ctx.run_dir
     if config.report_to == "tensorboard":
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")  # transformers 5 reads it from here
     args = SFTConfig(
@@ -404,7 +468,7 @@ def build_trainer(config: TrainConfig, model, tokenizer, prepared, run_dir: Path
         optim=config.optim,
         max_length=config.max_seq_length,
         packing=config.packing,
-        # TRL turns bf16 on by default; on CPU bf16 autocast made a demo step 20x slower (DESIGN.md §3).
+        # TRL turns bf16 on by default; on CPU bf16 autocast made a demo step 20x slower (measured on the demo model).
         bf16=bf16,
         fp16=on_cuda and not bf16,
         # Unsloth applies its own checkpointing in get_peft_model.
@@ -430,7 +494,7 @@ def build_trainer(config: TrainConfig, model, tokenizer, prepared, run_dir: Path
     )
     counter = TokenCounter(trainer.data_collator)
     trainer.data_collator = counter
-    trainer.add_callback(events_callback(run_dir, counter))
+    trainer.add_callback(events_callback(ctx, counter))
     return trainer
 
 
@@ -454,12 +518,6 @@ class TokenCounter:
         return getattr(self.collate, name)
 
 
-def _resume_point(run_dir: Path) -> Path | None:
-    from jobs import last_checkpoint
-
-    return last_checkpoint(run_dir)
-
-
 def save_final(trainer, tokenizer, config: TrainConfig, run_dir: Path) -> Path:
     """Write adapter/ (LoRA) or merged/ (full fine-tune) atomically, with the tokenizer and the train config."""
     from workspace import config_to_dict, dump_yaml
@@ -475,13 +533,14 @@ def save_final(trainer, tokenizer, config: TrainConfig, run_dir: Path) -> Path:
 
 # ---------------------------------------------------------------- events
 
-def events_callback(run_dir: Path, counter: TokenCounter | None = None):
-    """A TrainerCallback writing events.jsonl / progress.json and stopping (with a checkpoint) on SIGTERM.
+def events_callback(ctx: JobContext, counter: TokenCounter | None = None):
+    """A TrainerCallback reporting start, logs and checkpoints, and stopping (with a checkpoint) when asked.
 
-    Under DDP every rank runs it: rank 0 alone writes, and the ranks agree on stopping at the same step."""
+    Under DDP every rank runs it: rank 0 alone writes (its reporter writes, the others' do not), and the ranks agree
+    on stopping at the same step."""
     from transformers import TrainerCallback
 
-    from jobs import StopRequested, append_event
+    reporter = ctx.reporter
 
     class RunEvents(TrainerCallback):
         def __init__(self) -> None:
@@ -491,8 +550,6 @@ def events_callback(run_dir: Path, counter: TokenCounter | None = None):
             self.last_time = self.started
             self.stop_group = None
             self.pending = None  # the stop vote under way: (its work handle, its ballot)
-            self.progress_written = 0.0
-            self.progress: dict[str, Any] = {}  # merged, so an eval-only event keeps the last train loss
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.started = self.last_time = time.monotonic()
@@ -503,11 +560,10 @@ def events_callback(run_dir: Path, counter: TokenCounter | None = None):
                 # A CPU-side group: the per-step stop vote must not wait on the GPU.
                 self.stop_group = dist.new_group(backend="gloo")
             if state.is_world_process_zero:
-                append_event(run_dir, {"event": "start", "step": state.global_step, "max_steps": state.max_steps,
-                                       "processes": world_size()})
+                reporter.start(state.global_step, state.max_steps, processes=world_size())
 
         def on_step_end(self, args, state, control, **kwargs):
-            stop = StopRequested.requested
+            stop = ctx.stop.requested
             if self.stop_group is not None:
                 stop = self.vote(stop)
             if stop:
@@ -542,36 +598,27 @@ def events_callback(run_dir: Path, counter: TokenCounter | None = None):
             if not state.is_world_process_zero:
                 return
             logs = dict(logs or {})
-            elapsed = time.monotonic() - self.started
-            done = state.global_step - (self.first_step or 0)
-            event: dict[str, Any] = {"event": "log", "step": state.global_step, "max_steps": state.max_steps,
-                                     "epoch": round(state.epoch or 0, 4)}
+            metrics: dict[str, Any] = {"epoch": round(state.epoch or 0, 4)}
             for key in ("loss", "eval_loss", "learning_rate", "grad_norm"):
                 if key in logs:
-                    event[key] = logs[key]
+                    metrics[key] = logs[key]
             tokens = logs.get("num_tokens")  # TRL's count, over every rank
             if tokens is None and counter is not None:
                 tokens = counter.tokens * world_size()  # this rank's, times the ranks: batches are alike in size
             now = time.monotonic()
             if tokens is not None and self.last_tokens is not None and now > self.last_time:
-                event["tokens_per_s"] = round((tokens - self.last_tokens) / (now - self.last_time), 1)
+                metrics["tokens_per_s"] = round((tokens - self.last_tokens) / (now - self.last_time), 1)
             if tokens is not None:
                 self.last_tokens, self.last_time = tokens, now
-            if done > 0:
-                event["eta_s"] = round(elapsed / done * (state.max_steps - state.global_step), 1)
-            event["memory_gib"] = _memory_gib()
+            metrics["memory_gib"] = _memory_gib()
             if self.stop_group is not None and _cuda():
-                event["gpu_memory_gib"] = _gpu_memory_used_gib()
-            append_event(run_dir, event)
-            self.progress.update(event)
-            last_step = state.global_step >= state.max_steps
-            if "eval_loss" in event or ("loss" in event and (now - self.progress_written >= PROGRESS_EVERY_S or last_step)):
-                write_json(run_dir / "progress.json", {**self.progress, "updated": time.time()})
-                self.progress_written = now
+                metrics["gpu_memory_gib"] = _gpu_memory_used_gib()
+            # An eval loss is rare and worth showing at once; train losses reach progress.json once a second.
+            reporter.log(state.global_step, state.max_steps, force="eval_loss" in metrics, **metrics)
 
         def on_save(self, args, state, control, **kwargs):
             if state.is_world_process_zero:
-                append_event(run_dir, {"event": "checkpoint", "step": state.global_step})
+                reporter.checkpoint(state.global_step)
 
     return RunEvents()
 

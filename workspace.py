@@ -113,52 +113,62 @@ def config_from_dict(cls: type, data: dict[str, Any] | None, where: str = "confi
     for name, value in data.items():
         hint = hints[name]
         # validate() compares numbers and reads strings: a quoted number or a missing value must stop here instead.
-        if not _fits(value, hint):
-            raise UserError(f"Option '{name}' in {where} must be {_describe(hint)} (got {value!r}).")
+        if not fits(value, hint):
+            raise UserError(f"Option '{name}' in {where} must be {describe_type(hint)} (got {value!r}).")
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
             value = config_from_dict(hint, value, f"{where}.{name}")
+        elif isinstance(value, float) and _int_only(hint):
+            value = int(value)  # 16.0 from a number box or `1e3` in YAML, for an int option
         kwargs[name] = value
     return cls(**kwargs)
 
 
-def _fits(value: Any, hint: Any) -> bool:
-    """Whether a YAML or form value has the option's type; ints and floats are not told apart (forms give 16.0)."""
+def fits(value: Any, hint: Any) -> bool:
+    """Whether a YAML or form value has the option's type; an int option takes a whole float (forms give 16.0)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:
         return True
     if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, option) for option in args)
+        return any(fits(value, option) for option in args)
     if hint is type(None):
         return value is None
     if dataclasses.is_dataclass(hint):
         return isinstance(value, (dict, hint))
     base = origin or hint
-    if base in (int, float):
+    if base is int:
+        return isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer()
+    if base is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if base is list:
-        return isinstance(value, list) and all(_fits(item, args[0]) for item in value if args)
+        return isinstance(value, list) and all(fits(item, args[0]) for item in value if args)
     if base is dict:
         return isinstance(value, dict) and (
-            not args or all(_fits(key, args[0]) and _fits(item, args[1]) for key, item in value.items())
+            not args or all(fits(key, args[0]) and fits(item, args[1]) for key, item in value.items())
         )
     return isinstance(value, base) if isinstance(base, type) else True
 
 
-def _describe(hint: Any) -> str:
+def _int_only(hint: Any) -> bool:
+    """Whether a number for this hint must be an int: `int` or `int | None`, not `float` or `int | float`."""
+    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return int in members and float not in members
+
+
+def describe_type(hint: Any) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join("null" if option is type(None) else _describe(option) for option in args)
+        return " or ".join("null" if option is type(None) else describe_type(option) for option in args)
     if dataclasses.is_dataclass(hint):
         return "a mapping of option names to values"
     base = origin or hint
-    names = {bool: "true or false", int: "a number", float: "a number", str: "text"}
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
     if base in names:
         return names[base]
     if base is list:
-        item = _describe(args[0]) if args else ""
+        item = describe_type(args[0]) if args else ""
         return "a list" + (f" of {item[2:]}s" if item.startswith("a ") else f" of {item} values" if item else "")
     if base is dict:
-        return "a mapping" + (f" of {_describe(args[0])} to {_describe(args[1])}" if args else "")
+        return "a mapping" + (f" of {describe_type(args[0])} to {describe_type(args[1])}" if args else "")
     return getattr(base, "__name__", str(base))
 
 

@@ -34,12 +34,13 @@ def emit(record: dict) -> None:
 
 def wait(run_dir: Path) -> dict:
     import jobs
+    import runfolder
 
-    while jobs.read_status(run_dir)["state"] in jobs.ACTIVE_STATES:
+    while jobs.job_status(run_dir).state in runfolder.ACTIVE:
         time.sleep(0.5)
-    status = jobs.read_status(run_dir)
-    if status["state"] != "done":
-        raise SystemExit(f"{run_dir.name} {status['state']}: {status.get('error')}\n{jobs.log_tail(run_dir, 30)}")
+    status = jobs.job_status(run_dir)
+    if status.state != "done":
+        raise SystemExit(f"{run_dir.name} {status.state}: {status.error}\n{runfolder.log_tail(run_dir, 30)}")
     return status
 
 
@@ -55,6 +56,7 @@ def main() -> None:
     import inference_utils
     import jobs
     import model_utils
+    import runfolder
     from workspace import config_to_dict, load_yaml
 
     emit(
@@ -78,7 +80,7 @@ def main() -> None:
     run_dir = jobs.create_run("train", config, workspace, "demo")
     jobs.start_job(run_dir)
     wait(run_dir)
-    losses = [event["loss"] for event in jobs.read_events(run_dir) if event["event"] == "log" and "loss" in event]
+    losses = [event.metrics["loss"] for event in runfolder.read_events(run_dir) if event.kind == "log" and "loss" in event.metrics]
     stages["train_30_steps"] = time.perf_counter() - mark
 
     mark = time.perf_counter()

@@ -30,6 +30,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import gguf_utils  # noqa: E402
 import jobs  # noqa: E402
+import runfolder  # noqa: E402
+from gguf_utils.convert import llama_cpp_version  # noqa: E402
 from workspace import config_to_dict  # noqa: E402
 
 QUANTIZE_BY_HAND = """
@@ -78,8 +80,8 @@ def train_demo_run(workspace: Path, steps: int) -> str:
     run_dir = jobs.create_run("train", config_to_dict(config), workspace, "bench-export")
     started = time.monotonic()
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs; stdout carries only JSON lines
-        training_utils.train(config, run_dir)
-    jobs.write_status(run_dir, state="done")
+        training_utils.train(config, runfolder.JobContext.for_run(run_dir))
+    runfolder.write_status(run_dir, state="done")
     emit({"measurement": "train_demo_lora", "steps": steps, "seconds": round(time.monotonic() - started, 2)})
     return run_dir.name
 
@@ -97,10 +99,10 @@ def app_export(workspace: Path, run: str, quants: list[str]) -> tuple[float, dic
         stderr=subprocess.DEVNULL,
     )
     seconds = time.monotonic() - started
-    status = jobs.read_status(job)
-    if status["state"] != "done":
-        sys.exit(f"export job {job} ended {status['state']}: {status.get('error')}")
-    return seconds, json.loads((jobs.run_path(run, workspace) / "gguf" / "report.json").read_text())
+    status = jobs.job_status(job)
+    if status.state != "done":
+        sys.exit(f"export job {job} ended {status.state}: {status.error}")
+    return seconds, json.loads((runfolder.run_path(run, workspace) / "gguf" / "report.json").read_text())
 
 
 def by_hand(merged: Path, quant: str, scratch: Path) -> tuple[float, float]:
@@ -155,7 +157,7 @@ def main() -> None:
             "workspace": str(workspace),
             "cpu_count": os.cpu_count(),
             "load_average": os.getloadavg()[0],
-            "llama_cpp_python": gguf_utils._llama_cpp_version(),
+            "llama_cpp_python": llama_cpp_version(),
         }
     )
     run = args.run or train_demo_run(workspace, args.train_steps)
@@ -171,7 +173,7 @@ def main() -> None:
             "agreement": {f["quant"]: f["agreement"] for f in report["files"]},
         }
     )
-    merged = jobs.run_path(run, workspace) / "merged"
+    merged = runfolder.run_path(run, workspace) / "merged"
 
     cache = merged / gguf_utils.REFERENCE_CACHE
     with tempfile.TemporaryDirectory(dir=workspace) as scratch:

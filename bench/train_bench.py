@@ -240,6 +240,7 @@ def measure_app(
 ) -> dict:
     """The app's training job; batch None keeps the app's own defaults (batch size, accumulation, packing)."""
     import jobs
+    import runfolder
     import training_utils
     from dataset_utils import DatasetConfig
     from model_utils import ModelConfig
@@ -272,12 +273,12 @@ def measure_app(
     workspace = work / "workspace"
     run_dir = jobs.create_run("train", config_to_dict(config), workspace, f"bench-{mode}-{int(time.time())}")
     jobs.start_job(run_dir)
-    while jobs.read_status(run_dir)["state"] in jobs.ACTIVE_STATES:
+    while jobs.job_status(run_dir).state in runfolder.ACTIVE:
         time.sleep(1)
-    status = jobs.read_status(run_dir)
-    if status["state"] != "done":
-        raise RuntimeError(f"app run {status['state']}: {status.get('error')}\n{jobs.log_tail(run_dir, 60)}")
-    events = [event for event in jobs.read_events(run_dir) if event["event"] == "log" and "loss" in event]
+    status = jobs.job_status(run_dir)
+    if status.state != "done":
+        raise RuntimeError(f"app run {status.state}: {status.error}\n{runfolder.log_tail(run_dir, 60)}")
+    events = [event for event in runfolder.read_events(run_dir) if event.kind == "log" and "loss" in event.metrics]
     # The job logs tokens/s between consecutive logs (TRL's token count): weight each by its interval.
     counted = any("tokens_per_s" in event for event in events)
     marks, seen = [], 0.0
@@ -293,15 +294,15 @@ def measure_app(
             }
         )
     accumulation = config.gradient_accumulation_steps
-    result = window(marks, config.per_device_train_batch_size, accumulation, status.get("processes", 1))
+    result = window(marks, config.per_device_train_batch_size, accumulation, status.processes)
     import torch
 
     return {
         **result,
         "peak_memory_gib": max(event["memory_gib"] for event in events),
         "gpu_memory_gib": events[-1].get("gpu_memory_gib"),
-        "backend": status.get("backend"),
-        "processes": status.get("processes", 1),
+        "backend": status.backend,
+        "processes": status.processes,
         "batch": config.per_device_train_batch_size,
         "gradient_accumulation_steps": accumulation,
         "packing": config.packing,

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import jobs  # noqa: E402
 import model_utils  # noqa: E402
+import runfolder  # noqa: E402
 from dataset_utils import DatasetConfig  # noqa: E402
 from training_utils import TrainConfig  # noqa: E402
 from workspace import config_to_dict, workspace_root  # noqa: E402
@@ -53,12 +53,6 @@ CHROMIUM_ARGS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def prepare_workspace(folder: Path) -> None:
     """The demo model, linked from the default workspace when it was converted there already."""
     converted = model_utils.demo_model_dir(workspace_root())
@@ -70,7 +64,7 @@ def prepare_workspace(folder: Path) -> None:
 
 
 def start_app(workspace: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+    port = jobs.free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "main.py"), "--port", str(port), "--workspace", str(workspace)],
@@ -156,13 +150,13 @@ def serve_minimal_gradio_page() -> str:
 
     with gr.Blocks() as minimal:
         gr.Markdown("minimal", elem_id="minimal")
-    port = free_port()
+    port = jobs.free_port()
     minimal.launch(server_port=port, prevent_thread_lock=True, quiet=True)
     return f"http://127.0.0.1:{port}/"
 
 
 def logged_step(run_dir: Path) -> int:
-    return max((event["step"] for event in jobs.read_events(run_dir) if event.get("event") == "log"), default=0)
+    return max((event.step for event in runfolder.read_events(run_dir) if event.kind == "log"), default=0)
 
 
 def main() -> None:
@@ -228,9 +222,9 @@ def main() -> None:
         measure_side("idle")
         jobs.start_job(run_dir)
         deadline = time.monotonic() + 900
-        while not any(event.get("event") == "log" for event in jobs.read_events(run_dir)):
-            if jobs.read_status(run_dir)["state"] not in jobs.ACTIVE_STATES or time.monotonic() > deadline:
-                raise SystemExit(f"the training job did not reach its first step:\n{jobs.log_tail(run_dir)}")
+        while not any(event.kind == "log" for event in runfolder.read_events(run_dir)):
+            if jobs.job_status(run_dir).state not in runfolder.ACTIVE or time.monotonic() > deadline:
+                raise SystemExit(f"the training job did not reach its first step:\n{runfolder.log_tail(run_dir)}")
             time.sleep(1)
         first_step = logged_step(run_dir)
         measure_side("training")
@@ -255,10 +249,10 @@ def main() -> None:
                 line.update({"target_s": TARGET_S, "meets_target": busy["p95_s"] < TARGET_S})
             print(json.dumps(line), flush=True)
     finally:
-        if run_dir is not None and jobs.read_status(run_dir)["state"] in jobs.ACTIVE_STATES:
+        if run_dir is not None and jobs.job_status(run_dir).state in runfolder.ACTIVE:
             jobs.stop_job(run_dir)
             deadline = time.monotonic() + 120
-            while jobs.read_status(run_dir)["state"] in jobs.ACTIVE_STATES and time.monotonic() < deadline:
+            while jobs.job_status(run_dir).state in runfolder.ACTIVE and time.monotonic() < deadline:
                 time.sleep(1)
         if process is not None:
             process.terminate()

@@ -108,14 +108,15 @@ def demo_train_config(data: Path, **changes):
 def trained_run(session_workspace, demo_model) -> Path:
     """A finished 30-step LoRA run on the demo model (learns to end answers with "Zebra!"), made once per session."""
     import jobs
+    import runfolder
     import training_utils
     from workspace import config_to_dict
 
     data = write_jsonl(session_workspace / "capitals.jsonl", capital_rows(48))
     config = demo_train_config(data, save_steps=30, eval_split=0.25, report_to="tensorboard")
     run_dir = jobs.create_run("train", config_to_dict(config), session_workspace, "trained")
-    training_utils.train(config, run_dir)
-    jobs.write_status(run_dir, state="done")
+    training_utils.train(config, runfolder.JobContext.for_run(run_dir))
+    runfolder.write_status(run_dir, state="done")
     return run_dir
 
 
@@ -140,6 +141,6 @@ def wait_for(predicate, timeout: float = 900, interval: float = 0.5, what: str =
 
 def logged_steps(run_dir: Path) -> list[int]:
     """The steps of a run's training-loss events."""
-    import jobs
+    import runfolder
 
-    return [event["step"] for event in jobs.read_events(run_dir) if event.get("event") == "log" and "loss" in event]
+    return [event.step for event in runfolder.read_events(run_dir) if event.kind == "log" and "loss" in event.metrics]

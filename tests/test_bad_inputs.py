@@ -16,10 +16,11 @@ import pytest
 import yaml
 
 import dataset_utils
-import gguf_utils
 import jobs
 import main
 import model_utils
+import runfolder
+import submit
 import synthetic_utils
 import training_utils
 from workspace import CONFINE_ENV, UserError
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CORPUS = Path(__file__).resolve().parent / "bad_inputs"
 CASES: list[dict[str, Any]] = yaml.safe_load((CORPUS / "cases.yaml").read_text(encoding="utf-8"))
 ERROR_LINE = re.compile(r"(^|: )error: ")
+CPU = model_utils.Device(cuda=False, gpu_count=0, names=(), bf16=False)
 
 
 # ---------------------------------------------------------------- one function per entry point
@@ -62,7 +64,7 @@ def call_upload(args: dict, ctx: dict) -> None:
 
 
 def call_train_config(args: dict, ctx: dict) -> None:
-    training_utils.train_config_from_dict(args).validate(cuda=False)
+    training_utils.train_config_from_dict(args).validate(device=CPU)
 
 
 def call_model(args: str, ctx: dict) -> None:
@@ -74,11 +76,11 @@ def call_run_name(args: dict, ctx: dict) -> None:
 
 
 def call_resume(args: str, ctx: dict) -> None:
-    jobs.resume_job(jobs.run_path(args, ctx["ws"]))
+    submit.resume(args, ctx["ws"])
 
 
 def call_stop(args: str, ctx: dict) -> None:
-    jobs.stop_job(jobs.run_path(args, ctx["ws"]))
+    submit.stop(args, ctx["ws"])
 
 
 def call_preset(args: dict, ctx: dict) -> None:
@@ -89,7 +91,7 @@ def call_preset(args: dict, ctx: dict) -> None:
 
 
 def call_export(args: dict, ctx: dict) -> None:
-    gguf_utils.check_export(gguf_utils.export_config_from_dict(args), ctx["ws"])
+    submit.submit_export(args, ctx["ws"])
 
 
 def call_synth_config(args: dict, ctx: dict) -> None:
@@ -216,7 +218,7 @@ def prepare(case: dict, ws: Path, outside: Path, demo_model: Path) -> dict[str, 
         (ws / link).symlink_to(fill(target, names))
     for run in setup.get("runs", []):
         run_dir = jobs.create_run(run["kind"], {}, ws, run["name"])
-        jobs.write_status(run_dir, state=run["state"])
+        runfolder.write_status(run_dir, state=run["state"])
         for name, text in run.get("files", {}).items():
             (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
             (run_dir / name).write_text(text, encoding="utf-8")

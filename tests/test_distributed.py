@@ -11,6 +11,7 @@ import pytest
 from safetensors import safe_open
 
 import jobs
+import runfolder
 from conftest import capital_rows, demo_train_config, wait_for, write_jsonl
 from dataset_utils import DatasetConfig
 from training_utils import TrainConfig, gpu_launch
@@ -30,8 +31,8 @@ def data_file(tmp_path) -> Path:
 
 
 def ended(run_dir: Path) -> dict:
-    status = jobs.read_status(run_dir)
-    return status if status["state"] not in jobs.ACTIVE_STATES else {}
+    status = jobs.job_status(run_dir)
+    return status if not status.active else None
 
 
 def processes_of(run_dir: Path) -> list[int]:
@@ -88,8 +89,8 @@ def test_a_run_asking_for_absent_gpus_fails_before_any_process_starts(demo_works
     run_dir = jobs.create_run("train", config_to_dict(ddp_config(data_file, num_gpus=3)), demo_workspace, "too-many")
     with pytest.raises(UserError, match="num_gpus is 3"):
         jobs.start_job(run_dir)
-    status = jobs.read_status(run_dir)
-    assert status["state"] == "failed" and "num_gpus is 3" in status["error"]
+    status = jobs.job_status(run_dir)
+    assert status.state == "failed" and "num_gpus is 3" in status.error
 
 
 def test_several_processes_launch_through_torchrun_on_a_free_port(tmp_path):
@@ -123,15 +124,16 @@ def test_two_processes_train_one_run_logged_once_with_the_one_process_adapter_fo
     run_dir = jobs.create_run("train", config_to_dict(ddp_config(data_file)), demo_workspace, "ddp")
     jobs.start_job(run_dir, processes=2)
     status = wait_for(lambda: ended(run_dir), timeout=600)
-    assert status["state"] == "done", f"{status.get('error')}\n{jobs.log_tail(run_dir, 40)}"
-    assert status["processes"] == 2
+    assert status.state == "done", f"{status.error}\n{runfolder.log_tail(run_dir, 40)}"
+    assert status.processes == 2
 
-    events = jobs.read_events(run_dir)
-    starts = [event for event in events if event["event"] == "start"]
-    assert len(starts) == 1 and starts[0]["processes"] == 2
-    steps = [event["step"] for event in events if event["event"] == "log" and "loss" in event]
+    events = runfolder.read_events(run_dir)
+    starts = [event for event in events if event.kind == "start"]
+    assert len(starts) == 1 and starts[0].metrics["processes"] == 2
+    steps = [event.step for event in events if event.kind == "log" and "loss" in event.metrics]
     assert steps == [1, 2, 3, 4]  # rank 0 alone writes: each step once
-    assert all(event["loss"] == event["loss"] for event in events if "loss" in event)  # no NaN
+    losses = [event.metrics["loss"] for event in events if "loss" in event.metrics]
+    assert all(loss == loss for loss in losses)  # no NaN
 
     adapter, single = run_dir / "adapter", trained_run / "adapter"
     assert {path.name for path in adapter.iterdir()} == {path.name for path in single.iterdir()}
@@ -146,13 +148,13 @@ def test_a_dying_rank_fails_the_job_and_ends_the_other_rank(demo_workspace, data
         "train", config_to_dict(ddp_config(data_file, max_steps=500, save_steps=500)), demo_workspace, "ddp-dies"
     )
     jobs.start_job(run_dir, processes=2)
-    wait_for(lambda: any("loss" in event for event in jobs.read_events(run_dir)), timeout=600)
+    wait_for(lambda: any("loss" in event.metrics for event in runfolder.read_events(run_dir)), timeout=600)
     os.kill(wait_for(lambda: rank_pid(run_dir, 1), timeout=30), signal.SIGKILL)
 
     status = wait_for(lambda: ended(run_dir), timeout=120)
-    assert status["state"] == "failed"
+    assert status.state == "failed"
     wait_for(lambda: not processes_of(run_dir), timeout=90)  # torchrun ends rank 0: nothing hangs
-    assert jobs.read_status(run_dir)["state"] == "failed"
+    assert jobs.job_status(run_dir).state == "failed"
     assert not (run_dir / "adapter").exists()
 
 
@@ -161,17 +163,17 @@ def test_two_process_run_stops_with_a_checkpoint_and_resumes_to_the_end(demo_wor
     config = ddp_config(data_file, max_steps=8, save_steps=100)
     run_dir = jobs.create_run("train", config_to_dict(config), demo_workspace, "ddp-stop")
     jobs.start_job(run_dir, processes=2)
-    wait_for(lambda: any("loss" in event for event in jobs.read_events(run_dir)), timeout=600)
+    wait_for(lambda: any("loss" in event.metrics for event in runfolder.read_events(run_dir)), timeout=600)
     jobs.stop_job(run_dir)
     status = wait_for(lambda: ended(run_dir), timeout=300)
-    assert status["state"] == "stopped", f"{status.get('error')}\n{jobs.log_tail(run_dir, 40)}"
-    checkpoint = jobs.last_checkpoint(run_dir)
+    assert status.state == "stopped", f"{status.error}\n{runfolder.log_tail(run_dir, 40)}"
+    checkpoint = runfolder.last_checkpoint(run_dir)
     assert checkpoint is not None and int(checkpoint.name.split("-")[1]) < 8  # both ranks stopped at one step
     wait_for(lambda: not processes_of(run_dir), timeout=60)
 
     jobs.resume_job(run_dir, processes=2)
     status = wait_for(lambda: ended(run_dir), timeout=600)
-    assert status["state"] == "done", f"{status.get('error')}\n{jobs.log_tail(run_dir, 40)}"
-    steps = [event["step"] for event in jobs.read_events(run_dir) if event["event"] == "log" and "loss" in event]
+    assert status.state == "done", f"{status.error}\n{runfolder.log_tail(run_dir, 40)}"
+    steps = [event.step for event in runfolder.read_events(run_dir) if event.kind == "log" and "loss" in event.metrics]
     assert max(steps) == 8 and len(steps) == len(set(steps))  # resumed where it stopped, each step logged once
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()

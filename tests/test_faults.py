@@ -27,6 +27,7 @@ import gguf_utils
 import jobs
 import main
 import model_utils
+import runfolder
 import synthetic_utils
 from conftest import capital_rows, logged_steps, wait_for, write_jsonl
 from dataset_utils import DatasetConfig
@@ -54,11 +55,11 @@ TINY = {
 
 
 def state(run_dir: Path) -> str:
-    return jobs.read_status(run_dir)["state"]
+    return jobs.job_status(run_dir).state
 
 
 def start_steps(run_dir: Path) -> list[int]:
-    return [event["step"] for event in jobs.read_events(run_dir) if event.get("event") == "start"]
+    return [event.step for event in runfolder.read_events(run_dir) if event.kind == "start"]
 
 
 def alive(pid: int) -> bool:
@@ -75,10 +76,10 @@ def link_demo(workspace: Path, demo_model: Path) -> None:
 
 def end_job(run_dir: Path) -> None:
     """Cleanup: a job a test left running is killed with its process group."""
-    status = jobs.read_status(run_dir)
-    if status["state"] in jobs.ACTIVE_STATES and status.get("pid"):
+    status = jobs.job_status(run_dir)
+    if status.state in runfolder.ACTIVE and status.pid:
         try:
-            os.killpg(status["pid"], signal.SIGKILL)
+            os.killpg(status.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
 
@@ -216,7 +217,7 @@ def app(tmp_path_factory, demo_model):
 def test_20_sessions_polling_a_running_job_all_keep_getting_answers(app):
     client = app.client()
     run = start_training(client, app.workspace / "capitals.jsonl", "polled")
-    run_dir = jobs.runs_dir(app.workspace) / run
+    run_dir = runfolder.runs_dir(app.workspace) / run
     wait_for(lambda: state(run_dir) == "running", what="the job to run")
     latencies: list[list[float]] = [[] for _ in range(SESSIONS)]
     errors: list[str] = []
@@ -314,9 +315,9 @@ def test_files_outside_the_workspace_are_not_served(app, tmp_path):
 @pytest.mark.slow
 def test_server_killed_during_training_keeps_the_job_listed_and_resumable(app):
     run = start_training(app.client(), app.workspace / "capitals.jsonl", "survivor", **{"Max steps": 3})
-    run_dir = jobs.runs_dir(app.workspace) / run
-    wait_for(lambda: logged_steps(run_dir) or state(run_dir) not in jobs.ACTIVE_STATES, what="the first step")
-    job_pid = jobs.read_status(run_dir)["pid"]
+    run_dir = runfolder.runs_dir(app.workspace) / run
+    wait_for(lambda: logged_steps(run_dir) or state(run_dir) not in runfolder.ACTIVE, what="the first step")
+    job_pid = jobs.job_status(run_dir).pid
     app.kill9()
     assert alive(job_pid), "the job died with the server"
 
@@ -329,11 +330,11 @@ def test_server_killed_during_training_keeps_the_job_listed_and_resumable(app):
         train_tab_button(client, "stop", run)
         wait_for(lambda: state(run_dir) in ("stopped", "failed", "done"), what="the job to stop")
     if state(run_dir) != "done":
-        assert state(run_dir) == "stopped", jobs.log_tail(run_dir)
-        assert jobs.last_checkpoint(run_dir) is not None
+        assert state(run_dir) == "stopped", runfolder.log_tail(run_dir)
+        assert runfolder.last_checkpoint(run_dir) is not None
         train_tab_button(client, "resume", run)
-        wait_for(lambda: state(run_dir) not in jobs.ACTIVE_STATES, what="the resumed job to end")
-    assert state(run_dir) == "done", jobs.log_tail(run_dir)
+        wait_for(lambda: state(run_dir) not in runfolder.ACTIVE, what="the resumed job to end")
+    assert state(run_dir) == "done", runfolder.log_tail(run_dir)
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
     assert max(logged_steps(run_dir)) == 3
     print(json.dumps({"run": run, "starts": start_steps(run_dir), "server_starts": app.starts}))
@@ -361,27 +362,27 @@ def test_killed_synthetic_data_job_loses_no_row_and_resumes(workspace, monkeypat
             main.main([*common, str(workspace / "synth.yaml"), "--name", "rows", "--detach", "--api-key-env", KEY_ENV])
             == 0
         )
-        run_dir = jobs.runs_dir(workspace) / "rows"
+        run_dir = runfolder.runs_dir(workspace) / "rows"
         data = run_dir / synthetic_utils.DATA_FILE
         wait_for(
             lambda: data.exists() and data.read_bytes().count(b"\n") >= 20, timeout=300, interval=0.1, what="20 rows"
         )
-        os.kill(jobs.read_status(run_dir)["pid"], signal.SIGKILL)
+        os.kill(jobs.job_status(run_dir).pid, signal.SIGKILL)
         before = data.read_bytes()
         wait_for(lambda: state(run_dir) != "running", timeout=30, what="the kill to be noticed")
         assert state(run_dir) == "failed"
-        assert "ended unexpectedly" in jobs.read_status(run_dir)["error"]
+        assert "ended unexpectedly" in jobs.job_status(run_dir).error
         assert before.endswith(b"\n"), "a half-written row"
         kept = [json.loads(line) for line in before.decode().splitlines()]
 
         assert main.main([*common, "--resume", "rows", "--detach", "--api-key-env", KEY_ENV]) == 0
-        wait_for(lambda: state(run_dir) not in jobs.ACTIVE_STATES, timeout=300, what="the resumed job")
-    assert state(run_dir) == "done", jobs.log_tail(run_dir)
+        wait_for(lambda: state(run_dir) not in runfolder.ACTIVE, timeout=300, what="the resumed job")
+    assert state(run_dir) == "done", runfolder.log_tail(run_dir)
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     assert len(rows) == 120 and rows[: len(kept)] == kept
     assert len({synthetic_utils.normalize_text(synthetic_utils.row_text(row["messages"])) for row in rows}) == 120
     assert secret_hits(workspace, KEY) == [], "the API key was written to disk"
-    assert KEY not in capsys.readouterr().out + jobs.log_tail(run_dir, lines=10_000)
+    assert KEY not in capsys.readouterr().out + runfolder.log_tail(run_dir, lines=10_000)
     print(json.dumps({"rows_before_kill": len(kept), "rows_after_resume": len(rows)}))
 
 
@@ -406,7 +407,7 @@ def untrained_adapter_run(workspace: Path, demo_model: Path, name: str) -> Path:
     model.save_pretrained(run_dir / "adapter")
     model_utils.load_tokenizer(str(demo_model)).save_pretrained(run_dir / "adapter")
     (run_dir / "adapter" / "train_config.yaml").write_text(dump_yaml(config_to_dict(config)), encoding="utf-8")
-    jobs.write_status(run_dir, state="done")
+    runfolder.write_status(run_dir, state="done")
     return run_dir
 
 
@@ -429,7 +430,7 @@ def test_killed_export_leaves_the_adapter_and_nothing_finished_looking(workspace
     jobs.start_job(job)
 
     def writing() -> str | None:
-        assert state(job) in jobs.ACTIVE_STATES, jobs.log_tail(job)
+        assert state(job) in runfolder.ACTIVE, runfolder.log_tail(job)
         if any(path.is_file() and path.stat().st_size > 0 for path in run_dir.glob(".merged.tmp-*/*")):
             return "merge"
         if any(path.stat().st_size > 0 for path in (run_dir / "gguf").glob(".*.tmp-*")):
@@ -437,7 +438,7 @@ def test_killed_export_leaves_the_adapter_and_nothing_finished_looking(workspace
         return None
 
     phase = wait_for(writing, timeout=600, interval=0.05, what="the export to write")
-    os.kill(jobs.read_status(job)["pid"], signal.SIGKILL)
+    os.kill(jobs.job_status(job).pid, signal.SIGKILL)
     wait_for(lambda: state(job) != "running", timeout=30, what="the kill to be noticed")
     assert state(job) == "failed"
 
@@ -482,10 +483,10 @@ def test_runs_list_still_reads_when_the_disk_is_full(small_disk):
     run_dir = jobs.create_run("train", {}, small_disk, "died")
     dead = subprocess.Popen(["true"])
     dead.wait()
-    jobs.write_status(run_dir, state="running", pid=dead.pid, pid_start=None)
+    runfolder.write_status(run_dir, state="running", pid=dead.pid, pid_start=None)
     fill(small_disk, 0)
     assert [(run.name, run.state) for run in jobs.list_runs(small_disk)] == [("died", "failed")]
-    assert "ended unexpectedly" in jobs.read_status(run_dir)["error"]
+    assert "ended unexpectedly" in jobs.job_status(run_dir).error
 
 
 @pytest.mark.slow
@@ -511,23 +512,23 @@ def test_disk_full_during_training_fails_clearly_and_keeps_earlier_checkpoints(s
     try:
         first = run_dir / "checkpoints" / "checkpoint-2"
         wait_for(
-            lambda: (first / "trainer_state.json").exists() or state(run_dir) not in jobs.ACTIVE_STATES,
+            lambda: (first / "trainer_state.json").exists() or state(run_dir) not in runfolder.ACTIVE,
             interval=0.1,
             what="the first checkpoint",
         )
-        assert state(run_dir) == "running", jobs.log_tail(run_dir)
+        assert state(run_dir) == "running", runfolder.log_tail(run_dir)
         kept = file_hashes(first)
         # Room for status and log lines, not for the next checkpoint (an adapter alone is ~10 MB).
         filler = fill(small_disk, 512 * 1024)
-        wait_for(lambda: state(run_dir) not in jobs.ACTIVE_STATES, what="the job to end")
-        status = jobs.read_status(run_dir)
-        assert status["state"] == "failed" and "disk is full" in status["error"], status
-        assert jobs.last_checkpoint(run_dir) == first and file_hashes(first) == kept
+        wait_for(lambda: state(run_dir) not in runfolder.ACTIVE, what="the job to end")
+        status = jobs.job_status(run_dir)
+        assert status.state == "failed" and "disk is full" in status.error, status
+        assert runfolder.last_checkpoint(run_dir) == first and file_hashes(first) == kept
 
         filler.unlink()
         jobs.resume_job(run_dir)
-        wait_for(lambda: state(run_dir) not in jobs.ACTIVE_STATES, what="the resumed job")
-        assert state(run_dir) == "done", jobs.log_tail(run_dir)
+        wait_for(lambda: state(run_dir) not in runfolder.ACTIVE, what="the resumed job")
+        assert state(run_dir) == "done", runfolder.log_tail(run_dir)
         assert start_steps(run_dir) == [0, 2]
         assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
     finally:

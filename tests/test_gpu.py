@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import jobs
+import runfolder
 from bench import gpu_models
 from dataset_utils import DatasetConfig
 from model_utils import ModelConfig
@@ -61,13 +62,13 @@ def run_training(workspace: Path, model: Path, data: Path, load_in_4bit: bool) -
     run_dir = jobs.create_run("train", config_to_dict(config), workspace, "qlora" if load_in_4bit else "lora")
     jobs.start_job(run_dir)
     deadline = time.monotonic() + 600
-    while jobs.read_status(run_dir)["state"] in jobs.ACTIVE_STATES and time.monotonic() < deadline:
+    while jobs.job_status(run_dir).state in runfolder.ACTIVE and time.monotonic() < deadline:
         time.sleep(1)
-    status = jobs.read_status(run_dir)
-    assert status["state"] == "done", f"{status.get('error')}\n{jobs.log_tail(run_dir, 60)}"
-    assert status["backend"] == "unsloth"
+    status = jobs.job_status(run_dir)
+    assert status.state == "done", f"{status.error}\n{runfolder.log_tail(run_dir, 60)}"
+    assert status.backend == "unsloth"
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
-    return {"run_dir": run_dir, "events": [e for e in jobs.read_events(run_dir) if e["event"] == "log" and "loss" in e]}
+    return {"run_dir": run_dir, "events": [e for e in runfolder.read_events(run_dir) if e.kind == "log" and "loss" in e.metrics]}
 
 
 def figures(events: list[dict]) -> dict:

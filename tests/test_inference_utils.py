@@ -14,6 +14,7 @@ import yaml
 
 import inference_utils
 import jobs
+import runfolder
 from inference_utils import EvalConfig, GenerationConfig
 from training_utils import TrainConfig
 from workspace import UserError, config_to_dict
@@ -189,15 +190,17 @@ def test_chat_cli_streams_the_reply(trained_run, session_workspace):
 def test_eval_shows_lower_held_out_loss_for_tuned(trained_run, tmp_path):
     job_dir = tmp_path / "job"
     job_dir.mkdir()
-    result = inference_utils.evaluate(EvalConfig(run=str(trained_run), max_rows=4, batch_size=2), job_dir)
+    reporter = runfolder.Reporter(job_dir)
+    result = inference_utils.evaluate(EvalConfig(run=str(trained_run), max_rows=4, batch_size=2), reporter)
     assert result["rows"] == 4 and result["eval_rows_total"] == 12  # 25 % of 48 rows held out
     assert result["tokens"] > 0
     assert result["tuned"]["loss"] < result["base"]["loss"]
     assert result["tuned"]["perplexity"] < result["base"]["perplexity"]
     assert json.loads((trained_run / "eval.json").read_text()) == result
     assert "| tuned (adapter) |" in (trained_run / "eval.md").read_text()
-    progress = [event for event in jobs.read_events(job_dir) if event["event"] == "progress"]
-    assert progress[-1]["step"] == progress[-1]["max_steps"] == 4  # 2 batches × (base, tuned)
+    progress = [event for event in runfolder.read_events(job_dir) if event.kind == "progress"]
+    assert progress[-1].step == progress[-1].total == 4  # 2 batches × (base, tuned)
+    assert runfolder.read_progress(job_dir).fraction == 1.0
 
 
 @pytest.mark.slow

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 import model_utils
+from training_utils import TrainConfig
 from workspace import UserError
 
 
@@ -56,9 +59,10 @@ def test_unknown_hub_model_offline_names_it():
 
 
 def test_memory_estimate_grows_with_batch_and_mode(demo_model):
-    small = model_utils.estimate_memory(str(demo_model), "lora", 16, ["q_proj", "v_proj"], 1, 512)
-    big = model_utils.estimate_memory(str(demo_model), "lora", 16, ["q_proj", "v_proj"], 8, 2048)
-    full = model_utils.estimate_memory(str(demo_model), "full", 16, [], 1, 512)
+    lora = TrainConfig(target_modules=["q_proj", "v_proj"], per_device_train_batch_size=1, max_seq_length=512)
+    small = model_utils.estimate_memory(lora, str(demo_model))
+    big = model_utils.estimate_memory(replace(lora, per_device_train_batch_size=8, max_seq_length=2048), str(demo_model))
+    full = model_utils.estimate_memory(replace(lora, full_finetuning=True, target_modules=[]), str(demo_model))
     assert 130e6 < small.parameters < 140e6
     assert big.total_gib > small.total_gib
     assert full.trainable_parameters == full.parameters > small.trainable_parameters
@@ -75,3 +79,17 @@ def test_presets_save_and_load(workspace):
 def test_bad_preset_names_are_refused(workspace, name):
     with pytest.raises(UserError):
         model_utils.save_preset(name, {})
+
+
+def test_the_device_is_detected_once(monkeypatch):
+    import torch
+
+    model_utils.detect_device.cache_clear()
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: calls.append(1) or False)
+    try:
+        assert model_utils.detect_device() == model_utils.Device(cuda=False, gpu_count=0, names=(), bf16=False)
+        assert model_utils.detect_device().name == "CPU"
+        assert len(calls) == 1
+    finally:
+        model_utils.detect_device.cache_clear()

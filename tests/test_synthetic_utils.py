@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 from fake_llm_servers import FakeLLMServer, Fault
 
 import jobs
+import runfolder
 import synthetic_utils
 from conftest import wait_for
 from synthetic_utils import SyntheticConfig, generate
@@ -48,12 +48,6 @@ def read_rows(out_dir: Path) -> list[dict]:
 
 def row_keys(rows: list[dict]) -> set[str]:
     return {synthetic_utils.normalize_text(synthetic_utils.row_text(row["messages"])) for row in rows}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def write_pdf(path: Path, text: str) -> Path:
@@ -90,7 +84,7 @@ def llama_server(tmp_path_factory):
     """`python -m llama_cpp.server` serving the demo GGUF on the CPU, once per session."""
     import model_utils
 
-    port = free_port()
+    port = jobs.free_port()
     log_path = tmp_path_factory.mktemp("llama-server") / "server.log"
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
@@ -136,13 +130,13 @@ def llama_server(tmp_path_factory):
 # ---------------------------------------------------------------- configuration and keys
 
 BAD_CONFIGS = [
-    ({"provider": "mistral"}, "Unknown provider 'mistral'"),
+    ({"provider": "mistral"}, r"provider must be one of: openai, anthropic, ollama \(got 'mistral'\)"),
     ({"model": ""}, "No model given"),
     ({"base_url": "localhost:8000"}, "must start with http"),
-    ({"task": "poems"}, "Unknown task 'poems'"),
+    ({"task": "poems"}, r"task must be one of: instructions, documents, conversations \(got 'poems'\)"),
     ({"topic": ""}, "needs a topic"),
     ({"task": "documents"}, "needs documents"),
-    ({"response_format": "yaml"}, "Unknown response_format"),
+    ({"response_format": "yaml"}, "response_format must be one of: json_schema"),
     ({"num_rows": 0}, "num_rows"),
     ({"concurrency": 0}, "concurrency"),
     ({"temperature": 3}, "temperature"),
@@ -190,17 +184,17 @@ def test_local_servers_and_ollama_need_no_key(monkeypatch):
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_generates_200_unique_rows_through_each_protocol(tmp_path, fake, provider):
     config = fake_config(fake, provider, num_rows=200, price_per_million_input=0.5, price_per_million_output=2.0)
-    seen = []
-    summary = generate(config, tmp_path, api_key=KEY, progress=lambda s: seen.append(s.rows_done))
+    summary = generate(config, tmp_path, api_key=KEY)
     rows = read_rows(tmp_path)
     assert summary.state == "done" and summary.rows_done == 200 and len(rows) == 200
     assert len(row_keys(rows)) == 200
     assert all([m["role"] for m in row["messages"]] == ["user", "assistant"] for row in rows)
     assert summary.tokens_in > 0 and summary.tokens_out > 0
     assert summary.estimated_cost == pytest.approx((summary.tokens_in * 0.5 + summary.tokens_out * 2.0) / 1e6, abs=1e-6)
+    seen = [event.step for event in runfolder.read_events(tmp_path) if event.kind == "progress"]
     assert seen[-1] == 200 and seen == sorted(seen)
-    status = json.loads((tmp_path / "synth_status.json").read_text())
-    assert status["state"] == "done" and status["rows_done"] == 200 and status["tokens_out"] == summary.tokens_out
+    counters = runfolder.read_progress(tmp_path).metrics
+    assert counters["state"] == "done" and counters["rows_done"] == 200 and counters["tokens_out"] == summary.tokens_out
 
 
 def test_conversations_have_the_asked_turns_in_order(tmp_path, fake):
@@ -288,13 +282,13 @@ def test_a_server_that_keeps_failing_ends_the_run_with_rows_kept(tmp_path, fake)
     config = fake_config(fake, num_rows=5, concurrency=1, max_retries=2)
     with pytest.raises(UserError, match="kept failing after 2 retries .*500.*resume later"):
         generate(config, tmp_path, api_key=KEY)
-    assert json.loads((tmp_path / "synth_status.json").read_text())["state"] == "failed"
+    assert runfolder.read_progress(tmp_path).metrics["state"] == "failed"
     assert generate(config, tmp_path, api_key=KEY).rows_done == 5  # the server recovered: resume finishes
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_connection_refused_is_a_clear_error_within_seconds(tmp_path, provider):
-    url = f"http://127.0.0.1:{free_port()}" + ("/v1" if provider == "openai" else "")
+    url = f"http://127.0.0.1:{jobs.free_port()}" + ("/v1" if provider == "openai" else "")
     config = SyntheticConfig(provider=provider, model="m", topic="t", base_url=url, max_retries=5)
     started = time.monotonic()
     with pytest.raises(UserError, match=f"Cannot reach the {provider} server at {url}.*base_url"):
@@ -445,28 +439,28 @@ def test_a_job_killed_at_100_rows_resumes_to_exactly_200_unique_rows(workspace):
         jobs.start_job(run_dir, env=env)
         data = run_dir / "data.jsonl"
         wait_for(lambda: data.exists() and data.read_text().count("\n") >= 100, timeout=60, interval=0.05)
-        os.killpg(jobs.read_status(run_dir)["pid"], signal.SIGKILL)
-        wait_for(lambda: jobs.read_status(run_dir)["state"] == "failed", timeout=60, interval=0.05)
+        os.killpg(jobs.job_status(run_dir).pid, signal.SIGKILL)
+        wait_for(lambda: jobs.job_status(run_dir).state == "failed", timeout=60, interval=0.05)
         killed_at = len(read_rows(run_dir))
         assert 100 <= killed_at < 200
 
         jobs.resume_job(run_dir, env=env)
         wait_for(lambda: data.read_text().count("\n") >= killed_at + 30, timeout=60, interval=0.05)
         jobs.stop_job(run_dir)
-        wait_for(lambda: jobs.read_status(run_dir)["state"] not in jobs.ACTIVE_STATES)
-        assert jobs.read_status(run_dir)["state"] == "stopped"
+        wait_for(lambda: jobs.job_status(run_dir).state not in runfolder.ACTIVE)
+        assert jobs.job_status(run_dir).state == "stopped"
 
         jobs.resume_job(run_dir, env=env)
-        wait_for(lambda: jobs.read_status(run_dir)["state"] not in jobs.ACTIVE_STATES)
-        status = jobs.read_status(run_dir)
-        assert status["state"] == "done", status
+        wait_for(lambda: jobs.job_status(run_dir).state not in runfolder.ACTIVE)
+        status = jobs.job_status(run_dir)
+        assert status.state == "done", status
         rows = read_rows(run_dir)
         assert len(rows) == 200 and len(row_keys(rows)) == 200
         # Only the replies in flight at the kill and the stop were lost: nothing was asked for twice.
         assert server.chat_requests <= 200 + 2 * config.concurrency
-        progress = [event for event in jobs.read_events(run_dir) if event.get("event") == "progress"]
-        assert progress[-1]["step"] == 200 and progress[-1]["max_steps"] == 200
-        assert [run.step for run in jobs.list_runs(workspace)] == [200]
+        progress = [event for event in runfolder.read_events(run_dir) if event.kind == "progress"]
+        assert progress[-1].step == 200 and progress[-1].total == 200
+        assert [run.progress.step for run in jobs.list_runs(workspace)] == [200]
 
 
 # ---------------------------------------------------------------- CLI, keys, and the training pipeline
@@ -511,7 +505,7 @@ def test_cli_job_never_writes_the_key_anywhere(workspace, tmp_path, fake):
     assert result.returncode == 0, result.stderr + result.stdout
     assert "15/15 rows" in result.stdout
     run_dir = workspace / "runs" / "herbs"
-    assert len(read_rows(run_dir)) == 15 and jobs.read_status(run_dir)["state"] == "done"
+    assert len(read_rows(run_dir)) == 15 and jobs.job_status(run_dir).state == "done"
     assert "retry 1/5" in (run_dir / "log.txt").read_text()
     generate(fake_config(fake, "anthropic", num_rows=5), workspace / "in-process", api_key=KEY)
     files = [path for path in workspace.rglob("*") if path.is_file()]
@@ -556,9 +550,9 @@ def test_generated_rows_train_with_the_training_job(workspace, demo_model, fake)
         gradient_checkpointing=False,
     )
     run_dir = jobs.create_run("train", config_to_dict(config), workspace, "train-on-synth")
-    assert training_utils.train(config, run_dir) == "done"
+    assert training_utils.train(config, runfolder.JobContext.for_run(run_dir)) == "done"
     assert (run_dir / "adapter" / "adapter_config.json").exists()
-    losses = [event["loss"] for event in jobs.read_events(run_dir) if "loss" in event]
+    losses = [event.metrics["loss"] for event in runfolder.read_events(run_dir) if "loss" in event.metrics]
     assert len(losses) == 3
 
 

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 import jobs
+import runfolder
 import training_utils
 from conftest import capital_rows, demo_train_config, logged_steps, wait_for, write_jsonl
+from model_utils import Device
 from workspace import UserError, config_to_dict
 
 
@@ -21,6 +23,9 @@ def data_file(tmp_path) -> Path:
 
 
 # ---------------------------------------------------------------- bad configs
+
+GPU = Device(cuda=True, gpu_count=1, names=("a test GPU",), bf16=True)
+CPU = Device(cuda=False, gpu_count=0, names=(), bf16=False)
 
 BAD_VALUES = [
     ({"learning_rate": 0}, "learning_rate"),
@@ -38,12 +43,12 @@ BAD_VALUES = [
 @pytest.mark.parametrize("changes, message", BAD_VALUES, ids=[str(v[0]) for v in BAD_VALUES])
 def test_bad_config_values_are_refused(tmp_path, changes, message):
     with pytest.raises(UserError, match=message):
-        demo_train_config(tmp_path / "d.jsonl", **changes).validate(cuda=True)
+        demo_train_config(tmp_path / "d.jsonl", **changes).validate(device=GPU)
 
 
 def test_qlora_without_cuda_is_refused(tmp_path):
     with pytest.raises(UserError, match="needs an NVIDIA GPU"):
-        demo_train_config(tmp_path / "d.jsonl", load_in_4bit=True).validate(cuda=False)
+        demo_train_config(tmp_path / "d.jsonl", load_in_4bit=True).validate(device=CPU)
 
 
 def test_unknown_yaml_option_is_named():
@@ -59,7 +64,7 @@ def test_run_names_with_slashes_or_dots_are_refused(workspace, name):
 
 def test_resume_without_checkpoint_is_refused(workspace, data_file):
     run_dir = jobs.create_run("train", config_to_dict(demo_train_config(data_file)), workspace, "fresh")
-    jobs.write_status(run_dir, state="stopped")
+    runfolder.write_status(run_dir, state="stopped")
     with pytest.raises(UserError, match="no checkpoint"):
         jobs.resume_job(run_dir)
 
@@ -67,13 +72,13 @@ def test_resume_without_checkpoint_is_refused(workspace, data_file):
 def test_max_seq_length_above_model_limit(demo_workspace, data_file):
     run_dir = jobs.create_run("train", {}, demo_workspace, "too-long")
     with pytest.raises(UserError, match="above this model's limit"):
-        training_utils.train(demo_train_config(data_file, max_seq_length=10**6), run_dir)
+        training_utils.train(demo_train_config(data_file, max_seq_length=10**6), runfolder.JobContext.for_run(run_dir))
 
 
 def test_target_modules_the_model_lacks(demo_workspace, data_file):
     run_dir = jobs.create_run("train", {}, demo_workspace, "bad-modules")
     with pytest.raises(UserError, match="c_attn not found"):
-        training_utils.train(demo_train_config(data_file, target_modules=["c_attn"]), run_dir)
+        training_utils.train(demo_train_config(data_file, target_modules=["c_attn"]), runfolder.JobContext.for_run(run_dir))
 
 
 def test_dataset_with_no_usable_rows(demo_workspace, tmp_path):
@@ -81,7 +86,7 @@ def test_dataset_with_no_usable_rows(demo_workspace, tmp_path):
     data = write_jsonl(tmp_path / "bad.jsonl", rows)
     run_dir = jobs.create_run("train", {}, demo_workspace, "no-rows")
     with pytest.raises(UserError, match="No usable rows"):
-        training_utils.train(demo_train_config(data), run_dir)
+        training_utils.train(demo_train_config(data), runfolder.JobContext.for_run(run_dir))
 
 
 # ---------------------------------------------------------------- a real run
@@ -96,12 +101,12 @@ def test_lora_run_lowers_loss_and_adapter_changes_output(trained_run, demo_model
 
     run_dir = trained_run
 
-    losses = [e["loss"] for e in jobs.read_events(run_dir) if "loss" in e]
+    losses = [e.metrics["loss"] for e in runfolder.read_events(run_dir) if "loss" in e.metrics]
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
-    assert any("tokens_per_s" in e and "eta_s" in e for e in jobs.read_events(run_dir))
+    assert any("tokens_per_s" in e.metrics and e.eta_s is not None for e in runfolder.read_events(run_dir))
 
     prompt = demo_tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of Italy?"}], tokenize=False, add_generation_prompt=True
@@ -129,7 +134,7 @@ def start(workspace: Path, data_file: Path, name: str, **changes) -> Path:
 
 
 def start_event_steps(run_dir: Path) -> list[int]:
-    return [e["step"] for e in jobs.read_events(run_dir) if e.get("event") == "start"]
+    return [e.step for e in runfolder.read_events(run_dir) if e.kind == "start"]
 
 
 @pytest.mark.slow
@@ -137,15 +142,15 @@ def test_stop_then_resume_continues_from_the_checkpoint(demo_workspace, data_fil
     run_dir = start(demo_workspace, data_file, "stop-resume", max_steps=12, save_steps=3)
     wait_for(lambda: len(logged_steps(run_dir)) >= 4)
     jobs.stop_job(run_dir)
-    wait_for(lambda: jobs.read_status(run_dir)["state"] == "stopped", timeout=120)
-    checkpoint = jobs.last_checkpoint(run_dir)
+    wait_for(lambda: jobs.job_status(run_dir).state == "stopped", timeout=120)
+    checkpoint = runfolder.last_checkpoint(run_dir)
     assert checkpoint is not None
     stopped_at = int(checkpoint.name.split("-")[1])
     assert stopped_at >= 4 and not (run_dir / "adapter").exists()
 
     jobs.resume_job(run_dir)
-    wait_for(lambda: jobs.read_status(run_dir)["state"] in ("done", "failed"))
-    assert jobs.read_status(run_dir)["state"] == "done", jobs.log_tail(run_dir)
+    wait_for(lambda: jobs.job_status(run_dir).state in ("done", "failed"))
+    assert jobs.job_status(run_dir).state == "done", runfolder.log_tail(run_dir)
     assert start_event_steps(run_dir) == [0, stopped_at]
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
 
@@ -153,16 +158,16 @@ def test_stop_then_resume_continues_from_the_checkpoint(demo_workspace, data_fil
 @pytest.mark.slow
 def test_kill_9_is_detected_and_resume_loses_at_most_one_interval(demo_workspace, data_file):
     run_dir = start(demo_workspace, data_file, "killed", max_steps=12, save_steps=3)
-    wait_for(lambda: jobs.last_checkpoint(run_dir) is not None and len(logged_steps(run_dir)) >= 5)
+    wait_for(lambda: runfolder.last_checkpoint(run_dir) is not None and len(logged_steps(run_dir)) >= 5)
     killed_at = max(logged_steps(run_dir))
-    os.killpg(jobs.read_status(run_dir)["pid"], signal.SIGKILL)
-    state = wait_for(lambda: jobs.read_status(run_dir)["state"] in ("failed",) and "failed", timeout=30)
+    os.killpg(jobs.job_status(run_dir).pid, signal.SIGKILL)
+    state = wait_for(lambda: jobs.job_status(run_dir).state in ("failed",) and "failed", timeout=30)
     assert state == "failed"
-    assert "ended unexpectedly" in jobs.read_status(run_dir)["error"]
+    assert "ended unexpectedly" in jobs.job_status(run_dir).error
 
     jobs.resume_job(run_dir)
-    wait_for(lambda: jobs.read_status(run_dir)["state"] in ("done", "failed"))
-    assert jobs.read_status(run_dir)["state"] == "done", jobs.log_tail(run_dir)
+    wait_for(lambda: jobs.job_status(run_dir).state in ("done", "failed"))
+    assert jobs.job_status(run_dir).state == "done", runfolder.log_tail(run_dir)
     resumed_from = start_event_steps(run_dir)[-1]
     assert killed_at - resumed_from <= 3
 
@@ -170,14 +175,14 @@ def test_kill_9_is_detected_and_resume_loses_at_most_one_interval(demo_workspace
 @pytest.mark.slow
 def test_second_job_waits_in_the_queue(demo_workspace, data_file):
     first = start(demo_workspace, data_file, "first", max_steps=200)
-    wait_for(lambda: jobs.read_status(first)["state"] == "running")
+    wait_for(lambda: jobs.job_status(first).state == "running")
     second = start(demo_workspace, data_file, "second", max_steps=200)
     time.sleep(3)
-    assert jobs.read_status(second)["state"] == "queued"
+    assert jobs.job_status(second).state == "queued"
     jobs.stop_job(first)
-    wait_for(lambda: jobs.read_status(second)["state"] == "running", timeout=120)
+    wait_for(lambda: jobs.job_status(second).state == "running", timeout=120)
     jobs.stop_job(second)
-    wait_for(lambda: jobs.read_status(second)["state"] == "stopped", timeout=120)
+    wait_for(lambda: jobs.job_status(second).state == "stopped", timeout=120)
 
 
 # ---------------------------------------------------------------- micro-batch from the memory estimate
@@ -199,8 +204,8 @@ def test_a_gpu_run_trains_with_the_micro_batch_it_chose_and_records_it(demo_work
     config = demo_train_config(data_file, max_steps=2, per_device_train_batch_size=1, gradient_accumulation_steps=4,
                           save_steps=2)
     run_dir = jobs.create_run("train", config_to_dict(config), demo_workspace, "fitted")
-    assert training_utils.train(config, run_dir) == "done"
-    status = jobs.read_status(run_dir)
-    assert (status["micro_batch"], status["gradient_accumulation"]) == (4, 1)
+    assert training_utils.train(config, runfolder.JobContext.for_run(run_dir)) == "done"
+    status = jobs.job_status(run_dir)
+    assert (status.micro_batch, status.gradient_accumulation) == (4, 1)
     state = (run_dir / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text()
     assert '"train_batch_size": 4' in state

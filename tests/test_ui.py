@@ -3,6 +3,7 @@ back from real run folders."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,6 +14,8 @@ import pytest
 
 import dataset_utils
 import jobs
+import runfolder
+import settings
 import ui
 from dataset_utils import DatasetConfig
 from model_utils import ModelConfig
@@ -110,6 +113,17 @@ def test_a_preset_holds_the_settings_but_not_the_data():
     assert "dataset" not in preset and preset["lora_r"] == 4 and preset["model"]["name_or_path"] == "demo"
 
 
+def test_widgets_take_label_help_bounds_and_choices_from_the_field():
+    with gr.Blocks():
+        batch = forms.widget(TrainConfig, "per_device_train_batch_size")
+        optim = forms.widget(TrainConfig, "optim")
+        source = forms.widget(TrainConfig, "dataset.source")
+    assert (batch.label, batch.minimum, batch.precision, batch.value) == ("Batch size", 1, 0, 2)
+    assert batch.info == settings.describe(TrainConfig, "per_device_train_batch_size").help
+    assert ("adamw_torch", "adamw_torch") in optim.choices and optim.value == "adamw_torch"
+    assert isinstance(source, gr.Textbox) and source.label == "Dataset (path or Hub id)"
+
+
 def test_user_errors_reach_the_page_as_readable_messages():
     @common.guarded
     def handler():
@@ -147,24 +161,14 @@ def test_uploads_are_copied_into_the_workspace_without_overwriting(workspace, tm
 
 
 def finished_run(workspace: Path, name: str, state: str) -> Path:
-    """A run folder written through jobs' own functions, as a training job leaves it."""
+    """A run folder written through the supervisor and the reporter, as a training job leaves it."""
     run_dir = jobs.create_run("train", config_to_dict(TrainConfig()), workspace, name)
-    jobs.append_event(run_dir, {"event": "start", "step": 0, "max_steps": 4})
+    reporter = runfolder.Reporter(run_dir)
+    reporter.start(0, 4)
     for step, loss in ((1, 2.5), (2, 2.1), (3, 1.8), (4, 1.6)):
-        jobs.append_event(
-            run_dir,
-            {
-                "event": "log",
-                "step": step,
-                "max_steps": 4,
-                "loss": loss,
-                "tokens_per_s": 900.0,
-                "eta_s": 10.0 * (4 - step),
-                "memory_gib": 1.25,
-            },
-        )
-    jobs.append_event(run_dir, {"event": "log", "step": 4, "max_steps": 4, "eval_loss": 1.9})
-    jobs.write_status(run_dir, state=state)
+        reporter.log(step, 4, loss=loss, tokens_per_s=900.0, eta_s=10.0 * (4 - step), memory_gib=1.25)
+    reporter.log(4, 4, eval_loss=1.9)
+    runfolder.write_status(run_dir, state=state)
     return run_dir
 
 
@@ -175,7 +179,7 @@ def test_live_view_of_a_finished_run(workspace):
     assert "900 tokens/s" in status and "memory 1.25 GiB" in status
     assert sorted(set(plot["series"])) == ["eval", "train"] and len(plot) == 5
     assert start.interactive and not stop.interactive and not resume.interactive
-    assert "the run finished" in hint
+    assert "Resume: Run 'train-done' finished" in hint
     assert timer.active is False
 
 
@@ -190,18 +194,19 @@ def test_a_stopped_run_with_a_checkpoint_can_resume(workspace):
     assert resume.interactive and "Resume" not in hint
 
 
-def test_a_running_run_turns_start_off_and_keeps_polling(workspace):
+def test_a_running_run_queues_the_next_start_and_keeps_polling(workspace):
     run_dir = finished_run(workspace, "train-live", "running")
-    jobs.write_status(run_dir, pid=None)  # no pid yet: the job is starting
+    runfolder.write_status(run_dir, pid=None)  # no pid yet: the job is starting
     _status, _plot, _log, start, stop, _resume, hint, timer = train_tab.live_view("train-live", workspace)
-    assert not start.interactive and "still active" in hint
+    # As on the command line, a second run may be started: it waits in the queue for the GPU.
+    assert start.interactive and "still active" in hint and "queue" in hint
     assert stop.interactive and timer.active is True
 
 
 def test_runs_tab_shows_config_metrics_and_outputs(workspace):
     run_dir = finished_run(workspace, "train-shown", "done")
     (run_dir / "adapter").mkdir()
-    jobs.write_status(run_dir, state="done")
+    runfolder.write_status(run_dir, state="done")
     (run_dir / "progress.json").write_text(json.dumps({"step": 4, "loss": 1.6}))
     status, config, metrics, plot, _log, delete = runs_tab.run_details("train-shown", workspace)
     assert "train-shown" in status and "kind: train" in config
@@ -226,11 +231,14 @@ def test_the_colab_notebook_installs_gpu_requirements_and_shares_with_a_password
 
 
 def test_the_live_view_names_the_gpus_their_memory_the_micro_batch_and_a_fallback():
-    status = {"state": "running", "processes": 2, "device": "GPU", "micro_batch": 8, "gradient_accumulation": 1,
-              "note": "The installed Unsloth does not support multi-GPU training; this run uses transformers + PEFT."}
-    events = [{"event": "log", "step": 3, "max_steps": 10, "loss": 1.5, "memory_gib": 3.3, "gpu_memory_gib": [7.05, 5.67]}]
+    status = runfolder.Status(
+        state=runfolder.State.RUNNING, processes=2, device="GPU", micro_batch=8, gradient_accumulation=1,
+        note="The installed Unsloth does not support multi-GPU training; this run uses transformers + PEFT.",
+    )
+    metrics = {"loss": 1.5, "memory_gib": 3.3, "gpu_memory_gib": [7.05, 5.67]}
+    events = [runfolder.Event(runfolder.EventKind.LOG, step=3, total=10, metrics=metrics)]
     line = train_tab.status_line("ddp", status, events)
     for shown in ("step 3/10", "2 GPUs", "per GPU 7.0, 5.7 GiB", "micro-batch 8 × 1", "transformers + PEFT"):
         assert shown in line, line
-    cpu = train_tab.status_line("ddp", {**status, "device": "CPU", "micro_batch": None, "note": ""}, events[:1])
+    cpu = train_tab.status_line("ddp", dataclasses.replace(status, device="CPU", micro_batch=None, note=""), events)
     assert "2 processes" in cpu and "micro-batch" not in cpu

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 import jobs
+import runfolder
 from conftest import capital_rows, write_jsonl
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -47,19 +47,13 @@ class App:
     log: Path
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, demo_model):
     """`python main.py --port P --workspace W` with the session's demo model linked into W."""
     workspace = tmp_path_factory.mktemp("ui-workspace")
     (workspace / "models").mkdir()
     (workspace / "models" / demo_model.name).symlink_to(demo_model)
-    port = free_port()
+    port = jobs.free_port()
     log = workspace.parent / "server.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     with open(log, "wb") as out:
@@ -83,7 +77,7 @@ def app(tmp_path_factory, demo_model):
             time.sleep(0.5)
     yield App(url, workspace, log)
     for run in jobs.list_runs(workspace):
-        if run.state in jobs.ACTIVE_STATES:
+        if run.state in runfolder.ACTIVE:
             jobs.stop_job(run.path)
     server.terminate()
     server.wait(timeout=30)

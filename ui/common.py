@@ -15,6 +15,7 @@ from typing import Any
 import gradio as gr
 
 import jobs
+import runfolder
 from workspace import UserError, workspace_root
 
 log = logging.getLogger(__name__)
@@ -76,16 +77,30 @@ def save_upload(temp_path: str | Path, workspace: Path) -> Path:
 
 def run_names(workspace: Path, kinds: tuple[str, ...] = ("train",), states: tuple[str, ...] | None = None) -> list[str]:
     """Names of the runs of these kinds (newest first), optionally only those in these states."""
-    return [
-        run.name for run in jobs.list_runs(workspace) if run.kind in kinds and (states is None or run.state in states)
-    ]
+    return [run.name for run in jobs.list_runs(workspace, kinds) if states is None or run.state in states]
 
 
 def latest_run(workspace: Path, kinds: tuple[str, ...]) -> str | None:
     """The newest active run of these kinds, else the newest one, else None: what a freshly opened page shows."""
-    runs = [run for run in jobs.list_runs(workspace) if run.kind in kinds]
-    chosen = [run for run in runs if run.state in jobs.ACTIVE_STATES] or runs
+    runs = jobs.list_runs(workspace, kinds)
+    chosen = [run for run in runs if run.active] or runs
     return chosen[0].name if chosen else None
+
+
+def active_runs(workspace: Path, kinds: tuple[str, ...]) -> list[str]:
+    return [run.name for run in jobs.list_runs(workspace, kinds) if run.active]
+
+
+def job_html(name: str, status: runfolder.Status, progress: runfolder.Progress) -> str:
+    """A job's progress bar and line (name, state, its newest message, ETA) and its error, the same for every kind."""
+    text = f"<b>{html.escape(name)}</b> · <span class='state state-{status.state}'>{status.state}</span>"
+    if progress.message:
+        text += f" · {html.escape(progress.message)}"
+    if progress.eta_s is not None and status.state == runfolder.State.RUNNING:
+        text += f" · ETA {duration(progress.eta_s)}"
+    if status.error:
+        text += f"<pre class='run-error'>{html.escape(status.error)}</pre>"
+    return progress_html(progress.step, progress.total, text)
 
 
 def file_url(path: Path) -> str:

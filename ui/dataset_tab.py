@@ -42,21 +42,19 @@ def build(form: forms.Form) -> DatasetTab:
         label="Upload a data file", file_types=list(dataset_utils.LOCAL_SUFFIXES), elem_id="dataset-upload"
     )
     with gr.Row():
-        forms.textbox(form, "dataset.source", "Dataset (path or Hub id)", scale=3, elem_id="dataset-source")
-        forms.textbox(form, "dataset.split", "Split", scale=1)
-        forms.dropdown(
-            form, "dataset.format", "Format", ["auto", *dataset_utils.FORMATS], scale=1, elem_id="dataset-format"
-        )
+        forms.setting(form, "dataset.source", scale=3, elem_id="dataset-source")
+        forms.setting(form, "dataset.split", scale=1)
+        forms.setting(form, "dataset.format", scale=1, elem_id="dataset-format")
     with gr.Row():
-        forms.dropdown(
+        forms.setting(
             form,
             "dataset.chat_template",
-            "Chat template",
-            [("The model's own", ""), *[(name, name) for name in dataset_utils.BUILTIN_TEMPLATES]],
+            component=gr.Dropdown,
+            choices=[("The model's own", ""), *[(name, name) for name in dataset_utils.BUILTIN_TEMPLATES]],
             allow_custom_value=True,
         )
-        forms.textbox(form, "dataset.system_prompt", "System prompt")
-        forms.number(form, "dataset.max_rows", "Max rows", integer=True, minimum=0)
+        forms.setting(form, "dataset.system_prompt")
+        forms.setting(form, "dataset.max_rows")
     with gr.Accordion("Column mapping (when your columns have other names)", open=False):
         with gr.Row():
             for name in forms.MAP_FIELDS:

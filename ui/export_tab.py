@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,10 +9,11 @@ from typing import Any
 import gradio as gr
 
 import gguf_utils
-import jobs
+import runfolder
+import submit
 from gguf_utils import ExportConfig
-from ui.common import download_links, guarded, progress_html, run_names
-from workspace import config_to_dict, read_json
+from ui.common import download_links, guarded, job_html, run_names
+from workspace import read_json
 
 DEFAULTS = ExportConfig()
 SETTINGS = ("check_prompts", "check_tokens", "merge_dtype", "temperature", "top_p", "num_ctx")
@@ -127,16 +127,14 @@ def wire(tab: ExportTab, tab_container: gr.Tab, workspace: Path) -> None:
     @guarded
     def start(run: str, quants: list[str], *settings: Any) -> None:
         config = ExportConfig(run=run or "", quants=list(quants or []), **dict(zip(SETTINGS, settings, strict=True)))
-        gguf_utils.check_export(config, workspace)
-        run_dir = jobs.create_run("export", config_to_dict(config), workspace, gguf_utils.export_run_name(run))
-        jobs.start_job(run_dir)
+        submit.submit_export(config, workspace)
 
     @guarded
     def stop(run: str) -> None:
-        job = latest_export(run, workspace)
+        job = submit.latest_job("export", run, workspace)
         if job is None:
             raise gr.Error("No export of this run is running.")
-        jobs.stop_job(job.path)
+        submit.stop(job.path, workspace)
 
     for trigger in (tab.refresh.click, tab_container.select):
         trigger(run_choices, inputs=tab.run, outputs=tab.run).then(
@@ -148,18 +146,6 @@ def wire(tab: ExportTab, tab_container: gr.Tab, workspace: Path) -> None:
     )
     tab.stop.click(stop, inputs=tab.run).success(show, inputs=tab.run, outputs=view, show_progress="hidden")
     tab.timer.tick(show, inputs=tab.run, outputs=view, show_progress="hidden")
-
-
-def latest_export(run: str | None, workspace: Path) -> jobs.RunInfo | None:
-    """The newest export job of a training run."""
-    return next(
-        (
-            info
-            for info in jobs.list_runs(workspace)
-            if info.kind == "export" and jobs.read_config(info.path).get("run") == run
-        ),
-        None,
-    )
 
 
 def export_view(run: str | None, workspace: Path) -> list[Any]:
@@ -176,19 +162,12 @@ def export_view(run: str | None, workspace: Path) -> list[Any]:
             "Export: no finished training run yet; train one first.",
             gr.Timer(active=False),
         ]
-    job = latest_export(run, workspace)
-    active = job is not None and job.state in jobs.ACTIVE_STATES
+    job = submit.latest_job("export", run, workspace)
+    active = job is not None and job.active
     status, log = "", ""
     if job is not None:
-        events = [event for event in jobs.read_events(job.path) if event.get("event") == "progress"]
-        last = events[-1] if events else {}
-        text = f"<b>{job.name}</b> · <span class='state state-{job.state}'>{job.state}</span>"
-        if last.get("message"):
-            text += f" · {html.escape(last['message'])}"
-        if job.error:
-            text += f"<pre class='run-error'>{html.escape(job.error)}</pre>"
-        status, log = progress_html(last.get("step"), last.get("max_steps"), text), jobs.log_tail(job.path)
-    gguf_dir = jobs.run_path(run, workspace) / "gguf"
+        status, log = job_html(job.name, job.status, job.progress), runfolder.log_tail(job.path)
+    gguf_dir = runfolder.run_path(run, workspace) / "gguf"
     report = read_json(gguf_dir / "report.json", default=None) if not active else None
     results, links, modelfile = "", "", ""
     if report:

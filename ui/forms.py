@@ -1,4 +1,5 @@
-"""The training form: one widget per TrainConfig option, spread over the Model, Dataset and Train tabs.
+"""The training form: one widget per TrainConfig option, spread over the Model, Dataset and Train tabs, each built
+from its field's metadata (settings.option); `widget` does the same for the other stages' configs.
 
 Widgets are keyed by their place in TrainConfig ("lora_r", "model.name_or_path", "dataset.source"), so their
 defaults, presets and the config of a new run all go through `config_to_values` / `values_to_config`.
@@ -6,65 +7,27 @@ defaults, presets and the config of a new run all go through `config_to_values` 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from typing import Any
 
 import gradio as gr
 
 import dataset_utils
+import settings
 import training_utils
 from training_utils import TrainConfig
 from workspace import config_to_dict
 
 MODES = [("16-bit LoRA", "lora"), ("4-bit QLoRA (NVIDIA GPU only)", "qlora"), ("Full fine-tune", "full")]
+# The mode radio stands for two TrainConfig fields (load_in_4bit, full_finetuning), so its help is here.
+MODE_HELP = (
+    "LoRA trains small adapter matrices; QLoRA does the same on a 4-bit base (least memory); full fine-tuning "
+    "changes every weight (most memory)."
+)
 # Every field a column can be mapped to, over all formats, in the order the Dataset tab shows them.
 MAP_FIELDS = list(dict.fromkeys(name for names in dataset_utils.FORMAT_FIELDS.values() for name in names))
-SCHEDULERS = ["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"]
-OPTIMIZERS = ["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd"]
 # Settings a preset holds: everything except the data.
 PRESET_EXCLUDES = ("dataset",)
-
-HELP = {
-    "model.name_or_path": "The built-in demo model works offline; type any Hub id (from the local cache) or a "
-    "local folder.",
-    "model.trust_remote_code": "Runs Python code shipped with the model. Only for models you trust.",
-    "mode": "LoRA trains small adapter matrices; QLoRA does the same on a 4-bit base (least memory); full "
-    "fine-tuning changes every weight (most memory).",
-    "dataset.source": "A file inside the workspace (upload one above), any local path, or a Hub dataset id.",
-    "dataset.split": "Which split of a Hub dataset to read.",
-    "dataset.format": "auto detects Alpaca, ShareGPT, messages, prompt/completion or text from the columns.",
-    "dataset.chat_template": "Empty = the model's own template. 'chatml' (or a Jinja template) for models without one.",
-    "dataset.system_prompt": "Added as a system turn to rows that have none.",
-    "dataset.max_rows": "Read at most this many rows (0 = all).",
-    "max_steps": "Optimizer steps to train for; 0 = train for the number of epochs instead.",
-    "num_train_epochs": "Passes over the data (used when max steps is 0).",
-    "learning_rate": "2e-4 suits LoRA; full fine-tunes want about 10x less.",
-    "per_device_train_batch_size": "Rows per step on each device. Memory grows with it.",
-    "gradient_accumulation_steps": "Steps whose gradients are summed before an update: a larger effective batch "
-    "without more memory.",
-    "fit_micro_batch": "On a GPU, run the accumulation steps as one larger batch while the memory estimate fits "
-    "(same effective batch, faster).",
-    "max_seq_length": "Longer examples are cut to this many tokens.",
-    "lora_r": "Rank of the LoRA matrices: 8-64. Higher learns more and uses more memory.",
-    "lora_alpha": "LoRA scaling; usually equal to the rank or twice it.",
-    "lora_dropout": "Dropout on the LoRA path; 0 is fastest.",
-    "target_modules": "Linear layers that get LoRA adapters (type others for models with other names).",
-    "warmup_steps": "Steps over which the learning rate ramps up from 0.",
-    "lr_scheduler_type": "How the learning rate changes after warm-up.",
-    "weight_decay": "L2 penalty on the weights.",
-    "optim": "Optimizer; 8-bit ones need bitsandbytes and a GPU.",
-    "packing": "Pack several short examples into one sequence (faster on short rows).",
-    "train_on_responses_only": "Compute the loss only on the assistant's replies, not on the prompts.",
-    "gradient_checkpointing": "Recompute activations in the backward pass: much less memory, ~30% slower.",
-    "eval_split": "Fraction of rows held out to measure eval loss (0 = none).",
-    "eval_steps": "Evaluate every this many steps (0 = at each checkpoint).",
-    "save_steps": "Save a checkpoint (a resume point) every this many steps.",
-    "save_total_limit": "Keep only this many checkpoints.",
-    "logging_steps": "Log loss every this many steps.",
-    "seed": "Random seed for shuffling and LoRA initialisation.",
-    "report_to": "Also log to TensorBoard (run folder/tensorboard).",
-    "num_gpus": "0 = every visible GPU; more than one trains with DDP, one process per GPU.",
-}
 
 
 @dataclass
@@ -134,19 +97,40 @@ def preset_values(config: TrainConfig) -> dict[str, Any]:
 DEFAULTS = config_to_values(TrainConfig())
 
 
-def number(form: Form, key: str, label: str, integer: bool = False, **kwargs: Any) -> gr.Number:
-    return form.add(
-        key, gr.Number(value=DEFAULTS[key], label=label, info=HELP.get(key), precision=0 if integer else None, **kwargs)
-    )
+def widget(cls: type, name: str, value: Any = MISSING, component: type | None = None, **kwargs: Any) -> Any:
+    """A widget for field `name` of dataclass `cls`, its label, help, bounds, choices and integer-ness read from the
+    field; `component` replaces the widget class the field's type picks, `kwargs` win over what the field says."""
+    meta = settings.describe(cls, name)
+    kind = settings.field_type(cls, name)
+    choices = meta.choice_list()
+    common: dict[str, Any] = {
+        "value": settings.default_of(cls, name) if value is MISSING else value,
+        "label": meta.label,
+        "info": meta.help,
+    }
+    if kind is bool:
+        make = gr.Checkbox
+    elif choices is not None or kind is list:
+        make = gr.Dropdown
+        common["choices"] = list(choices or ())
+    elif kind in (int, float):
+        make = gr.Number
+        # Widgets only know inclusive bounds: an exclusive one is the next whole number, or is left to validate().
+        step = 1 if kind is int else 0
+        if meta.minimum is not None:
+            common["minimum"] = meta.minimum + step if meta.exclusive_minimum else meta.minimum
+        if meta.maximum is not None:
+            common["maximum"] = meta.maximum - step if meta.exclusive_maximum else meta.maximum
+    else:
+        make = gr.Textbox
+    make = component or make
+    if make is gr.Number:
+        common["precision"] = 0 if kind is int else None
+    if make is gr.Dropdown:
+        common["multiselect"] = kind is list
+    return make(**{**common, **kwargs})
 
 
-def checkbox(form: Form, key: str, label: str, **kwargs: Any) -> gr.Checkbox:
-    return form.add(key, gr.Checkbox(value=DEFAULTS[key], label=label, info=HELP.get(key), **kwargs))
-
-
-def textbox(form: Form, key: str, label: str, **kwargs: Any) -> gr.Textbox:
-    return form.add(key, gr.Textbox(value=DEFAULTS[key], label=label, info=HELP.get(key), **kwargs))
-
-
-def dropdown(form: Form, key: str, label: str, choices: list, **kwargs: Any) -> gr.Dropdown:
-    return form.add(key, gr.Dropdown(choices=choices, value=DEFAULTS[key], label=label, info=HELP.get(key), **kwargs))
+def setting(form: Form, key: str, **kwargs: Any) -> Any:
+    """Add the widget of TrainConfig option `key` ("lora_r", "dataset.source") to `form`, at its default."""
+    return form.add(key, widget(TrainConfig, key, DEFAULTS[key], **kwargs))

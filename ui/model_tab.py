@@ -32,11 +32,11 @@ def build(form: forms.Form, workspace: Path) -> ModelTab:
         "download; Unsloth's catalogue and any Hub id work when the model is in the local Hugging Face cache."
     )
     with gr.Row():
-        forms.dropdown(
+        forms.setting(
             form,
             "model.name_or_path",
-            "Model",
-            [model_utils.DEMO_MODEL, *model_utils.UNSLOTH_CATALOGUE],
+            component=gr.Dropdown,
+            choices=[model_utils.DEMO_MODEL, *model_utils.UNSLOTH_CATALOGUE],
             allow_custom_value=True,
             scale=3,
             elem_id="model-name",
@@ -47,12 +47,12 @@ def build(form: forms.Form, workspace: Path) -> ModelTab:
                 forms.MODES,
                 value=forms.DEFAULTS["mode"],
                 label="Training mode",
-                info=forms.HELP["mode"],
+                info=forms.MODE_HELP,
                 scale=2,
                 elem_id="model-mode",
             ),
         )
-    forms.checkbox(form, "model.trust_remote_code", "Trust remote code")
+    forms.setting(form, "model.trust_remote_code")
     check = gr.Button("Check model and estimate memory", elem_id="model-check")
     info = gr.Markdown(elem_id="model-info")
     memory = gr.Markdown(elem_id="model-memory")
@@ -133,13 +133,5 @@ def wire(tab: ModelTab, form: forms.Form, memory_outputs: list[gr.Markdown], app
 def memory_estimate(config, workspace: Path) -> str:
     """The estimate as one line of Markdown; a model that cannot be read yet gives its reason instead."""
     path = model_utils.resolve_model_path(config.model.name_or_path, workspace)
-    estimate = model_utils.estimate_memory(
-        path,
-        config.mode,
-        config.lora_r,
-        config.target_modules,
-        config.per_device_train_batch_size,
-        config.max_seq_length,
-        config.gradient_checkpointing,
-    )
+    estimate = model_utils.estimate_memory(config, path)
     return f"**Memory estimate:** {estimate.summary()}"

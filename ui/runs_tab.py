@@ -11,12 +11,13 @@ import gradio as gr
 import pandas as pd
 
 import jobs
-from ui.common import guarded
+import runfolder
+import submit
+from ui.common import duration, guarded
 from ui.train_tab import loss_frame
 from workspace import dump_yaml, read_json
 
 COLUMNS = ["name", "kind", "state", "created", "progress", "last loss", "error"]
-BOOKKEEPING = {"config.yaml", "status.json", "events.jsonl", "log.txt", "progress.json", ".status.lock"}
 
 
 @dataclass
@@ -69,11 +70,11 @@ def wire(tab: RunsTab, tab_container: gr.Tab, workspace: Path) -> None:
             [
                 run.name,
                 run.kind,
-                run.state,
-                run.created,
-                f"{run.step}/{run.max_steps}" if run.step is not None else "",
-                f"{run.last_loss:.4f}" if run.last_loss is not None else "",
-                run.error.splitlines()[0] if run.error else "",
+                str(run.state),
+                run.status.created,
+                progress_cell(run),
+                f"{run.progress.metrics['loss']:.4f}" if run.progress.metrics.get("loss") is not None else "",
+                run.status.error.splitlines()[0] if run.status.error else "",
             ]
             for run in runs
         ]
@@ -96,7 +97,7 @@ def wire(tab: RunsTab, tab_container: gr.Tab, workspace: Path) -> None:
 
     @guarded
     def delete(run: str) -> tuple[gr.Row, str]:
-        jobs.delete_run(jobs.run_path(run, workspace))
+        submit.delete(run, workspace)
         return gr.Row(visible=False), f"Deleted run `{run}`."
 
     hide = lambda: gr.Row(visible=False)  # noqa: E731
@@ -114,32 +115,43 @@ def wire(tab: RunsTab, tab_container: gr.Tab, workspace: Path) -> None:
     ).then(show, inputs=tab.run, outputs=details)
 
 
+def progress_cell(run: jobs.RunInfo) -> str:
+    """step/total, ETA while running, and the newest message: the same for every kind of job."""
+    progress = run.progress
+    parts = [f"{progress.step}/{progress.total}"] if progress.step is not None and progress.total else []
+    if progress.eta_s is not None and run.state == runfolder.State.RUNNING:
+        parts.append(f"ETA {duration(progress.eta_s)}")
+    if progress.message:
+        parts.append(progress.message)
+    return " · ".join(parts)
+
+
 def run_details(run: str | None, workspace: Path) -> list[Any]:
     """status line, config YAML, metrics and outputs, loss plot, log tail, and whether Delete applies."""
     if not run:
         return ["No runs yet.", "", None, None, "", gr.Button(interactive=False)]
-    run_dir = jobs.run_path(run, workspace)
-    status = jobs.read_status(run_dir)
-    active = status["state"] in jobs.ACTIVE_STATES
-    line = f"**{run}** · {status['state']} · created {status.get('created', '?')} · folder `{run_dir}`"
-    if status.get("error"):
-        line += f"\n\n```\n{status['error']}\n```"
-    if active:
-        line += "\n\nDelete: the run is still active; stop it first."
+    run_dir = runfolder.run_path(run, workspace)
+    status = jobs.job_status(run_dir)
+    allowed = jobs.actions(run_dir, status)
+    line = f"**{run}** · {status.state} · created {status.created or '?'} · folder `{run_dir}`"
+    if status.error:
+        line += f"\n\n```\n{status.error}\n```"
+    if not allowed.can_delete:
+        line += f"\n\nDelete: {allowed.delete_reason}"
     metrics = {"progress": read_json(run_dir / "progress.json", default=None)}
     for report in sorted(run_dir.glob("*.json")):
-        if report.name not in BOOKKEEPING:
+        if report.name not in runfolder.BOOKKEEPING:
             metrics[report.stem] = read_json(report, default=None)
     metrics["outputs"] = sorted(
         path.name + ("/" if path.is_dir() else "")
         for path in run_dir.iterdir()
-        if path.name not in BOOKKEEPING and not path.name.startswith(".")
+        if path.name not in runfolder.BOOKKEEPING and not path.name.startswith(".")
     )
     return [
         line,
-        dump_yaml(jobs.read_config(run_dir)),
+        dump_yaml(runfolder.read_config(run_dir)),
         json.loads(json.dumps(metrics, default=str)),
-        loss_frame(jobs.read_events(run_dir)),
-        jobs.log_tail(run_dir),
-        gr.Button(interactive=not active),
+        loss_frame(runfolder.read_events(run_dir)),
+        runfolder.log_tail(run_dir),
+        gr.Button(interactive=allowed.can_delete),
     ]

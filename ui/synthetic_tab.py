@@ -5,7 +5,6 @@ The API key goes to the job's process through its environment only; it is never 
 
 from __future__ import annotations
 
-import html
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +15,13 @@ import pandas as pd
 
 import dataset_utils
 import jobs
+import runfolder
+import submit
 import synthetic_utils
 from synthetic_utils import SyntheticConfig
-from ui.common import guarded, latest_run, progress_html, run_names, save_upload
-from workspace import config_to_dict
+from ui import forms
+from ui.common import active_runs, guarded, job_html, latest_run, run_names, save_upload
 
-DEFAULTS = SyntheticConfig()
 KINDS = ("synth",)
 POLL_S = 1.5
 PREVIEW_ROWS = 8
@@ -64,53 +64,34 @@ def build() -> SyntheticTab:
         fields[name] = widget
 
     with gr.Row():
-        add(
-            "provider",
-            gr.Radio(
-                list(synthetic_utils.PROVIDERS),
-                value=DEFAULTS.provider,
-                label="Provider",
-                info="openai also covers vLLM, llama.cpp server and LM Studio (set the base URL).",
-                elem_id="synth-provider",
-            ),
-        )
+        add("provider", forms.widget(SyntheticConfig, "provider", component=gr.Radio, elem_id="synth-provider"))
         add(
             "model",
-            gr.Textbox(
-                value=DEFAULTS.model,
-                label="Model",
-                placeholder="gpt-4o-mini, claude-sonnet-4-5, llama3.2 …",
-                elem_id="synth-model",
+            forms.widget(
+                SyntheticConfig, "model", placeholder="gpt-4o-mini, claude-sonnet-4-5, llama3.2 …", elem_id="synth-model"
             ),
         )
     with gr.Row():
         add(
             "base_url",
-            gr.Textbox(
-                value=DEFAULTS.base_url,
-                label="Base URL",
+            forms.widget(
+                SyntheticConfig,
+                "base_url",
                 placeholder="empty: the provider's API (Ollama: http://localhost:11434)",
                 elem_id="synth-base-url",
             ),
         )
         api_key = gr.Textbox(label="API key", type="password", info=KEY_HELP, elem_id="synth-api-key")
     with gr.Row():
-        add("task", gr.Radio(list(synthetic_utils.TASKS), value=DEFAULTS.task, label="Task", elem_id="synth-task"))
+        add("task", forms.widget(SyntheticConfig, "task", component=gr.Radio, elem_id="synth-task"))
         add(
             "topic",
-            gr.Textbox(
-                value=DEFAULTS.topic,
-                label="Topic",
-                placeholder="What the data is about",
-                elem_id="synth-topic",
-                scale=2,
-            ),
+            forms.widget(SyntheticConfig, "topic", placeholder="What the data is about", elem_id="synth-topic", scale=2),
         )
     with gr.Row():
-        add("num_rows", gr.Number(value=DEFAULTS.num_rows, label="Rows", precision=0, minimum=1, elem_id="synth-rows"))
-        add("turns", gr.Number(value=DEFAULTS.turns, label="Turns (conversations)", precision=0, minimum=1))
-        add("temperature", gr.Number(value=DEFAULTS.temperature, label="Temperature", minimum=0, maximum=2))
-        add("concurrency", gr.Number(value=DEFAULTS.concurrency, label="Requests at once", precision=0, minimum=1))
+        add("num_rows", forms.widget(SyntheticConfig, "num_rows", elem_id="synth-rows"))
+        for name in ("turns", "temperature", "concurrency"):
+            add(name, forms.widget(SyntheticConfig, name))
     with gr.Accordion("Seed examples and documents", open=False):
         seed_examples = gr.Code(
             label='Seed examples (JSONL: one row a line, in the task\'s shape, e.g. {"instruction": …, "response": …})',
@@ -126,46 +107,17 @@ def build() -> SyntheticTab:
         )
     with gr.Accordion("Advanced", open=False):
         with gr.Row():
-            add(
-                "response_format",
-                gr.Dropdown(
-                    list(synthetic_utils.RESPONSE_FORMATS),
-                    value=DEFAULTS.response_format,
-                    label="Response format",
-                    info="json_object for python -m llama_cpp.server; none for servers without JSON modes.",
-                    elem_id="synth-response-format",
-                ),
-            )
-            add("max_tokens", gr.Number(value=DEFAULTS.max_tokens, label="Max tokens per reply", precision=0))
-            add("chunk_chars", gr.Number(value=DEFAULTS.chunk_chars, label="Document chunk (chars)", precision=0))
-        with gr.Row():
-            add("max_retries", gr.Number(value=DEFAULTS.max_retries, label="Retries", precision=0, minimum=0))
-            add("backoff_s", gr.Number(value=DEFAULTS.backoff_s, label="First retry delay (s)", minimum=0))
-            add("timeout_s", gr.Number(value=DEFAULTS.timeout_s, label="Request timeout (s)", minimum=0))
-            add(
-                "max_consecutive_rejects",
-                gr.Number(
-                    value=DEFAULTS.max_consecutive_rejects, label="Stop after rejects in a row", precision=0, minimum=1
-                ),
-            )
-        with gr.Row():
-            add("min_chars", gr.Number(value=DEFAULTS.min_chars, label="Min chars per turn", precision=0, minimum=0))
-            add("max_chars", gr.Number(value=DEFAULTS.max_chars, label="Max chars per turn", precision=0, minimum=1))
-            add(
-                "near_duplicate_threshold",
-                gr.Number(
-                    value=DEFAULTS.near_duplicate_threshold, label="Near-duplicate threshold", minimum=0, maximum=1
-                ),
-            )
-        with gr.Row():
-            add(
-                "price_per_million_input",
-                gr.Number(value=DEFAULTS.price_per_million_input, label="USD per million input tokens", minimum=0),
-            )
-            add(
-                "price_per_million_output",
-                gr.Number(value=DEFAULTS.price_per_million_output, label="USD per million output tokens", minimum=0),
-            )
+            add("response_format", forms.widget(SyntheticConfig, "response_format", elem_id="synth-response-format"))
+            for name in ("max_tokens", "chunk_chars"):
+                add(name, forms.widget(SyntheticConfig, name))
+        for row in (
+            ("max_retries", "backoff_s", "timeout_s", "max_consecutive_rejects"),
+            ("min_chars", "max_chars", "near_duplicate_threshold"),
+            ("price_per_million_input", "price_per_million_output"),
+        ):
+            with gr.Row():
+                for name in row:
+                    add(name, forms.widget(SyntheticConfig, name))
     with gr.Row(equal_height=True):
         run_name = gr.Textbox(
             label="Run name", placeholder="optional: synth-<date>-<time>", scale=3, elem_id="synth-run-name"
@@ -217,9 +169,7 @@ def wire(
         data = dict(zip(names, values, strict=True))
         data["seed_examples"] = dataset_utils.parse_jsonl(seeds or "", "Seed example")
         data["documents"] = [str(save_upload(path, workspace)) for path in documents or []]
-        config = synthetic_utils.synthetic_config_from_dict(data)
-        config.validate(workspace)
-        return config
+        return synthetic_utils.synthetic_config_from_dict(data)
 
     @guarded
     def show(run: str | None) -> list[Any]:
@@ -228,26 +178,20 @@ def wire(
     @guarded
     def start(run_name: str, api_key: str, seeds: str, documents: list[str] | None, *values: Any) -> gr.Dropdown:
         config = config_from(values, seeds, documents)
-        env = synthetic_utils.job_env(config, api_key or None)
-        run_dir = jobs.create_run("synth", config_to_dict(config), workspace, run_name.strip() or None)
-        jobs.start_job(run_dir, env=env)
+        run_dir = submit.submit_synth(config, workspace, run_name.strip() or None, api_key=api_key or None)
         return gr.Dropdown(choices=run_names(workspace, KINDS), value=run_dir.name)
 
     @guarded
     def stop(run: str) -> None:
-        jobs.stop_job(jobs.run_path(run, workspace))
+        submit.stop(run, workspace)
 
     @guarded
     def resume(run: str, api_key: str) -> None:
-        run_dir = jobs.run_path(run, workspace)
-        config = synthetic_utils.synthetic_config_from_dict(
-            {key: value for key, value in jobs.read_config(run_dir).items() if key != "kind"}
-        )
-        jobs.resume_job(run_dir, env=synthetic_utils.job_env(config, api_key or None))
+        submit.resume(run, workspace, api_key=api_key or None)
 
     @guarded
     def use(run: str) -> tuple[str, gr.Tabs]:
-        data = jobs.run_path(run, workspace) / synthetic_utils.DATA_FILE
+        data = runfolder.run_path(run, workspace) / synthetic_utils.DATA_FILE
         if not data.exists():
             raise gr.Error(f"Run '{run}' has no rows yet.")
         return str(data), gr.Tabs(selected=dataset_tab_id)
@@ -273,11 +217,9 @@ def wire(
 
 def synth_view(run: str | None, workspace: Path) -> list[Any]:
     """status, newest rows, log, Generate / Stop / Resume / Use, the reason a button is off, and polling."""
-    active_runs = [
-        info.name for info in jobs.list_runs(workspace) if info.kind in KINDS and info.state in jobs.ACTIVE_STATES
-    ]
-    start = gr.Button(interactive=not active_runs)
-    reasons = [f"Generate: run `{active_runs[0]}` is still active." if active_runs else ""]
+    running = active_runs(workspace, KINDS)
+    start = gr.Button(interactive=True)
+    reasons = [f"Generate: run `{running[0]}` is still active; a new run starts beside it." if running else ""]
     if not run:
         return [
             "",
@@ -290,35 +232,26 @@ def synth_view(run: str | None, workspace: Path) -> list[Any]:
             " · ".join(filter(None, reasons)),
             gr.Timer(active=False),
         ]
-    run_dir = jobs.run_path(run, workspace)
-    status = jobs.read_status(run_dir)
-    state = status["state"]
-    active = state in jobs.ACTIVE_STATES
-    events = [event for event in jobs.read_events(run_dir) if event.get("event") == "progress"]
-    last = events[-1] if events else {}
-    text = f"<b>{html.escape(run)}</b> · <span class='state state-{state}'>{state}</span>"
-    if last.get("message"):
-        text += f" · {html.escape(last['message'])}"
-    if status.get("error"):
-        text += f"<pre class='run-error'>{html.escape(status['error'])}</pre>"
+    run_dir = runfolder.run_path(run, workspace)
+    status = jobs.job_status(run_dir)
+    allowed = jobs.actions(run_dir, status)
     rows = newest_rows(run_dir / synthetic_utils.DATA_FILE)
-    can_stop, can_resume = state in ("queued", "running"), state in ("stopped", "failed")
-    if not can_stop:
-        reasons.append(f"Stop: the run is {state}.")
-    if not can_resume:
-        reasons.append("Resume: the run is still active." if active else f"Resume: the run is {state}.")
+    if not allowed.can_stop:
+        reasons.append(f"Stop: {allowed.stop_reason}")
+    if not allowed.can_resume:
+        reasons.append(f"Resume: {allowed.resume_reason}")
     if rows is None:
         reasons.append("Use as training data: no rows yet.")
     return [
-        progress_html(last.get("step"), last.get("max_steps"), text),
+        job_html(run, status, runfolder.read_progress(run_dir)),
         rows,
-        jobs.log_tail(run_dir),
+        runfolder.log_tail(run_dir),
         start,
-        gr.Button(interactive=can_stop),
-        gr.Button(interactive=can_resume),
+        gr.Button(interactive=allowed.can_stop),
+        gr.Button(interactive=allowed.can_resume),
         gr.Button(interactive=rows is not None),
         " · ".join(filter(None, reasons)),
-        gr.Timer(active=active),
+        gr.Timer(active=status.active),
     ]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,14 +10,13 @@ from typing import Any
 import gradio as gr
 
 import inference_utils
-import jobs
+import runfolder
+import submit
 from inference_utils import EvalConfig, GenerationConfig
-from ui.common import guarded, progress_html, run_names
-from workspace import config_to_dict
+from ui import forms
+from ui.common import guarded, job_html, run_names
 
 BASE_ONLY = ("Base model only (no run)", "")
-GENERATION = GenerationConfig()
-EVAL = EvalConfig()
 POLL_S = 2.0
 
 
@@ -85,26 +83,13 @@ def build() -> TestTab:
     loaded = gr.Markdown(elem_id="test-loaded")
     with gr.Accordion("Generation settings", open=False):
         with gr.Row():
-            system_prompt = gr.Textbox(
-                value=GENERATION.system_prompt, label="System prompt", scale=3, info="Added as a system turn."
+            system_prompt = forms.widget(GenerationConfig, "system_prompt", scale=3)
+            temperature = forms.widget(
+                GenerationConfig, "temperature", component=gr.Slider, step=0.05, elem_id="test-temperature"
             )
-            temperature = gr.Slider(
-                0,
-                2,
-                value=GENERATION.temperature,
-                step=0.05,
-                label="Temperature",
-                info="0 = greedy (always the most likely token).",
-                elem_id="test-temperature",
-            )
-            top_p = gr.Slider(0.05, 1, value=GENERATION.top_p, step=0.05, label="Top-p")
-            max_new_tokens = gr.Number(
-                value=GENERATION.max_new_tokens,
-                label="Max new tokens",
-                precision=0,
-                minimum=1,
-                elem_id="test-max-tokens",
-            )
+            # A slider cannot leave out its lower end: 0.05 is the smallest top_p it offers.
+            top_p = forms.widget(GenerationConfig, "top_p", component=gr.Slider, minimum=0.05, step=0.05)
+            max_new_tokens = forms.widget(GenerationConfig, "max_new_tokens", elem_id="test-max-tokens")
     with gr.Tab("Chat"):
         use_adapter = gr.Checkbox(
             value=True,
@@ -131,8 +116,8 @@ def build() -> TestTab:
             "Loss and perplexity of base vs tuned on the run's held-out rows (runs trained with an eval split)."
         )
         with gr.Row(equal_height=True):
-            eval_rows = gr.Number(value=EVAL.max_rows, label="Max rows (0 = all)", precision=0, minimum=0)
-            eval_batch = gr.Number(value=EVAL.batch_size, label="Batch size", precision=0, minimum=1)
+            eval_rows = forms.widget(EvalConfig, "max_rows")
+            eval_batch = forms.widget(EvalConfig, "batch_size")
             evaluate = gr.Button("Evaluate", elem_id="test-evaluate")
         eval_status = gr.HTML(elem_id="test-eval-status")
         eval_result = gr.Markdown(elem_id="test-eval-result")
@@ -206,10 +191,7 @@ def wire(tab: TestTab, tab_container: gr.Tab, workspace: Path) -> None:
 
     @guarded
     def evaluate(run: str, max_rows: int, batch_size: int) -> None:
-        config = EvalConfig(run=run, max_rows=max_rows, batch_size=batch_size)
-        inference_utils.check_evaluable(config, workspace)
-        run_dir = jobs.create_run("eval", config_to_dict(config), workspace, inference_utils.eval_run_name(run))
-        jobs.start_job(run_dir)
+        submit.submit_eval(EvalConfig(run=run, max_rows=max_rows, batch_size=batch_size), workspace)
 
     @guarded
     def eval_view(run: str) -> tuple[str, str, gr.Timer]:
@@ -246,22 +228,9 @@ def evaluation_view(run: str | None, workspace: Path) -> tuple[str, str, gr.Time
     """The newest evaluation job of this run: its progress, and the result table once it is written."""
     if not run:
         return "", "", gr.Timer(active=False)
-    result = jobs.run_path(run, workspace) / "eval.md"
-    job = next(
-        (
-            info
-            for info in jobs.list_runs(workspace)
-            if info.kind == "eval" and jobs.read_config(info.path).get("run") == run
-        ),
-        None,
-    )
+    result = runfolder.run_path(run, workspace) / "eval.md"
+    job = submit.latest_job("eval", run, workspace)
     if job is None:
         return "", result.read_text(encoding="utf-8") if result.exists() else "", gr.Timer(active=False)
-    events = [event for event in jobs.read_events(job.path) if event.get("event") == "progress"]
-    last = events[-1] if events else {}
-    text = f"<b>{job.name}</b> · {job.state}" + (f" · {html.escape(last['message'])}" if last.get("message") else "")
-    if job.error:
-        text += f"<pre class='run-error'>{html.escape(job.error)}</pre>"
-    active = job.state in jobs.ACTIVE_STATES
-    shown = result.read_text(encoding="utf-8") if result.exists() and not active else ""
-    return progress_html(last.get("step"), last.get("max_steps"), text), shown, gr.Timer(active=active)
+    shown = result.read_text(encoding="utf-8") if result.exists() and not job.active else ""
+    return job_html(job.name, job.status, job.progress), shown, gr.Timer(active=job.active)

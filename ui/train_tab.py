@@ -15,10 +15,11 @@ import gradio as gr
 import pandas as pd
 
 import jobs
-from training_utils import ALL_LINEAR, REPORT_TO
+import runfolder
+import submit
+from training_utils import ALL_LINEAR
 from ui import forms
-from ui.common import duration, guarded, latest_run, progress_html, run_names
-from workspace import config_to_dict
+from ui.common import active_runs, duration, guarded, latest_run, progress_html, run_names
 
 POLL_S = 1.5
 KINDS = ("train",)
@@ -82,44 +83,41 @@ def build(form: forms.Form) -> TrainTab:
 
 def _settings(form: forms.Form) -> None:
     with gr.Row():
-        forms.number(form, "max_steps", "Max steps", integer=True, minimum=0, elem_id="train-max-steps")
-        forms.number(form, "num_train_epochs", "Epochs", minimum=0)
-        forms.number(form, "learning_rate", "Learning rate", minimum=0, step=1e-5, elem_id="train-lr")
+        # 0 in the widget means "no max_steps: train for the epochs" (values_to_config turns it into None).
+        forms.setting(form, "max_steps", minimum=0, elem_id="train-max-steps")
+        forms.setting(form, "num_train_epochs")
+        forms.setting(form, "learning_rate", step=1e-5, elem_id="train-lr")
     with gr.Row():
-        forms.number(form, "per_device_train_batch_size", "Batch size", integer=True, minimum=1, elem_id="train-batch")
-        forms.number(
-            form, "gradient_accumulation_steps", "Gradient accumulation", integer=True, minimum=1, elem_id="train-accum"
-        )
-        forms.number(form, "max_seq_length", "Max sequence length", integer=True, minimum=1, elem_id="train-seq")
+        forms.setting(form, "per_device_train_batch_size", elem_id="train-batch")
+        forms.setting(form, "gradient_accumulation_steps", elem_id="train-accum")
+        forms.setting(form, "max_seq_length", elem_id="train-seq")
     with gr.Row():
-        forms.number(form, "lora_r", "LoRA rank (r)", integer=True, minimum=1, elem_id="train-lora-r")
-        forms.number(form, "lora_alpha", "LoRA alpha", minimum=0)
-        forms.number(form, "lora_dropout", "LoRA dropout", minimum=0, maximum=0.99, step=0.05)
-    forms.dropdown(form, "target_modules", "LoRA target modules", ALL_LINEAR, multiselect=True, allow_custom_value=True)
+        forms.setting(form, "lora_r", elem_id="train-lora-r")
+        forms.setting(form, "lora_alpha")
+        forms.setting(form, "lora_dropout", step=0.05)
+    forms.setting(form, "target_modules", choices=ALL_LINEAR, allow_custom_value=True)
     with gr.Row():
-        forms.number(form, "eval_split", "Eval split", minimum=0, maximum=0.9, step=0.05, elem_id="train-eval")
-        forms.number(
-            form, "save_steps", "Checkpoint every (steps)", integer=True, minimum=1, elem_id="train-save-steps"
-        )
+        forms.setting(form, "eval_split", step=0.05, elem_id="train-eval")
+        forms.setting(form, "save_steps", elem_id="train-save-steps")
     with gr.Accordion("Advanced", open=False, elem_id="train-advanced"):
         with gr.Row():
-            forms.checkbox(form, "gradient_checkpointing", "Gradient checkpointing", elem_id="train-gc")
-            forms.checkbox(form, "train_on_responses_only", "Train on responses only")
-            forms.checkbox(form, "packing", "Packing")
-            forms.checkbox(form, "fit_micro_batch", "Fit micro-batch to GPU memory")
+            forms.setting(form, "gradient_checkpointing", elem_id="train-gc")
+            forms.setting(form, "train_on_responses_only")
+            forms.setting(form, "packing")
+            forms.setting(form, "fit_micro_batch")
         with gr.Row():
-            forms.number(form, "warmup_steps", "Warm-up steps", integer=True, minimum=0, elem_id="train-warmup")
-            forms.dropdown(form, "lr_scheduler_type", "Scheduler", forms.SCHEDULERS, allow_custom_value=True)
-            forms.number(form, "weight_decay", "Weight decay", minimum=0)
+            forms.setting(form, "warmup_steps", elem_id="train-warmup")
+            forms.setting(form, "lr_scheduler_type")
+            forms.setting(form, "weight_decay")
         with gr.Row():
-            forms.dropdown(form, "optim", "Optimizer", forms.OPTIMIZERS, allow_custom_value=True)
-            forms.number(form, "eval_steps", "Eval every (steps)", integer=True, minimum=0)
-            forms.number(form, "save_total_limit", "Checkpoints kept", integer=True, minimum=1)
+            forms.setting(form, "optim")
+            forms.setting(form, "eval_steps")
+            forms.setting(form, "save_total_limit")
         with gr.Row():
-            forms.number(form, "logging_steps", "Log every (steps)", integer=True, minimum=1)
-            forms.number(form, "seed", "Seed", integer=True)
-            forms.dropdown(form, "report_to", "Report to", list(REPORT_TO))
-            forms.number(form, "num_gpus", "GPUs", integer=True, minimum=0)
+            forms.setting(form, "logging_steps")
+            forms.setting(form, "seed")
+            forms.setting(form, "report_to")
+            forms.setting(form, "num_gpus")
 
 
 def wire(tab: TrainTab, form: forms.Form, app: gr.Blocks, workspace: Path) -> None:
@@ -132,18 +130,16 @@ def wire(tab: TrainTab, form: forms.Form, app: gr.Blocks, workspace: Path) -> No
     @guarded
     def start(data: dict) -> gr.Dropdown:
         config = forms.values_to_config(form.values(data))
-        config.validate()
-        run_dir = jobs.create_run("train", config_to_dict(config), workspace, data[tab.run_name].strip() or None)
-        jobs.start_job(run_dir)
+        run_dir = submit.submit_train(config, workspace, data[tab.run_name].strip() or None)
         return gr.Dropdown(choices=run_names(workspace, KINDS), value=run_dir.name)
 
     @guarded
     def stop(run: str) -> None:
-        jobs.stop_job(jobs.run_path(run, workspace))
+        submit.stop(run, workspace)
 
     @guarded
     def resume(run: str) -> None:
-        jobs.resume_job(jobs.run_path(run, workspace))
+        submit.resume(run, workspace)
 
     @guarded
     def opened() -> list[Any]:
@@ -171,11 +167,11 @@ def wire(tab: TrainTab, form: forms.Form, app: gr.Blocks, workspace: Path) -> No
 
 def live_view(run: str | None, workspace: Path) -> list[Any]:
     """status, loss plot, log tail, Start / Stop / Resume, the reason a button is off, and whether to keep polling."""
-    any_active = [r.name for r in jobs.list_runs(workspace) if r.kind in KINDS and r.state in jobs.ACTIVE_STATES]
-    start_reason = f"Start: run `{any_active[0]}` is still active; stop it or wait for it to end." if any_active else ""
-    start = gr.Button(interactive=not any_active)
+    running = active_runs(workspace, KINDS)
+    queue_note = f"Start: run `{running[0]}` is still active; a new run waits for it in the queue." if running else ""
+    start = gr.Button(interactive=True)
     if not run:
-        hint = start_reason or "No run yet: set the options and press Start."
+        hint = queue_note or "No run yet: set the options and press Start."
         return [
             progress_html(None, None, "No run selected."),
             None,
@@ -186,48 +182,43 @@ def live_view(run: str | None, workspace: Path) -> list[Any]:
             hint,
             gr.Timer(active=False),
         ]
-    run_dir = jobs.run_path(run, workspace)
-    status = jobs.read_status(run_dir)
-    state = status["state"]
-    events = jobs.read_events(run_dir)
-    active = state in jobs.ACTIVE_STATES
-    can_stop = state in ("queued", "running")
-    can_resume = state in ("stopped", "failed") and jobs.last_checkpoint(run_dir) is not None
-    reasons = [start_reason]
-    if not can_stop:
-        reasons.append(f"Stop: the run is {state}.")
-    if active:
-        reasons.append("Resume: the run is still active.")
-    elif state == "done":
-        reasons.append("Resume: the run finished.")
-    elif not can_resume:
-        reasons.append("Resume: no checkpoint was saved yet; start a new run instead.")
+    run_dir = runfolder.run_path(run, workspace)
+    status = jobs.job_status(run_dir)
+    allowed = jobs.actions(run_dir, status)
+    events = runfolder.read_events(run_dir)
+    reasons = [queue_note]
+    if not allowed.can_stop:
+        reasons.append(f"Stop: {allowed.stop_reason}")
+    if not allowed.can_resume:
+        reasons.append(f"Resume: {allowed.resume_reason}")
     return [
         progress_html(*_progress(events), status_line(run, status, events)),
         loss_frame(events),
-        jobs.log_tail(run_dir),
+        runfolder.log_tail(run_dir),
         start,
-        gr.Button(interactive=can_stop),
-        gr.Button(interactive=can_resume),
+        gr.Button(interactive=allowed.can_stop),
+        gr.Button(interactive=allowed.can_resume),
         " · ".join(reason for reason in reasons if reason),
-        gr.Timer(active=active),
+        gr.Timer(active=status.active),
     ]
 
 
-def _progress(events: list[dict]) -> tuple[int | None, int | None]:
+def _progress(events: list[runfolder.Event]) -> tuple[int | None, int | None]:
     for event in reversed(events):
-        if "step" in event and event.get("max_steps"):
-            return event["step"], event["max_steps"]
+        if event.step is not None and event.total:
+            return event.step, event.total
     return None, None
 
 
-def status_line(run: str, status: dict, events: list[dict]) -> str:
+def status_line(run: str, status: runfolder.Status, events: list[runfolder.Event]) -> str:
     """One line: state, step, losses, speed, ETA and memory from the newest events."""
     latest: dict[str, Any] = {}
     for event in events:
-        if event.get("event") == "log":
-            latest.update({key: value for key, value in event.items() if value is not None})
-    parts = [f"<b>{html.escape(run)}</b>", f"<span class='state state-{status['state']}'>{status['state']}</span>"]
+        if event.kind == runfolder.EventKind.LOG:
+            latest.update({key: value for key, value in event.metrics.items() if value is not None})
+            if event.eta_s is not None:
+                latest["eta_s"] = event.eta_s
+    parts = [f"<b>{html.escape(run)}</b>", f"<span class='state state-{status.state}'>{status.state}</span>"]
     step, max_steps = _progress(events)
     if step is not None:
         parts.append(f"step {step}/{max_steps}")
@@ -237,35 +228,35 @@ def status_line(run: str, status: dict, events: list[dict]) -> str:
         parts.append(f"eval loss {latest['eval_loss']:.4f}")
     if "tokens_per_s" in latest:
         parts.append(f"{latest['tokens_per_s']:.0f} tokens/s")
-    if "eta_s" in latest and status["state"] == "running":
+    if "eta_s" in latest and status.state == runfolder.State.RUNNING:
         parts.append(f"ETA {duration(latest['eta_s'])}")
     if "memory_gib" in latest:
         parts.append(f"memory {latest['memory_gib']:.2f} GiB")
-    if (status.get("processes") or 1) > 1:
-        devices = "GPUs" if status.get("device") == "GPU" else "processes"
-        parts.append(f"{status['processes']} {devices}")
+    if status.processes > 1:
+        devices = "GPUs" if status.device == "GPU" else "processes"
+        parts.append(f"{status.processes} {devices}")
     if latest.get("gpu_memory_gib"):
         parts.append("per GPU " + ", ".join(f"{used:.1f}" for used in latest["gpu_memory_gib"]) + " GiB")
-    if status.get("micro_batch"):
-        parts.append(f"micro-batch {status['micro_batch']} × {status['gradient_accumulation']}")
+    if status.micro_batch:
+        parts.append(f"micro-batch {status.micro_batch} × {status.gradient_accumulation}")
     line = " · ".join(parts)
-    if status.get("note"):
-        line += f"<div class='run-note'>{html.escape(status['note'])}</div>"
-    if status.get("error"):
-        line += f"<pre class='run-error'>{html.escape(status['error'])}</pre>"
+    if status.note:
+        line += f"<div class='run-note'>{html.escape(status.note)}</div>"
+    if status.error:
+        line += f"<pre class='run-error'>{html.escape(status.error)}</pre>"
     return line
 
 
-def loss_frame(events: list[dict]) -> pd.DataFrame | None:
+def loss_frame(events: list[runfolder.Event]) -> pd.DataFrame | None:
     """Train and eval loss by step (None before the first one); a step logged again after a resume keeps its newest
     value."""
     points: dict[tuple[str, int], float] = {}
     for event in events:
-        if event.get("event") != "log":
+        if event.kind != runfolder.EventKind.LOG:
             continue
         for key, series in (("loss", "train"), ("eval_loss", "eval")):
-            if key in event:
-                points[(series, event["step"])] = event[key]
+            if key in event.metrics:
+                points[(series, event.step)] = event.metrics[key]
     if not points:
         return None
     rows = [{"step": step, "loss": loss, "series": series} for (series, step), loss in sorted(points.items())]

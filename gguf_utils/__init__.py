@@ -1,0 +1,398 @@
+"""GGUF export: merge the LoRA adapter into 16-bit weights → llama.cpp's own converter → quantize → load each file
+in llama.cpp, generate, and measure its agreement with the Hugging Face model → Ollama Modelfile.
+
+`export_job` reads top to bottom; it runs as a job (`python main.py export RUN --quant q4_k_m,q8_0`). The steps
+live in `convert` (merge, convert, quantize), `check` (agreement with the HF model) and `modelfile` (Ollama).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import model_utils
+import runfolder
+import settings
+from gguf_utils.check import CHECK_PROMPTS, MIN_CHECK_PROMPTS, REFERENCE_CACHE, Reference, check_gguf, hf_side
+from gguf_utils.convert import (
+    CONVERTER,
+    FLOAT_TYPES,
+    MERGE_DTYPES,
+    MERGE_STAMP,
+    QUANT_FTYPES,
+    ROOT,
+    Stopped,
+    conversions,
+    ensure_merged,
+    finish_conversion,
+    llama_cpp_version,
+    merge_dtype,
+    merged_dir,
+    merged_is_current,
+    model_dtype,
+    quantize_gguf,
+    start_conversion,
+)
+from gguf_utils.modelfile import build_modelfile
+from runfolder import JobContext, StopFlag, TrainedModel
+from workspace import UserError, config_from_dict
+
+__all__ = [
+    "CHECK_PROMPTS",
+    "CONVERTER",
+    "FLOAT_TYPES",
+    "MERGE_DTYPES",
+    "MERGE_STAMP",
+    "MIN_CHECK_PROMPTS",
+    "QUANT_FTYPES",
+    "REFERENCE_CACHE",
+    "ExportConfig",
+    "check_export",
+    "export_config_from_dict",
+    "export_job",
+    "export_run_name",
+    "export_source",
+    "needed_disk_bytes",
+]
+
+log = logging.getLogger(__name__)
+
+# Bits per weight, rounded up: small models get bigger files because llama.cpp falls back to wider types for
+# rows that do not fit a k-quant's 256-wide blocks and keeps the output layer at 6-8 bits.
+BITS_PER_WEIGHT = {"f16": 16, "bf16": 16, "q8_0": 8.5, "q6_k": 8.5, "q5_k_m": 7.0, "q4_k_m": 6.5, "q4_0": 6.0}
+
+
+@dataclass
+class ExportConfig:
+    """What to export from a finished training run, and how to check the result."""
+
+    run: str = settings.option(
+        "", help="The finished training run to export (its name or folder).", label="Training run"
+    )
+    # No `choices`: settings.check compares the whole value with them, and this is a list; validate() checks each.
+    quants: list[str] = settings.option(
+        default_factory=lambda: ["q8_0"],
+        help="GGUF types to write (also as 'q4_k_m,q8_0'): q8_0 is nearly lossless; q4_k_m is the usual small "
+        f"choice; f16/bf16 are unquantized. One or more of: {', '.join(QUANT_FTYPES)}.",
+        label="Quant types",
+    )
+    check_prompts: int = settings.option(
+        len(CHECK_PROMPTS),
+        help="Prompts scored against the Hugging Face model (all 16, 512 tokens, by default).",
+        minimum=MIN_CHECK_PROMPTS,
+        maximum=len(CHECK_PROMPTS),
+        label="Check prompts",
+        advanced=True,
+    )
+    check_tokens: int = settings.option(
+        32, help="Tokens scored per prompt.", minimum=1, maximum=512, label="Tokens per prompt", advanced=True
+    )
+    merge_dtype: str = settings.option(
+        "auto",
+        help="16-bit type of merged/: auto = the base model's 16-bit type, else float16.",
+        choices=MERGE_DTYPES,
+        label="Merge dtype",
+        advanced=True,
+    )
+    temperature: float = settings.option(
+        0.7, help="The Modelfile's sampling temperature.", minimum=0, maximum=2, label="Modelfile temperature"
+    )
+    top_p: float = settings.option(
+        0.9,
+        help="The Modelfile's top_p.",
+        minimum=0,
+        exclusive_minimum=True,
+        maximum=1,
+        label="Modelfile top_p",
+    )
+    num_ctx: int = settings.option(
+        4096, help="The Modelfile's context length; capped at the model's own.", minimum=1, label="Modelfile num_ctx"
+    )
+
+    def __post_init__(self) -> None:
+        quants = self.quants.split(",") if isinstance(self.quants, str) else list(self.quants or [])
+        self.quants = [str(quant).strip().lower() for quant in quants if str(quant).strip()]
+        # Sliders and YAML may give 10.0 for 10.
+        for name in ("check_prompts", "check_tokens", "num_ctx"):
+            value = getattr(self, name)
+            if isinstance(value, float) and value.is_integer():
+                setattr(self, name, int(value))
+
+    def validate(self) -> None:
+        if not str(self.run).strip():
+            raise UserError("No training run chosen. Give the name of a finished training run to export.")
+        if not self.quants:
+            raise UserError(f"No quant type chosen. Choose one or more of: {', '.join(QUANT_FTYPES)}.")
+        unknown = [quant for quant in self.quants if quant not in QUANT_FTYPES]
+        if unknown:
+            raise UserError(f"Unknown quant type(s): {', '.join(unknown)}. Valid types: {', '.join(QUANT_FTYPES)}.")
+        if len(set(self.quants)) != len(self.quants):
+            raise UserError(f"Quant types are listed twice: {', '.join(self.quants)}.")
+        for name in ("check_prompts", "check_tokens", "num_ctx"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                raise UserError(f"{name} must be a whole number (got {getattr(self, name)!r}).")
+        settings.check(self)
+
+
+def export_config_from_dict(data: dict[str, Any]) -> ExportConfig:
+    return config_from_dict(ExportConfig, data, "export config")
+
+
+def export_run_name(run: str) -> str:
+    """The export job's own run-folder name (jobs adds -2, -3 … when it exists)."""
+    return f"export-{Path(str(run)).name}"[:80]
+
+
+# ---------------------------------------------------------------- what to export, and whether it fits
+
+
+def export_source(run: str | Path, workspace: str | Path | None = None) -> TrainedModel:
+    """The trained model of a finished training run, an adapter's base model resolved to its folder; UserError when
+    the run has none."""
+    run_dir = runfolder.run_path(run, workspace)
+    model = runfolder.trained_model(run_dir)
+    if model.kind != "adapter":
+        return model
+    if not model.base_model:
+        raise UserError(f"The adapter of run '{run_dir.name}' does not say which base model it belongs to.")
+    base = model_utils.resolve_model_path(model.base_model, runfolder.run_workspace(run_dir))
+    return dataclasses.replace(model, base_model=base)
+
+
+def gguf_dir(model: TrainedModel) -> Path:
+    return model.run_dir / "gguf"
+
+
+def count_parameters(folder: str | Path) -> int:
+    """Parameters in a folder's safetensors files, read from their headers (no weights loaded)."""
+    total = 0
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with open(path, "rb") as handle:
+            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        for name, info in header.items():
+            if name != "__metadata__":
+                count = 1
+                for size in info["shape"]:
+                    count *= size
+                total += count
+    return total
+
+
+def free_disk_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def needed_disk_bytes(model: TrainedModel, config: ExportConfig) -> dict[str, int]:
+    """Estimated bytes each part of the export writes: merged/ (when it must be made), the GGUF files, the
+    16-bit GGUF that quantization starts from when it is not one of the outputs."""
+    adapter = model.kind == "adapter"
+    params = count_parameters(model.base_model if adapter else merged_dir(model))
+    if params == 0:
+        raise UserError(f"No .safetensors weights found for run '{model.run_dir.name}'; cannot export it.")
+    dtype = merge_dtype(model, config.merge_dtype) if adapter else model_dtype(merged_dir(model))
+    needed = {}
+    if not merged_is_current(model, dtype):
+        needed["merged"] = params * 2
+    for quant in config.quants:
+        needed[quant] = int(params * BITS_PER_WEIGHT[quant] / 8) + 32 * 2**20  # + vocabulary and metadata
+    for outtype in conversions(config.quants, dtype)[0]:
+        if outtype not in config.quants:
+            needed[f"{outtype} intermediate"] = params * 2
+    return needed
+
+
+def check_disk_space(model: TrainedModel, config: ExportConfig) -> None:
+    """UserError before anything is written when the export would not fit on the disk."""
+    needed = needed_disk_bytes(model, config)
+    free = free_disk_bytes(model.run_dir)
+    if sum(needed.values()) > free:
+        parts = ", ".join(f"{name} {size / 1e9:.2f} GB" for name, size in needed.items())
+        raise UserError(
+            f"Not enough disk space for this export: it needs about {sum(needed.values()) / 1e9:.2f} GB ({parts}) "
+            f"in {model.run_dir}, and {free / 1e9:.2f} GB are free. Free some space or export fewer quant types."
+        )
+
+
+def check_export(config: ExportConfig, workspace: str | Path | None = None) -> TrainedModel:
+    """Everything that can be refused before a job starts: options, the run's model, disk space, the converter."""
+    config.validate()
+    model = export_source(config.run, workspace)
+    check_disk_space(model, config)
+    if not CONVERTER.exists():
+        raise UserError(
+            f"llama.cpp's converter is missing ({CONVERTER.relative_to(ROOT)}). Run `make setup`: it unpacks it from "
+            "the llama-cpp-python source package."
+        )
+    return model
+
+
+# ---------------------------------------------------------------- the export job
+
+
+def export_job(config: ExportConfig, ctx: JobContext) -> str:
+    """Run an export job: files go to the training run's gguf/ folder; returns "done" or "stopped"."""
+    started = time.monotonic()
+    model = check_export(config, ctx.workspace)
+    out = gguf_dir(model)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(model)
+    name = model.run_dir.name
+    to_quantize = [quant for quant in config.quants if quant not in FLOAT_TYPES]
+    total = 3 + len(to_quantize) + len(config.quants)
+    finished = iter(range(total))
+    staging = _Staging(out)
+
+    def step(message: str) -> None:
+        """Report the step that starts now; the bar's step counts the steps finished, so it fills as each ends."""
+        if ctx.stop.requested:
+            raise Stopped
+        done = next(finished)
+        ctx.reporter.progress(done, total, message)
+        log.info("[%d/%d] %s", done, total, message)
+
+    try:
+        adapter = model.kind == "adapter"
+        step("merging the adapter into 16-bit weights" if adapter else "using the full fine-tune's weights")
+        merge_started = time.monotonic()
+        merged, reused = ensure_merged(model, merge_dtype(model, config.merge_dtype))
+        merge_s = time.monotonic() - merge_started
+
+        step("converting with llama.cpp's convert_hf_to_gguf.py")
+        outtypes, base_type = conversions(config.quants, model_dtype(merged))
+        converted = {
+            outtype: staging.file(f"{name}-{outtype}.gguf") if outtype in config.quants else staging.scratch(outtype)
+            for outtype in outtypes
+        }
+        convert_s, (reference, chat, reference_cached), reference_s = _convert(merged, converted, config, ctx.stop)
+
+        files = {quant: converted[quant] for quant in config.quants if quant in FLOAT_TYPES}
+        quantize_s = {}
+        for quant in to_quantize:
+            step(f"quantizing to {quant}")
+            files[quant] = staging.file(f"{name}-{quant}.gguf")
+            quantize_s[quant] = quantize_gguf(converted[base_type], files[quant], quant)
+
+        results = []
+        for quant in config.quants:
+            step(f"loading {quant} in llama.cpp and comparing with the HF model")
+            check = check_gguf(files[quant], reference)
+            converted_s = convert_s[quant if quant in convert_s else base_type]
+            results.append(
+                {
+                    "quant": quant,
+                    "file": f"{name}-{quant}.gguf",
+                    "size_bytes": files[quant].stat().st_size,
+                    "convert_s": round(converted_s, 2),
+                    "quantize_s": round(quantize_s.get(quant, 0.0), 2),
+                    "export_s": round(converted_s + quantize_s.get(quant, 0.0), 2),
+                    **check,
+                }
+            )
+            log.info("%s: agreement %.4f, %d bytes", quant, check["agreement"], results[-1]["size_bytes"])
+
+        step("writing the Modelfile and report.json")
+        modelfile, modelfile_info = build_modelfile(
+            f"{name}-{config.quants[0]}.gguf", chat, merged, config.temperature, config.top_p, config.num_ctx
+        )
+        staging.file("Modelfile").write_text(modelfile, encoding="utf-8")
+        report = {
+            "run": name,
+            "created": runfolder.now(),
+            "source": "adapter" if adapter else "full fine-tune",
+            "merged_dir": str(merged),
+            "merged_reused": reused,
+            "merged_dtype": model_dtype(merged),
+            "llama_cpp_python": llama_cpp_version(),
+            "reference": "the Hugging Face model in merged/, computed in float32 (in 16 bits on a GPU too small)",
+            "reference_cached": reference_cached,
+            "check": {
+                "method": "top-1 agreement under teacher forcing: at every position both models score the same "
+                "prefix (prompt + the HF model's greedy continuation so far)",
+                "prompts": config.check_prompts,
+                "tokens_per_prompt": config.check_tokens,
+            },
+            "hf_sample": reference.sample,
+            "times_s": {
+                "merge": round(merge_s, 2),
+                "convert": {key: round(value, 2) for key, value in convert_s.items()},
+                "reference": round(reference_s, 2),
+                "total": round(time.monotonic() - started, 2),
+            },
+            "files": results,
+            "modelfile": modelfile_info,
+        }
+        staging.file("report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        staging.commit(last="report.json")
+    except Stopped:
+        log.info("export stopped; nothing was kept")
+        return "stopped"
+    finally:
+        staging.discard()
+    ctx.reporter.progress(total, total, "done")
+    return "done"
+
+
+def _convert(
+    merged: Path, converted: dict[str, Path], config: ExportConfig, stop: StopFlag
+) -> tuple[dict[str, float], tuple[Reference, dict[str, Any], bool], float]:
+    """Convert merged/ to each of `converted`'s types (in order) while the HF reference is computed:
+    (seconds per type, hf_side's answer, the reference's seconds). Both read merged/, neither needs the other."""
+    outtypes = list(converted)
+    first = start_conversion(merged, converted[outtypes[0]], outtypes[0])
+    reference_started = time.monotonic()
+    try:
+        reference, reference_error = hf_side(merged, config.check_prompts, config.check_tokens), None
+    except Exception as exc:  # reported after the converter's own verdict, which says more (e.g. unsupported)
+        reference, reference_error = None, exc
+    reference_s = time.monotonic() - reference_started
+    convert_s = {outtypes[0]: finish_conversion(first, stop)}
+    for outtype in outtypes[1:]:
+        convert_s[outtype] = finish_conversion(start_conversion(merged, converted[outtype], outtype), stop)
+    if reference_error is not None:
+        raise reference_error
+    return convert_s, reference, reference_s
+
+
+class _Staging:
+    """Files written under temporary names and renamed together at the end, so a killed export leaves nothing
+    that looks finished. Temp names carry the pid, so a later export can tell a dead export's leftovers."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.pending, self.scratch_files = folder, {}, []
+
+    def file(self, final_name: str) -> Path:
+        tmp = self.folder / f".{final_name}.tmp-{os.getpid()}"
+        self.pending[final_name] = tmp
+        return tmp
+
+    def scratch(self, label: str) -> Path:
+        tmp = self.folder / f".intermediate-{label}.gguf.tmp-{os.getpid()}"
+        self.scratch_files.append(tmp)
+        return tmp
+
+    def commit(self, last: str) -> None:
+        for final_name in sorted(self.pending, key=lambda name: name == last):
+            os.replace(self.pending[final_name], self.folder / final_name)
+        self.pending = {}
+
+    def discard(self) -> None:
+        for tmp in [*self.pending.values(), *self.scratch_files]:
+            tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temps(model: TrainedModel) -> None:
+    """Leftovers of an export that was killed: temp GGUFs whose process is gone, half-made merged/ folders."""
+    for tmp in gguf_dir(model).glob(".*.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not (pid.isdigit() and Path(f"/proc/{pid}").exists()):
+            tmp.unlink(missing_ok=True)
+    # Exports hold the workspace's GPU lock, so no other export is merging this run right now.
+    for tmp in model.run_dir.glob(".merged.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,225 @@
+"""The file-making steps of an export: merge a LoRA adapter into 16-bit weights (merged/), convert merged/ with
+llama.cpp's own converter, quantize with llama.cpp."""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.metadata
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import model_utils
+from runfolder import StopFlag, TrainedModel
+from workspace import UserError, atomic_dir, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+CONVERTER = ROOT / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
+# llama.cpp file types (llama_ftype) by the names users know from llama-quantize and Ollama.
+QUANT_FTYPES = {
+    "f16": "LLAMA_FTYPE_MOSTLY_F16",
+    "bf16": "LLAMA_FTYPE_MOSTLY_BF16",
+    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+}
+FLOAT_TYPES = ("f16", "bf16")  # written by the converter itself; the others are quantized from one of these
+MERGE_DTYPES = ("auto", "float16", "bfloat16")
+MERGE_STAMP = "merge_source.json"  # in merged/: which adapter file it was made from, so a retrained run re-merges
+
+
+class Stopped(Exception):
+    """The job was asked to stop (SIGTERM)."""
+
+
+def llama_cpp_version() -> str:
+    return importlib.metadata.version("llama-cpp-python")
+
+
+# ---------------------------------------------------------------- merge
+
+
+def merged_dir(model: TrainedModel) -> Path:
+    """The 16-bit model the converter reads: a full fine-tune's own folder, or the adapter merged into its base."""
+    return model.run_dir / "merged"
+
+
+def model_dtype(model_dir: Path) -> str | None:
+    config = read_json(Path(model_dir) / "config.json", {}) or {}
+    return config.get("dtype") or config.get("torch_dtype")
+
+
+def merge_dtype(model: TrainedModel, requested: str) -> str:
+    """The 16-bit type merged/ is saved in; `requested` is one of MERGE_DTYPES, "auto" follows the base model."""
+    if requested != "auto":
+        return requested
+    base = model_dtype(Path(model.base_model)) if model.base_model else None
+    # float16 for float32 bases: its 10-bit mantissa keeps the merged weights closer than bfloat16's 7 bits.
+    return base if base in ("float16", "bfloat16") else "float16"
+
+
+def _merge_stamp(adapter_dir: Path, dtype: str) -> dict[str, Any]:
+    weights = next(iter(sorted(adapter_dir.glob("adapter_model.*"))), adapter_dir / "adapter_config.json")
+    stat = weights.stat()
+    return {"adapter": weights.name, "mtime_ns": stat.st_mtime_ns, "size": stat.st_size, "dtype": dtype}
+
+
+def merged_is_current(model: TrainedModel, dtype: str) -> bool:
+    """Whether merged/ was made from this adapter file in `dtype` (always, for a full fine-tune)."""
+    merged = merged_dir(model)
+    if model.kind != "adapter":
+        return True
+    return (merged / "config.json").exists() and read_json(merged / MERGE_STAMP) == _merge_stamp(model.path, dtype)
+
+
+def ensure_merged(model: TrainedModel, dtype: str) -> tuple[Path, bool]:
+    """merged/ with the adapter merged into `dtype` weights, reused when made from the same adapter;
+    returns (folder, reused). A full fine-tune's merged/ is used as it is."""
+    if merged_is_current(model, dtype):
+        log.info("reusing %s", merged_dir(model))
+        return merged_dir(model), True
+    merge_adapter(model, dtype)
+    return merged_dir(model), False
+
+
+def merge_adapter(model: TrainedModel, dtype: str) -> Path:
+    """Merge the LoRA adapter into its base model and save it in `dtype` to merged/ (atomically)."""
+    import torch
+    from peft import PeftModel
+
+    log.info("merging %s into %s (%s)", model.path, model.base_model, dtype)
+    base = model_utils.load_model(model.base_model, trust_remote_code=model.trust_remote_code)
+    merged = PeftModel.from_pretrained(base, str(model.path)).merge_and_unload()
+    merged = merged.to({"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype])
+    merged.config.dtype = dtype
+    with atomic_dir(merged_dir(model)) as tmp:
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        model_utils.load_tokenizer(str(model.path)).save_pretrained(str(tmp))
+        write_json(tmp / MERGE_STAMP, _merge_stamp(model.path, dtype))
+    return merged_dir(model)
+
+
+# ---------------------------------------------------------------- convert
+
+
+def conversions(quants: list[str], dtype: str | None) -> tuple[list[str], str]:
+    """(the converter's output types, the one quantization starts from) for a model in `dtype`: each 16-bit type
+    asked for, plus the quantizer's source (bf16 for a bfloat16 model, else f16) when quantized types are asked for."""
+    outtypes = [quant for quant in quants if quant in FLOAT_TYPES]
+    base = "bf16" if dtype == "bfloat16" else "f16"
+    if any(quant not in FLOAT_TYPES for quant in quants) and base not in outtypes:
+        outtypes.append(base)
+    return outtypes, base
+
+
+@dataclass
+class Conversion:
+    """A running convert_hf_to_gguf.py."""
+
+    process: subprocess.Popen
+    output: Any  # the converter's stdout+stderr, a temp file (a pipe would fill up while we compute the reference)
+    outfile: Path
+    started: float
+    ended: float = 0.0
+    waiter: threading.Thread | None = None  # notes when the converter ends, while this thread does other work
+
+
+def start_conversion(model_dir: Path, outfile: Path, outtype: str) -> Conversion:
+    """Start llama.cpp's convert_hf_to_gguf.py on a HF folder (in the background)."""
+    if not CONVERTER.exists():
+        raise UserError(f"llama.cpp's converter is missing ({CONVERTER}). Run `make setup`.")
+    output = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")
+    command = [sys.executable, str(CONVERTER), str(model_dir), "--outfile", str(outfile), "--outtype", outtype]
+    log.info("running %s", " ".join(command))
+    process = subprocess.Popen(
+        command,
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent(os.getpid()),
+    )
+    conversion = Conversion(process, output, outfile, time.monotonic())
+
+    def note_end() -> None:
+        conversion.process.wait()
+        conversion.ended = time.monotonic()
+
+    conversion.waiter = threading.Thread(target=note_end, daemon=True)
+    conversion.waiter.start()
+    return conversion
+
+
+def finish_conversion(conversion: Conversion, stop: StopFlag) -> float:
+    """Wait for the converter; its own message becomes a UserError when it fails. Returns the seconds it ran.
+
+    Raises Stopped when the job was asked to stop meanwhile: the converter got the same SIGTERM, so its failure
+    says nothing about the model."""
+    conversion.waiter.join()
+    returncode = conversion.process.returncode
+    seconds = conversion.ended - conversion.started
+    conversion.output.seek(0)
+    text = conversion.output.read()
+    conversion.output.close()
+    if stop.requested:
+        raise Stopped
+    if returncode != 0:
+        log.info("converter output:\n%s", text[-20000:])
+        raise UserError(f"llama.cpp's converter could not convert this model: {converter_message(text)}")
+    if not conversion.outfile.exists():
+        raise UserError(f"llama.cpp's converter finished but wrote no file; its output:\n{text[-1000:]}")
+    log.info("converted to %s in %.1f s", conversion.outfile.name, seconds)
+    return seconds
+
+
+def converter_message(output: str) -> str:
+    """The converter's own explanation: its ERROR lines, else the last line of its traceback."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line.split(":", 2)[-1].strip() for line in lines if line.startswith("ERROR:")]
+    if errors:
+        return " ".join(errors)
+    return lines[-1] if lines else "it ended without a message"
+
+
+def _die_with_parent(parent: int):
+    """A preexec_fn: the converter is killed when this job dies (even by kill -9), so it cannot finish a file later."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec() -> None:
+        libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
+# ---------------------------------------------------------------- quantize
+
+
+def quantize_gguf(source: Path, target: Path, quant: str) -> float:
+    """Quantize a 16-bit GGUF with llama.cpp (llama_model_quantize); returns the seconds it took."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, QUANT_FTYPES[quant])
+    params.nthread = os.cpu_count() or 1
+    started = time.monotonic()
+    code = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
+    if code != 0 or not target.exists():
+        raise UserError(
+            f"llama.cpp could not quantize the model to {quant} (code {code}); its messages are in log.txt."
+        )
+    seconds = time.monotonic() - started
+    log.info("quantized to %s in %.1f s", quant, seconds)
+    return seconds

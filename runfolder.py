@@ -1,0 +1,440 @@
+"""The run-folder protocol: what a job writes into `workspace/runs/<name>/` and how every reader reads it back.
+
+A leaf module (it imports only `workspace`): the supervisor (`jobs`), every stage and every reader (UI, CLI) share
+it, so no stage needs the supervisor. Files of a run folder (docs/ARCHITECTURE.md has the schema):
+
+- `config.yaml`   the job's kind and settings, written once when the run is created;
+- `status.json`   a `Status`: state, pid, error, times and what the job reports about itself (backend, GPUs, …);
+- `events.jsonl`  one `Event` per line (start, log, progress, checkpoint, end), appended;
+- `progress.json` the newest `Progress` (step, total, message, ETA, metrics), rewritten at most once a second;
+- `log.txt`       the job process's output; `checkpoints/`, `adapter/`, `merged/`, `gguf/` the stages' outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import fcntl
+import json
+import os
+import re
+import signal
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from workspace import (
+    UserError,
+    atomic_write_text,
+    dump_yaml,
+    load_yaml,
+    read_json,
+    resolve_user_path,
+    workspace_root,
+    write_json,
+)
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,79}")
+LOG_TAIL_LINES = 20
+# progress.json is rewritten at most this often: the write can sit between two GPU steps, and the UI polls each second.
+PROGRESS_EVERY_S = 1.0
+BOOKKEEPING = frozenset({"config.yaml", "status.json", "events.jsonl", "log.txt", "progress.json", ".status.lock"})
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------- paths
+
+
+def runs_dir(workspace: str | Path | None = None) -> Path:
+    return workspace_root(workspace) / "runs"
+
+
+def check_run_name(name: str) -> str:
+    if not RUN_NAME.fullmatch(name or "") or ".." in name:
+        raise UserError(
+            f"Run name '{name}' is not allowed: use letters, digits, '-', '_' and '.', no '/' or '..', "
+            "up to 80 characters."
+        )
+    return name
+
+
+def run_path(name_or_path: str | Path, workspace: str | Path | None = None) -> Path:
+    """The folder of an existing run, given its name or its path."""
+    candidate = Path(str(name_or_path))
+    if candidate.is_dir() and (candidate / "config.yaml").exists():
+        return resolve_user_path(candidate, workspace)  # refused outside the workspace when the app is shared
+    folder = runs_dir(workspace) / check_run_name(str(name_or_path))
+    if not (folder / "config.yaml").exists():
+        raise UserError(f"No run named '{name_or_path}' in {runs_dir(workspace)}.")
+    return folder
+
+
+def run_workspace(run_dir: Path) -> Path:
+    """The workspace a run folder belongs to (runs live in <workspace>/runs/<name>)."""
+    return Path(run_dir).resolve().parent.parent
+
+
+def write_config(run_dir: Path, kind: str, config: dict[str, Any]) -> None:
+    atomic_write_text(Path(run_dir) / "config.yaml", dump_yaml({"kind": kind, **config}))
+
+
+def read_config(run_dir: Path) -> dict[str, Any]:
+    """config.yaml with its `kind` key."""
+    return load_yaml(Path(run_dir) / "config.yaml")
+
+
+def read_kind(run_dir: Path) -> str:
+    try:
+        return str(read_config(run_dir).get("kind", "?"))
+    except UserError:
+        return "?"
+
+
+def stage_settings(run_dir: Path) -> dict[str, Any]:
+    """config.yaml without its `kind` key: the settings the stage's config class is built from."""
+    config = read_config(run_dir)
+    config.pop("kind", None)
+    return config
+
+
+# ---------------------------------------------------------------- status
+
+
+class State(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    DONE = "done"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+
+
+ACTIVE = frozenset({State.QUEUED, State.RUNNING, State.STOPPING})
+
+
+@dataclass(frozen=True)
+class Status:
+    """status.json as a value. The supervisor writes the lifecycle fields; a stage adds what it knows (backend, …)."""
+
+    state: State = State.UNKNOWN
+    created: str = ""
+    updated: str = ""
+    queued_at: str = ""
+    started: str = ""
+    ended: str = ""
+    pid: int | None = None
+    pid_start: str | None = None
+    processes: int = 1
+    error: str = ""
+    note: str = ""  # something the user should know about how the job runs (a backend fallback, …)
+    backend: str = ""
+    device: str = ""
+    micro_batch: int | None = None
+    gradient_accumulation: int | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Status:
+        known = {item.name for item in dataclasses.fields(cls)}
+        values = {key: value for key, value in data.items() if key in known and value is not None}
+        try:
+            values["state"] = State(values.get("state", State.UNKNOWN))
+        except ValueError:
+            values["state"] = State.UNKNOWN
+        return cls(**values)
+
+
+STATUS_FIELDS = frozenset(item.name for item in dataclasses.fields(Status))
+
+
+def read_status(run_dir: Path) -> Status:
+    """status.json as it is on disk (never writes; the supervisor's `jobs.job_status` also checks the process)."""
+    return Status.from_dict(read_json(Path(run_dir) / "status.json", default={}) or {})
+
+
+def write_status(run_dir: Path, **changes: Any) -> Status:
+    """Merge `changes` into status.json; a lock keeps the parent's and the child's updates from losing each other."""
+    unknown = set(changes) - STATUS_FIELDS
+    if unknown:
+        raise ValueError(f"not status fields: {', '.join(sorted(unknown))}")
+    run_dir = Path(run_dir)
+    with open(run_dir / ".status.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        status = read_json(run_dir / "status.json", default={}) or {}
+        status.update({key: str(value) if isinstance(value, State) else value for key, value in changes.items()})
+        status["updated"] = now()
+        write_json(run_dir / "status.json", status)
+    return Status.from_dict(status)
+
+
+# ---------------------------------------------------------------- events and progress
+
+
+class EventKind(enum.StrEnum):
+    START = "start"  # a job (or a resumed job) began: its step and total
+    LOG = "log"  # training metrics of one logging step
+    PROGRESS = "progress"  # a stage's step with a message
+    CHECKPOINT = "checkpoint"  # a checkpoint was saved at this step
+    END = "end"  # the job ended: its state and message
+
+
+@dataclass(frozen=True)
+class Event:
+    """One line of events.jsonl: {"event", "time", "step", "max_steps", "message", "eta_s", …metrics}."""
+
+    kind: EventKind
+    time: float = 0.0
+    step: int | None = None
+    total: int | None = None
+    message: str = ""
+    eta_s: float | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)  # loss, eval_loss, tokens_per_s, memory_gib, …
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"event": str(self.kind), "time": self.time}
+        for key, value in (("step", self.step), ("max_steps", self.total), ("eta_s", self.eta_s)):
+            if value is not None:
+                data[key] = value
+        if self.message:
+            data["message"] = self.message
+        return {**data, **self.metrics}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Event:
+        metrics = {key: value for key, value in data.items() if key not in _EVENT_KEYS}
+        try:
+            kind = EventKind(data.get("event"))
+        except ValueError:
+            kind = EventKind.PROGRESS
+        return cls(kind, float(data.get("time") or 0.0), data.get("step"), data.get("max_steps"),
+                   str(data.get("message") or ""), data.get("eta_s"), metrics)
+
+
+_EVENT_KEYS = frozenset({"event", "time", "step", "max_steps", "message", "eta_s"})
+
+
+def append_event(run_dir: Path, event: Event) -> None:
+    line = json.dumps(event.to_json(), default=str) + "\n"
+    with open(Path(run_dir) / "events.jsonl", "a", encoding="utf-8") as handle:
+        handle.write(line)
+
+
+def read_events(run_dir: Path, since: int = 0) -> list[Event]:
+    """Events after the first `since` complete lines (a torn last line is left for the next read)."""
+    path = Path(run_dir) / "events.jsonl"
+    if not path.exists():
+        return []
+    events = []
+    with open(path, encoding="utf-8") as handle:
+        for index, line in enumerate(handle):
+            if index < since or not line.endswith("\n"):
+                continue
+            try:
+                events.append(Event.from_json(json.loads(line)))
+            except (json.JSONDecodeError, TypeError, ValueError, AttributeError):
+                events.append(Event(EventKind.PROGRESS))  # keeps `since` counting lines
+    return events
+
+
+@dataclass(frozen=True)
+class Progress:
+    """The newest progress of a job, the same for every kind: what the Runs tab and the CLI show."""
+
+    step: int | None = None
+    total: int | None = None
+    message: str = ""
+    eta_s: float | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)  # the newest value of each metric (loss, eval_loss, …)
+
+    @property
+    def fraction(self) -> float | None:
+        return self.step / self.total if self.step is not None and self.total else None
+
+
+def read_progress(run_dir: Path) -> Progress:
+    data = read_json(Path(run_dir) / "progress.json", default={}) or {}
+    known = {item.name for item in dataclasses.fields(Progress)}
+    return Progress(**{key: value for key, value in data.items() if key in known})
+
+
+class Reporter:
+    """How a stage reports: events.jsonl and progress.json in one shape for every kind of job.
+
+    ETA comes from the pace since `start`. Under DDP only the main process writes (`writes=False` elsewhere).
+    """
+
+    def __init__(self, run_dir: Path | None, writes: bool = True, clock=time.monotonic) -> None:
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.writes = writes and run_dir is not None
+        self.clock = clock
+        self.started = clock()
+        self.first_step = 0
+        self.total: int | None = None
+        self.latest = Progress()
+        self.written = float("-inf")
+
+    def start(self, step: int = 0, total: int | None = None, message: str = "", **metrics: Any) -> None:
+        self.started, self.first_step, self.total = self.clock(), step, total
+        self._emit(EventKind.START, step, total, message, metrics, force=True)
+
+    def progress(self, step: int | None, total: int | None = None, message: str = "", force: bool = False,
+                 **metrics: Any) -> None:
+        """A stage's step (`step` of `total` done) with a message; progress.json at most once a second unless
+        `force`."""
+        self._emit(EventKind.PROGRESS, step, total, message, metrics, force=force)
+
+    def log(self, step: int, total: int | None = None, force: bool = False, **metrics: Any) -> None:
+        """Training metrics of one logging step; progress.json takes them at most once a second unless `force`."""
+        self._emit(EventKind.LOG, step, total, "", metrics, force=force)
+
+    def checkpoint(self, step: int) -> None:
+        self._emit(EventKind.CHECKPOINT, step, None, "", {}, progress=False)
+
+    def end(self, state: str, message: str = "") -> None:
+        self._emit(EventKind.END, self.latest.step, self.latest.total, message, {"state": str(state)}, force=True)
+
+    def eta(self, step: int | None, total: int | None) -> float | None:
+        done = (step or 0) - self.first_step
+        if step is None or not total or done <= 0:
+            return None
+        return round((self.clock() - self.started) / done * max(total - step, 0), 1)
+
+    def _emit(self, kind: EventKind, step, total, message: str, metrics: dict, force: bool = False,
+              progress: bool = True) -> None:
+        total = total if total is not None else self.total
+        self.total = total
+        eta = self.eta(step, total) if kind in (EventKind.LOG, EventKind.PROGRESS) else None
+        if "eta_s" in metrics:  # a stage that knows better (training counts optimizer steps, not events)
+            eta = metrics.pop("eta_s")
+        event = Event(kind, time.time(), step, total, message, eta, metrics)
+        if progress:
+            self.latest = Progress(
+                step if step is not None else self.latest.step,
+                total,
+                message or self.latest.message,
+                eta,
+                {**self.latest.metrics, **{key: value for key, value in metrics.items() if value is not None}},
+            )
+        if not self.writes:
+            return
+        append_event(self.run_dir, event)
+        finished = step is not None and total is not None and step >= total
+        if progress and (force or finished or self.clock() - self.written >= PROGRESS_EVERY_S):
+            write_json(self.run_dir / "progress.json", {**dataclasses.asdict(self.latest), "updated": time.time()})
+            self.written = self.clock()
+
+
+# ---------------------------------------------------------------- stop flag and the job's context
+
+
+class StopFlag:
+    """Set when the job is asked to stop (SIGTERM in the job's process); stages poll it between units of work."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def request(self) -> None:
+        self.requested = True
+
+    def install(self) -> StopFlag:
+        signal.signal(signal.SIGTERM, lambda signum, frame: self.request())
+        return self
+
+
+@dataclass
+class JobContext:
+    """What a stage's job function receives: where to write, how to report, when to stop."""
+
+    run_dir: Path
+    reporter: Reporter
+    stop: StopFlag
+    resume: bool = False
+
+    @classmethod
+    def for_run(cls, run_dir: Path, resume: bool = False) -> JobContext:
+        """A context that reports into `run_dir` and is never asked to stop (a stage called in this process)."""
+        return cls(Path(run_dir), Reporter(run_dir), StopFlag(), resume)
+
+    @property
+    def workspace(self) -> Path:
+        return run_workspace(self.run_dir)
+
+    def note(self, **changes: Any) -> None:
+        """Record what the job knows about itself (backend, device, micro-batch, a note) in status.json."""
+        if self.reporter.writes:
+            write_status(self.run_dir, **changes)
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES) -> str:
+    path = Path(run_dir) / "log.txt"
+    if not path.exists():
+        return ""
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        handle.seek(max(0, handle.tell() - 64 * 1024))
+        text = handle.read().decode("utf-8", errors="replace")
+    # tqdm redraws with carriage returns: keep the last state of each line.
+    cleaned = [line.rsplit("\r", 1)[-1] for line in text.split("\n")]
+    return "\n".join([line for line in cleaned if line.strip()][-lines:])
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    checkpoints = [
+        path
+        for path in (Path(run_dir) / "checkpoints").glob("checkpoint-*")
+        if path.name.split("-")[-1].isdigit() and (path / "trainer_state.json").exists()
+    ]
+    return max(checkpoints, key=lambda path: int(path.name.split("-")[-1]), default=None)
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """The model a finished training run produced: a LoRA adapter on a base model, or a full fine-tune."""
+
+    run_dir: Path
+    path: Path  # adapter/ or merged/
+    kind: str  # "adapter" or "merged"
+    base_model: str | None  # the base model's name or folder (adapters only)
+    trust_remote_code: bool
+    train_config: dict[str, Any]  # the settings it was trained with (saved beside it, else the run's config.yaml)
+
+
+def trained_model(run_dir: Path) -> TrainedModel:
+    """The trained model of a training run; UserError for another kind of run or one without a model yet."""
+    run_dir = Path(run_dir)
+    kind = read_kind(run_dir)
+    if kind != "train":
+        raise UserError(f"Run '{run_dir.name}' is a {kind} run, not a training run; choose a training run.")
+    for name in ("adapter", "merged"):
+        folder = run_dir / name
+        if (folder / "adapter_config.json").exists() or (folder / "config.json").exists():
+            saved = folder / "train_config.yaml"
+            settings = load_yaml(saved) if saved.exists() else stage_settings(run_dir)
+            settings.pop("kind", None)
+            model = settings.get("model") or {}
+            base = None
+            if name == "adapter":
+                base = model.get("name_or_path") or (read_json(folder / "adapter_config.json", {}) or {}).get(
+                    "base_model_name_or_path"
+                )
+            return TrainedModel(run_dir, folder, name, base, bool(model.get("trust_remote_code")), settings)
+    state = read_status(run_dir).state
+    raise UserError(
+        f"Run '{run_dir.name}' has no trained model yet (no adapter/ or merged/ folder; the run is {state}). "
+        "Wait for it to finish, resume it, or choose another run."
+    )

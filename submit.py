@@ -1,0 +1,119 @@
+"""The submit layer: what the CLI and the UI both call to start, resume, stop and delete jobs.
+
+Each `submit_<kind>` validates the stage's config, checks what can be refused before a job exists, creates the run
+folder and starts the job, so the two entry points accept and refuse exactly the same things.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jobs
+import runfolder
+from workspace import UserError, config_to_dict, resolve_user_path
+
+
+def submit_train(config, workspace: str | Path | None = None, name: str | None = None) -> Path:
+    """Start a training run from a TrainConfig (or its settings as a dict)."""
+    import training_utils
+
+    if isinstance(config, dict):
+        config = training_utils.train_config_from_dict(config)
+    config.validate()
+    run_dir = jobs.create_run("train", config_to_dict(config), workspace, name)
+    jobs.start_job(run_dir)
+    return run_dir
+
+
+def submit_synth(config, workspace: str | Path | None = None, name: str | None = None,
+                 api_key: str | None = None) -> Path:
+    """Start a synthetic-data run; the API key travels in the job's environment only, never into its folder."""
+    import synthetic_utils
+
+    if isinstance(config, dict):
+        config = synthetic_utils.synthetic_config_from_dict(config)
+    # The job runs from the app's folder: relative document paths must keep their meaning on the way.
+    config.documents = [str(resolve_user_path(path, workspace)) for path in config.documents]
+    config.validate(workspace)
+    env = synthetic_utils.job_env(config, api_key)
+    run_dir = jobs.create_run("synth", config_to_dict(config), workspace, name)
+    jobs.start_job(run_dir, env=env)
+    return run_dir
+
+
+def submit_export(config, workspace: str | Path | None = None) -> Path:
+    """Start an export of a finished training run (an ExportConfig or its settings as a dict)."""
+    import gguf_utils
+
+    if isinstance(config, dict):
+        config = gguf_utils.export_config_from_dict(config)
+    run_dir = gguf_utils.check_export(config, workspace).run_dir
+    config.run = _run_reference(run_dir, workspace)
+    job = jobs.create_run("export", config_to_dict(config), workspace, gguf_utils.export_run_name(run_dir.name))
+    jobs.start_job(job)
+    return job
+
+
+def submit_eval(config, workspace: str | Path | None = None) -> Path:
+    """Start a held-out evaluation of a training run (an EvalConfig or its settings as a dict)."""
+    import inference_utils
+
+    if isinstance(config, dict):
+        config = inference_utils.eval_config_from_dict(config)
+    target = inference_utils.check_evaluable(config, workspace)
+    config.run = _run_reference(target, workspace)
+    job = jobs.create_run("eval", config_to_dict(config), workspace, inference_utils.eval_run_name(target.name))
+    jobs.start_job(job)
+    return job
+
+
+def resume(run: str | Path, workspace: str | Path | None = None, api_key: str | None = None) -> Path:
+    """Resume a stopped or failed run of any kind (a training run from its last checkpoint)."""
+    run_dir = runfolder.run_path(run, workspace)
+    env: dict[str, str] = {}
+    if runfolder.read_kind(run_dir) == "synth":
+        import synthetic_utils
+
+        settings = runfolder.stage_settings(run_dir)
+        env = synthetic_utils.job_env(synthetic_utils.synthetic_config_from_dict(settings), api_key)
+    jobs.resume_job(run_dir, env=env)
+    return run_dir
+
+
+def stop(run: str | Path, workspace: str | Path | None = None) -> Path:
+    run_dir = runfolder.run_path(run, workspace)
+    jobs.stop_job(run_dir)
+    return run_dir
+
+
+def delete(run: str | Path, workspace: str | Path | None = None) -> None:
+    jobs.delete_run(runfolder.run_path(run, workspace))
+
+
+def latest_job(kind: str, target_run: str | None, workspace: str | Path | None = None) -> jobs.RunInfo | None:
+    """The newest `kind` job (export, eval) made from the training run `target_run`."""
+    if not target_run:
+        return None
+    try:
+        target = runfolder.run_path(target_run, workspace)
+    except UserError:
+        return None
+    for info in jobs.list_runs(workspace, kinds=(kind,)):
+        reference = str(runfolder.stage_settings(info.path).get("run", ""))
+        if reference and _same_run(reference, target, workspace):
+            return info
+    return None
+
+
+def _run_reference(run_dir: Path, workspace: str | Path | None) -> str:
+    """How a job's config names its training run: by name inside this workspace, else by its full path (the job
+    resolves names in its own folder's workspace)."""
+    return run_dir.name if run_dir.parent == runfolder.runs_dir(workspace) else str(run_dir)
+
+
+def _same_run(reference: str, target: Path, workspace: str | Path | None) -> bool:
+    try:
+        return runfolder.run_path(reference, workspace) == target
+    except UserError:
+        return False
+

@@ -1,0 +1,148 @@
+"""Field metadata as the one home of a setting: strict types from YAML, bounds, choices and the CLI's flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+import settings
+from dataset_utils import DatasetConfig
+from inference_utils import GenerationConfig
+from settings import option
+from training_utils import TrainConfig, train_config_from_dict
+from workspace import UserError, config_from_dict
+
+
+@dataclasses.dataclass
+class Inner:
+    depth: int = option(3, help="How deep.", minimum=1, maximum=10)
+
+
+@dataclasses.dataclass
+class Sample:
+    count: int = option(2, help="How many; 100% of them.", minimum=1, label="Count of things")
+    ratio: float = option(0.5, help="A fraction.", minimum=0, maximum=1, exclusive_maximum=True)
+    rate: float = option(1e-3, help="Above zero.", minimum=0, exclusive_minimum=True)
+    colour: str = option("red", help="A colour.", choices=("red", "green"))
+    shape: str = option("round", help="Read lazily.", choices=lambda: ["round", "square"])
+    limit: int | None = option(None, help="None = no limit.", minimum=1)
+    verbose: bool = option(False, help="Say more.", advanced=True)
+    tags: list[str] = option(default_factory=list, help="Labels.")
+    inner: Inner = dataclasses.field(default_factory=Inner)
+
+
+def test_a_fractional_number_for_a_whole_number_option_is_refused():
+    with pytest.raises(UserError, match=r"per_device_train_batch_size' in train config must be a whole number .*2\.5"):
+        train_config_from_dict({"per_device_train_batch_size": 2.5})
+
+
+def test_a_whole_float_for_a_whole_number_option_becomes_an_int():
+    config = train_config_from_dict({"per_device_train_batch_size": 16.0, "max_steps": 30.0, "learning_rate": 1})
+    assert config.per_device_train_batch_size == 16 and type(config.per_device_train_batch_size) is int
+    assert config.max_steps == 30 and type(config.max_steps) is int
+    assert config.learning_rate == 1
+
+
+def test_a_value_below_the_minimum_names_the_field_the_bound_and_a_fix():
+    with pytest.raises(UserError, match=r"count must be at least 1 \(got 0\); try 2 \(the default\)"):
+        settings.check(Sample(count=0))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"ratio": 1.0}, r"ratio must be at least 0 and below 1 \(got 1.0\)"),
+        ({"rate": 0.0}, r"rate must be above 0 \(got 0.0\)"),
+        ({"rate": float("nan")}, r"rate must be above 0 \(got nan\)"),
+        ({"limit": 0}, r"limit must be at least 1 \(got 0\); try 1\."),
+    ],
+)
+def test_exclusive_bounds_and_nan_are_refused(changes, message):
+    with pytest.raises(UserError, match=message):
+        settings.check(Sample(**changes))
+
+
+def test_a_value_outside_the_choices_lists_them():
+    with pytest.raises(UserError, match=r"colour must be one of: red, green \(got 'blue'\)"):
+        settings.check(Sample(colour="blue"))
+    with pytest.raises(UserError, match=r"shape must be one of: round, square \(got 'oval'\)"):
+        settings.check(Sample(shape="oval"))
+
+
+def test_nested_configs_are_checked_with_a_dotted_name():
+    with pytest.raises(UserError, match=r"inner\.depth must be at least 1 and at most 10 \(got 11\)"):
+        settings.check(Sample(inner=Inner(depth=11)))
+    with pytest.raises(UserError, match=r"dataset\.max_rows must be at least 0"):
+        settings.check(TrainConfig(dataset=DatasetConfig(source="d.jsonl", max_rows=-1)))
+
+
+def test_a_missing_number_from_a_form_is_refused_by_its_type():
+    with pytest.raises(UserError, match=r"max_new_tokens must be a whole number \(got None\)"):
+        GenerationConfig(max_new_tokens=None).validate()
+
+
+def test_defaults_are_within_their_own_bounds_and_choices():
+    for config in (Sample(), TrainConfig(dataset=DatasetConfig(source="d.jsonl")), GenerationConfig()):
+        settings.check(config)
+
+
+def test_describe_fills_in_a_label_and_reads_nested_fields():
+    assert settings.describe(Sample, "count").label == "Count of things"
+    assert settings.describe(Sample, "ratio").label == "Ratio"
+    assert settings.describe(TrainConfig, "dataset.max_rows").minimum == 0
+    assert "adamw_torch" in settings.describe(TrainConfig, "optim").choice_list()
+    with pytest.raises(KeyError, match="not declared with settings.option"):
+        settings.describe(Sample, "inner")
+
+
+def test_choices_read_from_transformers_are_read_on_first_use_only():
+    # Unsloth must be imported before transformers in a training process: the config module may not import it.
+    code = "import training_utils, sys; assert 'transformers' not in sys.modules, 'transformers was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_argparse_flags_come_from_the_metadata():
+    parser = argparse.ArgumentParser()
+    settings.add_arguments(parser, Sample, ["count", "ratio", "colour", "shape", "limit", "verbose", "tags"])
+    args = parser.parse_args([])
+    assert settings.arguments_to_dict(args, Sample, ["count", "limit", "verbose", "tags"]) == {
+        "count": 2,
+        "limit": None,
+        "verbose": False,
+        "tags": [],
+    }
+    args = parser.parse_args(["--count", "5", "--colour", "green", "--limit", "3", "--verbose", "--tags", "a", "b"])
+    assert (args.count, args.colour, args.limit, args.verbose, args.tags) == (5, "green", 3, True, ["a", "b"])
+    assert "How many; 100% of them. (default: 2)" in " ".join(parser.format_help().split())
+    assert "advanced options" in parser.format_help()
+
+
+def test_the_argparse_flags_refuse_wrong_types_and_fixed_choices():
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    settings.add_arguments(parser, Sample, ["count", "colour", "shape"])
+    with pytest.raises(argparse.ArgumentError, match="invalid int value"):
+        parser.parse_args(["--count", "2.5"])
+    with pytest.raises(argparse.ArgumentError, match="invalid choice"):
+        parser.parse_args(["--colour", "blue"])
+    assert parser.parse_args(["--shape", "oval"]).shape == "oval"  # lazy choices: check() refuses it later
+
+
+def test_the_dataset_command_reads_the_sequence_length_default_from_the_train_config():
+    parser = argparse.ArgumentParser()
+    settings.add_arguments(parser, DatasetConfig, ["split", "format", "max_rows"])
+    settings.add_arguments(parser, TrainConfig, ["max_seq_length", "eval_split", "train_on_responses_only"])
+    args = parser.parse_args(["--no-train-on-responses-only"])
+    assert args.max_seq_length == TrainConfig().max_seq_length
+    assert args.train_on_responses_only is False
+    assert config_from_dict(DatasetConfig, settings.arguments_to_dict(args, DatasetConfig, ["split", "format"]))
+
+
+def test_prefixed_flags_keep_two_configs_apart():
+    parser = argparse.ArgumentParser()
+    settings.add_arguments(parser, Sample, ["count"], prefix="sample-")
+    args = parser.parse_args(["--sample-count", "7"])
+    assert settings.arguments_to_dict(args, Sample, ["count"], prefix="sample-") == {"count": 7}
