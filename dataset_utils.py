@@ -60,20 +60,26 @@ class DatasetConfig:
     """Where the data is and how to read it."""
 
     source: str = option(
-        "", help="A file inside the workspace (upload one above), any local path (CSV, JSON, JSONL, Parquet, TXT), "
-        "or a Hub dataset id.", label="Dataset (path or Hub id)",
+        "",
+        help="A file inside the workspace (upload one above), any local path (CSV, JSON, JSONL, Parquet, TXT), "
+        "or a Hub dataset id.",
+        label="Dataset (path or Hub id)",
     )
     split: str = option("train", help="Which split of a Hub dataset to read.", label="Split")
     format: str = option(
-        "auto", help="auto detects Alpaca, ShareGPT, messages, prompt/completion or text from the columns.",
-        choices=("auto", *FORMATS), label="Format",
+        "auto",
+        help="auto detects Alpaca, ShareGPT, messages, prompt/completion or text from the columns.",
+        choices=("auto", *FORMATS),
+        label="Format",
     )
     column_map: dict[str, str] = option(
-        default_factory=dict, help="Format field -> column, for columns with other names, e.g. {output: answer}.",
+        default_factory=dict,
+        help="Format field -> column, for columns with other names, e.g. {output: answer}.",
         label="Column mapping",
     )
     chat_template: str = option(
-        "", help="Empty = the model's own template. 'chatml' (or a Jinja template) for models without one.",
+        "",
+        help="Empty = the model's own template. 'chatml' (or a Jinja template) for models without one.",
         label="Chat template",
     )
     system_prompt: str = option("", help="Added as a system turn to rows that have none.", label="System prompt")

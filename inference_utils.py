@@ -29,15 +29,23 @@ TUNED_ADAPTER = "default"
 class GenerationConfig:
     """How a reply is generated."""
 
-    system_prompt: str = option("", help="Added as a system turn when the conversation has none.",
-                                label="System prompt")
+    system_prompt: str = option(
+        "", help="Added as a system turn when the conversation has none.", label="System prompt"
+    )
     temperature: float = option(
-        0.7, help="0 = greedy (always the most likely token); higher gives more varied replies.", minimum=0,
-        maximum=2, label="Temperature",
+        0.7,
+        help="0 = greedy (always the most likely token); higher gives more varied replies.",
+        minimum=0,
+        maximum=2,
+        label="Temperature",
     )
     top_p: float = option(
-        0.9, help="Sample only from the most likely tokens whose probabilities add up to this.", minimum=0,
-        exclusive_minimum=True, maximum=1, label="Top-p",
+        0.9,
+        help="Sample only from the most likely tokens whose probabilities add up to this.",
+        minimum=0,
+        exclusive_minimum=True,
+        maximum=1,
+        label="Top-p",
     )
     max_new_tokens: int = option(256, help="The longest reply, in tokens.", minimum=1, label="Max new tokens")
 
@@ -334,10 +342,12 @@ def _stop_token_ids(model, tokenizer) -> set[int]:
 class EvalConfig:
     """Which run to evaluate on its held-out split, and how much of it."""
 
-    run: str = option("", help="The training run (name or folder) whose held-out rows to evaluate on.",
-                      label="Training run")
-    max_rows: int = option(200, help="Evaluate at most this many held-out rows (0 = all).", minimum=0,
-                           label="Max rows (0 = all)")
+    run: str = option(
+        "", help="The training run (name or folder) whose held-out rows to evaluate on.", label="Training run"
+    )
+    max_rows: int = option(
+        200, help="Evaluate at most this many held-out rows (0 = all).", minimum=0, label="Max rows (0 = all)"
+    )
     batch_size: int = option(8, help="Rows per forward pass.", minimum=1, label="Batch size")
 
     def validate(self) -> None:
@@ -379,8 +389,12 @@ def eval_job(config: EvalConfig, ctx: runfolder.JobContext) -> str:
     return "stopped" if result.get("stopped") else "done"
 
 
-def evaluate(config: EvalConfig, reporter: runfolder.Reporter | None = None, stop: runfolder.StopFlag | None = None,
-             workspace: str | Path | None = None) -> dict[str, Any]:
+def evaluate(
+    config: EvalConfig,
+    reporter: runfolder.Reporter | None = None,
+    stop: runfolder.StopFlag | None = None,
+    workspace: str | Path | None = None,
+) -> dict[str, Any]:
     """Held-out loss and perplexity of base vs tuned on the run's eval split; writes eval.json and eval.md there.
 
     The loss counts only the trained tokens (label != -100), as in training. Returns {"stopped": True} when the job

@@ -53,8 +53,13 @@ class Stage:
 STAGES = {
     stage.kind: stage
     for stage in (
-        Stage("train", "training_utils:train_job", "training_utils:train_config_from_dict", True,
-              "training_utils:launch_plan"),
+        Stage(
+            "train",
+            "training_utils:train_job",
+            "training_utils:train_config_from_dict",
+            True,
+            "training_utils:launch_plan",
+        ),
         Stage("export", "gguf_utils:export_job", "gguf_utils:export_config_from_dict", True),
         Stage("eval", "inference_utils:eval_job", "inference_utils:eval_config_from_dict", True),
         Stage("synth", "synthetic_utils:synth_job", "synthetic_utils:synthetic_config_from_dict", False),
@@ -90,8 +95,9 @@ def create_run(kind: str, config: dict[str, Any], workspace: str | Path | None =
     return folder
 
 
-def start_job(run_dir: Path, resume: bool = False, env: dict[str, str] | None = None,
-              processes: int | None = None) -> int:
+def start_job(
+    run_dir: Path, resume: bool = False, env: dict[str, str] | None = None, processes: int | None = None
+) -> int:
     """Start the job's child process (detached from this one); returns its pid.
 
     A training run on several GPUs starts torchrun, which starts one `main.py run` per GPU (DDP); `processes`
@@ -111,11 +117,19 @@ def start_job(run_dir: Path, resume: bool = False, env: dict[str, str] | None = 
         # torchrun would give each rank one thread; the host work of a step (collation, the optimizer's CPU side)
         # gets the rank's share of the cores instead, as a one-process run has all of them.
         child_env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // processes))
-    runfolder.write_status(run_dir, state=State.QUEUED, pid=None, pid_start=None, error="",
-                           queued_at=runfolder.now(), processes=processes)
+    runfolder.write_status(
+        run_dir, state=State.QUEUED, pid=None, pid_start=None, error="", queued_at=runfolder.now(), processes=processes
+    )
     with open(run_dir / "log.txt", "ab") as log_file:
-        process = subprocess.Popen(command, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, env=child_env, start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=child_env,
+            start_new_session=True,
+        )
     runfolder.write_status(run_dir, pid=process.pid, pid_start=_process_start(process.pid))
     # Collect the child's exit status in the background so it does not linger as a zombie.
     threading.Thread(target=process.wait, daemon=True).start()
@@ -136,8 +150,16 @@ def launch_command(run_dir: Path, resume: bool, processes: int) -> list[str]:
     entry = [str(ROOT / "main.py"), "run", str(run_dir)] + (["--resume"] if resume else [])
     if processes <= 1:
         return [sys.executable, *entry]
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={processes}",
-            "--master-addr=127.0.0.1", f"--master-port={free_port()}", *entry]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        f"--nproc-per-node={processes}",
+        "--master-addr=127.0.0.1",
+        f"--master-port={free_port()}",
+        *entry,
+    ]
 
 
 def free_port() -> int:
@@ -186,8 +208,16 @@ def actions(run_dir: Path, status: Status | None = None) -> Actions:
     except UserError as exc:
         export_reason = str(exc)
     delete_reason = f"Run '{name}' is still active; stop it before deleting it." if status.active else ""
-    return Actions(can_stop, stop_reason, not resume_reason, resume_reason, not export_reason, export_reason,
-                   not delete_reason, delete_reason)
+    return Actions(
+        can_stop,
+        stop_reason,
+        not resume_reason,
+        resume_reason,
+        not export_reason,
+        export_reason,
+        not delete_reason,
+        delete_reason,
+    )
 
 
 def stop_job(run_dir: Path) -> None:
@@ -230,9 +260,12 @@ def job_status(run_dir: Path) -> Status:
     if status.state == State.STOPPING:
         changes = {"state": State.STOPPED, "ended": runfolder.now()}
     else:
-        changes = {"state": State.FAILED, "ended": runfolder.now(),
-                   "error": "The job's process ended unexpectedly (killed or out of memory). Last log "
-                            f"lines:\n{runfolder.log_tail(run_dir)}"}
+        changes = {
+            "state": State.FAILED,
+            "ended": runfolder.now(),
+            "error": "The job's process ended unexpectedly (killed or out of memory). Last log "
+            f"lines:\n{runfolder.log_tail(run_dir)}",
+        }
     try:
         return runfolder.write_status(run_dir, **changes)
     except OSError:  # a full disk must not break every view of the runs; a later read writes it down
@@ -345,8 +378,9 @@ def _run_stage(job_stage: Stage, settings: dict[str, Any], ctx: JobContext) -> s
     return job_stage.resolve(job_stage.entry)(config, ctx)
 
 
-def _run_other_rank(run_dir: Path, job_stage: Stage, settings: dict[str, Any], resume: bool, rank: int,
-                    stop: StopFlag) -> int:
+def _run_other_rank(
+    run_dir: Path, job_stage: Stage, settings: dict[str, Any], resume: bool, rank: int, stop: StopFlag
+) -> int:
     """A DDP rank other than 0: waits until rank 0 holds the GPU lock, then trains; it records only its failure."""
     logging.getLogger().setLevel(logging.WARNING)  # log.txt shows rank 0's progress once
     while (state := runfolder.read_status(run_dir).state) != State.RUNNING:
@@ -378,8 +412,10 @@ def friendly_error(exc: BaseException) -> str:
     """A message a user can act on, for errors that come from deep inside torch and friends."""
     text = f"{type(exc).__name__}: {exc}"
     if "out of memory" in text.lower() or type(exc).__name__ == "OutOfMemoryError":
-        return ("The GPU ran out of memory. Lower the batch size or the sequence length, or use 4-bit (QLoRA). "
-                f"({text.splitlines()[0][:200]})")
+        return (
+            "The GPU ran out of memory. Lower the batch size or the sequence length, or use 4-bit (QLoRA). "
+            f"({text.splitlines()[0][:200]})"
+        )
     if (isinstance(exc, OSError) and getattr(exc, "errno", None) == 28) or "No space left on device" in text:
         return "The disk is full. Free some space (or delete old runs) and resume the run."
     return f"The job failed: {text.splitlines()[0][:500]} (full traceback in log.txt)"

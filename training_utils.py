@@ -44,22 +44,32 @@ class TrainConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     # mode: 16-bit LoRA (default), 4-bit QLoRA (load_in_4bit) or full fine-tune (full_finetuning)
     load_in_4bit: bool = option(
-        False, help="QLoRA: LoRA on a base model loaded in 4 bits, the least memory; NVIDIA GPU only.",
+        False,
+        help="QLoRA: LoRA on a base model loaded in 4 bits, the least memory; NVIDIA GPU only.",
         label="4-bit QLoRA",
     )
     full_finetuning: bool = option(
         False, help="Change every weight instead of training LoRA adapters: the most memory.", label="Full fine-tune"
     )
     lora_r: int = option(
-        16, help="Rank of the LoRA matrices: 8-64. Higher learns more and uses more memory.", minimum=1,
+        16,
+        help="Rank of the LoRA matrices: 8-64. Higher learns more and uses more memory.",
+        minimum=1,
         label="LoRA rank (r)",
     )
     lora_alpha: int = option(
-        16, help="LoRA scaling; usually equal to the rank or twice it.", minimum=0, exclusive_minimum=True,
+        16,
+        help="LoRA scaling; usually equal to the rank or twice it.",
+        minimum=0,
+        exclusive_minimum=True,
         label="LoRA alpha",
     )
     lora_dropout: float = option(
-        0.0, help="Dropout on the LoRA path; 0 is fastest.", minimum=0, maximum=1, exclusive_maximum=True,
+        0.0,
+        help="Dropout on the LoRA path; 0 is fastest.",
+        minimum=0,
+        maximum=1,
+        exclusive_maximum=True,
         label="LoRA dropout",
     )
     target_modules: list[str] = option(
@@ -68,68 +78,105 @@ class TrainConfig:
         label="LoRA target modules",
     )
     learning_rate: float = option(
-        2e-4, help="2e-4 suits LoRA; full fine-tunes want about 10x less.", minimum=0, exclusive_minimum=True,
+        2e-4,
+        help="2e-4 suits LoRA; full fine-tunes want about 10x less.",
+        minimum=0,
+        exclusive_minimum=True,
         label="Learning rate",
     )
     max_steps: int | None = option(
-        60, help="Optimizer steps to train for; none (0 in the UI) = train for the number of epochs instead.",
-        minimum=1, label="Max steps",
+        60,
+        help="Optimizer steps to train for; none (0 in the UI) = train for the number of epochs instead.",
+        minimum=1,
+        label="Max steps",
     )
     num_train_epochs: float = option(
-        1.0, help="Passes over the data (used when max steps is 0).", minimum=0, exclusive_minimum=True,
+        1.0,
+        help="Passes over the data (used when max steps is 0).",
+        minimum=0,
+        exclusive_minimum=True,
         label="Epochs",
     )
     per_device_train_batch_size: int = option(
         2, help="Rows per step on each device. Memory grows with it.", minimum=1, label="Batch size"
     )
     gradient_accumulation_steps: int = option(
-        4, help="Steps whose gradients are summed before an update: a larger effective batch without more memory.",
-        minimum=1, label="Gradient accumulation",
+        4,
+        help="Steps whose gradients are summed before an update: a larger effective batch without more memory.",
+        minimum=1,
+        label="Gradient accumulation",
     )
     # Folding accumulation into the micro-batch keeps the effective batch (per_device × accumulation) and the GPU busier.
     fit_micro_batch: bool = option(
-        True, help="On a GPU, run the accumulation steps as one larger batch while the memory estimate fits "
-        "(same effective batch, faster).", label="Fit micro-batch to GPU memory", advanced=True,
+        True,
+        help="On a GPU, run the accumulation steps as one larger batch while the memory estimate fits "
+        "(same effective batch, faster).",
+        label="Fit micro-batch to GPU memory",
+        advanced=True,
     )
     warmup_steps: int = option(
         5, help="Steps over which the learning rate ramps up from 0.", minimum=0, label="Warm-up steps", advanced=True
     )
     lr_scheduler_type: str = option(
-        "linear", help="How the learning rate changes after warm-up.", choices=_scheduler_names, label="Scheduler",
+        "linear",
+        help="How the learning rate changes after warm-up.",
+        choices=_scheduler_names,
+        label="Scheduler",
         advanced=True,
     )
     weight_decay: float = option(
         0.01, help="L2 penalty on the weights.", minimum=0, label="Weight decay", advanced=True
     )
     optim: str = option(
-        "adamw_torch", help="Optimizer; 8-bit ones need bitsandbytes and a GPU.", choices=_optimizer_names,
-        label="Optimizer", advanced=True,
+        "adamw_torch",
+        help="Optimizer; 8-bit ones need bitsandbytes and a GPU.",
+        choices=_optimizer_names,
+        label="Optimizer",
+        advanced=True,
     )
     max_seq_length: int = option(
-        DEFAULT_MAX_SEQ_LENGTH, help="Longer examples are cut to this many tokens.", minimum=1, label="Max sequence length"
+        DEFAULT_MAX_SEQ_LENGTH,
+        help="Longer examples are cut to this many tokens.",
+        minimum=1,
+        label="Max sequence length",
     )
     packing: bool = option(
-        False, help="Pack several short examples into one sequence (faster on short rows).", label="Packing",
+        False,
+        help="Pack several short examples into one sequence (faster on short rows).",
+        label="Packing",
         advanced=True,
     )
     train_on_responses_only: bool = option(
-        True, help="Compute the loss only on the assistant's replies, not on the prompts.",
-        label="Train on responses only", advanced=True,
+        True,
+        help="Compute the loss only on the assistant's replies, not on the prompts.",
+        label="Train on responses only",
+        advanced=True,
     )
     gradient_checkpointing: bool = option(
-        True, help="Recompute activations in the backward pass: much less memory, ~30% slower.",
-        label="Gradient checkpointing", advanced=True,
+        True,
+        help="Recompute activations in the backward pass: much less memory, ~30% slower.",
+        label="Gradient checkpointing",
+        advanced=True,
     )
     eval_split: float = option(
-        0.0, help="Fraction of rows held out to measure eval loss (0 = none).", minimum=0, maximum=1,
-        exclusive_maximum=True, label="Eval split",
+        0.0,
+        help="Fraction of rows held out to measure eval loss (0 = none).",
+        minimum=0,
+        maximum=1,
+        exclusive_maximum=True,
+        label="Eval split",
     )
     eval_steps: int = option(
-        0, help="Evaluate every this many steps (0 = at each checkpoint).", minimum=0, label="Eval every (steps)",
+        0,
+        help="Evaluate every this many steps (0 = at each checkpoint).",
+        minimum=0,
+        label="Eval every (steps)",
         advanced=True,
     )
     save_steps: int = option(
-        50, help="Save a checkpoint (a resume point) every this many steps.", minimum=1,
+        50,
+        help="Save a checkpoint (a resume point) every this many steps.",
+        minimum=1,
         label="Checkpoint every (steps)",
     )
     save_total_limit: int = option(
@@ -139,16 +186,26 @@ class TrainConfig:
         1, help="Log loss every this many steps.", minimum=1, label="Log every (steps)", advanced=True
     )
     seed: int = option(
-        DEFAULT_SEED, help="Random seed for shuffling and LoRA initialisation.", minimum=0, maximum=2**32 - 1, label="Seed",
+        DEFAULT_SEED,
+        help="Random seed for shuffling and LoRA initialisation.",
+        minimum=0,
+        maximum=2**32 - 1,
+        label="Seed",
         advanced=True,
     )
     report_to: str = option(
-        "none", help="Also log to TensorBoard (run folder/tensorboard).", choices=REPORT_TO, label="Report to",
+        "none",
+        help="Also log to TensorBoard (run folder/tensorboard).",
+        choices=REPORT_TO,
+        label="Report to",
         advanced=True,
     )
     num_gpus: int = option(
-        0, help="0 = every visible GPU; more than one trains with DDP, one process per GPU (torchrun).", minimum=0,
-        label="GPUs", advanced=True,
+        0,
+        help="0 = every visible GPU; more than one trains with DDP, one process per GPU (torchrun).",
+        minimum=0,
+        label="GPUs",
+        advanced=True,
     )
 
     @property
@@ -174,11 +231,15 @@ class TrainConfig:
 
 def check_optimizer_device(optim: str, device: Device) -> None:
     """Refuse bitsandbytes optimizers without a GPU before a job starts."""
-    bitsandbytes = "bnb" in optim or optim.startswith("paged_") or optim in ("adamw_8bit", "ademamix_8bit",
-                                                                              "lion_8bit", "lion_32bit")
+    bitsandbytes = (
+        "bnb" in optim
+        or optim.startswith("paged_")
+        or optim in ("adamw_8bit", "ademamix_8bit", "lion_8bit", "lion_32bit")
+    )
     if bitsandbytes and not device.cuda:
-        raise UserError(f"The optimizer '{optim}' comes from bitsandbytes and needs an NVIDIA GPU; use adamw_torch "
-                        "here.")
+        raise UserError(
+            f"The optimizer '{optim}' comes from bitsandbytes and needs an NVIDIA GPU; use adamw_torch here."
+        )
 
 
 def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
@@ -192,6 +253,7 @@ def _cuda() -> bool:
 
 
 # ---------------------------------------------------------------- GPUs and processes
+
 
 def visible_gpus() -> list[str]:
     """'index: name' of every CUDA GPU this process may use (CUDA_VISIBLE_DEVICES applies)."""
@@ -208,8 +270,10 @@ def check_num_gpus(num_gpus: int) -> None:
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if num_gpus > count:
         listing = "; ".join(visible_gpus()) or "none"
-        raise UserError(f"num_gpus is {num_gpus} but this machine has {count} visible GPU(s): {listing}. "
-                        "Lower num_gpus, or set it to 0 to use every visible GPU.")
+        raise UserError(
+            f"num_gpus is {num_gpus} but this machine has {count} visible GPU(s): {listing}. "
+            "Lower num_gpus, or set it to 0 to use every visible GPU."
+        )
 
 
 def gpu_launch(num_gpus: int) -> tuple[int, dict[str, str]]:
@@ -266,6 +330,7 @@ def unsloth_supports_ddp() -> bool:
 
 # ---------------------------------------------------------------- the run
 
+
 def launch_plan(settings: dict[str, Any]) -> tuple[int, dict[str, str]]:
     """(processes, environment) for a training job: one process per GPU it trains on."""
     return gpu_launch(int(settings.get("num_gpus") or 0))
@@ -300,12 +365,16 @@ def train(config: TrainConfig, ctx: JobContext) -> str:
     if config.fit_micro_batch and _cuda():
         earlier = read_status(run_dir) if ctx.resume else None
         if earlier and earlier.micro_batch:  # a resumed run keeps its micro-batch: the Trainer skips batches by count
-            config = dataclasses.replace(config, per_device_train_batch_size=earlier.micro_batch,
-                                         gradient_accumulation_steps=earlier.gradient_accumulation)
+            config = dataclasses.replace(
+                config,
+                per_device_train_batch_size=earlier.micro_batch,
+                gradient_accumulation_steps=earlier.gradient_accumulation,
+            )
         else:
             config = fit_micro_batch(config, model_path)
-        ctx.note(micro_batch=config.per_device_train_batch_size,
-                 gradient_accumulation=config.gradient_accumulation_steps)
+        ctx.note(
+            micro_batch=config.per_device_train_batch_size, gradient_accumulation=config.gradient_accumulation_steps
+        )
     model, tokenizer = load_for_training(config, model_path, backend)
     with state.main_process_first():  # rank 0 prepares and caches the dataset, the other ranks read the cache
         prepared = prepare_training_data(config, tokenizer, workspace)
@@ -339,10 +408,16 @@ def fit_micro_batch(config: TrainConfig, model_path: str, headroom: float = 0.85
             return config
         needed = fixed + estimate.activations_gib * micro  # activations grow with the tokens of a micro-batch
         if needed <= headroom * estimate.available_gib:
-            log.info("micro-batch %d × accumulation %d (estimate %.1f GiB of %.1f GiB free)", micro,
-                     effective // micro, needed, estimate.available_gib)
-            return dataclasses.replace(config, per_device_train_batch_size=micro,
-                                       gradient_accumulation_steps=effective // micro)
+            log.info(
+                "micro-batch %d × accumulation %d (estimate %.1f GiB of %.1f GiB free)",
+                micro,
+                effective // micro,
+                needed,
+                estimate.available_gib,
+            )
+            return dataclasses.replace(
+                config, per_device_train_batch_size=micro, gradient_accumulation_steps=effective // micro
+            )
     return config
 
 
@@ -381,14 +456,23 @@ def _load_unsloth(config: TrainConfig, model_path: str):
     from unsloth import FastLanguageModel
 
     model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=model_path, max_seq_length=config.max_seq_length, dtype=None, load_in_4bit=config.load_in_4bit,
-        full_finetuning=config.full_finetuning, trust_remote_code=config.model.trust_remote_code,
+        model_name=model_path,
+        max_seq_length=config.max_seq_length,
+        dtype=None,
+        load_in_4bit=config.load_in_4bit,
+        full_finetuning=config.full_finetuning,
+        trust_remote_code=config.model.trust_remote_code,
     )
     if not config.full_finetuning:
         check_target_modules(model, config.target_modules)
         model = FastLanguageModel.get_peft_model(
-            model, r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-            target_modules=config.target_modules, bias="none", random_state=config.seed,
+            model,
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=config.target_modules,
+            bias="none",
+            random_state=config.seed,
             use_gradient_checkpointing="unsloth" if config.gradient_checkpointing else False,
         )
     if tokenizer.pad_token is None:
@@ -407,15 +491,23 @@ def _load_transformers(config: TrainConfig, model_path: str):
     device = model_utils.detect_device()
     on_cuda = device.cuda
     model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=(torch.bfloat16 if device.bf16 else torch.float16) if on_cuda else torch.float32, use_safetensors=True,
+        model_path,
+        dtype=(torch.bfloat16 if device.bf16 else torch.float16) if on_cuda else torch.float32,
+        use_safetensors=True,
         trust_remote_code=config.model.trust_remote_code,
         device_map={"": torch.cuda.current_device()} if on_cuda else None,  # a DDP rank's own GPU
     )
     if config.full_finetuning:
         return model, tokenizer
     check_target_modules(model, config.target_modules)
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=config.target_modules, bias="none", task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, lora), tokenizer
 
 
@@ -434,12 +526,21 @@ def prepare_training_data(config: TrainConfig, tokenizer, workspace: Path):
     import dataset_utils
 
     prepared = dataset_utils.prepare_dataset(
-        config.dataset, tokenizer, max_seq_length=config.max_seq_length,
-        train_on_responses_only=config.train_on_responses_only, eval_split=config.eval_split, seed=config.seed,
+        config.dataset,
+        tokenizer,
+        max_seq_length=config.max_seq_length,
+        train_on_responses_only=config.train_on_responses_only,
+        eval_split=config.eval_split,
+        seed=config.seed,
         workspace=workspace,
     )
-    log.info("dataset: %s, %d train rows, %d eval rows, %d skipped", prepared.format, len(prepared.train),
-             len(prepared.eval) if prepared.eval is not None else 0, prepared.dropped_rows)
+    log.info(
+        "dataset: %s, %d train rows, %d eval rows, %d skipped",
+        prepared.format,
+        len(prepared.train),
+        len(prepared.eval) if prepared.eval is not None else 0,
+        prepared.dropped_rows,
+    )
     return prepared
 
 
@@ -488,7 +589,9 @@ def build_trainer(config: TrainConfig, model, tokenizer, prepared, ctx: JobConte
     )
     columns = ["input_ids", "labels"]
     trainer = SFTTrainer(
-        model=model, args=args, processing_class=tokenizer,
+        model=model,
+        args=args,
+        processing_class=tokenizer,
         train_dataset=prepared.train.select_columns(columns),
         eval_dataset=prepared.eval.select_columns(columns) if has_eval else None,
     )
@@ -532,6 +635,7 @@ def save_final(trainer, tokenizer, config: TrainConfig, run_dir: Path) -> Path:
 
 
 # ---------------------------------------------------------------- events
+
 
 def events_callback(ctx: JobContext, counter: TokenCounter | None = None):
     """A TrainerCallback reporting start, logs and checkpoints, and stopping (with a checkpoint) when asked.
@@ -585,8 +689,7 @@ def events_callback(ctx: JobContext, counter: TokenCounter | None = None):
                 work.wait()
                 agreed = bool(ballot.item())
             ballot = torch.tensor([int(stop)])
-            self.pending = (dist.all_reduce(ballot, op=dist.ReduceOp.MAX, group=self.stop_group, async_op=True),
-                            ballot)
+            self.pending = (dist.all_reduce(ballot, op=dist.ReduceOp.MAX, group=self.stop_group, async_op=True), ballot)
             return agreed
 
         def on_train_end(self, args, state, control, **kwargs):

@@ -108,7 +108,9 @@ def config_from_dict(cls: type, data: dict[str, Any] | None, where: str = "confi
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise UserError(f"Unknown option(s) in {where}: {', '.join(unknown)}. Known options: {', '.join(sorted(names))}.")
+        raise UserError(
+            f"Unknown option(s) in {where}: {', '.join(unknown)}. Known options: {', '.join(sorted(names))}."
+        )
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]

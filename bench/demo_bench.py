@@ -80,7 +80,11 @@ def main() -> None:
     run_dir = jobs.create_run("train", config, workspace, "demo")
     jobs.start_job(run_dir)
     wait(run_dir)
-    losses = [event.metrics["loss"] for event in runfolder.read_events(run_dir) if event.kind == "log" and "loss" in event.metrics]
+    losses = [
+        event.metrics["loss"]
+        for event in runfolder.read_events(run_dir)
+        if event.kind == "log" and "loss" in event.metrics
+    ]
     stages["train_30_steps"] = time.perf_counter() - mark
 
     mark = time.perf_counter()

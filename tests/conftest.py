@@ -69,15 +69,27 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def capital_rows(count: int) -> list[dict]:
     """Small, learnable chat rows in the messages format."""
-    countries = [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Germany", "Berlin"),
-                 ("Japan", "Tokyo"), ("Egypt", "Cairo"), ("Canada", "Ottawa"), ("Peru", "Lima")]
+    countries = [
+        ("France", "Paris"),
+        ("Italy", "Rome"),
+        ("Spain", "Madrid"),
+        ("Germany", "Berlin"),
+        ("Japan", "Tokyo"),
+        ("Egypt", "Cairo"),
+        ("Canada", "Ottawa"),
+        ("Peru", "Lima"),
+    ]
     rows = []
     for index in range(count):
         country, capital = countries[index % len(countries)]
-        rows.append({"messages": [
-            {"role": "user", "content": f"What is the capital of {country}?"},
-            {"role": "assistant", "content": f"The capital of {country} is {capital}. Zebra!"},
-        ]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"What is the capital of {country}?"},
+                    {"role": "assistant", "content": f"The capital of {country} is {capital}. Zebra!"},
+                ]
+            }
+        )
     return rows
 
 

@@ -78,7 +78,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         state[node] = "open"
         for target in sorted(graph.get(node, ())):
             if state.get(target) == "open":
-                found.append(path[path.index(target):] + [target] if target in path else [node, target])
+                found.append(path[path.index(target) :] + [target] if target in path else [node, target])
             elif target not in state:
                 visit(target, [*path, target])
         state[node] = "done"

@@ -23,13 +23,17 @@ def prepare(tmp_path, tokenizer, name: str, content: str | bytes, **kwargs):
 
 # ---------------------------------------------------------------- detection per format
 
-@pytest.mark.parametrize("columns, expected", [
-    (["instruction", "input", "output"], "alpaca"),
-    (["conversations"], "sharegpt"),
-    (["messages"], "messages"),
-    (["prompt", "completion"], "prompt_completion"),
-    (["text"], "text"),
-])
+
+@pytest.mark.parametrize(
+    "columns, expected",
+    [
+        (["instruction", "input", "output"], "alpaca"),
+        (["conversations"], "sharegpt"),
+        (["messages"], "messages"),
+        (["prompt", "completion"], "prompt_completion"),
+        (["text"], "text"),
+    ],
+)
 def test_detect_format_recognises_each_format(columns, expected):
     assert detect_format(columns) == expected
 
@@ -53,16 +57,24 @@ def test_sharegpt_roles_are_mapped():
 
 def test_system_prompt_added_when_row_has_none():
     fields = {"prompt": "prompt", "completion": "completion"}
-    messages = row_to_messages({"prompt": "a", "completion": "b"}, "prompt_completion", fields, system_prompt="Be brief")
+    messages = row_to_messages(
+        {"prompt": "a", "completion": "b"}, "prompt_completion", fields, system_prompt="Be brief"
+    )
     assert messages[0] == {"role": "system", "content": "Be brief"}
 
 
-@pytest.mark.parametrize("name, content", [
-    ("data.csv", "instruction,output\nSay hi,hi\nSay bye,bye\n"),
-    ("data.json", json.dumps([{"instruction": "Say hi", "output": "hi"}, {"instruction": "Say bye", "output": "bye"}])),
-    ("data.jsonl", '{"prompt": "Say hi", "completion": "hi"}\n{"prompt": "Say bye", "completion": "bye"}\n'),
-    ("data.txt", "First document.\n\nSecond document.\n"),
-])
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("data.csv", "instruction,output\nSay hi,hi\nSay bye,bye\n"),
+        (
+            "data.json",
+            json.dumps([{"instruction": "Say hi", "output": "hi"}, {"instruction": "Say bye", "output": "bye"}]),
+        ),
+        ("data.jsonl", '{"prompt": "Say hi", "completion": "hi"}\n{"prompt": "Say bye", "completion": "bye"}\n'),
+        ("data.txt", "First document.\n\nSecond document.\n"),
+    ],
+)
 def test_each_local_file_type_prepares(tmp_path, demo_tokenizer, name, content):
     prepared = prepare(tmp_path, demo_tokenizer, name, content)
     assert len(prepared.train) == 2
@@ -86,6 +98,7 @@ def test_sharegpt_and_csv_list_cells(tmp_path, demo_tokenizer):
 
 # ---------------------------------------------------------------- rendering and masks
 
+
 def test_rendered_text_equals_the_tokenizers_chat_template(tmp_path, demo_tokenizer):
     rows = capital_rows(4)
     prepared = prepare(tmp_path, demo_tokenizer, "chat.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
@@ -97,15 +110,19 @@ def test_only_assistant_tokens_carry_loss(tmp_path, demo_tokenizer):
     rows = capital_rows(1)
     prepared = prepare(tmp_path, demo_tokenizer, "chat.jsonl", json.dumps(rows[0]) + "\n")
     row = prepared.train[0]
-    trained = [text for text, is_trained in dataset_utils.loss_segments(row["input_ids"], row["labels"], demo_tokenizer)
-               if is_trained]
+    trained = [
+        text
+        for text, is_trained in dataset_utils.loss_segments(row["input_ids"], row["labels"], demo_tokenizer)
+        if is_trained
+    ]
     assert "".join(trained).startswith("The capital of France is Paris.")
     assert "What is the capital" not in "".join(trained)
 
 
 def test_train_on_all_tokens_when_asked(tmp_path, demo_tokenizer):
-    prepared = prepare(tmp_path, demo_tokenizer, "chat.jsonl", json.dumps(capital_rows(1)[0]) + "\n",
-                       train_on_responses_only=False)
+    prepared = prepare(
+        tmp_path, demo_tokenizer, "chat.jsonl", json.dumps(capital_rows(1)[0]) + "\n", train_on_responses_only=False
+    )
     assert -100 not in prepared.train[0]["labels"]
 
 
@@ -129,8 +146,9 @@ def test_custom_template_for_a_model_without_one(tmp_path, demo_tokenizer):
 
 def test_column_map_renames_columns(tmp_path, demo_tokenizer):
     content = '{"question": "Say hi", "answer": "hi"}\n'
-    prepared = prepare(tmp_path, demo_tokenizer, "qa.jsonl", content,
-                       column_map={"instruction": "question", "output": "answer"})
+    prepared = prepare(
+        tmp_path, demo_tokenizer, "qa.jsonl", content, column_map={"instruction": "question", "output": "answer"}
+    )
     assert prepared.format == "alpaca"
 
 
@@ -168,11 +186,25 @@ BAD_FILES = [
     ("numbers.json", b"[1, 2, 3]", "JSON list of objects"),
     ("broken.jsonl", b'{"text": "ok"}\n{"text": "ok"}\n{"text": broken}\n', "line 3"),
     ("missing.csv", b"instruction,answer\nSay hi,hi\n", "output"),
-    ("alternate.jsonl", json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
-                                                 {"role": "assistant", "content": "c"}]}).encode() + b"\n",
-     "do not alternate"),
-    ("no_assistant.jsonl", json.dumps({"messages": [{"role": "user", "content": "a"}]}).encode() + b"\n",
-     "no assistant turn"),
+    (
+        "alternate.jsonl",
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "user", "content": "b"},
+                    {"role": "assistant", "content": "c"},
+                ]
+            }
+        ).encode()
+        + b"\n",
+        "do not alternate",
+    ),
+    (
+        "no_assistant.jsonl",
+        json.dumps({"messages": [{"role": "user", "content": "a"}]}).encode() + b"\n",
+        "no assistant turn",
+    ),
     ("data.xlsx", b"PK\x03\x04", "Unsupported file type"),
 ]
 
@@ -187,8 +219,9 @@ def test_bad_file_gives_clear_error_and_writes_nothing(tmp_path, demo_tokenizer,
 
 def test_column_map_naming_an_absent_column(tmp_path, demo_tokenizer):
     with pytest.raises(UserError, match="Column 'reply' .*not found"):
-        prepare(tmp_path, demo_tokenizer, "d.jsonl", '{"instruction": "a", "output": "b"}\n',
-                column_map={"output": "reply"})
+        prepare(
+            tmp_path, demo_tokenizer, "d.jsonl", '{"instruction": "a", "output": "b"}\n', column_map={"output": "reply"}
+        )
 
 
 def test_directory_instead_of_file(tmp_path, demo_tokenizer):
@@ -255,5 +288,7 @@ def test_outer_whitespace_in_a_reply_is_left_to_the_template(tmp_path, demo_toke
     text, spans = dataset_utils.assistant_spans(messages, demo_tokenizer)
     assert prepared.train[0]["text"] == text
     row = prepared.train[0]
-    trained = [piece for piece, on in dataset_utils.loss_segments(row["input_ids"], row["labels"], demo_tokenizer) if on]
+    trained = [
+        piece for piece, on in dataset_utils.loss_segments(row["input_ids"], row["labels"], demo_tokenizer) if on
+    ]
     assert "".join(trained).startswith(" Lima.")

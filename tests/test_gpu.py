@@ -68,7 +68,10 @@ def run_training(workspace: Path, model: Path, data: Path, load_in_4bit: bool) -
     assert status.state == "done", f"{status.error}\n{runfolder.log_tail(run_dir, 60)}"
     assert status.backend == "unsloth"
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
-    return {"run_dir": run_dir, "events": [e for e in runfolder.read_events(run_dir) if e.kind == "log" and "loss" in e.metrics]}
+    return {
+        "run_dir": run_dir,
+        "events": [e for e in runfolder.read_events(run_dir) if e.kind == "log" and "loss" in e.metrics],
+    }
 
 
 def figures(events: list[dict]) -> dict:

@@ -33,12 +33,13 @@ def test_demo_model_answers_capital_of_france(demo_model, demo_tokenizer):
     import torch
 
     model = model_utils.load_model(str(demo_model))
-    prompt = demo_tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                                tokenize=False, add_generation_prompt=True)
+    prompt = demo_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
     inputs = demo_tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=20, do_sample=False)
-    answer = demo_tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = demo_tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
 
 
@@ -61,7 +62,9 @@ def test_unknown_hub_model_offline_names_it():
 def test_memory_estimate_grows_with_batch_and_mode(demo_model):
     lora = TrainConfig(target_modules=["q_proj", "v_proj"], per_device_train_batch_size=1, max_seq_length=512)
     small = model_utils.estimate_memory(lora, str(demo_model))
-    big = model_utils.estimate_memory(replace(lora, per_device_train_batch_size=8, max_seq_length=2048), str(demo_model))
+    big = model_utils.estimate_memory(
+        replace(lora, per_device_train_batch_size=8, max_seq_length=2048), str(demo_model)
+    )
     full = model_utils.estimate_memory(replace(lora, full_finetuning=True, target_modules=[]), str(demo_model))
     assert 130e6 < small.parameters < 140e6
     assert big.total_gib > small.total_gib

@@ -78,7 +78,9 @@ def test_max_seq_length_above_model_limit(demo_workspace, data_file):
 def test_target_modules_the_model_lacks(demo_workspace, data_file):
     run_dir = jobs.create_run("train", {}, demo_workspace, "bad-modules")
     with pytest.raises(UserError, match="c_attn not found"):
-        training_utils.train(demo_train_config(data_file, target_modules=["c_attn"]), runfolder.JobContext.for_run(run_dir))
+        training_utils.train(
+            demo_train_config(data_file, target_modules=["c_attn"]), runfolder.JobContext.for_run(run_dir)
+        )
 
 
 def test_dataset_with_no_usable_rows(demo_workspace, tmp_path):
@@ -194,15 +196,17 @@ def test_accumulation_is_folded_into_the_micro_batch_while_the_estimate_fits(dat
     assert (roomy.per_device_train_batch_size, roomy.gradient_accumulation_steps) == (8, 1)
     tight = training_utils.fit_micro_batch(config, str(demo_model), headroom=1e-6)  # nothing fits: unchanged
     assert (tight.per_device_train_batch_size, tight.gradient_accumulation_steps) == (2, 4)
-    odd = training_utils.fit_micro_batch(demo_train_config(data_file, per_device_train_batch_size=1,
-                                                      gradient_accumulation_steps=6), str(demo_model))
+    odd = training_utils.fit_micro_batch(
+        demo_train_config(data_file, per_device_train_batch_size=1, gradient_accumulation_steps=6), str(demo_model)
+    )
     assert odd.per_device_train_batch_size * odd.gradient_accumulation_steps == 6  # the effective batch is kept
 
 
 def test_a_gpu_run_trains_with_the_micro_batch_it_chose_and_records_it(demo_workspace, data_file, monkeypatch):
     monkeypatch.setattr(training_utils, "_cuda", lambda: True)  # the choice is made on CUDA only; it runs on CPU here
-    config = demo_train_config(data_file, max_steps=2, per_device_train_batch_size=1, gradient_accumulation_steps=4,
-                          save_steps=2)
+    config = demo_train_config(
+        data_file, max_steps=2, per_device_train_batch_size=1, gradient_accumulation_steps=4, save_steps=2
+    )
     run_dir = jobs.create_run("train", config_to_dict(config), demo_workspace, "fitted")
     assert training_utils.train(config, runfolder.JobContext.for_run(run_dir)) == "done"
     status = jobs.job_status(run_dir)

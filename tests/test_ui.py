@@ -232,7 +232,11 @@ def test_the_colab_notebook_installs_gpu_requirements_and_shares_with_a_password
 
 def test_the_live_view_names_the_gpus_their_memory_the_micro_batch_and_a_fallback():
     status = runfolder.Status(
-        state=runfolder.State.RUNNING, processes=2, device="GPU", micro_batch=8, gradient_accumulation=1,
+        state=runfolder.State.RUNNING,
+        processes=2,
+        device="GPU",
+        micro_batch=8,
+        gradient_accumulation=1,
         note="The installed Unsloth does not support multi-GPU training; this run uses transformers + PEFT.",
     )
     metrics = {"loss": 1.5, "memory_gib": 3.3, "gpu_memory_gib": [7.05, 5.67]}

@@ -68,7 +68,10 @@ def build() -> SyntheticTab:
         add(
             "model",
             forms.widget(
-                SyntheticConfig, "model", placeholder="gpt-4o-mini, claude-sonnet-4-5, llama3.2 …", elem_id="synth-model"
+                SyntheticConfig,
+                "model",
+                placeholder="gpt-4o-mini, claude-sonnet-4-5, llama3.2 …",
+                elem_id="synth-model",
             ),
         )
     with gr.Row():
@@ -86,7 +89,9 @@ def build() -> SyntheticTab:
         add("task", forms.widget(SyntheticConfig, "task", component=gr.Radio, elem_id="synth-task"))
         add(
             "topic",
-            forms.widget(SyntheticConfig, "topic", placeholder="What the data is about", elem_id="synth-topic", scale=2),
+            forms.widget(
+                SyntheticConfig, "topic", placeholder="What the data is about", elem_id="synth-topic", scale=2
+            ),
         )
     with gr.Row():
         add("num_rows", forms.widget(SyntheticConfig, "num_rows", elem_id="synth-rows"))
