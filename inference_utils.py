@@ -401,7 +401,7 @@ def evaluate(
     is asked to stop before the end (nothing is written then).
     """
     import model_utils
-    from dataset_utils import prepare_dataset
+    import training_utils
 
     reporter = reporter or runfolder.Reporter(None)
     stop = stop or runfolder.StopFlag()
@@ -412,15 +412,7 @@ def evaluate(
     model_path = model_utils.resolve_model_path(train_config.model.name_or_path, run_workspace)
     # The tokenizer training used, so the prepared data comes from the same cache (same rows either way).
     tokenizer = model_utils.load_tokenizer(model_path, train_config.model.trust_remote_code)
-    prepared = prepare_dataset(
-        train_config.dataset,
-        tokenizer,
-        max_seq_length=train_config.max_seq_length,
-        train_on_responses_only=train_config.train_on_responses_only,
-        eval_split=train_config.eval_split,
-        seed=train_config.seed,
-        workspace=run_workspace,
-    )
+    prepared = training_utils.prepare_training_data(train_config, tokenizer, run_workspace)  # the same split
     rows = prepared.eval
     if config.max_rows:
         rows = rows.select(range(min(config.max_rows, len(rows))))

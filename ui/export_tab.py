@@ -12,10 +12,10 @@ import gguf_utils
 import runfolder
 import submit
 from gguf_utils import ExportConfig
+from ui import forms
 from ui.common import download_links, guarded, job_html, run_names
 from workspace import read_json
 
-DEFAULTS = ExportConfig()
 SETTINGS = ("check_prompts", "check_tokens", "merge_dtype", "temperature", "top_p", "num_ctx")
 POLL_S = 1.5
 
@@ -46,46 +46,22 @@ def build() -> ExportTab:
     with gr.Row(equal_height=True):
         run = gr.Dropdown(label="Training run", choices=[], scale=4, elem_id="export-run")
         refresh = gr.Button("Refresh runs", size="sm", scale=1)
-    quants = gr.CheckboxGroup(
-        list(gguf_utils.QUANT_FTYPES),
-        value=list(DEFAULTS.quants),
-        label="Quant types",
-        info="q8_0 is nearly lossless; q4_k_m is the usual small choice; f16/bf16 are unquantized.",
+    quants = forms.widget(
+        ExportConfig,
+        "quants",
+        component=gr.CheckboxGroup,
+        choices=list(gguf_utils.QUANT_FTYPES),
         elem_id="export-quants",
     )
     with gr.Accordion("Check and Modelfile settings", open=False):
         with gr.Row():
-            check_prompts = gr.Number(
-                value=DEFAULTS.check_prompts,
-                label="Check prompts",
-                precision=0,
-                minimum=gguf_utils.MIN_CHECK_PROMPTS,
-                maximum=len(gguf_utils.CHECK_PROMPTS),
-                info="Prompts scored against the Hugging Face model.",
-            )
-            check_tokens = gr.Number(
-                value=DEFAULTS.check_tokens,
-                label="Tokens per prompt",
-                precision=0,
-                minimum=1,
-                elem_id="export-check-tokens",
-            )
-            merge_dtype = gr.Dropdown(
-                list(gguf_utils.MERGE_DTYPES),
-                value=DEFAULTS.merge_dtype,
-                label="Merge dtype",
-                info="auto: the base model's 16-bit type, else float16.",
-            )
+            check_prompts = forms.widget(ExportConfig, "check_prompts")
+            check_tokens = forms.widget(ExportConfig, "check_tokens", elem_id="export-check-tokens")
+            merge_dtype = forms.widget(ExportConfig, "merge_dtype")
         with gr.Row():
-            temperature = gr.Number(value=DEFAULTS.temperature, label="Modelfile temperature", minimum=0, maximum=2)
-            top_p = gr.Number(value=DEFAULTS.top_p, label="Modelfile top_p", minimum=0, maximum=1)
-            num_ctx = gr.Number(
-                value=DEFAULTS.num_ctx,
-                label="Modelfile num_ctx",
-                precision=0,
-                minimum=1,
-                info="Capped at the model's context length.",
-            )
+            temperature = forms.widget(ExportConfig, "temperature")
+            top_p = forms.widget(ExportConfig, "top_p")
+            num_ctx = forms.widget(ExportConfig, "num_ctx")
     with gr.Row():
         start = gr.Button("Export", variant="primary", elem_id="export-start")
         stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="export-stop")
