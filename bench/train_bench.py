@@ -280,17 +280,17 @@ def measure_app(
         raise RuntimeError(f"app run {status.state}: {status.error}\n{runfolder.log_tail(run_dir, 60)}")
     events = [event for event in runfolder.read_events(run_dir) if event.kind == "log" and "loss" in event.metrics]
     # The job logs tokens/s between consecutive logs (TRL's token count): weight each by its interval.
-    counted = any("tokens_per_s" in event for event in events)
+    counted = any("tokens_per_s" in event.metrics for event in events)
     marks, seen = [], 0.0
     for previous, event in zip([None, *events[:-1]], events, strict=True):
-        if previous is not None and "tokens_per_s" in event:
-            seen += event["tokens_per_s"] * (event["time"] - previous["time"])
+        if previous is not None and "tokens_per_s" in event.metrics:
+            seen += event.metrics["tokens_per_s"] * (event.time - previous.time)
         marks.append(
             {
-                "time": event["time"],
-                "step": event["step"],
+                "time": event.time,
+                "step": event.step,
                 "num_tokens": seen if counted else None,
-                "loss": event["loss"],
+                "loss": event.metrics["loss"],
             }
         )
     accumulation = config.gradient_accumulation_steps
@@ -299,8 +299,8 @@ def measure_app(
 
     return {
         **result,
-        "peak_memory_gib": max(event["memory_gib"] for event in events),
-        "gpu_memory_gib": events[-1].get("gpu_memory_gib"),
+        "peak_memory_gib": max(event.metrics["memory_gib"] for event in events),
+        "gpu_memory_gib": events[-1].metrics.get("gpu_memory_gib"),
         "backend": status.backend,
         "processes": status.processes,
         "batch": config.per_device_train_batch_size,

@@ -74,16 +74,16 @@ def run_training(workspace: Path, model: Path, data: Path, load_in_4bit: bool) -
     }
 
 
-def figures(events: list[dict]) -> dict:
+def figures(events: list[runfolder.Event]) -> dict:
     """tokens/s over the steps after warm-up (every row fills SEQ tokens) and the peak memory the job logged."""
-    timed = [event for event in events if event["step"] >= WARMUP_STEPS]
-    seconds = timed[-1]["time"] - timed[0]["time"]
-    tokens = (timed[-1]["step"] - timed[0]["step"]) * BATCH * SEQ
-    logged = [event["tokens_per_s"] for event in timed[1:] if "tokens_per_s" in event]
+    timed = [event for event in events if event.step >= WARMUP_STEPS]
+    seconds = timed[-1].time - timed[0].time
+    tokens = (timed[-1].step - timed[0].step) * BATCH * SEQ
+    logged = [event.metrics["tokens_per_s"] for event in timed[1:] if "tokens_per_s" in event.metrics]
     return {
         "tokens_per_s": round(tokens / seconds, 1),
         "logged_tokens_per_s": round(sum(logged) / len(logged), 1) if logged else None,
-        "peak_memory_gib": max(event["memory_gib"] for event in events),
+        "peak_memory_gib": max(event.metrics["memory_gib"] for event in events),
     }
 
 
@@ -92,7 +92,7 @@ def test_unsloth_job_trains_a_1b_model_with_falling_loss(workspace, llama_1b, on
     import torch
 
     result = run_training(workspace, llama_1b, one_batch, load_in_4bit)
-    losses = [event["loss"] for event in result["events"]]
+    losses = [event.metrics["loss"] for event in result["events"]]
     assert len(losses) == STEPS and all(math.isfinite(loss) for loss in losses)
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.95 * first, f"loss did not fall on a repeated batch: {losses}"
