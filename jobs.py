@@ -76,8 +76,16 @@ def stage(kind: str) -> Stage:
 # ---------------------------------------------------------------- creating and starting
 
 
-def create_run(kind: str, config: dict[str, Any], workspace: str | Path | None = None, name: str | None = None) -> Path:
-    """A new run folder holding config.yaml and a queued status; the config must hold no secrets."""
+def create_run(
+    kind: str,
+    config: dict[str, Any],
+    workspace: str | Path | None = None,
+    name: str | None = None,
+    inputs: dict[str, str] | None = None,
+) -> Path:
+    """A new run folder holding config.yaml and a queued status; the config must hold no secrets.
+
+    inputs: {absolute path: SHA-256} of local files the job reads; the job refuses to run if one changed."""
     stage(kind)
     name = runfolder.check_run_name(name) if name else f"{kind}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     runs = runfolder.runs_dir(workspace)
@@ -90,7 +98,7 @@ def create_run(kind: str, config: dict[str, Any], workspace: str | Path | None =
             suffix += 1
         folder = runs / f"{name}-{suffix}"
     folder.mkdir(parents=True)
-    runfolder.write_config(folder, kind, config)
+    runfolder.write_config(folder, kind, config, inputs)
     runfolder.write_status(folder, state=State.QUEUED, created=runfolder.now(), pid=None, error="")
     return folder
 
@@ -104,6 +112,11 @@ def start_job(
     overrides the count from the stage's launch plan (several CPU processes train over gloo).
     """
     run_dir = Path(run_dir)
+    with runfolder.status_lock(run_dir):  # two starts at once must not launch two processes on one folder
+        status = runfolder.read_status(run_dir)
+        if status.pid and _alive(status.pid, status.pid_start):
+            raise UserError(f"Run '{run_dir.name}' is still {status.state}.")
+        runfolder.write_status(run_dir, state=State.QUEUED, pid=None, pid_start=None, error="")
     launch_env: dict[str, str] = {}
     if processes is None:
         try:
@@ -138,11 +151,10 @@ def start_job(
 
 def launch_plan(run_dir: Path) -> tuple[int, dict[str, str]]:
     """(processes, environment) for a job, from its stage's launch plan (one process unless it says otherwise)."""
-    config = runfolder.read_config(run_dir)
-    job_stage = stage(config.pop("kind", ""))
+    job_stage = stage(runfolder.read_kind(run_dir))
     if not job_stage.launch:
         return 1, {}
-    return job_stage.resolve(job_stage.launch)(config)
+    return job_stage.resolve(job_stage.launch)(runfolder.stage_settings(run_dir))
 
 
 def launch_command(run_dir: Path, resume: bool, processes: int) -> list[str]:
@@ -207,7 +219,16 @@ def actions(run_dir: Path, status: Status | None = None) -> Actions:
         export_reason = ""
     except UserError as exc:
         export_reason = str(exc)
-    delete_reason = f"Run '{name}' is still active; stop it before deleting it." if status.active else ""
+    if status.active:
+        delete_reason = f"Run '{name}' is still active; stop it before deleting it."
+    else:
+        user = active_user(run_dir) if kind == "train" else None
+        delete_reason = (
+            f"The {user.kind} job '{user.name}' is reading run '{name}' ({user.state}); wait for it or stop it "
+            "before deleting this run."
+            if user
+            else ""
+        )
     return Actions(
         can_stop,
         stop_reason,
@@ -220,24 +241,55 @@ def actions(run_dir: Path, status: Status | None = None) -> Actions:
     )
 
 
+def active_user(run_dir: Path) -> RunInfo | None:
+    """An active export or evaluation job whose config names this training run (by name or by full path)."""
+    run_dir = Path(run_dir)
+    for config in run_dir.parent.glob("*/config.yaml"):
+        job = config.parent
+        if job == run_dir or runfolder.read_kind(job) not in ("export", "eval"):
+            continue
+        try:
+            reference = str(runfolder.stage_settings(job).get("run") or "")
+        except UserError:
+            continue
+        names_this_run = reference == run_dir.name or (
+            Path(reference).is_absolute() and Path(reference).resolve() == run_dir.resolve()
+        )
+        if names_this_run:
+            status = job_status(job)
+            if status.active:
+                return RunInfo(job.name, job, runfolder.read_kind(job), status, Progress())
+    return None
+
+
 def stop_job(run_dir: Path) -> None:
     """Ask a running job to save a checkpoint and stop (SIGTERM); a queued job just ends."""
     status = job_status(run_dir)
     allowed = actions(run_dir, status)
     if not allowed.can_stop:
         raise UserError(allowed.stop_reason)
-    runfolder.write_status(run_dir, state=State.STOPPING)
-    try:
-        os.killpg(status.pid, signal.SIGTERM)
-    except (ProcessLookupError, TypeError):
-        runfolder.write_status(run_dir, state=State.STOPPED, ended=runfolder.now())
+    # Only a process whose start time matches the one recorded is ours: a pid alone may have been reused since.
+    if status.pid and status.pid_start and _alive(status.pid, status.pid_start):
+        runfolder.write_status(run_dir, state=State.STOPPING)
+        try:
+            os.killpg(status.pid, signal.SIGTERM)
+            return
+        except ProcessLookupError:
+            pass
+    runfolder.write_status(run_dir, state=State.STOPPED, ended=runfolder.now())
 
 
 def resume_job(run_dir: Path, env: dict[str, str] | None = None, processes: int | None = None) -> int:
-    """Start a stopped or failed run again (a training run from its last checkpoint); `processes` as for start_job."""
-    allowed = actions(run_dir)
-    if not allowed.can_resume:
-        raise UserError(allowed.resume_reason)
+    """Start a stopped or failed run again (a training run from its last checkpoint); `processes` as for start_job.
+
+    The check and the claim (state queued) happen in one step under the run's status lock, so of two resumes at
+    the same moment one starts the job and the other is told the run is queued."""
+    run_dir = Path(run_dir)
+    with runfolder.status_lock(run_dir):
+        allowed = actions(run_dir)
+        if not allowed.can_resume:
+            raise UserError(allowed.resume_reason)
+        runfolder.write_status(run_dir, state=State.QUEUED, pid=None, pid_start=None, error="")
     return start_job(run_dir, resume=True, env=env, processes=processes)
 
 
@@ -343,8 +395,8 @@ def run_job(run_dir: Path, resume: bool = False) -> int:
     """The child's entry point: wait for the GPU if needed, run the stage, record how it ended."""
     run_dir = Path(run_dir).resolve()
     stop = StopFlag().install()
-    settings = runfolder.read_config(run_dir)
-    job_stage = stage(settings.pop("kind", ""))
+    job_stage = stage(runfolder.read_kind(run_dir))
+    settings = runfolder.stage_settings(run_dir)
     rank, processes = int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
     if rank > 0:
         return _run_other_rank(run_dir, job_stage, settings, resume, rank, stop)
@@ -374,6 +426,7 @@ def run_job(run_dir: Path, resume: bool = False) -> int:
 
 
 def _run_stage(job_stage: Stage, settings: dict[str, Any], ctx: JobContext) -> str:
+    runfolder.check_inputs(ctx.run_dir, ctx.resume)
     config = job_stage.resolve(job_stage.config)(settings)
     return job_stage.resolve(job_stage.entry)(config, ctx)
 

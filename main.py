@@ -265,7 +265,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import ui
 
-    ui.serve(host=args.host, port=args.port, share=args.share, auth=args.auth, workspace=args.workspace)
+    ui.serve(
+        host=args.host,
+        port=args.port,
+        share=args.share,
+        auth=args.auth,
+        workspace=args.workspace,
+        auth_file=args.auth_file,
+        insecure_no_auth=args.insecure_no_auth,
+    )
     return 0
 
 
@@ -282,6 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=7860, help="port to serve the app on")
     parser.add_argument("--share", action="store_true", help="create a public Gradio link (requires --auth)")
     parser.add_argument("--auth", default=None, help="USER:PASS required to open the app (or FINETUNER_AUTH)")
+    parser.add_argument(
+        "--auth-file", default=None, metavar="PATH", help="file holding one USER:PASS line (keeps it out of ps)"
+    )
+    parser.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="serve on a non-loopback --host without a login (anyone who reaches it can use the app)",
+    )
     parser.set_defaults(handler=cmd_serve)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 

@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from settings import check, option
-from workspace import UserError, atomic_dir, dump_yaml, load_yaml, resolve_user_path, workspace_root
+from workspace import (
+    UserError,
+    atomic_dir,
+    dump_yaml,
+    load_yaml,
+    paths_confined,
+    resolve_user_path,
+    workspace_root,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +65,11 @@ class ModelConfig:
         check(self)
         if not str(self.name_or_path).strip():
             raise UserError("No model chosen. Pick the demo model, a Hub id or a local folder.")
+        if self.trust_remote_code and paths_confined():
+            raise UserError(
+                "trust_remote_code is refused in a shared app: it would run the model's Python code on this server "
+                "for anyone who can log in. Turn it off, or run the app unshared on your own machine."
+            )
         if self.trust_remote_code:
             log.warning(
                 "trust_remote_code is on: Python code shipped with '%s' will run here. Only do this for a "

@@ -15,11 +15,17 @@ from __future__ import annotations
 import dataclasses
 import enum
 import fcntl
+import hashlib
 import json
+import math
 import os
 import re
 import signal
+import threading
 import time
+import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +35,7 @@ from workspace import (
     UserError,
     atomic_write_text,
     dump_yaml,
+    fits,
     load_yaml,
     read_json,
     resolve_user_path,
@@ -40,6 +47,8 @@ RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,79}")
 LOG_TAIL_LINES = 20
 # progress.json is rewritten at most this often: the write can sit between two GPU steps, and the UI polls each second.
 PROGRESS_EVERY_S = 1.0
+# config.yaml's key for the SHA-256 of the local files a run reads ({absolute path: hash}), checked when the job starts.
+INPUTS_KEY = "inputs_sha256"
 BOOKKEEPING = frozenset({"config.yaml", "status.json", "events.jsonl", "log.txt", "progress.json", ".status.lock"})
 
 
@@ -79,8 +88,10 @@ def run_workspace(run_dir: Path) -> Path:
     return Path(run_dir).resolve().parent.parent
 
 
-def write_config(run_dir: Path, kind: str, config: dict[str, Any]) -> None:
-    atomic_write_text(Path(run_dir) / "config.yaml", dump_yaml({"kind": kind, **config}))
+def write_config(run_dir: Path, kind: str, config: dict[str, Any], inputs: dict[str, str] | None = None) -> None:
+    """config.yaml: the kind, the SHA-256 of the local input files (`inputs`) when given, and the stage's settings."""
+    head: dict[str, Any] = {"kind": kind, **({INPUTS_KEY: inputs} if inputs else {})}
+    atomic_write_text(Path(run_dir) / "config.yaml", dump_yaml({**head, **config}))
 
 
 def read_config(run_dir: Path) -> dict[str, Any]:
@@ -99,7 +110,33 @@ def stage_settings(run_dir: Path) -> dict[str, Any]:
     """config.yaml without its `kind` key: the settings the stage's config class is built from."""
     config = read_config(run_dir)
     config.pop("kind", None)
+    config.pop(INPUTS_KEY, None)
     return config
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_inputs(run_dir: Path, resume: bool = False) -> None:
+    """UserError when a local file the run reads has changed (or gone) since the run was created: the job would
+    train on other data than the one the run was made from."""
+    recorded = read_config(run_dir).get(INPUTS_KEY) or {}
+    for path, expected in recorded.items() if isinstance(recorded, dict) else ():
+        try:
+            changed = file_sha256(path) != expected
+        except OSError:
+            raise UserError(f"The input file '{path}' of this run is gone; restore it or start a new run.") from None
+        if changed:
+            when = "resuming would continue on other data than the run started with" if resume else "it was edited"
+            raise UserError(
+                f"The input file '{path}' changed since this run was created ({when}). Restore the file, or start a "
+                "new run to train on the new content."
+            )
 
 
 # ---------------------------------------------------------------- status
@@ -143,12 +180,19 @@ class Status:
         return self.state in ACTIVE
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Status:
-        known = {item.name for item in dataclasses.fields(cls)}
-        values = {key: value for key, value in data.items() if key in known and value is not None}
+    def from_dict(cls, data: Any) -> Status:
+        """A Status from status.json; a damaged file (not a mapping, a value of the wrong type) reads as unknown
+        fields instead of breaking every view of the runs."""
+        data = data if isinstance(data, dict) else {}
+        hints = typing.get_type_hints(cls)
+        values = {
+            key: value
+            for key, value in data.items()
+            if key in hints and key != "state" and value is not None and fits(value, hints[key])
+        }
         try:
-            values["state"] = State(values.get("state", State.UNKNOWN))
-        except ValueError:
+            values["state"] = State(data.get("state", State.UNKNOWN))
+        except (ValueError, TypeError):
             values["state"] = State.UNKNOWN
         return cls(**values)
 
@@ -158,7 +202,28 @@ STATUS_FIELDS = frozenset(item.name for item in dataclasses.fields(Status))
 
 def read_status(run_dir: Path) -> Status:
     """status.json as it is on disk (never writes; the supervisor's `jobs.job_status` also checks the process)."""
-    return Status.from_dict(read_json(Path(run_dir) / "status.json", default={}) or {})
+    return Status.from_dict(read_json(Path(run_dir) / "status.json", default={}))
+
+
+_held = threading.local()  # the run folders whose status lock this thread holds
+
+
+@contextmanager
+def status_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run's `.status.lock` (an flock: other processes and other threads wait); re-entrant in one thread,
+    so a supervisor step that reads, decides and writes under it can call write_status."""
+    key = str(Path(run_dir).resolve())
+    held: set[str] = _held.__dict__.setdefault("folders", set())
+    if key in held:
+        yield
+        return
+    with open(Path(run_dir) / ".status.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        held.add(key)
+        try:
+            yield
+        finally:
+            held.discard(key)
 
 
 def write_status(run_dir: Path, **changes: Any) -> Status:
@@ -167,9 +232,9 @@ def write_status(run_dir: Path, **changes: Any) -> Status:
     if unknown:
         raise ValueError(f"not status fields: {', '.join(sorted(unknown))}")
     run_dir = Path(run_dir)
-    with open(run_dir / ".status.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        status = read_json(run_dir / "status.json", default={}) or {}
+    with status_lock(run_dir):
+        status = read_json(run_dir / "status.json", default={})
+        status = status if isinstance(status, dict) else {}
         status.update({key: str(value) if isinstance(value, State) else value for key, value in changes.items()})
         status["updated"] = now()
         write_json(run_dir / "status.json", status)
@@ -267,10 +332,31 @@ class Progress:
         return self.step / self.total if self.step is not None and self.total else None
 
 
+# Metrics the views format as numbers: another value under these names (a damaged file) is left out.
+NUMERIC_METRICS = frozenset(
+    {"loss", "eval_loss", "learning_rate", "grad_norm", "epoch", "tokens_per_s", "memory_gib", "gpu_memory_gib"}
+)
+
+
 def read_progress(run_dir: Path) -> Progress:
-    data = read_json(Path(run_dir) / "progress.json", default={}) or {}
-    known = {item.name for item in dataclasses.fields(Progress)}
-    return Progress(**{key: value for key, value in data.items() if key in known})
+    """progress.json as a Progress; a damaged file reads as empty, a value of the wrong type as missing."""
+    data = read_json(Path(run_dir) / "progress.json", default={})
+    data = data if isinstance(data, dict) else {}
+    whole = {key: data.get(key) for key in ("step", "total") if fits(data.get(key), int)}
+    eta = data.get("eta_s")
+    metrics = data.get("metrics") if isinstance(data.get("metrics"), dict) else {}
+    return Progress(
+        **{key: int(value) for key, value in whole.items()},
+        message=data["message"] if isinstance(data.get("message"), str) else "",
+        eta_s=eta if fits(eta, float) and math.isfinite(eta) else None,
+        metrics={key: value for key, value in metrics.items() if key not in NUMERIC_METRICS or _numeric(value)},
+    )
+
+
+def _numeric(value: Any) -> bool:
+    if isinstance(value, list):
+        return all(_numeric(item) for item in value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class Reporter:

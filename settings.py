@@ -50,9 +50,11 @@ class Option:
         """The allowed range in words, e.g. 'above 0 and at most 1'; '' when unbounded."""
         parts = []
         if self.minimum is not None:
-            parts.append(f"above {self.minimum:g}" if self.exclusive_minimum else f"at least {self.minimum:g}")
+            low = _number_text(self.minimum)
+            parts.append(f"above {low}" if self.exclusive_minimum else f"at least {low}")
         if self.maximum is not None:
-            parts.append(f"below {self.maximum:g}" if self.exclusive_maximum else f"at most {self.maximum:g}")
+            high = _number_text(self.maximum)
+            parts.append(f"below {high}" if self.exclusive_maximum else f"at most {high}")
         return " and ".join(parts)
 
     def in_bounds(self, value: float) -> bool:
@@ -63,6 +65,11 @@ class Option:
         if self.maximum is not None and (value >= self.maximum if self.exclusive_maximum else value > self.maximum):
             return False
         return True
+
+
+def _number_text(value: float) -> str:
+    """A bound as a user reads it: 1048576, not 1.04858e+06."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def option(
@@ -130,6 +137,8 @@ def check(config: Any, where: str = "") -> None:
             raise UserError(f"{name} must be {describe_type(hints[item.name])} (got {value!r}).")
         if value is None:
             continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{name} must be a finite number (got {value!r}).")
         choices = meta.choice_list()
         if choices is not None and value not in choices:
             raise UserError(f"{name} must be one of: {', '.join(map(str, choices))} (got {value!r}).")

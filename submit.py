@@ -20,7 +20,16 @@ def submit_train(config, workspace: str | Path | None = None, name: str | None =
     if isinstance(config, dict):
         config = training_utils.train_config_from_dict(config)
     config.validate()
-    run_dir = jobs.create_run("train", config_to_dict(config), workspace, name)
+    inputs = {}
+    source = Path(str(config.dataset.source).strip()).expanduser()
+    # The CLI and Preview read a relative path from the user's folder, the job runs from the app's: fix its meaning
+    # once, here. A Hub id (owner/name) that is no local path stays as it is.
+    if source.exists():
+        source = resolve_user_path(source, workspace)
+        config.dataset.source = str(source)
+        if source.is_file():
+            inputs[str(source)] = runfolder.file_sha256(source)
+    run_dir = jobs.create_run("train", config_to_dict(config), workspace, name, inputs=inputs)
     jobs.start_job(run_dir)
     return run_dir
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import shutil
 import time
@@ -22,6 +23,10 @@ log = logging.getLogger(__name__)
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 REPORT_TO = ("none", "tensorboard")
+
+
+# No model reads a million tokens at once: a larger value is a typo that would only fail inside the job.
+MAX_SEQ_LENGTH_LIMIT = 1_048_576
 
 
 def _optimizer_names() -> list[str]:
@@ -138,6 +143,7 @@ class TrainConfig:
         DEFAULT_MAX_SEQ_LENGTH,
         help="Longer examples are cut to this many tokens.",
         minimum=1,
+        maximum=MAX_SEQ_LENGTH_LIMIT,
         label="Max sequence length",
     )
     packing: bool = option(
@@ -698,9 +704,10 @@ def events_callback(ctx: JobContext, counter: TokenCounter | None = None):
                 self.pending = None
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = dict(logs or {})
+            check_finite_logs(logs, state.global_step)  # every rank logs the same gathered values: all stop together
             if not state.is_world_process_zero:
                 return
-            logs = dict(logs or {})
             metrics: dict[str, Any] = {"epoch": round(state.epoch or 0, 4)}
             for key in ("loss", "eval_loss", "learning_rate", "grad_norm"):
                 if key in logs:
@@ -724,6 +731,18 @@ def events_callback(ctx: JobContext, counter: TokenCounter | None = None):
                 reporter.checkpoint(state.global_step)
 
     return RunEvents()
+
+
+def check_finite_logs(logs: dict[str, Any], step: int) -> None:
+    """Raise UserError when the loss or the gradient norm is NaN or infinite: the weights are ruined from here on,
+    and finishing the run would save an adapter that only produces garbage."""
+    for key in ("loss", "grad_norm"):
+        value = logs.get(key)
+        if isinstance(value, (int, float)) and not math.isfinite(value):
+            raise UserError(
+                f"Training diverged at step {step}: {key} is {value}. Lower the learning rate (or raise the "
+                "warm-up steps), check the dataset for empty or broken rows, and start a new run."
+            )
 
 
 def _gpu_memory_used_gib() -> list[float]:

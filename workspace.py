@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 import types
@@ -114,6 +116,9 @@ def config_from_dict(cls: type, data: dict[str, Any] | None, where: str = "confi
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
+        # `.nan` or `1e309` in YAML: no bound compares false against NaN, and inf passes every minimum.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"Option '{name}' in {where} must be a finite number (got {value!r}).")
         # validate() compares numbers and reads strings: a quoted number or a missing value must stop here instead.
         if not fits(value, hint):
             raise UserError(f"Option '{name}' in {where} must be {describe_type(hint)} (got {value!r}).")
@@ -178,12 +183,54 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """YAML as users mean it: `2e-4` is a number (YAML 1.1 reads an exponent without a dot as text), and a key given
+    twice is an error instead of the last one winning silently."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: SafeLoader's own error says so
+                continue
+            if duplicate:
+                raise DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int) -> None:
+        super().__init__(f"the key '{key}' appears twice (again at line {line}); keep one")
+        self.key, self.line = key, line
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text read with ConfigLoader (numbers with an exponent, duplicate keys refused)."""
+    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"Config file '{path}' not found.")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = parse_yaml(path.read_text(encoding="utf-8"))
+    except DuplicateKey as exc:
+        raise UserError(
+            f"Config file '{path}' gives the key '{exc.key}' twice (again at line {exc.line}); keep one."
+        ) from None
     except yaml.YAMLError as exc:
         raise UserError(f"Config file '{path}' is not valid YAML: {exc}") from None
     if data is None:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import yaml
@@ -58,7 +59,9 @@ def call_upload(args: dict, ctx: dict) -> None:
     browser_copy = ctx["tmp"] / "gradio-upload" / source.name
     browser_copy.parent.mkdir()
     shutil.copy(source, browser_copy)
-    saved = save_upload(browser_copy, ctx["ws"])
+    # save_upload takes only files from Gradio's upload folder; here that is this case's folder.
+    with mock.patch.dict(os.environ, {"GRADIO_TEMP_DIR": str(browser_copy.parent)}):
+        saved = save_upload(browser_copy, ctx["ws"])
     ctx["expected_new"] = {str(saved.relative_to(ctx["ws"])): sha256(browser_copy)}
     dataset_utils.load_rows(dataset_utils.DatasetConfig(source=str(saved)), ctx["ws"])
 

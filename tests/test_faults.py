@@ -590,3 +590,119 @@ def test_only_safetensors_are_loaded_from_a_user_folder(tmp_path):
     with pytest.raises(Exception, match="safetensors"):
         model_utils.check_model_folder(folder)
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------- races and damaged run folders
+
+
+def _own_process() -> dict[str, Any]:
+    """Status fields naming this test's process: alive, and started when /proc says."""
+    return {"pid": os.getpid(), "pid_start": jobs._process_start(os.getpid())}
+
+
+def test_two_resumes_at_once_start_exactly_one_job(workspace, monkeypatch):
+    run_dir = jobs.create_run("synth", {}, workspace, "stopped-synth")
+    runfolder.write_status(run_dir, state="stopped")
+    launched: list[list[str]] = []
+
+    class FakeProcess:
+        pid = os.getpid()
+
+        def wait(self) -> None:
+            pass
+
+    def fake_popen(command, **kwargs):
+        time.sleep(0.2)  # a slow start widens the window a second resume would slip through
+        launched.append(command)
+        return FakeProcess()
+
+    monkeypatch.setattr(jobs.subprocess, "Popen", fake_popen)
+    barrier = threading.Barrier(2)
+    outcomes: list[str] = []
+
+    def resume() -> None:
+        barrier.wait()
+        try:
+            jobs.resume_job(run_dir)
+            outcomes.append("started")
+        except jobs.UserError as exc:
+            outcomes.append(str(exc))
+
+    threads = [threading.Thread(target=resume) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(launched) == 1
+    assert sorted(outcomes)[1] == "started" and "is still queued" in sorted(outcomes)[0], outcomes
+
+
+def test_a_finished_run_is_not_resumed(workspace):
+    run_dir = jobs.create_run("synth", {}, workspace, "finished")
+    runfolder.write_status(run_dir, state="done")
+    with pytest.raises(jobs.UserError, match="finished; start a new run"):
+        jobs.resume_job(run_dir)
+
+
+@pytest.mark.parametrize("by_path", [False, True])
+def test_a_run_cannot_be_deleted_while_its_export_or_eval_reads_it(workspace, by_path):
+    trained = jobs.create_run("train", {}, workspace, "trained-run")
+    runfolder.write_status(trained, state="done")
+    export = jobs.create_run("export", {"run": str(trained) if by_path else trained.name}, workspace, "export-x")
+    runfolder.write_status(export, state="running", **_own_process())
+
+    allowed = jobs.actions(trained)
+    assert not allowed.can_delete
+    assert "export job 'export-x'" in allowed.delete_reason
+    with pytest.raises(jobs.UserError, match="export job 'export-x'"):
+        jobs.delete_run(trained)
+
+    runfolder.write_status(export, state="done")
+    jobs.delete_run(trained)
+    assert not trained.exists()
+
+
+def test_stop_does_not_signal_a_live_process_whose_start_time_was_not_recorded(workspace):
+    stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        run_dir = jobs.create_run("synth", {}, workspace, "no-pid-start")
+        runfolder.write_status(run_dir, state="running", pid=stranger.pid, pid_start=None)
+        jobs.stop_job(run_dir)
+        assert runfolder.read_status(run_dir).state == "stopped"
+        time.sleep(0.2)
+        assert stranger.poll() is None, "a process that is not the job's was signalled"
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+@pytest.mark.parametrize(
+    "status, progress",
+    [
+        ("[1, 2, 3]", "{}"),
+        ('{"state": null, "created": 5, "pid": "many"}', "{}"),
+        ('{"state": "done"}', '{"step": "x", "total": 3, "metrics": {"loss": "very high", "epoch": [1]}}'),
+        ('{"state": "done"}', '["not", "a", "mapping"]'),
+    ],
+)
+def test_a_damaged_status_or_progress_file_does_not_break_the_runs_list(workspace, status, progress):
+    healthy = jobs.create_run("synth", {}, workspace, "healthy")
+    runfolder.write_status(healthy, state="done")
+    damaged = jobs.create_run("synth", {}, workspace, "damaged")
+    (damaged / "status.json").write_text(status, encoding="utf-8")
+    (damaged / "progress.json").write_text(progress, encoding="utf-8")
+
+    runs = {info.name: info for info in jobs.list_runs(workspace)}
+    assert set(runs) == {"healthy", "damaged"}
+    assert "loss" not in runs["damaged"].progress.metrics
+    jobs.actions(damaged)
+    result = subprocess.run(
+        [sys.executable, "main.py", "--workspace", str(workspace), "runs"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "damaged" in result.stdout and "healthy" in result.stdout

@@ -57,7 +57,7 @@ def test_a_value_below_the_minimum_names_the_field_the_bound_and_a_fix():
     [
         ({"ratio": 1.0}, r"ratio must be at least 0 and below 1 \(got 1.0\)"),
         ({"rate": 0.0}, r"rate must be above 0 \(got 0.0\)"),
-        ({"rate": float("nan")}, r"rate must be above 0 \(got nan\)"),
+        ({"rate": float("nan")}, r"rate must be a finite number \(got nan\)"),
         ({"limit": 0}, r"limit must be at least 1 \(got 0\); try 1\."),
     ],
 )
@@ -146,3 +146,45 @@ def test_prefixed_flags_keep_two_configs_apart():
     settings.add_arguments(parser, Sample, ["count"], prefix="sample-")
     args = parser.parse_args(["--sample-count", "7"])
     assert settings.arguments_to_dict(args, Sample, ["count"], prefix="sample-") == {"count": 7}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_check_refuses_non_finite_numbers_from_widgets(value):
+    with pytest.raises(UserError, match="ratio must be a finite number"):
+        settings.check(Sample(ratio=value))
+
+
+def test_config_from_dict_refuses_non_finite_numbers():
+    with pytest.raises(UserError, match="Option 'rate' in config must be a finite number"):
+        config_from_dict(Sample, {"rate": float("inf")})
+
+
+def test_bounds_are_written_as_whole_numbers_when_whole():
+    assert settings.describe(TrainConfig, "max_seq_length").bounds_text() == "at least 1 and at most 1048576"
+
+
+def test_yaml_reads_an_exponent_without_a_dot_as_a_number(tmp_path):
+    from workspace import load_yaml
+
+    path = tmp_path / "train.yaml"
+    path.write_text("learning_rate: 2e-4\nweight_decay: 1E-2\nname: e5\nversion: '2e-4'\n", encoding="utf-8")
+    data = load_yaml(path)
+    assert data == {"learning_rate": 2e-4, "weight_decay": 0.01, "name": "e5", "version": "2e-4"}
+    assert train_config_from_dict({"dataset": {"source": "d.jsonl"}, "learning_rate": data["learning_rate"]})
+
+
+def test_yaml_refuses_a_key_given_twice_naming_it_and_its_line(tmp_path):
+    from workspace import load_yaml
+
+    path = tmp_path / "train.yaml"
+    path.write_text("dataset:\n  source: a.jsonl\nlearning_rate: 1.0e-4\nlearning_rate: 1.0e-3\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"gives the key 'learning_rate' twice \(again at line 4\)"):
+        load_yaml(path)
+
+
+def test_yaml_merge_keys_may_still_override(tmp_path):
+    from workspace import load_yaml
+
+    path = tmp_path / "train.yaml"
+    path.write_text("base: &base {lora_r: 8}\ntrain: {<<: *base, lora_r: 16}\n", encoding="utf-8")
+    assert load_yaml(path)["train"] == {"lora_r": 16}

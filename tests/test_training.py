@@ -213,3 +213,63 @@ def test_a_gpu_run_trains_with_the_micro_batch_it_chose_and_records_it(demo_work
     assert (status.micro_batch, status.gradient_accumulation) == (4, 1)
     state = (run_dir / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text()
     assert '"train_batch_size": 4' in state
+
+
+# ---------------------------------------------------------------- divergence and changed inputs
+
+
+@pytest.mark.parametrize("logs", [{"loss": float("nan")}, {"loss": 1.2, "grad_norm": float("inf")}])
+def test_a_non_finite_loss_or_gradient_fails_the_run(tmp_path, logs):
+    from types import SimpleNamespace
+
+    callback = training_utils.events_callback(runfolder.JobContext.for_run(tmp_path))
+    state = SimpleNamespace(is_world_process_zero=True, global_step=7, max_steps=30, epoch=0.5)
+    with pytest.raises(UserError, match="Training diverged at step 7"):
+        callback.on_log(None, state, None, logs=logs)
+    callback.on_log(None, state, None, logs={"loss": 1.5, "grad_norm": 0.3})  # a finite step still logs
+
+
+@pytest.fixture
+def no_launch(monkeypatch) -> list[Path]:
+    """start_job records the run instead of starting its process."""
+    started: list[Path] = []
+    monkeypatch.setattr(jobs, "start_job", lambda run_dir, **kwargs: started.append(run_dir))
+    return started
+
+
+def test_a_relative_dataset_path_is_read_from_the_submitting_folder(workspace, tmp_path, monkeypatch, no_launch):
+    import submit
+
+    project = tmp_path / "project"
+    (project / "examples").mkdir(parents=True)
+    data = write_jsonl(project / "examples" / "x.jsonl", capital_rows(4))
+    monkeypatch.chdir(project)
+    config = config_to_dict(demo_train_config(Path("examples/x.jsonl")))
+    run_dir = submit.submit_train(config, workspace, "relative")
+
+    settings = runfolder.stage_settings(run_dir)
+    assert settings["dataset"]["source"] == str(data.resolve())
+    assert runfolder.read_config(run_dir)[runfolder.INPUTS_KEY] == {str(data.resolve()): runfolder.file_sha256(data)}
+    assert no_launch == [run_dir]
+
+
+def test_a_hub_dataset_id_stays_as_it_is(workspace, no_launch):
+    import submit
+
+    run_dir = submit.submit_train(config_to_dict(demo_train_config(Path("owner/name"))), workspace, "hub")
+    assert runfolder.stage_settings(run_dir)["dataset"]["source"] == "owner/name"
+    assert runfolder.INPUTS_KEY not in runfolder.read_config(run_dir)
+
+
+@pytest.mark.parametrize("resume, said", [(False, "it was edited"), (True, "resuming would continue on other data")])
+def test_a_dataset_edited_after_the_run_was_created_fails_the_job(workspace, data_file, no_launch, resume, said):
+    import submit
+
+    run_dir = submit.submit_train(config_to_dict(demo_train_config(data_file)), workspace, "edited")
+    runfolder.check_inputs(run_dir, resume)  # unchanged: the job may run
+    with open(data_file, "a", encoding="utf-8") as handle:
+        handle.write('{"instruction": "extra", "output": "row"}\n')
+    settings = runfolder.stage_settings(run_dir)
+    ctx = runfolder.JobContext.for_run(run_dir, resume)
+    with pytest.raises(UserError, match=f"changed since this run was created \\({said}"):
+        jobs._run_stage(jobs.STAGES["train"], settings, ctx)

@@ -146,7 +146,8 @@ def test_unexpected_errors_in_streaming_handlers_are_named_without_a_traceback()
         next(stream)
 
 
-def test_uploads_are_copied_into_the_workspace_without_overwriting(workspace, tmp_path):
+def test_uploads_are_copied_into_the_workspace_without_overwriting(workspace, tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # save_upload takes only files from Gradio's upload folder
     first = tmp_path / "a" / "data.jsonl"
     second = tmp_path / "b" / "data.jsonl"
     for path, text in ((first, "one\n"), (second, "two\n")):

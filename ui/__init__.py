@@ -6,6 +6,8 @@ One module per tab builds its widgets and wires each event to one utility functi
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import os
 from pathlib import Path
 
@@ -13,6 +15,8 @@ import gradio as gr
 
 from ui import dataset_tab, export_tab, forms, model_tab, runs_tab, synthetic_tab, test_tab, train_tab
 from workspace import CONFINE_ENV, UserError, workspace_root
+
+log = logging.getLogger(__name__)
 
 AUTH_ENV = "FINETUNER_AUTH"
 CSS = """
@@ -67,15 +71,35 @@ def _import_libraries() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
 
-def parse_auth(auth: str | None) -> tuple[str, str] | None:
-    """USER:PASS from the flag or $FINETUNER_AUTH, or None."""
-    value = auth or os.environ.get(AUTH_ENV)
-    if not value:
-        return None
+def parse_auth(auth: str | None, auth_file: str | Path | None = None) -> tuple[str, str] | None:
+    """USER:PASS from the flag, else the file (one line, kept out of `ps`), else $FINETUNER_AUTH; or None."""
+    if auth and auth_file:
+        raise UserError("Give --auth or --auth-file, not both.")
+    if auth_file:
+        try:
+            value = Path(auth_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise UserError(f"Cannot read the --auth-file '{auth_file}': {exc.strerror or exc}.") from None
+        if "\n" in value:
+            raise UserError(f"The --auth-file '{auth_file}' must hold one USER:PASS line.")
+    else:
+        value = auth or os.environ.get(AUTH_ENV)
+        if not value:
+            return None
     user, sep, password = value.partition(":")
     if not sep or not user or not password:
-        raise UserError("--auth takes USER:PASS.")
+        raise UserError("--auth-file holds one USER:PASS line." if auth_file else "--auth takes USER:PASS.")
     return user, password
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach an app served on host."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def serve(
@@ -84,20 +108,44 @@ def serve(
     share: bool = False,
     auth: str | None = None,
     workspace: str | Path | None = None,
+    auth_file: str | Path | None = None,
+    insecure_no_auth: bool = False,
 ) -> None:
-    """Serve the app; a public link (share) needs a password and confines file paths to the workspace."""
-    credentials = parse_auth(auth)
+    """Serve the app; a public link (share) needs a password and confines file paths to the workspace, and so does
+    any host other than this machine's loopback address unless insecure_no_auth says otherwise."""
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port must be between 1 and 65535, not {port}.")
+    credentials = parse_auth(auth, auth_file)
     if share and credentials is None:
         raise UserError(f"A public link needs a password: add --auth USER:PASS (or set {AUTH_ENV}).")
+    if credentials is None and not is_loopback(host):
+        if not insecure_no_auth:
+            raise UserError(
+                f"Serving on {host} without a login lets anyone who can reach this machine use the app: add --auth "
+                f"USER:PASS, --auth-file PATH or set {AUTH_ENV} (or --insecure-no-auth to serve it open anyway)."
+            )
+        log.warning(
+            "--insecure-no-auth: serving on %s:%d without a login; anyone who reaches it can run jobs and read and "
+            "download every file in the workspace.",
+            host,
+            port,
+        )
     if share:
         os.environ[CONFINE_ENV] = "1"
     root = workspace_root(workspace)
     _import_libraries()
-    build_app(root).queue().launch(
-        server_name=host,
-        server_port=port,
-        share=share,
-        auth=credentials,
-        allowed_paths=[str(root)],
-        css=CSS,
-    )
+    try:
+        build_app(root).queue().launch(
+            server_name=host,
+            server_port=port,
+            share=share,
+            auth=credentials,
+            allowed_paths=[str(root)],
+            css=CSS,
+        )
+    except OSError as exc:
+        # Gradio raises OSError when it cannot bind the port (taken, or not allowed to this user).
+        raise UserError(
+            f"Port {port} on {host} cannot be opened: it is in use or not allowed ({exc.strerror or 'no free port'}). "
+            "Stop what holds it or pick another with --port."
+        ) from None

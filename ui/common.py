@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 
 import jobs
 import runfolder
@@ -61,8 +62,12 @@ def save_upload(temp_path: str | Path, workspace: Path) -> Path:
     """Copy a file uploaded through the browser into workspace/uploads/, keeping its name (suffixed if taken).
 
     Gradio's own copy lives in a temp folder that is cleaned up; runs refer to their data by path, so keep it here.
+    Only a file inside that folder is taken: an API call can name any server path as its "upload", and copying it
+    into the workspace would let a logged-in user download the server's files.
     """
-    source = Path(temp_path)
+    source = Path(temp_path).resolve()
+    if not source.is_relative_to(Path(get_upload_folder()).resolve()) or not source.is_file():
+        raise UserError(f"'{Path(temp_path).name}' was not uploaded through this page. Upload the file instead.")
     folder = workspace_root(workspace) / UPLOADS
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / source.name
