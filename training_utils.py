@@ -716,7 +716,8 @@ def events_callback(ctx: JobContext, counter: TokenCounter | None = None):
             if tokens is None and counter is not None:
                 tokens = counter.tokens * world_size()  # this rank's, times the ranks: batches are alike in size
             now = time.monotonic()
-            if tokens is not None and self.last_tokens is not None and now > self.last_time:
+            # An eval log trains no tokens: it gets no rate (the view would show "0 tokens/s"), only a new start.
+            if "loss" in logs and tokens is not None and self.last_tokens is not None and now > self.last_time:
                 metrics["tokens_per_s"] = round((tokens - self.last_tokens) / (now - self.last_time), 1)
             if tokens is not None:
                 self.last_tokens, self.last_time = tokens, now
