@@ -241,24 +241,27 @@ def actions(run_dir: Path, status: Status | None = None) -> Actions:
     )
 
 
+def reads_run(job_dir: Path, run_dir: Path) -> bool:
+    """Whether an export or evaluation job's config names this training run (by name or by full path)."""
+    try:
+        reference = str(runfolder.stage_settings(job_dir).get("run") or "")
+    except UserError:
+        return False
+    if reference == Path(run_dir).name:
+        return True
+    return Path(reference).is_absolute() and Path(reference).resolve() == Path(run_dir).resolve()
+
+
 def active_user(run_dir: Path) -> RunInfo | None:
-    """An active export or evaluation job whose config names this training run (by name or by full path)."""
+    """An active export or evaluation job that reads this training run."""
     run_dir = Path(run_dir)
     for config in run_dir.parent.glob("*/config.yaml"):
         job = config.parent
-        if job == run_dir or runfolder.read_kind(job) not in ("export", "eval"):
+        if job == run_dir or runfolder.read_kind(job) not in ("export", "eval") or not reads_run(job, run_dir):
             continue
-        try:
-            reference = str(runfolder.stage_settings(job).get("run") or "")
-        except UserError:
-            continue
-        names_this_run = reference == run_dir.name or (
-            Path(reference).is_absolute() and Path(reference).resolve() == run_dir.resolve()
-        )
-        if names_this_run:
-            status = job_status(job)
-            if status.active:
-                return RunInfo(job.name, job, runfolder.read_kind(job), status, Progress())
+        status = job_status(job)
+        if status.active:
+            return RunInfo(job.name, job, runfolder.read_kind(job), status, Progress())
     return None
 
 

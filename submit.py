@@ -108,21 +108,10 @@ def latest_job(kind: str, target_run: str | None, workspace: str | Path | None =
         target = runfolder.run_path(target_run, workspace)
     except UserError:
         return None
-    for info in jobs.list_runs(workspace, kinds=(kind,)):
-        reference = str(runfolder.stage_settings(info.path).get("run", ""))
-        if reference and _same_run(reference, target, workspace):
-            return info
-    return None
+    return next((info for info in jobs.list_runs(workspace, kinds=(kind,)) if jobs.reads_run(info.path, target)), None)
 
 
 def _run_reference(run_dir: Path, workspace: str | Path | None) -> str:
     """How a job's config names its training run: by name inside this workspace, else by its full path (the job
     resolves names in its own folder's workspace)."""
     return run_dir.name if run_dir.parent == runfolder.runs_dir(workspace) else str(run_dir)
-
-
-def _same_run(reference: str, target: Path, workspace: str | Path | None) -> bool:
-    try:
-        return runfolder.run_path(reference, workspace) == target
-    except UserError:
-        return False
