@@ -9,7 +9,7 @@ BROWSER := /usr/bin/chromium
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: run test setup lint clean
+.PHONY: run test setup lint audit clean
 
 run: setup
 	$(PY) main.py demo-model
@@ -29,6 +29,7 @@ $(INSTALLED): requirements.txt
 # llama.cpp's converter is not a PyPI module: take it from the sdist of the installed llama-cpp-python.
 $(CONVERTER): $(INSTALLED)
 	$(PY) scripts/fetch_converter.py vendor
+	touch $@  # the unpacked file keeps the sdist's old date, which would make every call fetch it again
 
 # Debian's Chromium for the browser tests (Playwright cannot download its own browser here).
 $(BROWSER):
@@ -36,6 +37,11 @@ $(BROWSER):
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# Known vulnerabilities in the pinned requirements (PyPI's advisory data). It needs the network, so it is not part of
+# `make test`; it fails when a package could not be audited as well as on a finding.
+audit: setup
+	$(PY) scripts/audit.py requirements.txt
 
 clean:
 	rm -rf $(VENV) vendor

@@ -87,6 +87,8 @@ def create_run(
 
     inputs: {absolute path: SHA-256} of local files the job reads; the job refuses to run if one changed."""
     stage(kind)
+    # A blank name (or none: an API call can send null for the textbox) means the dated default.
+    name = name.strip() if isinstance(name, str) else name
     name = runfolder.check_run_name(name) if name else f"{kind}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     runs = runfolder.runs_dir(workspace)
     folder = runs / name

@@ -308,13 +308,90 @@ def read_events(run_dir: Path, since: int = 0) -> list[Event]:
     events = []
     with open(path, encoding="utf-8") as handle:
         for index, line in enumerate(handle):
-            if index < since or not line.endswith("\n"):
-                continue
-            try:
-                events.append(Event.from_json(json.loads(line)))
-            except (json.JSONDecodeError, TypeError, ValueError, AttributeError):
-                events.append(Event(EventKind.PROGRESS))  # keeps `since` counting lines
+            if index >= since and line.endswith("\n"):
+                events.append(_parse_event(line))
     return events
+
+
+def _parse_event(line: str | bytes) -> Event:
+    try:
+        return Event.from_json(json.loads(line))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError, AttributeError):
+        return Event(EventKind.PROGRESS)  # a damaged line still counts as one, so `since` keeps counting lines
+
+
+class EventLog:
+    """events.jsonl read incrementally, for views that poll a run every second or two: each update() parses only
+    the bytes appended since the last one (a 200k-step run's file is megabytes) and keeps what the views show.
+
+    A file that shrank or was replaced (the run deleted and started again under its name) is read from the start.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / "events.jsonl"
+        self._lock = threading.Lock()  # Gradio runs handlers in threads; two polls may share one log
+        self._clear(None)
+
+    def _clear(self, identity: tuple[int, int] | None) -> None:
+        self._identity = identity
+        self._offset = 0
+        self.count = 0
+        self.step: int | None = None
+        self.total: int | None = None
+        self.latest: dict[str, Any] = {}  # the newest value of each logged metric, and eta_s
+        self._losses: dict[str, dict[int, float]] = {"train": {}, "eval": {}}
+
+    def update(self) -> EventLog:
+        with self._lock:
+            try:
+                stat = self.path.stat()
+            except OSError:
+                self._clear(None)
+                return self
+            identity = (stat.st_dev, stat.st_ino)
+            if identity != self._identity or stat.st_size < self._offset:
+                self._clear(identity)
+            if stat.st_size > self._offset:
+                with open(self.path, "rb") as handle:
+                    handle.seek(self._offset)
+                    chunk = handle.read(stat.st_size - self._offset)
+                complete = chunk.rfind(b"\n") + 1  # a torn last line waits for the next update
+                self._offset += complete
+                for line in chunk[:complete].splitlines():
+                    self._add(_parse_event(line))
+        return self
+
+    def _add(self, event: Event) -> None:
+        self.count += 1
+        if isinstance(event.step, int) and isinstance(event.total, int) and event.total > 0:
+            self.step, self.total = event.step, event.total
+        if event.kind != EventKind.LOG:
+            return
+        self.latest.update({key: value for key, value in event.metrics.items() if value is not None})
+        if event.eta_s is not None:
+            self.latest["eta_s"] = event.eta_s
+        for key, series in (("loss", "train"), ("eval_loss", "eval")):
+            value = event.metrics.get(key)
+            if isinstance(event.step, int) and _finite_number(value):
+                self._losses[series][event.step] = float(value)  # a step logged again after a resume: newest wins
+
+    def losses(self, max_points: int = 2000) -> list[tuple[str, int, float]]:
+        """(series, step, loss) sorted by series and step, about `max_points` per series: evenly spaced steps and
+        always the newest, so a chart of a long run stays small."""
+        with self._lock:
+            points = []
+            for series, by_step in self._losses.items():
+                steps = sorted(by_step)
+                stride = max(1, -(-len(steps) // max_points))
+                kept = steps[::stride]
+                if steps and kept[-1] != steps[-1]:
+                    kept.append(steps[-1])
+                points.extend((series, step, by_step[step]) for step in kept)
+            return points
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -509,6 +586,19 @@ class TrainedModel:
     train_config: dict[str, Any]  # the settings it was trained with (saved beside it, else the run's config.yaml)
 
 
+def _check_safetensors(folder: Path, run_name: str) -> None:
+    """UserError unless the weights are safetensors: a run folder can be copied in from anywhere, and PEFT and
+    transformers fall back to a pickle (adapter_model.bin, pytorch_model.bin) whose loading can run code."""
+    wanted = "adapter_model.safetensors" if folder.name == "adapter" else "*.safetensors"
+    if not list(folder.glob(wanted)):
+        pickles = sorted(path.name for path in folder.glob("*.bin")) or ["no weights file"]
+        raise UserError(
+            f"Run '{run_name}' has {', '.join(pickles)} in {folder.name}/ but no {wanted}: only safetensors weights "
+            "are loaded (a .bin file is a pickle that can run code). Retrain the run, or convert its weights to "
+            "safetensors where you trust them."
+        )
+
+
 def trained_model(run_dir: Path) -> TrainedModel:
     """The trained model of a training run; UserError for another kind of run or one without a model yet."""
     run_dir = Path(run_dir)
@@ -518,6 +608,7 @@ def trained_model(run_dir: Path) -> TrainedModel:
     for name in ("adapter", "merged"):
         folder = run_dir / name
         if (folder / "adapter_config.json").exists() or (folder / "config.json").exists():
+            _check_safetensors(folder, run_dir.name)
             saved = folder / "train_config.yaml"
             settings = load_yaml(saved) if saved.exists() else stage_settings(run_dir)
             settings.pop("kind", None)

@@ -128,23 +128,26 @@ def check(config: Any, where: str = "") -> None:
         name = f"{where}{item.name}"
         if dataclasses.is_dataclass(value):
             check(value, f"{name}.")
-            continue
-        meta = item.metadata.get(KEY)
-        if meta is None:
-            continue
-        # A config built from widget values skips config_from_dict: a half-typed number arrives here as None.
-        if not fits(value, hints[item.name]):
-            raise UserError(f"{name} must be {describe_type(hints[item.name])} (got {value!r}).")
-        if value is None:
-            continue
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UserError(f"{name} must be a finite number (got {value!r}).")
-        choices = meta.choice_list()
-        if choices is not None and value not in choices:
-            raise UserError(f"{name} must be one of: {', '.join(map(str, choices))} (got {value!r}).")
-        bounds = meta.bounds_text()
-        if bounds and _is_number(value) and not meta.in_bounds(value):
-            raise UserError(f"{name} must be {bounds} (got {value!r}); try {_suggestion(item, meta)}.")
+        elif KEY in item.metadata:
+            check_value(item, hints[item.name], value, name)
+
+
+def check_value(item: dataclasses.Field, hint: Any, value: Any, name: str) -> None:
+    """UserError unless `value` fits the field's type, bounds and choices."""
+    meta = item.metadata[KEY]
+    # A config built from widget values skips config_from_dict: a half-typed number arrives here as None.
+    if not fits(value, hint):
+        raise UserError(f"{name} must be {describe_type(hint)} (got {value!r}).")
+    if value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{name} must be a finite number (got {value!r}).")
+    choices = meta.choice_list()
+    if choices is not None and value not in choices:
+        raise UserError(f"{name} must be one of: {', '.join(map(str, choices))} (got {value!r}).")
+    bounds = meta.bounds_text()
+    if bounds and _is_number(value) and not meta.in_bounds(value):
+        raise UserError(f"{name} must be {bounds} (got {value!r}); try {_suggestion(item, meta)}.")
 
 
 def _is_number(value: Any) -> bool:
@@ -202,8 +205,17 @@ def add_arguments(
 def arguments_to_dict(
     args: argparse.Namespace, cls: type, names: Iterable[str] | None = None, prefix: str = ""
 ) -> dict:
-    """The values of the flags `add_arguments` added, keyed by field name (for `workspace.config_from_dict`)."""
-    return {name: getattr(args, _dest(prefix, name)) for name in _names(cls, names)}
+    """The values of the flags `add_arguments` added, keyed by field name (for `workspace.config_from_dict`).
+
+    Each value is checked against its field's bounds here, because some flags (`main.py dataset
+    --max-seq-length`) go straight to a stage function without a config's validate()."""
+    values = {name: getattr(args, _dest(prefix, name)) for name in _names(cls, names)}
+    hints = typing.get_type_hints(cls)
+    fields = {item.name: item for item in dataclasses.fields(cls)}
+    for name, value in values.items():
+        if not callable(describe(cls, name).choices):  # choices read from an ML library are left to validate()
+            check_value(fields[name], hints[name], value, name)
+    return values
 
 
 def _names(cls: type, names: Iterable[str] | None) -> list[str]:

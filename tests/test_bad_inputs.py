@@ -1,4 +1,4 @@
-"""The bad-input corpus (tests/bad_inputs/cases.yaml): every case goes through the function the UI and the CLI call,
+"""The bad-input corpus (tests/bad_inputs/cases*.yaml): every case goes through the function the UI and the CLI call,
 must be refused with a message that names the problem, and must leave every file of the workspace as it was."""
 
 from __future__ import annotations
@@ -28,7 +28,12 @@ from workspace import CONFINE_ENV, UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = Path(__file__).resolve().parent / "bad_inputs"
-CASES: list[dict[str, Any]] = yaml.safe_load((CORPUS / "cases.yaml").read_text(encoding="utf-8"))
+# cases.yaml, then one file per area (cases_<area>.yaml), all in one list.
+CASES: list[dict[str, Any]] = [
+    case
+    for path in sorted(CORPUS.glob("cases*.yaml"))
+    for case in yaml.safe_load(path.read_text(encoding="utf-8")) or []
+]
 ERROR_LINE = re.compile(r"(^|: )error: ")
 CPU = model_utils.Device(cuda=False, gpu_count=0, names=(), bf16=False)
 

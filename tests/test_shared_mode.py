@@ -245,3 +245,20 @@ def test_a_port_in_use_is_one_error_line(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert f"error: Port {port}" in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_null_run_name_through_the_api_is_a_blank_name_not_a_crash(shared_app):
+    client = shared_app.client()
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    starts = {
+        name: info["parameters"]
+        for name, info in endpoints.items()
+        if any(parameter["label"] == "Run name" for parameter in info["parameters"])
+    }
+    assert len(starts) == 2, list(starts)  # Train and Synthetic data
+    session = shared_app.login()
+    for api_name, parameters in starts.items():
+        args = [None if p["label"] == "Run name" else p.get("parameter_default") for p in parameters]
+        stream = call(session, api_name, args)
+        assert "Something went wrong" not in stream and "AttributeError" not in stream, (api_name, stream)

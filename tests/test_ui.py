@@ -231,7 +231,7 @@ def test_the_colab_notebook_installs_gpu_requirements_and_shares_with_a_password
     assert "requirements-gpu.txt" in text and '"--share", "--auth"' in text and "secrets.token_urlsafe" in text
 
 
-def test_the_live_view_names_the_gpus_their_memory_the_micro_batch_and_a_fallback():
+def test_the_live_view_names_the_gpus_their_memory_the_micro_batch_and_a_fallback(tmp_path):
     status = runfolder.Status(
         state=runfolder.State.RUNNING,
         processes=2,
@@ -241,9 +241,48 @@ def test_the_live_view_names_the_gpus_their_memory_the_micro_batch_and_a_fallbac
         note="The installed Unsloth does not support multi-GPU training; this run uses transformers + PEFT.",
     )
     metrics = {"loss": 1.5, "memory_gib": 3.3, "gpu_memory_gib": [7.05, 5.67]}
-    events = [runfolder.Event(runfolder.EventKind.LOG, step=3, total=10, metrics=metrics)]
+    runfolder.append_event(tmp_path, runfolder.Event(runfolder.EventKind.LOG, step=3, total=10, metrics=metrics))
+    events = runfolder.EventLog(tmp_path).update()
     line = train_tab.status_line("ddp", status, events)
     for shown in ("step 3/10", "2 GPUs", "per GPU 7.0, 5.7 GiB", "micro-batch 8 × 1", "transformers + PEFT"):
         assert shown in line, line
     cpu = train_tab.status_line("ddp", dataclasses.replace(status, device="CPU", micro_batch=None, note=""), events)
     assert "2 processes" in cpu and "micro-batch" not in cpu
+
+
+def _log(run_dir, step, loss, total=100_000):
+    event = runfolder.Event(runfolder.EventKind.LOG, step=step, total=total, metrics={"loss": loss})
+    runfolder.append_event(run_dir, event)
+
+
+def test_the_live_view_reads_only_the_events_appended_since_its_last_poll(tmp_path):
+    events = runfolder.EventLog(tmp_path)
+    assert events.update().step is None and events.losses() == []
+    _log(tmp_path, 1, 2.0)
+    _log(tmp_path, 2, 1.5)
+    assert events.update().count == 2 and events.step == 2
+    # A line still being written waits; the lines before it were read once and are not read again.
+    with open(tmp_path / "events.jsonl", "a", encoding="utf-8") as handle:
+        handle.write('{"event": "log", "step": 3, "max_steps": 100000, "lo')
+    assert events.update().count == 2
+    with open(tmp_path / "events.jsonl", "a", encoding="utf-8") as handle:
+        handle.write('ss": 1.25}\n')
+    assert events.update().count == 3 and events.latest["loss"] == 1.25
+    # The run deleted and started again under its name: the new file is read from its start.
+    (tmp_path / "events.jsonl").unlink()
+    _log(tmp_path, 1, 9.0)
+    assert events.update().count == 1 and events.losses() == [("train", 1, 9.0)]
+
+
+def test_the_loss_chart_of_a_long_run_stays_small_and_skips_damaged_values(tmp_path):
+    lines = [
+        json.dumps({"event": "log", "step": step, "max_steps": 200_000, "loss": 1 / step}) + "\n"
+        for step in range(1, 200_001)
+    ]
+    lines.insert(10, '{"event": "log", "step": 11, "loss": "NaN?"}\n')
+    lines.insert(20, "not json\n")
+    (tmp_path / "events.jsonl").write_text("".join(lines), encoding="utf-8")
+    frame = train_tab.loss_frame(runfolder.EventLog(tmp_path).update())
+    assert 1000 <= len(frame) <= 2001
+    assert frame["step"].iloc[0] == 1 and frame["step"].iloc[-1] == 200_000  # the newest step is always shown
+    assert frame["loss"].map(lambda value: isinstance(value, float)).all()

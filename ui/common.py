@@ -8,6 +8,8 @@ import html
 import inspect
 import logging
 import shutil
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -94,6 +96,23 @@ def latest_run(workspace: Path, kinds: tuple[str, ...]) -> str | None:
 
 def active_runs(workspace: Path, kinds: tuple[str, ...]) -> list[str]:
     return [run.name for run in jobs.list_runs(workspace, kinds) if run.active]
+
+
+# One EventLog per run folder that a page shows, kept between polls so each poll reads only new events.
+_EVENT_LOGS: OrderedDict[Path, runfolder.EventLog] = OrderedDict()
+_EVENT_LOGS_LOCK = threading.Lock()
+_EVENT_LOGS_KEPT = 64
+
+
+def event_log(run_dir: Path) -> runfolder.EventLog:
+    """The run's events, brought up to date (only the lines appended since the last poll are read)."""
+    key = Path(run_dir).resolve()
+    with _EVENT_LOGS_LOCK:
+        events = _EVENT_LOGS.pop(key, None) or runfolder.EventLog(key)
+        _EVENT_LOGS[key] = events  # newest last
+        while len(_EVENT_LOGS) > _EVENT_LOGS_KEPT:
+            _EVENT_LOGS.popitem(last=False)
+    return events.update()
 
 
 def job_html(name: str, status: runfolder.Status, progress: runfolder.Progress) -> str:

@@ -13,7 +13,7 @@ import pandas as pd
 import jobs
 import runfolder
 import submit
-from ui.common import duration, guarded
+from ui.common import duration, event_log, guarded
 from ui.train_tab import loss_frame
 from workspace import dump_yaml, read_json
 
@@ -151,7 +151,7 @@ def run_details(run: str | None, workspace: Path) -> list[Any]:
         line,
         dump_yaml(runfolder.read_config(run_dir)),
         json.loads(json.dumps(metrics, default=str)),
-        loss_frame(runfolder.read_events(run_dir)),
+        loss_frame(event_log(run_dir)),
         runfolder.log_tail(run_dir),
         gr.Button(interactive=allowed.can_delete),
     ]

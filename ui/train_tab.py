@@ -19,7 +19,7 @@ import runfolder
 import submit
 from training_utils import ALL_LINEAR
 from ui import forms
-from ui.common import active_runs, duration, guarded, latest_run, progress_html, run_names
+from ui.common import active_runs, duration, event_log, guarded, latest_run, progress_html, run_names
 
 POLL_S = 1.5
 KINDS = ("train",)
@@ -130,7 +130,7 @@ def wire(tab: TrainTab, form: forms.Form, app: gr.Blocks, workspace: Path) -> No
     @guarded
     def start(data: dict) -> gr.Dropdown:
         config = forms.values_to_config(form.values(data))
-        run_dir = submit.submit_train(config, workspace, data[tab.run_name].strip() or None)
+        run_dir = submit.submit_train(config, workspace, data[tab.run_name])
         return gr.Dropdown(choices=run_names(workspace, KINDS), value=run_dir.name)
 
     @guarded
@@ -185,14 +185,14 @@ def live_view(run: str | None, workspace: Path) -> list[Any]:
     run_dir = runfolder.run_path(run, workspace)
     status = jobs.job_status(run_dir)
     allowed = jobs.actions(run_dir, status)
-    events = runfolder.read_events(run_dir)
+    events = event_log(run_dir)
     reasons = [queue_note]
     if not allowed.can_stop:
         reasons.append(f"Stop: {allowed.stop_reason}")
     if not allowed.can_resume:
         reasons.append(f"Resume: {allowed.resume_reason}")
     return [
-        progress_html(*_progress(events), status_line(run, status, events)),
+        progress_html(events.step, events.total, status_line(run, status, events)),
         loss_frame(events),
         runfolder.log_tail(run_dir),
         start,
@@ -203,25 +203,12 @@ def live_view(run: str | None, workspace: Path) -> list[Any]:
     ]
 
 
-def _progress(events: list[runfolder.Event]) -> tuple[int | None, int | None]:
-    for event in reversed(events):
-        if event.step is not None and event.total:
-            return event.step, event.total
-    return None, None
-
-
-def status_line(run: str, status: runfolder.Status, events: list[runfolder.Event]) -> str:
+def status_line(run: str, status: runfolder.Status, events: runfolder.EventLog) -> str:
     """One line: state, step, losses, speed, ETA and memory from the newest events."""
-    latest: dict[str, Any] = {}
-    for event in events:
-        if event.kind == runfolder.EventKind.LOG:
-            latest.update({key: value for key, value in event.metrics.items() if value is not None})
-            if event.eta_s is not None:
-                latest["eta_s"] = event.eta_s
+    latest = events.latest
     parts = [f"<b>{html.escape(run)}</b>", f"<span class='state state-{status.state}'>{status.state}</span>"]
-    step, max_steps = _progress(events)
-    if step is not None:
-        parts.append(f"step {step}/{max_steps}")
+    if events.step is not None:
+        parts.append(f"step {events.step}/{events.total}")
     if "loss" in latest:
         parts.append(f"loss {latest['loss']:.4f}")
     if "eval_loss" in latest:
@@ -247,17 +234,7 @@ def status_line(run: str, status: runfolder.Status, events: list[runfolder.Event
     return line
 
 
-def loss_frame(events: list[runfolder.Event]) -> pd.DataFrame | None:
-    """Train and eval loss by step (None before the first one); a step logged again after a resume keeps its newest
-    value."""
-    points: dict[tuple[str, int], float] = {}
-    for event in events:
-        if event.kind != runfolder.EventKind.LOG:
-            continue
-        for key, series in (("loss", "train"), ("eval_loss", "eval")):
-            if key in event.metrics:
-                points[(series, event.step)] = event.metrics[key]
-    if not points:
-        return None
-    rows = [{"step": step, "loss": loss, "series": series} for (series, step), loss in sorted(points.items())]
-    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+def loss_frame(events: runfolder.EventLog) -> pd.DataFrame | None:
+    """Train and eval loss by step (None before the first one), thinned out for a long run."""
+    rows = [{"step": step, "loss": loss, "series": series} for series, step, loss in events.losses()]
+    return pd.DataFrame(rows, columns=["step", "loss", "series"]) if rows else None
