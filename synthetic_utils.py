@@ -14,10 +14,10 @@ import random
 import re
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import runfolder
@@ -65,6 +65,18 @@ MAX_RETRY_AFTER_S = 120.0  # a server asking for a longer pause ends the run (re
 MAX_BACKOFF_S = 60.0
 CHECK_TIMEOUT_S = 10.0  # connecting and the model check: a wrong base_url fails in seconds, not timeout_s
 STATUS_INTERVAL_S = 0.5
+# A reply holds at most max_tokens tokens (a few hundred KB even for long ones) and a model list about 1 MB
+# (OpenRouter's); a body past this is a server sending garbage without end, which would otherwise fill memory.
+MAX_RESPONSE_BYTES = 16 * 2**20
+# A provider's error message goes into status.json, progress.json, log.txt and the page: one screen line or so.
+MAX_MESSAGE_CHARS = 300
+# Seed examples are shown three at a time in prompts: more text than this is not examples but a YAML alias bomb
+# (a few lines of anchors standing for gigabytes) or a pasted dataset.
+MAX_SEED_CHARS = 1_000_000
+MAX_SEED_DEPTH = 50
+REDACTED = "[redacted]"
+DEFAULT_PORTS = {"http": 80, "https": 443}
+T = TypeVar("T")
 
 SYSTEM_PROMPT = (
     "You write training data for fine-tuning a chat assistant. Answer with one JSON object and nothing "
@@ -237,6 +249,37 @@ class SyntheticConfig:
                 raise UserError(
                     f"Seed example {index} must be a mapping with the keys {', '.join(keys)} for the {self.task} task."
                 )
+        if seed_examples_size(self.seed_examples) > MAX_SEED_CHARS:
+            raise UserError(
+                f"seed_examples expand to more than {MAX_SEED_CHARS:,} characters (YAML aliases such as *name repeat "
+                "their anchor's text at every use); give fewer or shorter examples."
+            )
+
+
+def seed_examples_size(examples: list) -> int:
+    """About the characters `examples` take as JSON, with a shared part (a YAML alias) counted at every use.
+
+    Each shared part is measured once, so a few lines of nested aliases standing for gigabytes are measured in
+    microseconds instead of being expanded; a part that contains itself is refused.
+    """
+    sizes: dict[int, int] = {}
+
+    def size(value: Any, index: int, depth: int) -> int:
+        if not isinstance(value, (dict, list)):
+            return len(str(value)) + 2
+        if depth > MAX_SEED_DEPTH:
+            raise UserError(f"Seed example {index} is nested more than {MAX_SEED_DEPTH} levels deep; flatten it.")
+        known = sizes.get(id(value))
+        if known == -1:
+            raise UserError(f"Seed example {index} contains itself (a YAML alias inside its own anchor); write it out.")
+        if known is not None:
+            return known
+        sizes[id(value)] = -1
+        parts = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+        sizes[id(value)] = 2 + sum(size(part, index, depth + 1) + 1 for part in parts)
+        return sizes[id(value)]
+
+    return sum(size(example, index, 0) for index, example in enumerate(examples, 1))
 
 
 def synthetic_config_from_dict(data: dict[str, Any]) -> SyntheticConfig:
@@ -531,8 +574,103 @@ class Reply:
 
 
 def _timeout(timeout_class: type, config: SyntheticConfig) -> Any:
-    """The request timeout, with connecting cut short so that a wrong address fails in seconds."""
+    """The timeout of each read, with connecting cut short so that a wrong address fails in seconds."""
     return timeout_class(config.timeout_s, connect=min(config.timeout_s, CHECK_TIMEOUT_S))
+
+
+class BadReply(Exception):
+    """A reply refused before the SDK parses it (too slow, too big, not JSON, redirected elsewhere).
+
+    The message continues "The <provider> server at <url> ..."; `retry` says whether asking again may help.
+    """
+
+    def __init__(self, message: str, retry: bool) -> None:
+        super().__init__(message)
+        self.retry = retry
+
+
+def _bad_reply(exc: BaseException | None) -> BadReply | None:
+    """The BadReply behind `exc`, which an SDK may have wrapped in an error of its own."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, BadReply):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+async def _within(seconds: float, awaitable: Awaitable[T], message: str, retry: bool) -> T:
+    """`awaitable`'s result, or BadReply(message) when it takes longer than `seconds` all told.
+
+    The SDKs' timeouts bound each read, so a server trickling a byte a second would hold a request forever.
+    """
+    try:
+        return await asyncio.wait_for(awaitable, seconds)
+    except TimeoutError:
+        raise BadReply(message, retry) from None
+
+
+def shorten(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`text` on one line, cut to `limit` characters with a note of how many were left off."""
+    text = " ".join(str(text).split())
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text) - limit:,} more characters)"
+
+
+def redact(text: str, api_key: str | None) -> str:
+    """`text` without the job's API key, which some servers quote back in their error messages."""
+    return text.replace(api_key, REDACTED) if api_key and api_key != NO_KEY else text
+
+
+def _origin(url: Any) -> tuple[str, str, int | None]:
+    return url.scheme, url.host, url.port or DEFAULT_PORTS.get(url.scheme)
+
+
+async def _ask_for_plain_bodies(request: Any) -> None:
+    # A compressed body would be expanded past MAX_RESPONSE_BYTES after the check (a gzip bomb).
+    request.headers["Accept-Encoding"] = "identity"
+
+
+async def _read_body(response: Any) -> bytes:
+    """The raw body, refused once it passes MAX_RESPONSE_BYTES."""
+    too_large = BadReply(
+        f"sent a reply larger than {MAX_RESPONSE_BYTES / 2**20:g} MiB, which no chat reply is; is base_url the API "
+        "endpoint?",
+        retry=False,
+    )
+    length = response.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_RESPONSE_BYTES:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in response.stream:
+        size += len(chunk)
+        if size > MAX_RESPONSE_BYTES:
+            raise too_large
+        chunks.append(chunk)
+    await response.stream.aclose()
+    return b"".join(chunks)
+
+
+def _check_json(response: Any, body: bytes) -> None:
+    """Refuse a success whose body is not a JSON object: a web page is fatal, a cut-off body worth another try."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        kind = response.headers.get("content-type", "no content type").split(";")[0].strip()
+        if "html" in kind or body.lstrip()[:1] == b"<":
+            raise BadReply(
+                f"answered {response.status_code} with {kind}, not JSON — is base_url the API endpoint?", retry=False
+            ) from None
+        began = body[:60].decode("utf-8", errors="replace")
+        raise BadReply(f"answered {response.status_code} with invalid JSON (began: {began!r})", retry=True) from None
+    if not isinstance(data, dict):
+        raise BadReply(
+            f"answered {response.status_code} with a JSON {type(data).__name__}, not an object — is base_url the API "
+            "endpoint?",
+            retry=False,
+        )
 
 
 class _Provider:
@@ -542,18 +680,51 @@ class _Provider:
     in use is imported, so a job never pays for loading the other two.
     """
 
-    def __init__(self, config: SyntheticConfig, api_key: str | None, sdk: Any) -> None:
+    def __init__(self, config: SyntheticConfig, api_key: str | None, sdk: Any, httpx_module: Any) -> None:
         self.config = config
         self.api_key = api_key
         self.sdk = sdk
+        self.httpx = httpx_module  # the HTTP library under the SDK: httpx2 for openai and anthropic, httpx for ollama
+
+    def http_options(self) -> dict[str, Any]:
+        """Options for the SDK's HTTP client: every response passes check_response before the SDK reads it."""
+        return {"event_hooks": {"request": [_ask_for_plain_bodies], "response": [self.check_response]}}
+
+    async def check_response(self, response: Any) -> None:
+        """Refuse a redirect to another origin; read the body within MAX_RESPONSE_BYTES; a success must be JSON.
+
+        httpx calls this for every response, redirects included, before following one or reading the body.
+        """
+        if response.has_redirect_location:
+            target = response.request.url.join(response.headers["location"])
+            if _origin(target) != _origin(response.request.url):
+                # The key belongs to the address the user gave. (Following it, httpx drops the key on the way and the
+                # other server's 401 blames the key instead of base_url.)
+                raise BadReply(f"redirected to {target}; set base_url to the final address", retry=False)
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":
+            raise BadReply(f"compressed its reply ({encoding}) although asked not to", retry=False)
+        body = await _read_body(response)
+        response.stream = self.httpx.ByteStream(body)
+        if response.is_success:
+            _check_json(response, body)
+
+    def clean(self, text: str) -> str:
+        """A server's text as it may be stored and shown: without the key, and short."""
+        return shorten(redact(str(text), self.api_key))
+
+    def user_error(self, message: str) -> UserError:
+        """UserError for `message`, which continues "The <provider> server at <url> ..."."""
+        text = f"The {self.config.provider} server at {self.url} {self.clean(message)}"
+        return UserError(text if text.endswith(("?", ".")) else text + ".")
 
     def http_error(self, exc: BaseException) -> tuple[int, str, Any] | None:
-        """(status, the server's message, headers) when `exc` is an HTTP error reply, else None."""
+        """(status, the server's message cleaned, headers) when `exc` is an HTTP error reply, else None."""
         if not isinstance(exc, self.sdk.APIStatusError):
             return None
         error = exc.body.get("error", exc.body) if isinstance(exc.body, dict) else None
         message = error.get("message") if isinstance(error, dict) else None
-        return exc.status_code, str(message or exc.message), exc.response.headers
+        return exc.status_code, self.clean(message or exc.message), exc.response.headers
 
     def connection_error(self, exc: BaseException) -> bool:
         """Whether `exc` means no reply arrived: refused, dropped, timed out."""
@@ -573,17 +744,24 @@ class _Provider:
 
 class _OpenAI(_Provider):
     def __init__(self, config: SyntheticConfig, api_key: str | None) -> None:
+        import httpx2
         import openai
 
-        super().__init__(config, api_key, openai)
+        super().__init__(config, api_key, openai, httpx2)
         # max_retries=0: retries are ours, so they are counted and share one backoff policy across providers.
         self.client = openai.AsyncOpenAI(
-            api_key=api_key, base_url=config.base_url or None, timeout=_timeout(openai.Timeout, config), max_retries=0
+            api_key=api_key,
+            base_url=config.base_url or None,
+            timeout=_timeout(openai.Timeout, config),
+            max_retries=0,
+            http_client=openai.DefaultAsyncHttpxClient(**self.http_options()),
         )
 
     async def check(self) -> None:
         try:
-            page = await self.client.models.list(timeout=CHECK_TIMEOUT_S)
+            page = await _within(
+                CHECK_TIMEOUT_S, self.client.models.list(timeout=CHECK_TIMEOUT_S), CHECK_TOO_SLOW, retry=False
+            )
         except self.sdk.NotFoundError:
             return  # a server without a model list: the first request will tell
         except Exception as exc:
@@ -617,9 +795,17 @@ class _OpenAI(_Provider):
             messages=[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}],
             **options,
         )
-        usage = response.usage
-        text = response.choices[0].message.content if response.choices else ""
-        return Reply(text or "", getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0)
+        # The SDK builds its objects without validating them: JSON of another shape leaves fields None or odd.
+        choices = getattr(response, "choices", None)
+        if not isinstance(choices, list):
+            raise _not_a_chat_reply("choices")
+        text = getattr(getattr(choices[0], "message", None), "content", None) if choices else None
+        usage = getattr(response, "usage", None)
+        return Reply(
+            text if isinstance(text, str) else "",
+            getattr(usage, "prompt_tokens", 0) or 0,
+            getattr(usage, "completion_tokens", 0) or 0,
+        )
 
     async def close(self) -> None:
         await self.client.close()
@@ -628,18 +814,25 @@ class _OpenAI(_Provider):
 class _Anthropic(_Provider):
     def __init__(self, config: SyntheticConfig, api_key: str | None) -> None:
         import anthropic
+        import httpx2
 
-        super().__init__(config, api_key, anthropic)
+        super().__init__(config, api_key, anthropic, httpx2)
         self.client = anthropic.AsyncAnthropic(
             api_key=api_key,
             base_url=config.base_url or None,
             timeout=_timeout(anthropic.Timeout, config),
             max_retries=0,
+            http_client=anthropic.DefaultAsyncHttpxClient(**self.http_options()),
         )
 
     async def check(self) -> None:
         try:
-            await self.client.models.retrieve(self.config.model, timeout=CHECK_TIMEOUT_S)
+            await _within(
+                CHECK_TIMEOUT_S,
+                self.client.models.retrieve(self.config.model, timeout=CHECK_TIMEOUT_S),
+                CHECK_TOO_SLOW,
+                retry=False,
+            )
         except Exception as exc:
             _raise_if_fatal_at_check(exc, self)
 
@@ -655,8 +848,12 @@ class _Anthropic(_Provider):
             messages=[{"role": "user", "content": prompt}],
             **options,
         )
-        text = "".join(block.text for block in response.content if block.type == "text")
-        return Reply(text, response.usage.input_tokens or 0, response.usage.output_tokens or 0)
+        content = getattr(response, "content", None)  # built without validation, like OpenAI's
+        if not isinstance(content, list):
+            raise _not_a_chat_reply("content")
+        text = "".join(str(getattr(block, "text", "")) for block in content if getattr(block, "type", "") == "text")
+        usage = getattr(response, "usage", None)
+        return Reply(text, getattr(usage, "input_tokens", 0) or 0, getattr(usage, "output_tokens", 0) or 0)
 
     async def close(self) -> None:
         await self.client.close()
@@ -667,12 +864,12 @@ class _Ollama(_Provider):
         import httpx
         import ollama
 
-        super().__init__(config, api_key, ollama)
-        self.client = ollama.AsyncClient(host=self.url, timeout=_timeout(httpx.Timeout, config))
+        super().__init__(config, api_key, ollama, httpx)
+        self.client = ollama.AsyncClient(host=self.url, timeout=_timeout(httpx.Timeout, config), **self.http_options())
 
     def http_error(self, exc: BaseException) -> tuple[int, str, Any] | None:
         if isinstance(exc, self.sdk.ResponseError):
-            return exc.status_code, exc.error, {}  # the SDK keeps no headers: no Retry-After from Ollama
+            return exc.status_code, self.clean(exc.error), {}  # the SDK keeps no headers: no Retry-After from Ollama
         return None
 
     def connection_error(self, exc: BaseException) -> bool:
@@ -683,19 +880,24 @@ class _Ollama(_Provider):
 
     async def check(self) -> None:
         try:
-            await asyncio.wait_for(self.client.show(self.config.model), CHECK_TIMEOUT_S)
+            await _within(CHECK_TIMEOUT_S, self.client.show(self.config.model), CHECK_TOO_SLOW, retry=False)
         except Exception as exc:
             _raise_if_fatal_at_check(exc, self)
 
     async def complete(self, prompt: str) -> Reply:
+        import pydantic
+
         output_format = {"json_schema": row_schema(self.config), "json_object": "json", "none": None}
-        response = await self.client.chat(
-            model=self.config.model,
-            stream=False,
-            format=output_format[self.config.response_format],
-            messages=[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}],
-            options={"temperature": self.config.temperature, "num_predict": self.config.max_tokens},
-        )
+        try:
+            response = await self.client.chat(
+                model=self.config.model,
+                stream=False,
+                format=output_format[self.config.response_format],
+                messages=[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}],
+                options={"temperature": self.config.temperature, "num_predict": self.config.max_tokens},
+            )
+        except pydantic.ValidationError:  # the SDK validates the reply's JSON against its model
+            raise _not_a_chat_reply("message") from None
         return Reply(response.message.content or "", response.prompt_eval_count or 0, response.eval_count or 0)
 
     async def close(self) -> None:
@@ -703,17 +905,25 @@ class _Ollama(_Provider):
 
 
 PROVIDER_CLASSES = {"openai": _OpenAI, "anthropic": _Anthropic, "ollama": _Ollama}
+CHECK_TOO_SLOW = f"sent no complete reply to the model check within {CHECK_TIMEOUT_S:g} s; is base_url right?"
+
+
+def _not_a_chat_reply(field: str) -> BadReply:
+    # Valid JSON without the reply in it is a server speaking another API: asking again gets the same.
+    return BadReply(
+        f"answered 200 with JSON that is not a chat reply (no '{field}'); does base_url point to its chat API?",
+        retry=False,
+    )
 
 
 # ---------------------------------------------------------------- errors and retries
 
 
 def _describe(exc: BaseException) -> str:
-    """The innermost cause of a connection error, e.g. '[Errno 111] Connection refused'."""
+    """The innermost cause of a connection error, e.g. '[Errno 111] Connection refused' (not yet cleaned)."""
     while exc.__cause__ is not None or exc.__context__ is not None:
         exc = exc.__cause__ or exc.__context__
-    text = str(exc) or type(exc).__name__
-    return text if len(text) < 300 else text[:300] + "…"
+    return str(exc) or type(exc).__name__
 
 
 def _fatal_status(status: int, message: str, provider: _Provider) -> UserError:
@@ -735,9 +945,15 @@ def _fatal_status(status: int, message: str, provider: _Provider) -> UserError:
 
 def _raise_if_fatal_at_check(exc: BaseException, provider: _Provider) -> None:
     """At the start: unreachable server, bad key, unknown model are errors now; a busy server is left to retries."""
+    bad = _bad_reply(exc)
+    if bad is not None and bad.retry:
+        log.warning("model check: the server %s; going on", provider.clean(str(bad)))
+        return
+    if bad is not None:
+        raise provider.user_error(str(bad)) from None
     if provider.connection_error(exc):
         raise UserError(
-            f"Cannot reach the {provider.config.provider} server at {provider.url}: {_describe(exc)}. "
+            f"Cannot reach the {provider.config.provider} server at {provider.url}: {provider.clean(_describe(exc))}. "
             "Is it running, and is base_url right?"
         ) from None
     status = provider.http_error(exc)
@@ -869,18 +1085,27 @@ class _Run:
 
 
 async def _request(provider: _Provider, prompt: str, run: _Run) -> Reply:
-    """One completion with retries on 429 / 5xx / timeouts / connection errors; other errors end the run."""
+    """One completion with retries on 429 / 5xx / timeouts / connection errors / cut-off bodies; others end the run."""
     config = provider.config
+    too_slow = f"sent no complete reply within timeout_s = {config.timeout_s:g} s"
     for attempt in range(config.max_retries + 1):
         try:
-            return await provider.complete(prompt)
+            return await _within(config.timeout_s, provider.complete(prompt), too_slow, retry=True)
         except Exception as exc:
-            status = provider.http_error(exc)
+            bad = _bad_reply(exc)
+            if bad is not None and not bad.retry:
+                raise provider.user_error(str(bad)) from None
+            status = provider.http_error(exc) if bad is None else None
             if status is not None and status[0] not in RETRY_STATUSES and status[0] < 500:
                 raise _fatal_status(status[0], status[1], provider) from None
-            if status is None and not provider.connection_error(exc):
+            if bad is None and status is None and not provider.connection_error(exc):
                 raise
-            problem = f"{status[0]}: {status[1]}" if status else _describe(exc)
+            if bad is not None:
+                problem = provider.clean(str(bad))
+            elif status is not None:
+                problem = f"{status[0]}: {status[1]}"  # cleaned already: a second cut would eat the length note
+            else:
+                problem = provider.clean(_describe(exc))
             retry_after = retry_after_seconds(status[2]) if status else None
             if retry_after is not None and retry_after > MAX_RETRY_AFTER_S:
                 raise UserError(
@@ -947,7 +1172,7 @@ def _rejects_message(run: _Run) -> str:
         "duplicate": "repeated earlier rows",
         "near_duplicate": "nearly repeated earlier rows",
     }[reason]
-    snippet = run.last_reject_text[:200]
+    snippet = shorten(run.last_reject_text, 200)
     return (
         f"Stopped: the last {sum(run.consecutive_rejects.values())} replies from '{run.config.model}' were "
         f"unusable (most {what}; the last began: {snippet!r}). So far: {run.snapshot().line()}. A stronger "
@@ -1058,7 +1283,11 @@ def generate(
             provider = PROVIDER_CLASSES[config.provider](config, key)
             state = asyncio.run(_generate(run, provider, chunks, should_stop or (lambda: False)))
     except UserError as exc:
-        run.summary.error = str(exc)
+        # Every message from the server was cleaned on the way; this catches the key quoted anywhere else (a reply).
+        message = redact(str(exc), key)
+        run.summary.error = message
+        if message != str(exc):
+            raise UserError(message) from None
         raise
     finally:
         run.close()

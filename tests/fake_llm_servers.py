@@ -7,7 +7,10 @@ One server answers all three protocols:
 - Ollama: POST /api/chat, POST /api/show, GET /api/tags
 
 Faults are queued and consumed one per chat request: 429 with Retry-After, 500, 529, dropped connections, slow
-replies and malformed JSON. Tests and bench/synth_bench.py use it; it holds no state on disk.
+replies and malformed JSON, and the broken servers a client must survive: a body trickled byte by byte, an endless
+body, a huge error message, a 200 carrying an HTML page, a cut-off JSON body or JSON of another shape. A whole server
+can also be a web page (every route answers HTML), echo a wrong key in its 401, or redirect every request elsewhere.
+Tests and bench/synth_bench.py use it; it holds no state on disk.
 """
 
 from __future__ import annotations
@@ -33,6 +36,12 @@ WORDS = (
     "iris jungle kiosk lotus magnet nickel olive parrot quill rocket spruce tiger urchin vapor whistle yeast"
 ).split()
 
+JSON = "application/json"
+HTML_PAGE = (
+    b"<!doctype html><html><head><title>Open WebUI</title></head><body><div id='app'>Loading...</div>"
+    b"<script src='/static/app.js'></script></body></html>"
+)
+
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -46,11 +55,16 @@ ERROR_TYPES = {
 
 @dataclass
 class Fault:
-    """One injected misbehaviour: "429", "500", "529", "drop" (close without replying), "slow", "malformed"."""
+    """One injected misbehaviour: "429", "500", "529", "drop" (close without replying), "slow", "malformed"; and
+    "trickle" (a good reply, one byte every `seconds`), "endless" (a 200 whose body does not end before `size` bytes,
+    1 GiB by default), "huge_error" (a `status` reply whose message has `size` characters), "html" (200 with a web
+    page), "truncated" (200, JSON cut off in the middle), "wrong_shape" (200, valid JSON that is no chat reply)."""
 
     kind: str
     retry_after: float | None = None  # seconds, sent as Retry-After with 429 / 529
-    seconds: float = 0.0  # how long a "slow" reply waits before answering
+    seconds: float = 0.0  # how long a "slow" reply waits before answering; a "trickle" pause between bytes
+    size: int = 0  # characters of a "huge_error" message; bytes of an "endless" body
+    status: int = 400  # the status of a "huge_error"
 
 
 class FakeLLMServer:
@@ -64,6 +78,10 @@ class FakeLLMServer:
         reply: Callable[[str, int], str] | None = None,
         always_malformed: bool = False,
         port: int = 0,
+        faults: list[dict] | None = None,
+        html_pages: bool = False,
+        echo_key: bool = False,
+        redirect_to: str | None = None,
     ) -> None:
         self.models = models
         self.latency_s = latency_s  # fixed delay before every chat reply
@@ -71,7 +89,11 @@ class FakeLLMServer:
         self.reply = reply  # (prompt, request number) -> reply text; default: a fresh random row for the task asked
         self.always_malformed = always_malformed
         self.seed = random.randrange(2**32)  # rows differ between servers, so a restarted server makes no duplicates
-        self.faults: deque[Fault] = deque()
+        self.faults: deque[Fault] = deque(Fault(**fault) for fault in faults or ())
+        self.html_pages = html_pages  # every route answers 200 with a web page, as a web UI at the wrong URL does
+        self.echo_key = echo_key  # a 401 quotes the key it was sent, as some providers' error messages do
+        self.redirect_to = redirect_to  # every request answered 307 to this origin (+ the same path)
+        self.requests = 0  # every request, chat or not
         self.prompts: list[str] = []
         self.statuses: list[int] = []
         self.chat_requests = 0
@@ -153,7 +175,7 @@ class _Handler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------ routing
 
     def do_GET(self) -> None:
-        if not self._authorized():
+        if self._answered_elsewhere() or not self._authorized():
             return
         if self.path.rstrip("/") == "/v1/models":
             if self._anthropic():
@@ -177,7 +199,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = self._body()
-        if body is None or not self._authorized():
+        if body is None or self._answered_elsewhere() or not self._authorized():
             return
         if self.path == "/api/show":
             name = body.get("model") or body.get("name")
@@ -219,6 +241,15 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if fault.kind == "slow":
                 time.sleep(fault.seconds)
+            elif fault.kind == "huge_error":
+                self._error(fault.status, "Bad request: " + "x" * fault.size)
+                return
+            elif fault.kind == "endless":
+                self._endless(fault.size or 2**30)
+                return
+            elif fault.kind in ("html", "truncated", "wrong_shape"):
+                self._broken_200(fault.kind)
+                return
             elif fault.kind in ("429", "500", "529"):
                 status = int(fault.kind)
                 headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else {}
@@ -231,6 +262,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             text = random_row(prompt, random.Random(f"{self.fake.seed}-{number}"))
         tokens_in, tokens_out = len(prompt.split()), len(text.split())
+        trickle_s = fault.seconds if fault is not None and fault.kind == "trickle" else 0.0
         if self.path == "/v1/chat/completions":
             self._json(
                 200,
@@ -253,6 +285,7 @@ class _Handler(BaseHTTPRequestHandler):
                         "total_tokens": tokens_in + tokens_out,
                     },
                 },
+                trickle_s=trickle_s,
             )
         elif self.path == "/v1/messages":
             self._json(
@@ -267,6 +300,7 @@ class _Handler(BaseHTTPRequestHandler):
                     "stop_sequence": None,
                     "usage": {"input_tokens": tokens_in, "output_tokens": tokens_out},
                 },
+                trickle_s=trickle_s,
             )
         else:
             self._json(
@@ -284,7 +318,47 @@ class _Handler(BaseHTTPRequestHandler):
                     "eval_count": tokens_out,
                     "eval_duration": 1,
                 },
+                trickle_s=trickle_s,
             )
+
+    # ------------------------------------------------------------ broken replies
+
+    def _answered_elsewhere(self) -> bool:
+        """Answer a request a web page or a redirect when the whole server is set to; True when answered."""
+        with self.fake.lock:
+            self.fake.requests += 1
+        if self.fake.redirect_to:
+            self._send(307, b"", "text/plain", {"Location": self.fake.redirect_to.rstrip("/") + self.path})
+            return True
+        if self.fake.html_pages:
+            self._send(200, HTML_PAGE, "text/html; charset=utf-8")
+            return True
+        return False
+
+    def _broken_200(self, kind: str) -> None:
+        if kind == "html":
+            self._send(200, HTML_PAGE, "text/html; charset=utf-8")
+        elif kind == "truncated":
+            self._send(200, b'{"id": "chatcmpl-1", "object": "chat.completion", "choices": [{"index": 0, "mess', JSON)
+        else:
+            self._send(200, b'{"status": "ok", "result": [1, 2, 3]}', JSON)
+
+    def _endless(self, size: int) -> None:
+        """A 200 JSON reply whose body goes on until the client hangs up, `size` bytes are sent or a minute passes."""
+        self.close_connection = True
+        chunk = b"[" * 65536
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", JSON)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            deadline = time.monotonic() + 60
+            for _ in range(0, size, len(chunk)):
+                if time.monotonic() > deadline:
+                    break
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
 
     # ------------------------------------------------------------ helpers
 
@@ -302,7 +376,10 @@ class _Handler(BaseHTTPRequestHandler):
         bearer = self.headers.get("Authorization", "").removeprefix("Bearer ")
         if bearer == key or (self._anthropic() and self.headers.get("x-api-key") == key):
             return True
-        self._error(401, "invalid x-api-key" if self._anthropic() else "Incorrect API key provided.")
+        message = "invalid x-api-key" if self._anthropic() else "Incorrect API key provided."
+        if self.fake.echo_key:
+            message += f" You passed: {bearer or self.headers.get('x-api-key', '')}"
+        self._error(401, message)
         return False
 
     def _body(self) -> dict | None:
@@ -334,18 +411,32 @@ class _Handler(BaseHTTPRequestHandler):
             }
         self._json(status, body, headers)
 
-    def _json(self, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(body).encode()
+    def _json(self, status: int, body: dict, headers: dict[str, str] | None = None, trickle_s: float = 0.0) -> None:
+        self._send(status, json.dumps(body).encode(), JSON, headers, trickle_s)
+
+    def _send(
+        self,
+        status: int,
+        data: bytes,
+        content_type: str,
+        headers: dict[str, str] | None = None,
+        trickle_s: float = 0.0,
+    ) -> None:
         with self.fake.lock:
             self.fake.statuses.append(status)
         try:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             for name, value in (headers or {}).items():
                 self.send_header(name, value)
             self.end_headers()
-            self.wfile.write(data)
+            if trickle_s:
+                for index in range(len(data)):  # each byte arrives well within any read timeout
+                    self.wfile.write(data[index : index + 1])
+                    time.sleep(trickle_s)
+            else:
+                self.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client gave up (timeout) before the reply
 

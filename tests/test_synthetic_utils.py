@@ -589,3 +589,120 @@ def test_llama_cpp_server_names_an_unknown_model(tmp_path, llama_server):
     config = SyntheticConfig(model="gpt-4o", base_url=llama_server, topic="pasta")
     with pytest.raises(UserError, match="'gpt-4o' is not served .*it serves: smollm2-demo"):
         generate(config, tmp_path)
+
+
+# ---------------------------------------------------------------- misbehaving servers (issue 13, item 8)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_trickling_reply_is_cut_at_timeout_s_and_retried(tmp_path, fake, provider):
+    # One byte every 20 ms: each read is far inside the timeout, the whole reply takes ~15 s.
+    fake.inject(Fault("trickle", seconds=0.02))
+    config = fake_config(fake, provider, num_rows=1, concurrency=1, timeout_s=0.5, max_retries=0)
+    with pytest.raises(UserError, match=r"kept failing .*no complete reply within timeout_s = 0.5 s"):
+        generate(config, tmp_path, api_key=KEY)
+    fake.inject(Fault("trickle", seconds=0.02))
+    config.max_retries = 1
+    summary = generate(config, tmp_path, api_key=KEY)
+    assert summary.rows_done == 1 and summary.retries == 1
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_an_endless_body_is_cut_at_the_size_cap(tmp_path, fake, provider, monkeypatch):
+    monkeypatch.setattr(synthetic_utils, "MAX_RESPONSE_BYTES", 2**20)
+    fake.inject(Fault("endless", size=64 * 2**20))
+    config = fake_config(fake, provider, num_rows=1, concurrency=1, max_retries=3)
+    with pytest.raises(UserError, match=r"sent a reply larger than 1 MiB"):
+        generate(config, tmp_path, api_key=KEY)
+    assert fake.chat_requests == 1  # the same request would only do it again
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_huge_error_message_is_cut_everywhere_it_goes(tmp_path, fake, provider, caplog):
+    fake.inject(Fault("huge_error", size=1_000_000, status=500), Fault("huge_error", size=1_000_000))
+    config = fake_config(fake, provider, num_rows=1, concurrency=1, max_retries=2)
+    with (
+        caplog.at_level("INFO"),
+        pytest.raises(UserError, match=r"refused the request \(400: Bad request: x+… \(") as raised,
+    ):
+        generate(config, tmp_path, api_key=KEY)
+    assert len(str(raised.value)) < 1000 and "more characters)" in str(raised.value)
+    assert "retry 1/2" in caplog.text and max(len(record.getMessage()) for record in caplog.records) < 1000
+    assert (tmp_path / "progress.json").stat().st_size < 10_000
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_200_with_a_web_page_is_named_not_a_traceback(tmp_path, fake, provider):
+    fake.inject(Fault("html"))
+    config = fake_config(fake, provider, num_rows=1, concurrency=1, max_retries=3)
+    with pytest.raises(UserError, match=r"answered 200 with text/html, not JSON.*is base_url the API endpoint"):
+        generate(config, tmp_path, api_key=KEY)
+    assert fake.chat_requests == 1  # a web page stays a web page: no retries
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_web_page_at_base_url_is_named_at_the_model_check(tmp_path, provider):
+    with FakeLLMServer(html_pages=True) as server:
+        with pytest.raises(UserError, match=r"answered 200 with text/html, not JSON"):
+            generate(fake_config(server, provider), tmp_path, api_key=KEY)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_cut_off_json_200_is_retried_then_named(tmp_path, fake, provider):
+    fake.inject(Fault("truncated"))
+    config = fake_config(fake, provider, num_rows=1, concurrency=1, max_retries=0)
+    with pytest.raises(UserError, match=r"kept failing .*answered 200 with invalid JSON \(began: '\{\"id\""):
+        generate(config, tmp_path, api_key=KEY)
+    fake.inject(Fault("truncated"))
+    config.max_retries = 1
+    summary = generate(config, tmp_path, api_key=KEY)
+    assert summary.rows_done == 1 and summary.retries == 1
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_json_of_another_shape_is_named_not_a_traceback(tmp_path, fake, provider):
+    fake.inject(Fault("wrong_shape"))
+    config = fake_config(fake, provider, num_rows=1, concurrency=1, max_retries=3)
+    with pytest.raises(UserError, match=r"answered 200 with JSON that is not a chat reply"):
+        generate(config, tmp_path, api_key=KEY)
+    assert fake.chat_requests == 1
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_a_key_echoed_in_a_401_is_redacted(tmp_path, provider, caplog):
+    secret = "sk-wrong-but-still-secret-9f8e7d6c5b4a"
+    with FakeLLMServer(api_key=KEY, echo_key=True) as server:
+        with caplog.at_level("DEBUG"), pytest.raises(UserError, match=r"You passed: \[redacted\]") as raised:
+            generate(fake_config(server, provider), tmp_path, api_key=secret)
+    assert secret not in str(raised.value) and secret not in caplog.text
+    for path in tmp_path.rglob("*"):
+        assert secret.encode() not in path.read_bytes(), path
+
+
+def test_a_yaml_alias_bomb_in_seed_examples_is_refused_at_validation():
+    from workspace import parse_yaml
+
+    # Nine levels of nine aliases: a few hundred bytes of YAML standing for 387 million strings.
+    levels = "".join(f"      l{n}: &l{n} [{', '.join([f'*l{n - 1}'] * 9)}]\n" for n in range(1, 10))
+    text = f"model: m\ntopic: tea\nseed_examples:\n  - instruction: &l0 lol\n    response: ok\n    more:\n{levels}"
+    config = synthetic_utils.synthetic_config_from_dict(parse_yaml(text))
+    with pytest.raises(UserError, match=r"seed_examples expand to more than 1,000,000 characters.*aliases"):
+        config.validate()
+    looped = parse_yaml("model: m\ntopic: tea\nseed_examples:\n  - &e {instruction: a, response: b, again: *e}\n")
+    with pytest.raises(UserError, match=r"Seed example 1 contains itself"):
+        synthetic_utils.synthetic_config_from_dict(looped).validate()
+    # An alias used once or twice, as people do to reuse a long answer, is fine.
+    shared = (
+        "model: m\ntopic: tea\nseed_examples:\n"
+        "  - {instruction: a, response: &r long answer}\n  - {instruction: b, response: *r}\n"
+    )
+    synthetic_utils.synthetic_config_from_dict(parse_yaml(shared)).validate()
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_cross_origin_redirect_is_refused_before_it_is_followed(tmp_path, fake, provider):
+    with FakeLLMServer(redirect_to=fake.url) as redirector:
+        url = redirector.openai_url if provider == "openai" else redirector.url
+        with pytest.raises(UserError, match=f"redirected to {fake.url}/.*set base_url to the final address"):
+            generate(fake_config(redirector, provider, base_url=url), tmp_path, api_key=KEY)
+    assert fake.requests == 0
