@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import os
+import re
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +37,8 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
 }
+# More columns than any real dataset of these formats has; see _check_column_count.
+MAX_COLUMNS = 1000
 LOCAL_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet", ".txt")
 SHAREGPT_ROLES = {
     "human": "user",
@@ -49,7 +54,7 @@ CHATML_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 BUILTIN_TEMPLATES = {"chatml": CHATML_TEMPLATE}
-PREPARE_VERSION = "2"  # bump when the prepared layout changes, so old caches are not reused
+PREPARE_VERSION = "3"  # bump when the prepared layout changes, so old caches are not reused
 # The one default of each, for TrainConfig and for a preview (Dataset tab, `main.py dataset`) that has no config.
 DEFAULT_MAX_SEQ_LENGTH = 2048
 DEFAULT_SEED = 3407
@@ -130,22 +135,27 @@ def _looks_local(source: str) -> bool:
     )
 
 
-def load_local_file(path: Path):
-    """Read CSV, JSON, JSONL, Parquet or TXT with checks that name the problem (line numbers for JSONL)."""
-    import datasets
-
+def check_data_file(path: Path) -> None:
+    """Refuse what cannot be a data file before anything opens it (a named pipe would block the reader forever)."""
     if path.is_dir():
         raise UserError(f"'{path}' is a folder; choose a data file inside it ({', '.join(LOCAL_SUFFIXES)}).")
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise UserError(f"'{path.name}' is not a regular file (a pipe, socket or device); choose a saved data file.")
     suffix = path.suffix.lower()
     if suffix not in LOCAL_SUFFIXES:
         raise UserError(f"Unsupported file type '{suffix}' for '{path.name}'. Use one of: {', '.join(LOCAL_SUFFIXES)}.")
     if path.stat().st_size == 0:
         raise UserError(f"'{path.name}' is empty.")
+
+
+def load_local_file(path: Path):
+    """Read CSV, JSON, JSONL, Parquet or TXT with checks that name the problem (line numbers for JSONL)."""
+    import datasets
+
+    check_data_file(path)
+    suffix = path.suffix.lower()
     if suffix == ".parquet":
-        try:
-            dataset = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
-        except Exception as exc:  # pyarrow raises several types for a damaged file
-            raise UserError(f"'{path.name}' is not a readable Parquet file: {exc}") from None
+        table = _read_parquet(path)
     else:
         text = _read_utf8(path)
         if suffix == ".jsonl":
@@ -158,10 +168,76 @@ def load_local_file(path: Path):
             rows = [{"text": block.strip()} for block in text.split("\n\n") if block.strip()]
         if not rows:
             raise UserError(f"'{path.name}' holds no rows.")
-        dataset = datasets.Dataset.from_list(rows)
-    if len(dataset) == 0:
+        table = table_from_rows(rows, f"'{path.name}'")
+    if table.num_rows == 0:
         raise UserError(f"'{path.name}' holds no rows.")
-    return dataset
+    return datasets.Dataset(table)
+
+
+def _read_parquet(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        columns = len(pq.read_schema(path).names)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise UserError(f"'{path.name}' is not a readable Parquet file: {exc}") from None
+    _check_column_count(columns, f"'{path.name}'")
+    try:
+        return pq.read_table(path)
+    except Exception as exc:
+        raise UserError(f"'{path.name}' is not a readable Parquet file: {exc}") from None
+
+
+def _check_column_count(count: int, label: str) -> None:
+    # `datasets` rebuilds its per-column bookkeeping once per column, so loading costs grow with the square of the
+    # column count (10,000 columns: minutes). No format reads more than four; a table that wide is not chat data.
+    if count > MAX_COLUMNS:
+        raise UserError(
+            f"{label} has {count} columns; at most {MAX_COLUMNS} are read. A training file needs only the columns of "
+            "its format (e.g. instruction and output); save those in a new file and load it."
+        )
+
+
+def table_from_rows(rows: list[dict], label: str):
+    """The rows as an Arrow table, one column per key seen in any row; a column whose rows hold different kinds
+    of value (text in one, an object in another) is refused with the first row that differs."""
+    import pyarrow as pa
+
+    names = list(dict.fromkeys(key for row in rows for key in row))
+    _check_column_count(len(names), label)
+    columns = {}
+    for name in names:
+        values = [row.get(name) for row in rows]
+        try:
+            columns[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+            if not all(value is None or isinstance(value, list) for value in values):
+                raise UserError(_mixed_column_message(values, name, label, exc)) from None
+            # Lists of turns whose contents differ in shape (OpenAI content parts in one message, text in the
+            # next) have no single Arrow type; they travel as JSON text, which the turn readers accept.
+            columns[name] = pa.array([None if value is None else json.dumps(value) for value in values])
+    return pa.table(columns)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return "a number"
+    return {str: "text", dict: "an object", list: "a list"}.get(type(value), type(value).__name__)
+
+
+def _mixed_column_message(values: list, name: str, label: str, exc: Exception) -> str:
+    present = [(index, value) for index, value in enumerate(values, start=1) if value is not None]
+    first_row, first = present[0]
+    for row, value in present[1:]:
+        if _kind(value) != _kind(first):
+            return (
+                f"{label} row {row}: column '{name}' holds {_kind(value)}, but row {first_row} holds "
+                f"{_kind(first)}. Give every row the same kind of value in a column."
+            )
+    # The same kind everywhere, but not one Arrow type (e.g. lists of text in one row and of objects in another).
+    return f"{label}: column '{name}' holds values of different shapes in different rows ({exc}). Make them alike."
 
 
 def _read_utf8(path: Path) -> str:
@@ -188,10 +264,24 @@ def parse_jsonl(text: str, label: str) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UserError(f"{label} line {number} is not valid JSON: {exc.msg}.") from None
+        except RecursionError:
+            raise UserError(f"{label} line {number} is nested too deeply to read; flatten it.") from None
         if not isinstance(row, dict):
             raise UserError(f"{label} line {number} is not a JSON object.")
+        if "\\u" in line:  # only an escape can smuggle in a lone surrogate, which no encoder accepts later
+            _check_encodable(row, f"{label} line {number}")
         rows.append(row)
     return rows
+
+
+def _check_encodable(value: Any, where: str) -> None:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(
+            f"{where} holds an unpaired UTF-16 surrogate escape (such as \\ud800), which is not text. "
+            "Remove it or write the whole character."
+        ) from None
 
 
 def _parse_json(text: str, name: str) -> list[dict]:
@@ -199,22 +289,32 @@ def _parse_json(text: str, name: str) -> list[dict]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"'{name}' is not valid JSON (line {exc.lineno}: {exc.msg}).") from None
+    except RecursionError:
+        raise UserError(f"'{name}' is nested too deeply to read; flatten it.") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))  # {"data": [...]} wrappers are common
     if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
         raise UserError(f"'{name}' must hold a JSON list of objects, one object per example.")
+    if "\\u" in text:
+        for number, row in enumerate(data, start=1):
+            _check_encodable(row, f"'{name}' row {number}")
     return data
 
 
 def _parse_csv(text: str, name: str) -> list[dict]:
-    reader = csv.DictReader(text.splitlines())
-    if not reader.fieldnames:
-        raise UserError(f"'{name}' has no header row.")
+    # The reader splits records itself, so a quoted cell keeps its line breaks (code, poems, lists).
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     rows = []
-    for number, row in enumerate(reader, start=2):
-        if None in row:
-            raise UserError(f"'{name}' line {number} has more values than the header has columns.")
-        rows.append(row)
+    try:
+        if not reader.fieldnames:
+            raise UserError(f"'{name}' has no header row.")
+        _check_column_count(len(reader.fieldnames), f"'{name}'")
+        for row in reader:
+            if None in row:
+                raise UserError(f"'{name}' line {reader.line_num} has more values than the header has columns.")
+            rows.append(row)
+    except csv.Error as exc:
+        raise UserError(f"'{name}' line {reader.line_num} is not readable CSV: {exc}.") from None
     return rows
 
 
@@ -285,8 +385,8 @@ def row_to_messages(row: dict, fmt: str, fields: dict[str, str], system_prompt: 
     """One source row as a list of {role, content} messages (checked: alternating, ends with an assistant)."""
 
     def get(name: str) -> str:
-        value = row.get(fields.get(name, ""), None)
-        return "" if value is None else str(value)
+        column = fields.get(name, "")
+        return as_text(row.get(column), f"Column '{column}'")
 
     if fmt == "alpaca":
         prompt = get("instruction").strip()
@@ -298,10 +398,12 @@ def row_to_messages(row: dict, fmt: str, fields: dict[str, str], system_prompt: 
         messages = [{"role": "user", "content": get("prompt")}, {"role": "assistant", "content": get("completion")}]
         system = get("system")
     elif fmt == "sharegpt":
-        messages = [_sharegpt_turn(turn) for turn in _as_list(row[fields["conversations"]], "conversations")]
+        turns = _as_list(row[fields["conversations"]], "conversations")
+        messages = [_sharegpt_turn(turn, number) for number, turn in enumerate(turns, start=1)]
         system = get("system")
     elif fmt == "messages":
-        messages = [_message_turn(turn) for turn in _as_list(row[fields["messages"]], "messages")]
+        turns = _as_list(row[fields["messages"]], "messages")
+        messages = [_message_turn(turn, number) for number, turn in enumerate(turns, start=1)]
         system = ""
     else:
         raise ValueError(f"row_to_messages does not handle format {fmt}")
@@ -323,27 +425,58 @@ def _as_list(value: Any, name: str) -> list:
     return value
 
 
-def _sharegpt_turn(turn: Any) -> dict:
+def as_text(value: Any, where: str) -> str:
+    """A cell or a message's content as the text to train on: numbers as written, OpenAI content parts
+    ([{"type": "text", "text": ...}]) joined; other lists and objects are refused rather than trained as Python
+    reprs."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool | int | float):
+        return str(value)
+    if isinstance(value, list) and all(isinstance(part, dict) and "type" in part for part in value):
+        return "".join(_text_part(part, where) for part in value)
+    kind = "a list" if isinstance(value, list) else "an object" if isinstance(value, dict) else type(value).__name__
+    raise UserError(
+        f"{where} holds {kind} ({_clip(value)}), not text. Map a text column, or turn the value into text first."
+    )
+
+
+def _text_part(part: dict, where: str) -> str:
+    if part["type"] == "text" and isinstance(part.get("text"), str):
+        return part["text"]
+    raise UserError(
+        f"{where} holds a content part of type '{part['type']}' ({_clip(part)}); only text parts can be trained on."
+    )
+
+
+def _clip(value: Any, limit: int = 80) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _sharegpt_turn(turn: Any, number: int) -> dict:
     # Arrow gives every turn every key of the column, so a missing one arrives as None.
     if not isinstance(turn, dict) or turn.get("from") is None or turn.get("value") is None:
         raise UserError("A ShareGPT turn must be an object with 'from' and 'value'.")
     role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
     if role is None:
         raise UserError(f"Unknown ShareGPT speaker '{turn['from']}'; use human, gpt or system.")
-    return {"role": role, "content": str(turn["value"])}
+    return {"role": role, "content": as_text(turn["value"], f"Turn {number} ('value')")}
 
 
-def _message_turn(turn: Any) -> dict:
+def _message_turn(turn: Any, number: int) -> dict:
     if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
         raise UserError("A message must be an object with 'role' and 'content'.")
     role = str(turn["role"])
     if role not in ("system", "user", "assistant"):
         raise UserError(f"Unknown message role '{role}'; use system, user or assistant.")
-    return {"role": role, "content": "" if turn["content"] is None else str(turn["content"])}
+    return {"role": role, "content": as_text(turn["content"], f"Turn {number} ('content')")}
 
 
 def check_conversation(messages: list[dict]) -> None:
-    """Raise UserError unless turns go [system] user, assistant, user, assistant … and an assistant answers."""
+    """Raise UserError unless turns go [system] user, assistant, user, assistant … and an assistant answers last."""
     turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
     if not any(turn["role"] == "assistant" for turn in turns):
         raise UserError("A conversation has no assistant turn, so there is nothing to learn from it.")
@@ -355,6 +488,12 @@ def check_conversation(messages: list[dict]) -> None:
             )
         if not turn["content"].strip():
             raise UserError(f"Turn {index + 1} ({turn['role']}) is empty.")
+    if turns[-1]["role"] != "assistant":
+        # A last user turn has no reply to learn; the template would also render it as a finished turn.
+        raise UserError(
+            f"The conversation ends with a {turns[-1]['role']} turn (turn {len(turns)}); a training conversation "
+            "must end with an assistant reply. Remove the last turn or add its answer."
+        )
 
 
 # ---------------------------------------------------------------- chat template and tokens
@@ -499,6 +638,36 @@ def _labels(ids: list[int], offsets: list[tuple[int, int]] | None, spans: list[t
     return np.where(trained, ids_array, -100).tolist()
 
 
+def control_pattern(tokenizer) -> re.Pattern | None:
+    """A regex for the tokenizer's special (control) tokens as text, longest first, or None when it has none."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    specials = sorted({token.content for token in decoder.values() if token.special}, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, specials))) if specials else None
+
+
+def data_ranges(messages: list[dict], text: str, tokenizer, pattern: re.Pattern | None) -> list[tuple[int, int]]:
+    """The character ranges of `text` (the rendered conversation) holding a message's content that contains
+    control-token text, found by rendering the conversation with a marker in place of each content."""
+    if pattern is None or not any(pattern.search(message["content"]) for message in messages):
+        return []
+    marked = [{**message, "content": f"DATAzqxq{index}END"} for index, message in enumerate(messages)]
+    pieces = re.split(r"DATAzqxq(\d+)END", render_chat(marked, tokenizer))
+    ranges, length = [], len(pieces[0])
+    for number, template_text in zip(pieces[1::2], pieces[2::2], strict=True):
+        content = messages[int(number)]["content"]
+        if pattern.search(content):
+            ranges.append((length, length + len(content)))
+        length += len(content) + len(template_text)
+    rebuilt = pieces[0] + "".join(
+        messages[int(number)]["content"] + template_text
+        for number, template_text in zip(pieces[1::2], pieces[2::2], strict=True)
+    )
+    if rebuilt != text:  # the template changes contents (e.g. trims them): split the whole conversation
+        log.info("chat template does not insert contents verbatim; splitting control tokens in the whole row")
+        return [(0, len(text))]
+    return ranges
+
+
 def render_row(
     row: dict,
     fmt: str,
@@ -507,39 +676,84 @@ def render_row(
     train_on_responses_only: bool,
     system_prompt: str = "",
     turns: ChatTurns | None = None,
-) -> tuple[str, list[tuple[int, int]] | None]:
-    """One source row as text, with the character spans to train on (None: every token)."""
+    pattern: re.Pattern | None = None,
+) -> tuple[str, list[tuple[int, int]] | None, list[tuple[int, int]]]:
+    """One source row as text, with the character spans to train on (None: every token) and the ranges of the
+    row's own data that hold control-token text (to be tokenized as text, see data_ranges)."""
     if fmt == "text":
-        text = str(row.get(fields["text"]) or "")
+        text = as_text(row.get(fields["text"]), f"Column '{fields['text']}'")
         if not text.strip():
             raise UserError("A text row is empty.")
-        return text + (tokenizer.eos_token or ""), None
+        ranges = [(0, len(text))] if pattern is not None and pattern.search(text) else []
+        return text + (tokenizer.eos_token or ""), None, ranges
     messages = row_to_messages(row, fmt, fields, system_prompt)
     if not train_on_responses_only:
-        return render_chat(messages, tokenizer), None
-    fast = spans_from_turns(messages, turns) if turns is not None else None
-    return fast if fast is not None else assistant_spans(messages, tokenizer)
+        text, spans = render_chat(messages, tokenizer), None
+    else:
+        fast = spans_from_turns(messages, turns) if turns is not None else None
+        text, spans = fast if fast is not None else assistant_spans(messages, tokenizer)
+    return text, spans, data_ranges(messages, text, tokenizer, pattern)
 
 
 def encode_rows(
-    texts: list[str], spans: list[list[tuple[int, int]] | None], tokenizer, max_seq_length: int
+    texts: list[str],
+    spans: list[list[tuple[int, int]] | None],
+    tokenizer,
+    max_seq_length: int,
+    ranges: list[list[tuple[int, int]]] | None = None,
 ) -> list[dict]:
-    """Tokenize many rendered rows in one call (the fast tokenizer's batch path) and mask them."""
+    """Tokenize many rendered rows in one call (the fast tokenizer's batch path) and mask them; a row with
+    `ranges` (its data holds control-token text) is tokenized in pieces, see encode_with_data_ranges."""
     if not texts:
         return []
-    need_offsets = any(row_spans is not None for row_spans in spans)
-    encoded = tokenizer(
-        texts, add_special_tokens=False, return_offsets_mapping=need_offsets, truncation=True, max_length=max_seq_length
-    )
-    offsets = encoded["offset_mapping"] if need_offsets else [None] * len(texts)
+    ranges = ranges or [[] for _ in texts]
+    plain = [index for index, row_ranges in enumerate(ranges) if not row_ranges]
+    encoded: dict[int, tuple[list[int], list | None]] = {}
+    if plain:
+        batch = tokenizer(
+            [texts[i] for i in plain],
+            add_special_tokens=False,
+            return_offsets_mapping=True,
+            truncation=True,
+            max_length=max_seq_length,
+        )
+        encoded = dict(zip(plain, zip(batch["input_ids"], batch["offset_mapping"], strict=True), strict=True))
+    for index, row_ranges in enumerate(ranges):
+        if row_ranges:
+            encoded[index] = encode_with_data_ranges(texts[index], row_ranges, tokenizer, max_seq_length)
     return [
-        {"input_ids": ids, "labels": _labels(ids, row_offsets, row_spans)}
-        for ids, row_offsets, row_spans in zip(encoded["input_ids"], offsets, spans, strict=True)
+        {"input_ids": list(encoded[i][0]), "labels": _labels(encoded[i][0], encoded[i][1], spans[i])}
+        for i in range(len(texts))
     ]
+
+
+def encode_with_data_ranges(
+    text: str, ranges: list[tuple[int, int]], tokenizer, max_seq_length: int
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and offsets of `text` where control-token text inside `ranges` (the user's data) is split into
+    ordinary tokens, as the tokenizer's split_special_tokens=True does, while the template's own control tokens
+    outside them stay special. The tokenizer cuts text at control tokens anyway, so encoding in pieces at those
+    cuts changes nothing else."""
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    bounds = [0, *(edge for start, end in ranges for edge in (start, end)), len(text)]
+    for index, (start, end) in enumerate(zip(bounds, bounds[1:], strict=False)):
+        if start == end:
+            continue
+        piece = tokenizer(
+            text[start:end],
+            add_special_tokens=False,
+            return_offsets_mapping=True,
+            split_special_tokens=index % 2 == 1,  # odd pieces are the data ranges
+        )
+        ids += piece["input_ids"]
+        offsets += [(start + begin, start + finish) for begin, finish in piece["offset_mapping"]]
+    return ids[:max_seq_length], offsets[:max_seq_length]
 
 
 def _encode_batch(
     batch: dict[str, list],
+    indices: list[int],
     fmt: str,
     fields: dict[str, str],
     tokenizer,
@@ -548,21 +762,28 @@ def _encode_batch(
     system_prompt: str,
     turns: ChatTurns | None,
 ) -> dict[str, list]:
-    size = len(next(iter(batch.values())))
-    texts, spans, errors = [""] * size, [None] * size, [""] * size
+    size = len(indices)
+    texts, spans, ranges, errors = [""] * size, [None] * size, [[] for _ in range(size)], [""] * size
+    pattern = control_pattern(tokenizer)
     for index in range(size):
         row = {key: values[index] for key, values in batch.items()}
         try:
-            texts[index], spans[index] = render_row(
-                row, fmt, fields, tokenizer, train_on_responses_only, system_prompt, turns
+            texts[index], spans[index], ranges[index] = render_row(
+                row, fmt, fields, tokenizer, train_on_responses_only, system_prompt, turns, pattern
             )
         except UserError as exc:
-            errors[index] = str(exc)
+            errors[index] = f"Row {indices[index] + 1}: {exc}"
     good = [index for index in range(size) if not errors[index]]
     encoded = dict(
         zip(
             good,
-            encode_rows([texts[i] for i in good], [spans[i] for i in good], tokenizer, max_seq_length),
+            encode_rows(
+                [texts[i] for i in good],
+                [spans[i] for i in good],
+                tokenizer,
+                max_seq_length,
+                [ranges[i] for i in good],
+            ),
             strict=True,
         )
     )
@@ -601,6 +822,8 @@ def prepare_dataset(
         ensure_chat_template(tokenizer, config.chat_template)
     # A local file is keyed by its bytes, so a cached preparation is found without parsing the file again.
     local = resolve_user_path(str(config.source).strip(), workspace) if _looks_local(str(config.source)) else None
+    if local is not None:
+        check_data_file(local)  # before hashing it: reading a named pipe would never end
     raw = None if local is not None else load_rows(config, workspace)
     key = _cache_key(config, local, raw, tokenizer, max_seq_length, train_on_responses_only, eval_split, seed)
     cache_dir = workspace_root(workspace) / "cache" / "datasets" / key
@@ -615,6 +838,8 @@ def prepare_dataset(
     raw = raw if raw is not None else load_rows(config, workspace)
     fmt = config.format if config.format != "auto" else detect_format(raw.column_names, config.column_map)
     fields = resolve_columns(raw.column_names, fmt, config.column_map)
+    # Every step below costs more per column (see _check_column_count); only the format's columns are read.
+    raw = raw.select_columns(list(dict.fromkeys(fields.values())))
     turns = None
     if fmt != "text":
         ensure_chat_template(tokenizer)  # a chosen template was applied above, before the cache key
@@ -625,6 +850,7 @@ def prepare_dataset(
     encoded = raw.map(
         _encode_batch,
         batched=True,
+        with_indices=True,
         batch_size=1000,
         num_proc=processes,
         remove_columns=raw.column_names,

@@ -292,3 +292,131 @@ def test_outer_whitespace_in_a_reply_is_left_to_the_template(tmp_path, demo_toke
         piece for piece, on in dataset_utils.loss_segments(row["input_ids"], row["labels"], demo_tokenizer) if on
     ]
     assert "".join(trained).startswith(" Lima.")
+
+
+# ---------------------------------------------------------------- issue 13: values kept, refused or split as text
+
+
+def test_csv_cell_keeps_its_line_breaks(tmp_path, demo_tokenizer):
+    code = "def double(x):\n    return 2 * x\n"
+    content = f'instruction,output\nWrite double in Python,"{code}"\nSay hi,hi\n'
+    prepared = prepare(tmp_path, demo_tokenizer, "code.csv", content)
+    assert len(prepared.train) == 2
+    assert any(code.strip() in text for text in prepared.train["text"])
+
+
+def test_openai_text_parts_are_joined_into_the_content(tmp_path, demo_tokenizer):
+    parts = [{"type": "text", "text": "What is the capital "}, {"type": "text", "text": "of Peru?"}]
+    row = {"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": "Lima."}]}
+    prepared = prepare(tmp_path, demo_tokenizer, "parts.jsonl", json.dumps(row) + "\n")
+    joined = [{"role": "user", "content": "What is the capital of Peru?"}, {"role": "assistant", "content": "Lima."}]
+    assert prepared.train["text"] == [demo_tokenizer.apply_chat_template(joined, tokenize=False)]
+
+
+def test_parquet_content_parts_are_joined(tmp_path, demo_tokenizer):
+    import pandas as pd
+
+    # Arrow gives every part every key of the column, so a text part arrives with image_url=None.
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "Capital of Chile?", "image_url": None}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Santiago.", "image_url": None}]},
+    ]
+    path = tmp_path / "parts.parquet"
+    pd.DataFrame({"messages": [messages]}).to_parquet(path)
+    prepared = prepare_dataset(DatasetConfig(source=str(path)), demo_tokenizer, workspace=tmp_path / "ws")
+    assert "Capital of Chile?" in prepared.train[0]["text"] and "Santiago." in prepared.train[0]["text"]
+    assert "'type'" not in prepared.train[0]["text"]
+
+
+def test_conversation_ending_with_a_user_turn_is_refused():
+    row = {
+        "messages": [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"},
+        ]
+    }
+    with pytest.raises(UserError, match="must end with an assistant reply"):
+        row_to_messages(row, "messages", {"messages": "messages"})
+
+
+def test_control_tokens_typed_in_the_data_are_text(tmp_path, demo_tokenizer):
+    end, start = (demo_tokenizer.convert_tokens_to_ids(token) for token in ("<|im_end|>", "<|im_start|>"))
+    messages = [
+        {"role": "user", "content": "Explain what <|im_end|> means."},
+        {"role": "assistant", "content": "It closes a turn, like <|im_start|> opens one."},
+    ]
+    prepared = prepare(tmp_path, demo_tokenizer, "tokens.jsonl", json.dumps({"messages": messages}) + "\n")
+    row = prepared.train[0]
+    text = demo_tokenizer.apply_chat_template(messages, tokenize=False)
+    turns = text.count("<|im_start|>") - 1  # the template's own: the default system, the user, the assistant
+    assert row["input_ids"].count(start) == turns == 3
+    assert row["input_ids"].count(end) == text.count("<|im_end|>") - 1 == 3
+    assert demo_tokenizer.decode(row["input_ids"]) == text
+    trained = "".join(
+        piece for piece, on in dataset_utils.loss_segments(row["input_ids"], row["labels"], demo_tokenizer) if on
+    )
+    assert trained.startswith("It closes a turn, like <|im_start|> opens one.<|im_end|>")
+    assert row["labels"][-2] == end  # the reply's real turn end is trained, as a control token
+
+
+def test_control_tokens_in_a_text_row_are_text_but_its_eos_is_not(tmp_path, demo_tokenizer):
+    eos = demo_tokenizer.eos_token_id
+    content = json.dumps({"text": f"A file ends with {demo_tokenizer.eos_token} in it."}) + "\n"
+    prepared = prepare(tmp_path, demo_tokenizer, "text.jsonl", content)
+    ids = prepared.train[0]["input_ids"]
+    assert ids.count(eos) == 1 and ids[-1] == eos
+
+
+def test_deeply_nested_json_is_refused(tmp_path, demo_tokenizer):
+    deep = "[" * 50_000 + "]" * 50_000
+    with pytest.raises(UserError, match="'deep.json' is nested too deeply"):
+        prepare(tmp_path, demo_tokenizer, "deep.json", deep)
+    with pytest.raises(UserError, match="'deep.jsonl' line 2 is nested too deeply"):
+        prepare(tmp_path, demo_tokenizer, "deep.jsonl", '{"text": "ok"}\n{"text": ' + deep + "}\n")
+
+
+def test_named_pipe_is_refused_without_opening_it(tmp_path, demo_tokenizer):
+    import os
+    import threading
+
+    pipe = tmp_path / "x.jsonl"
+    os.mkfifo(pipe)
+    errors = []
+
+    def load():
+        try:
+            prepare_dataset(DatasetConfig(source=str(pipe)), demo_tokenizer, workspace=tmp_path / "ws")
+        except UserError as exc:
+            errors.append(str(exc))
+
+    worker = threading.Thread(target=load, daemon=True)  # opening the pipe would block until a writer comes
+    worker.start()
+    worker.join(timeout=60)
+    if worker.is_alive():
+        os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))  # release the blocked reader
+        pytest.fail("the loader opened the named pipe")
+    assert errors and "is not a regular file" in errors[0]
+
+
+def wide_csv(path, columns: int, rows: int = 20):
+    header = ["instruction", "output", *(f"feature_{i}" for i in range(columns - 2))]
+    line = ",".join(["Say hi", "hi", *(str(i % 10) for i in range(columns - 2))])
+    path.write_text(",".join(header) + "\n" + (line + "\n") * rows, encoding="utf-8")
+    return path
+
+
+def test_csv_with_ten_thousand_columns_is_refused(tmp_path, demo_tokenizer):
+    path = wide_csv(tmp_path / "wide.csv", 10_000)
+    with pytest.raises(UserError, match="'wide.csv' has 10000 columns; at most 1000 are read"):
+        dataset_utils.load_rows(DatasetConfig(source=str(path)))
+    with pytest.raises(UserError, match="has 10000 columns"):
+        prepare_dataset(DatasetConfig(source=str(path)), demo_tokenizer, workspace=tmp_path / "ws")
+
+
+def test_wide_csv_within_the_limit_prepares(tmp_path, demo_tokenizer):
+    path = wide_csv(tmp_path / "wide.csv", 300)
+    rows = dataset_utils.load_rows(DatasetConfig(source=str(path)))
+    assert len(rows.column_names) == 300
+    prepared = prepare_dataset(DatasetConfig(source=str(path)), demo_tokenizer, workspace=tmp_path / "ws")
+    assert prepared.format == "alpaca" and len(prepared.train) == 20

@@ -107,9 +107,9 @@ def wire(tab: DatasetTab, form: forms.Form, workspace: Path) -> None:
         fmt = config.format if config.format != "auto" else detected
         shown = dataset_utils.FORMAT_FIELDS[fmt] if fmt else forms.MAP_FIELDS
         summary = f"**{len(rows)} rows**, columns: {', '.join(f'`{c}`' for c in columns)}. {found}"
-        table = pd.DataFrame(
-            [{key: _cell(value) for key, value in row.items()} for row in rows.select(range(min(RAW_ROWS, len(rows))))]
-        )
+        # A slice reads the first rows as columns; select() would rebuild the schema, slow for wide files.
+        first = rows[:RAW_ROWS]
+        table = pd.DataFrame({column: [_cell(value) for value in values] for column, values in first.items()})
         maps = [
             gr.Dropdown(
                 choices=[NOT_MAPPED, *columns],
