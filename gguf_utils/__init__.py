@@ -1,8 +1,10 @@
 """GGUF export: merge the LoRA adapter into 16-bit weights → llama.cpp's own converter → quantize → load each file
-in llama.cpp, generate, and measure its agreement with the Hugging Face model → Ollama Modelfile.
+in llama.cpp, generate, and measure its agreement with the Hugging Face model → Ollama Modelfile; optionally the
+adapter alone as a LoRA GGUF beside the base model's GGUF (Modelfile.lora with ADAPTER), checked the same way.
 
 `export_job` reads top to bottom; it runs as a job (`python main.py export RUN --quant q4_k_m,q8_0`). The steps
-live in `convert` (merge, convert, quantize), `check` (agreement with the HF model) and `modelfile` (Ollama).
+live in `convert` (merge, convert, quantize), `check` (agreement with the HF model), `modelfile` (Ollama) and
+`ollama` (handing the files to a running Ollama).
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ from gguf_utils.check import CHECK_PROMPTS, MIN_CHECK_PROMPTS, REFERENCE_CACHE, 
 from gguf_utils.convert import (
     CONVERTER,
     FLOAT_TYPES,
+    LORA_CONVERTER,
     MERGE_DTYPES,
     MERGE_STAMP,
     QUANT_FTYPES,
-    ROOT,
     Stopped,
     conversions,
     ensure_merged,
@@ -39,6 +41,7 @@ from gguf_utils.convert import (
     model_dtype,
     quantize_gguf,
     start_conversion,
+    start_lora_conversion,
 )
 from gguf_utils.modelfile import build_modelfile
 from runfolder import JobContext, StopFlag, TrainedModel
@@ -114,6 +117,13 @@ class ExportConfig:
     )
     num_ctx: int = settings.option(
         4096, help="The Modelfile's context length; capped at the model's own.", minimum=1, label="Modelfile num_ctx"
+    )
+    lora_gguf: bool = settings.option(
+        False,
+        help="Also write the adapter alone as a small LoRA GGUF, the base model's GGUF (in the first quant type) and "
+        "Modelfile.lora (FROM base + ADAPTER), for keeping one base model and many adapters; checked like the "
+        "merged files. LoRA runs only.",
+        label="LoRA-only GGUF",
     )
 
     def __post_init__(self) -> None:
@@ -205,6 +215,12 @@ def needed_disk_bytes(model: TrainedModel, config: ExportConfig) -> dict[str, in
     for outtype in conversions(config.quants, dtype)[0]:
         if outtype not in config.quants:
             needed[f"{outtype} intermediate"] = params * 2
+    if config.lora_gguf and adapter:
+        base_quant = config.quants[0]
+        needed[f"base {base_quant}"] = int(params * BITS_PER_WEIGHT[base_quant] / 8) + 32 * 2**20
+        if base_quant not in FLOAT_TYPES:
+            needed["base 16-bit intermediate"] = params * 2
+        needed["LoRA adapter"] = sum(path.stat().st_size for path in model.path.glob("adapter_model.*"))
     return needed
 
 
@@ -224,12 +240,19 @@ def check_export(config: ExportConfig, workspace: str | Path | None = None) -> T
     """Everything that can be refused before a job starts: options, the run's model, disk space, the converter."""
     config.validate()
     model = export_source(config.run, workspace)
-    check_disk_space(model, config)
-    if not CONVERTER.exists():
+    if config.lora_gguf and model.kind != "adapter":
         raise UserError(
-            f"llama.cpp's converter is missing ({CONVERTER.relative_to(ROOT)}). Run `make setup`: it unpacks it from "
-            "the llama-cpp-python source package."
+            f"Run '{model.run_dir.name}' is a full fine-tune: it has no LoRA adapter to write as a LoRA GGUF. "
+            "Export it without the LoRA-only GGUF option."
         )
+    check_disk_space(model, config)
+    for script in (CONVERTER, LORA_CONVERTER) if config.lora_gguf else (CONVERTER,):
+        if not script.exists():
+            raise UserError(
+                f"llama.cpp's converter is missing ({script}). Run `make setup` (or `python "
+                "scripts/fetch_converter.py vendor` in a checkout): it unpacks it from the llama-cpp-python source "
+                "package."
+            )
     return model
 
 
@@ -246,6 +269,8 @@ def export_job(config: ExportConfig, ctx: JobContext) -> str:
     name = model.run_dir.name
     to_quantize = [quant for quant in config.quants if quant not in FLOAT_TYPES]
     total = 3 + len(to_quantize) + len(config.quants)
+    if config.lora_gguf:
+        total += 2 + (config.quants[0] not in FLOAT_TYPES)
     finished = iter(range(total))
     staging = _Staging(out)
 
@@ -297,11 +322,18 @@ def export_job(config: ExportConfig, ctx: JobContext) -> str:
             )
             log.info("%s: agreement %.4f, %d bytes", quant, check["agreement"], results[-1]["size_bytes"])
 
+        lora = _lora_files(model, config, staging, reference, ctx.stop, step) if config.lora_gguf else None
+
         step("writing the Modelfile and report.json")
         modelfile, modelfile_info = build_modelfile(
             f"{name}-{config.quants[0]}.gguf", chat, merged, config.temperature, config.top_p, config.num_ctx
         )
         staging.file("Modelfile").write_text(modelfile, encoding="utf-8")
+        if lora is not None:
+            text, lora["modelfile"] = build_modelfile(
+                lora["base_file"], chat, merged, config.temperature, config.top_p, config.num_ctx, lora["file"]
+            )
+            staging.file("Modelfile.lora").write_text(text, encoding="utf-8")
         report = {
             "run": name,
             "created": runfolder.now(),
@@ -328,6 +360,8 @@ def export_job(config: ExportConfig, ctx: JobContext) -> str:
             "files": results,
             "modelfile": modelfile_info,
         }
+        if lora is not None:
+            report["lora"] = lora
         staging.file("report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         staging.commit(last="report.json")
     except Stopped:
@@ -337,6 +371,45 @@ def export_job(config: ExportConfig, ctx: JobContext) -> str:
         staging.discard()
     ctx.reporter.progress(total, total, "done")
     return "done"
+
+
+def _lora_files(
+    model: TrainedModel, config: ExportConfig, staging: _Staging, reference: Reference, stop: StopFlag, step
+) -> dict[str, Any]:
+    """The adapter as a LoRA GGUF and the base model's GGUF in the first quant type, then both loaded together in
+    llama.cpp and scored against the HF reference (the merged model) like the merged files: what report.json says
+    about them."""
+    base_dir, base_quant = Path(model.base_model), config.quants[0]
+    outtype = "bf16" if model_dtype(base_dir) == "bfloat16" else "f16"
+    adapter_name = f"{model.run_dir.name}-lora-{outtype}.gguf"
+    base_name = f"{base_dir.name}-{base_quant}.gguf"
+    step("converting the adapter with llama.cpp's convert_lora_to_gguf.py, and the base model")
+    adapter_file = staging.file(adapter_name)
+    quantized = base_quant not in FLOAT_TYPES
+    base_source = staging.scratch(f"base-{outtype}") if quantized else staging.file(base_name)
+    # Both converters at once: each waits on its own file most of the time.
+    adapter_conversion = start_lora_conversion(model.path, base_dir, adapter_file, outtype)
+    base_conversion = start_conversion(base_dir, base_source, outtype if quantized else base_quant)
+    adapter_s = finish_conversion(adapter_conversion, stop)
+    base_s = finish_conversion(base_conversion, stop)
+    base_file, quantize_s = base_source, 0.0
+    if quantized:
+        step(f"quantizing the base model to {base_quant}")
+        base_file = staging.file(base_name)
+        quantize_s = quantize_gguf(base_source, base_file, base_quant)
+    step(f"loading the base model ({base_quant}) + the LoRA GGUF in llama.cpp and comparing with the HF model")
+    check = check_gguf(base_file, reference, lora_path=adapter_file)
+    log.info("LoRA GGUF: agreement %.4f, %d bytes", check["agreement"], adapter_file.stat().st_size)
+    return {
+        "file": adapter_name,
+        "size_bytes": adapter_file.stat().st_size,
+        "base_file": base_name,
+        "base_quant": base_quant,
+        "base_size_bytes": base_file.stat().st_size,
+        "convert_s": round(adapter_s, 2),
+        "base_export_s": round(base_s + quantize_s, 2),
+        **check,
+    }
 
 
 def _convert(

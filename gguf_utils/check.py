@@ -150,9 +150,10 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
-def check_gguf(path: Path, reference: Reference) -> dict[str, Any]:
-    """Load a GGUF in llama.cpp, generate, and score the reference prefixes: top-1 agreement with the HF model,
-    whether llama.cpp tokenizes the prompts the same way, and a sample reply."""
+def check_gguf(path: Path, reference: Reference, lora_path: Path | None = None) -> dict[str, Any]:
+    """Load a GGUF in llama.cpp (with a LoRA adapter GGUF applied on top, when given), generate, and score the
+    reference prefixes: top-1 agreement with the HF model, whether llama.cpp tokenizes the prompts the same way, and
+    a sample reply."""
     import llama_cpp
     import numpy as np
 
@@ -167,11 +168,13 @@ def check_gguf(path: Path, reference: Reference) -> dict[str, Any]:
             n_threads=threads,
             n_threads_batch=threads,
             n_gpu_layers=-1,
+            lora_path=str(lora_path) if lora_path else None,
             verbose=False,
         )
-    except ValueError as exc:
+    except (ValueError, RuntimeError) as exc:  # RuntimeError: an adapter llama.cpp cannot apply
+        names = path.name + (f" with the adapter {lora_path.name}" if lora_path else "")
         raise UserError(
-            f"llama.cpp could not load the converted file {path.name} ({exc}); the model's architecture or tokenizer "
+            f"llama.cpp could not load the converted file {names} ({exc}); the model's architecture or tokenizer "
             f"may not be supported by llama-cpp-python {llama_cpp_version()}."
         ) from None
     load_s = time.monotonic() - started

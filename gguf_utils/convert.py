@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONVERTER = ROOT / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
+LORA_CONVERTER = CONVERTER.with_name("convert_lora_to_gguf.py")  # unpacked beside it by scripts/fetch_converter.py
 # llama.cpp file types (llama_ftype) by the names users know from llama-quantize and Ollama.
 QUANT_FTYPES = {
     "f16": "LLAMA_FTYPE_MOSTLY_F16",
@@ -138,10 +139,21 @@ class Conversion:
 
 def start_conversion(model_dir: Path, outfile: Path, outtype: str) -> Conversion:
     """Start llama.cpp's convert_hf_to_gguf.py on a HF folder (in the background)."""
-    if not CONVERTER.exists():
-        raise UserError(f"llama.cpp's converter is missing ({CONVERTER}). Run `make setup`.")
+    return _start([str(CONVERTER), str(model_dir), "--outfile", str(outfile), "--outtype", outtype], outfile)
+
+
+def start_lora_conversion(adapter_dir: Path, base_dir: Path, outfile: Path, outtype: str) -> Conversion:
+    """Start llama.cpp's convert_lora_to_gguf.py on a PEFT adapter folder (in the background): a GGUF holding only
+    the LoRA matrices, which llama.cpp and Ollama (ADAPTER) apply on top of the base model's GGUF."""
+    command = [str(LORA_CONVERTER), "--base", str(base_dir), "--outfile", str(outfile), "--outtype", outtype]
+    return _start([*command, str(adapter_dir)], outfile)
+
+
+def _start(arguments: list[str], outfile: Path) -> Conversion:
+    if not Path(arguments[0]).exists():
+        raise UserError(f"llama.cpp's converter is missing ({arguments[0]}). Run `make setup`.")
     output = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")
-    command = [sys.executable, str(CONVERTER), str(model_dir), "--outfile", str(outfile), "--outtype", outtype]
+    command = [sys.executable, *arguments]
     log.info("running %s", " ".join(command))
     process = subprocess.Popen(
         command,

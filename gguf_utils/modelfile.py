@@ -120,16 +120,26 @@ def chat_format(tokenizer) -> dict[str, Any]:
 
 
 def build_modelfile(
-    gguf_name: str, chat: dict[str, Any], model_dir: Path, temperature: float, top_p: float, num_ctx: int
+    gguf_name: str,
+    chat: dict[str, Any],
+    model_dir: Path,
+    temperature: float,
+    top_p: float,
+    num_ctx: int,
+    adapter: str | None = None,
 ) -> tuple[str, dict]:
-    """An Ollama Modelfile for `gguf_name` (FROM, TEMPLATE, stop tokens, PARAMETERs) and what it holds.
+    """An Ollama Modelfile for `gguf_name` (FROM, ADAPTER when given, TEMPLATE, stop tokens, PARAMETERs) and what
+    it holds.
 
     num_ctx is capped at the model's own context length (config.json in `model_dir`)."""
     max_length = int((read_json(Path(model_dir) / "config.json", {}) or {}).get("max_position_embeddings") or num_ctx)
     lines = [
-        "# Ollama Modelfile written by LLM Finetuner. Create the model in this folder with: ollama create NAME -f Modelfile",
+        "# Ollama Modelfile written by LLM Finetuner. Create the model in this folder with: ollama create NAME -f "
+        + ("Modelfile.lora" if adapter else "Modelfile"),
         f"FROM ./{gguf_name}",
     ]
+    if adapter:
+        lines.append(f"ADAPTER ./{adapter}")
     if chat["template"]:
         lines.append(f'TEMPLATE """{chat["template"]}"""')
     else:
@@ -146,4 +156,6 @@ def build_modelfile(
         f"PARAMETER num_ctx {min(num_ctx, max_length)}",
     ]
     info = {"file": "Modelfile", "from": gguf_name, "template": bool(chat["template"]), "stop": chat["stops"]}
+    if adapter:
+        info.update(file="Modelfile.lora", adapter=adapter)
     return "\n".join(lines) + "\n", info

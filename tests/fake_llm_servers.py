@@ -4,27 +4,36 @@ One server answers all three protocols:
 - OpenAI: POST /v1/chat/completions, GET /v1/models, GET /v1/models/{id}
 - Anthropic: POST /v1/messages, GET /v1/models, GET /v1/models/{id} (told apart by the `anthropic-version` header),
   with Anthropic's error bodies ({"type": "error", "error": {"type": "rate_limit_error", ...}})
-- Ollama: POST /api/chat, POST /api/show, GET /api/tags
+- Ollama: POST /api/chat, POST /api/show, GET /api/tags; and, as Ollama's API documents them, HEAD / POST
+  /api/blobs/sha256:<digest> (201 on upload, 400 when the body's digest differs, HEAD 200 / 404) and POST /api/create
+  ({"model", "files", "adapters", "template", "parameters", "stream"}; streamed status lines ending in "success").
+  A model created that way answers POST /api/chat and /api/generate by running its GGUF (+ adapter) in llama.cpp
+  (llama-cpp-python), so a reply proves the uploaded file loads and generates. It renders prompts with the GGUF's own
+  chat template, not the TEMPLATE Go text (no Go here); the stop tokens and options are applied.
 
 Faults are queued and consumed one per chat request: 429 with Retry-After, 500, 529, dropped connections, slow
 replies and malformed JSON, and the broken servers a client must survive: a body trickled byte by byte, an endless
 body, a huge error message, a 200 carrying an HTML page, a cut-off JSON body or JSON of another shape. A whole server
 can also be a web page (every route answers HTML), echo a wrong key in its 401, or redirect every request elsewhere.
-Tests and bench/synth_bench.py use it; it holds no state on disk.
+Tests and bench/synth_bench.py use it; uploaded blobs live in a temporary folder removed by stop().
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import re
+import shutil
+import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 WORDS = (
@@ -37,6 +46,8 @@ WORDS = (
 ).split()
 
 JSON = "application/json"
+NDJSON = "application/x-ndjson"
+DIGEST = re.compile(r"^/api/blobs/(sha256[:-][0-9a-f]{64})$")
 HTML_PAGE = (
     b"<!doctype html><html><head><title>Open WebUI</title></head><body><div id='app'>Loading...</div>"
     b"<script src='/static/app.js'></script></body></html>"
@@ -100,6 +111,11 @@ class FakeLLMServer:
         self.lock = threading.Lock()
         self.port = port  # 0: any free port
         self.httpd: ThreadingHTTPServer | None = None
+        self.blob_dir: Path | None = None  # uploaded blobs, by digest (made on the first upload)
+        self.created: dict[str, dict] = {}  # model name -> its /api/create request
+        self.llamas: dict[str, Any] = {}  # model name -> its loaded llama_cpp.Llama
+        self.created_prompts: list[str] = []  # the user messages / prompts put to created models
+        self.llama_lock = threading.Lock()  # one generation at a time: a Llama is not thread-safe
 
     @property
     def url(self) -> str:
@@ -131,6 +147,37 @@ class FakeLLMServer:
             self.httpd.shutdown()
             self.httpd.server_close()
             self.httpd = None
+        with self.llama_lock:
+            for llm in self.llamas.values():
+                llm.close()
+            self.llamas.clear()
+        if self.blob_dir is not None:
+            shutil.rmtree(self.blob_dir, ignore_errors=True)
+            self.blob_dir = None
+
+    def blob_path(self, digest: str) -> Path:
+        if self.blob_dir is None:
+            self.blob_dir = Path(tempfile.mkdtemp(prefix="fake-ollama-blobs-"))
+        return self.blob_dir / digest.replace(":", "-")
+
+    def llama(self, name: str):
+        """The created model `name` loaded in llama.cpp (its GGUF, with its adapter when it has one); call with
+        llama_lock held."""
+        if name not in self.llamas:
+            import llama_cpp
+
+            request = self.created[name]
+            (model_digest,) = request["files"].values()
+            adapters = list((request.get("adapters") or {}).values())
+            num_ctx = int((request.get("parameters") or {}).get("num_ctx") or 2048)
+            self.llamas[name] = llama_cpp.Llama(
+                str(self.blob_path(model_digest)),
+                lora_path=str(self.blob_path(adapters[0])) if adapters else None,
+                n_ctx=min(num_ctx, 2048),
+                n_threads=1,
+                verbose=False,
+            )
+        return self.llamas[name]
 
     def __enter__(self) -> FakeLLMServer:
         return self.start()
@@ -192,14 +239,36 @@ class _Handler(BaseHTTPRequestHandler):
         elif self.path == "/api/tags":
             self._json(
                 200,
-                {"models": [{"name": name, "model": name, "size": 1, "digest": "0" * 12} for name in self.fake.models]},
+                {
+                    "models": [
+                        {"name": name, "model": name, "size": 1, "digest": "0" * 12}
+                        for name in (*self.fake.models, *self.fake.created)
+                    ]
+                },
             )
         else:
             self._error(404, f"no route {self.path}")
 
+    def do_HEAD(self) -> None:
+        """HEAD /api/blobs/:digest: 200 when the server has the blob, else 404 (no body either way)."""
+        match = DIGEST.match(self.path)
+        found = match is not None and self.fake.blob_path(match.group(1)).exists()
+        self._send(200 if found else 404, b"", JSON)
+
     def do_POST(self) -> None:
+        if self.path.startswith("/api/blobs/"):
+            if not self._answered_elsewhere():
+                self._upload_blob()
+            return
         body = self._body()
         if body is None or self._answered_elsewhere() or not self._authorized():
+            return
+        if self.path == "/api/create":
+            self._create(body)
+            return
+        model = body.get("model")
+        if self.path in ("/api/chat", "/api/generate") and model in self.fake.created:
+            self._run_created(body)
             return
         if self.path == "/api/show":
             name = body.get("model") or body.get("name")
@@ -320,6 +389,124 @@ class _Handler(BaseHTTPRequestHandler):
                 },
                 trickle_s=trickle_s,
             )
+
+    # ------------------------------------------------------------ Ollama's model creation
+
+    def _upload_blob(self) -> None:
+        """POST /api/blobs/:digest with the file as the body: 201 Created, or 400 when its SHA-256 differs."""
+        match = DIGEST.match(self.path)
+        if match is None:
+            self._error(400, "invalid digest format")
+            return
+        digest = match.group(1).replace("-", ":", 1)
+        target = self.fake.blob_path(digest)
+        partial = target.with_suffix(f".partial-{threading.get_ident()}")
+        sha = hashlib.sha256()
+        with open(partial, "wb") as out:
+            for chunk in self._raw_body():
+                sha.update(chunk)
+                out.write(chunk)
+        if f"sha256:{sha.hexdigest()}" != digest:
+            partial.unlink()
+            self._error(400, "digest mismatch")
+            return
+        partial.replace(target)
+        self._send(201, b"", JSON)
+
+    def _raw_body(self):
+        """The request body in chunks, sized by Content-Length or sent chunked (httpx streams a file either way)."""
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    self.rfile.readline()
+                    return
+                yield self.rfile.read(size)
+                self.rfile.readline()
+        remaining = int(self.headers.get("Content-Length") or 0)
+        while remaining:
+            chunk = self.rfile.read(min(remaining, 1 << 20))
+            if not chunk:
+                return
+            remaining -= len(chunk)
+            yield chunk
+
+    def _create(self, body: dict) -> None:
+        """POST /api/create from uploaded blobs: `files` holds one GGUF, `adapters` at most one LoRA GGUF."""
+        name, files, adapters = body.get("model"), body.get("files") or {}, body.get("adapters") or {}
+        if not name:
+            self._error(400, "model is required")
+            return
+        if len(files) != 1:
+            self._error(400, "this server creates models from exactly one GGUF in files")
+            return
+        for digest in (*files.values(), *adapters.values()):
+            path = self.fake.blob_path(str(digest))
+            if not path.exists():
+                self._error(400, f"blob {digest} not found; upload it with POST /api/blobs/{digest} first")
+                return
+            with open(path, "rb") as handle:
+                if handle.read(4) != b"GGUF":
+                    self._error(400, f"blob {digest} is not a GGUF file")
+                    return
+        with self.fake.llama_lock:
+            old = self.fake.llamas.pop(name, None)
+            if old is not None:
+                old.close()
+            self.fake.created[name] = body
+        statuses = [{"status": "parsing GGUF"}]
+        statuses += [{"status": f"using existing layer {digest}"} for digest in (*files.values(), *adapters.values())]
+        statuses += [{"status": "writing manifest"}, {"status": "success"}]
+        if body.get("stream", True):
+            self._send(200, b"".join(json.dumps(status).encode() + b"\n" for status in statuses), NDJSON)
+        else:
+            self._json(200, statuses[-1])
+
+    def _run_created(self, body: dict) -> None:
+        """/api/chat or /api/generate for a created model: generate with llama.cpp, the request's options over the
+        model's parameters."""
+        name = body["model"]
+        request = self.fake.created[name]
+        settings = {**(request.get("parameters") or {}), **(body.get("options") or {})}
+        stop = settings.get("stop") or []
+        arguments = {
+            "max_tokens": int(settings.get("num_predict") or 128),
+            "temperature": float(settings.get("temperature", 0.8)),
+            "top_p": float(settings.get("top_p", 0.9)),
+            "stop": [stop] if isinstance(stop, str) else list(stop),
+        }
+        started = time.monotonic_ns()
+        with self.fake.llama_lock:
+            llm = self.fake.llama(name)
+            if self.path == "/api/chat":
+                messages = [{"role": m.get("role"), "content": _text(m.get("content"))} for m in body["messages"]]
+                self.fake.created_prompts.append(messages[-1]["content"])
+                out = llm.create_chat_completion(messages, **arguments)
+                text = out["choices"][0]["message"]["content"] or ""
+            else:
+                self.fake.created_prompts.append(body.get("prompt", ""))
+                out = llm.create_completion(body.get("prompt", ""), **arguments)
+                text = out["choices"][0]["text"]
+        usage = out["usage"]
+        reply = {
+            "model": name,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "done": True,
+            "done_reason": "length" if out["choices"][0]["finish_reason"] == "length" else "stop",
+            "total_duration": time.monotonic_ns() - started,
+            "prompt_eval_count": usage["prompt_tokens"],
+            "eval_count": usage["completion_tokens"],
+        }
+        key = "message" if self.path == "/api/chat" else "response"
+        content: Any = {"role": "assistant", "content": text} if key == "message" else text
+        if body.get("stream", True):
+            # One content chunk, then the final chunk with the counts, as Ollama streams them.
+            empty: Any = {"role": "assistant", "content": ""} if key == "message" else ""
+            first = {"model": name, "created_at": reply["created_at"], key: content, "done": False}
+            lines = [first, {**reply, key: empty}]
+            self._send(200, b"".join(json.dumps(line).encode() + b"\n" for line in lines), NDJSON)
+        else:
+            self._json(200, {**reply, key: content})
 
     # ------------------------------------------------------------ broken replies
 

@@ -1,8 +1,17 @@
 """GGUF export of a trained demo run: llama.cpp conversion and quantization, agreement with the HF model, the Ollama
-Modelfile (its Go TEMPLATE pinned by golden files), a killed export, and the refusals of bad input."""
+Modelfile (its Go TEMPLATE pinned by golden files), the LoRA-only GGUF, the hand-off to Ollama, a killed export, and
+the refusals of bad input.
+
+The hand-off runs against tests/fake_llm_servers.py's Ollama-protocol server, driven by the official `ollama` SDK:
+a real Ollama cannot be installed here (no network beyond the package registries, and Ollama is not on PyPI). That
+server keeps the uploaded blobs, creates the model from them and answers its chats by running the uploaded GGUF
+(+ adapter) in llama.cpp, so a reply proves the files Ollama received load and generate."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import json
 import os
 import re
@@ -12,12 +21,14 @@ import time
 from pathlib import Path
 
 import pytest
+from fake_llm_servers import FakeLLMServer
 
 import gguf_utils
 import jobs
 import main
 import runfolder
-from gguf_utils import check, modelfile
+from gguf_utils import check, modelfile, ollama
+from ui import export_tab
 from workspace import UserError, config_to_dict
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -48,27 +59,43 @@ def finished_looking_files(folder: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def exported(trained_run, demo_model, tmp_path_factory):
-    """A copy of the trained demo run exported to f16 and q8_0 through the CLI, as a user would:
-    (training run folder, report.json)."""
+def ollama_server():
+    with FakeLLMServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, demo_model, tmp_path_factory, ollama_server):
+    """A copy of the trained demo run exported through the CLI, as a user would: f16 and q8_0, the LoRA GGUF, and
+    handed to Ollama (`--ollama trained-lora`, from Modelfile.lora): (training run folder, report.json)."""
     workspace = tmp_path_factory.mktemp("export")
     run_dir = copy_trained_run(trained_run, demo_model, workspace)
-    with pytest.MonkeyPatch.context() as patch:
+    command = ["--workspace", str(workspace), "export", "trained", "--quant", "f16,q8_0", "--lora-gguf"]
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out):
         patch.setenv("FINETUNER_WORKSPACE", str(workspace))  # main() sets it; this puts the old value back
-        code = main.main(["--workspace", str(workspace), "export", "trained", "--quant", "f16,q8_0"])
+        patch.setenv("OLLAMA_HOST", ollama_server.url)
+        code = main.main([*command, "--ollama", "trained-lora"])
     assert code == 0, runfolder.log_tail(runfolder.runs_dir(workspace) / "export-trained")
+    (run_dir / "cli-output.txt").write_text(out.getvalue(), encoding="utf-8")
     return run_dir, json.loads((run_dir / "gguf" / "report.json").read_text())
 
 
 @pytest.mark.slow
 def test_export_writes_gguf_files_modelfile_and_report_with_progress(exported):
     run_dir, report = exported
-    assert finished_looking_files(run_dir / "gguf") == [
-        "Modelfile",
-        "report.json",
-        "trained-f16.gguf",
-        "trained-q8_0.gguf",
-    ]
+    base = f"{demo_model_name(run_dir)}-f16.gguf"
+    assert finished_looking_files(run_dir / "gguf") == sorted(
+        [
+            "Modelfile",
+            "Modelfile.lora",
+            "report.json",
+            base,
+            "trained-f16.gguf",
+            "trained-lora-f16.gguf",
+            "trained-q8_0.gguf",
+        ]
+    )
     assert [file["quant"] for file in report["files"]] == ["f16", "q8_0"]
     sizes = {file["quant"]: file["size_bytes"] for file in report["files"]}
     assert sizes["q8_0"] < 0.6 * sizes["f16"]
@@ -149,6 +176,147 @@ def test_killed_export_leaves_no_finished_looking_file(trained_run, demo_model, 
     while any(str(run_dir) in path.read_text(errors="replace") for path in _cmdlines()):
         assert time.monotonic() < deadline, "the converter outlived the killed export"
         time.sleep(0.2)
+
+
+def demo_model_name(run_dir: Path) -> str:
+    return Path(gguf_utils.export_source(run_dir).base_model).name
+
+
+@pytest.mark.slow
+def test_lora_gguf_is_small_and_agrees_with_the_hf_model_on_the_base_gguf(exported):
+    run_dir, report = exported
+    lora = report["lora"]
+    base_gguf = run_dir / "gguf" / lora["base_file"]
+    assert lora["base_quant"] == "f16" and lora["base_size_bytes"] == base_gguf.stat().st_size
+    # Only the LoRA matrices: a small fraction of the 135M base model.
+    assert lora["size_bytes"] < 0.05 * lora["base_size_bytes"], lora
+    # Scored like the merged files: base + adapter in llama.cpp against the HF merged model.
+    assert lora["scored_tokens"] == 16 * 32 and lora["tokenizer_match"] == 1.0
+    assert lora["agreement"] >= 0.98, lora
+    merged_f16 = next(file for file in report["files"] if file["quant"] == "f16")
+    assert lora["agreement"] >= merged_f16["agreement"] - 0.02, (lora["agreement"], merged_f16["agreement"])
+    # Without the adapter the base model says something else: the agreement is the adapter's doing.
+    reference = check.Reference(**json.loads((run_dir / "merged" / check.REFERENCE_CACHE).read_text())["reference"])
+    assert check.check_gguf(base_gguf, reference)["agreement"] < lora["agreement"] - 0.02
+    lines = (run_dir / "gguf" / "Modelfile.lora").read_text().splitlines()
+    assert f"FROM ./{lora['base_file']}" in lines and f"ADAPTER ./{lora['file']}" in lines
+    assert lines[0].endswith("ollama create NAME -f Modelfile.lora")
+    merged_lines = (run_dir / "gguf" / "Modelfile").read_text().splitlines()
+    assert [line for line in lines if line.startswith(("TEMPLATE", "PARAMETER"))] == [
+        line for line in merged_lines if line.startswith(("TEMPLATE", "PARAMETER"))
+    ]
+
+
+@pytest.mark.slow
+def test_export_with_ollama_creates_the_model_and_it_answers(exported, ollama_server):
+    run_dir, report = exported
+    printed = (run_dir / "cli-output.txt").read_text()
+    assert f"created trained-lora in Ollama at {ollama_server.url}" in printed
+    request = ollama_server.created["trained-lora"]
+    lora = report["lora"]
+    # What Ollama received: the two files' real digests, the Modelfile's TEMPLATE, stop tokens and parameters.
+    assert request["files"] == {lora["base_file"]: sha256_digest(run_dir / "gguf" / lora["base_file"])}
+    assert request["adapters"] == {lora["file"]: sha256_digest(run_dir / "gguf" / lora["file"])}
+    assert request["template"] == template_text((run_dir / "gguf" / "Modelfile").read_text())
+    stops = [
+        json.loads(line.split(" ", 2)[2]) for line in modelfile_lines(run_dir) if line.startswith("PARAMETER stop")
+    ]
+    assert stops[0] == "<|im_end|>"
+    assert request["parameters"] == {"stop": stops, "temperature": 0.7, "top_p": 0.9, "num_ctx": 4096}
+    reply = printed.split("it answered:\n", 1)[1].strip()
+    assert reply and ollama_server.created_prompts[0] == ollama.PROBE_QUESTION
+
+
+@pytest.mark.slow
+def test_add_to_ollama_from_the_export_tab_hands_over_the_merged_file(exported, ollama_server, monkeypatch):
+    import ollama as ollama_sdk
+
+    run_dir, report = exported
+    monkeypatch.setenv("OLLAMA_HOST", ollama_server.url)
+    shown = export_tab.add_to_ollama("trained", "trained:q8", "Modelfile", run_dir.parent.parent)
+    assert f"Created **trained:q8** in the Ollama at `{ollama_server.url}`" in shown
+    request = ollama_server.created["trained:q8"]
+    assert request["files"] == {"trained-f16.gguf": sha256_digest(run_dir / "gguf" / "trained-f16.gguf")}
+    assert "adapters" not in request
+    # The created model answers the SDK like any Ollama model, in both APIs.
+    client = ollama_sdk.Client(ollama_server.url)
+    assert "trained:q8" in [model.model for model in client.list().models]
+    answer = client.generate(model="trained:q8", prompt="The capital of Peru is", options={"num_predict": 8})
+    assert answer.response.strip() and answer.done
+    chunks = list(
+        client.chat(
+            model="trained:q8", messages=[{"role": "user", "content": "Hi"}], stream=True, options={"num_predict": 8}
+        )
+    )
+    assert chunks[-1].done and "".join(chunk.message.content for chunk in chunks).strip()
+
+
+def modelfile_lines(run_dir: Path) -> list[str]:
+    return (run_dir / "gguf" / "Modelfile.lora").read_text(encoding="utf-8").splitlines()
+
+
+def sha256_digest(path: Path) -> str:
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_fake_ollama_refuses_a_blob_whose_digest_differs(ollama_server, tmp_path):
+    import httpx
+
+    wrong = "sha256:" + "0" * 64
+    assert httpx.head(f"{ollama_server.url}/api/blobs/{wrong}").status_code == 404
+    assert httpx.post(f"{ollama_server.url}/api/blobs/{wrong}", content=b"GGUF...").status_code == 400
+    assert httpx.head(f"{ollama_server.url}/api/blobs/{wrong}").status_code == 404
+    right = "sha256:" + hashlib.sha256(b"not a model").hexdigest()
+    assert httpx.post(f"{ollama_server.url}/api/blobs/{right}", content=b"not a model").status_code == 201
+    assert httpx.head(f"{ollama_server.url}/api/blobs/{right}").status_code == 200
+    created = httpx.post(f"{ollama_server.url}/api/create", json={"model": "bad", "files": {"x.gguf": right}})
+    assert created.status_code == 400 and "not a GGUF" in created.json()["error"]
+
+
+def test_no_ollama_running_is_one_message_with_the_manual_command(workspace, monkeypatch, capsys):
+    with socket_closed() as port:
+        monkeypatch.setenv("OLLAMA_HOST", f"127.0.0.1:{port}")
+        assert main.main(["--workspace", str(workspace), "export", "trained", "--ollama", "mine"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: No Ollama answers at 127.0.0.1:{port}"), lines
+    assert "ollama serve" in lines[0] and "ollama create NAME -f Modelfile" in lines[0]
+    assert not runfolder.runs_dir(workspace).exists() or not any(runfolder.runs_dir(workspace).iterdir())
+
+
+def test_add_to_ollama_without_ollama_names_the_manual_command(tmp_path):
+    (tmp_path / "Modelfile").write_text('FROM ./m.gguf\nPARAMETER stop "<|im_end|>"\n', encoding="utf-8")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    with socket_closed() as port, pytest.raises(UserError) as error:
+        ollama.add_to_ollama(tmp_path, "mine", host=f"127.0.0.1:{port}")
+    assert f"cd {tmp_path} && ollama create mine -f Modelfile" in str(error.value)
+    with pytest.raises(UserError, match="not an Ollama model name"):
+        ollama.add_to_ollama(tmp_path, "my model!", host=f"127.0.0.1:{port}")
+
+
+def test_ollama_hand_off_reads_the_modelfile_the_export_writes(demo_tokenizer, tmp_path):
+    chat = modelfile.chat_format(demo_tokenizer)
+    text, _ = modelfile.build_modelfile("base.gguf", chat, tmp_path, 0.7, 0.9, 4096, adapter="lora.gguf")
+    spec = ollama.parse_modelfile(text)
+    assert (spec.model_file, spec.adapter_file, spec.template) == ("base.gguf", "lora.gguf", chat["template"])
+    assert spec.parameters == {"stop": chat["stops"], "temperature": 0.7, "top_p": 0.9, "num_ctx": 4096}
+
+
+def test_lora_gguf_of_a_full_fine_tune_is_refused(demo_model, workspace):
+    run_dir = jobs.create_run("train", {"full_finetuning": True}, workspace, "full-run")
+    (run_dir / "merged").symlink_to(demo_model)
+    with pytest.raises(UserError, match="full fine-tune: it has no LoRA adapter"):
+        gguf_utils.check_export(gguf_utils.ExportConfig(run="full-run", lora_gguf=True), workspace)
+
+
+@contextlib.contextmanager
+def socket_closed():
+    """A port on this machine where nothing listens."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    yield port
 
 
 def _cmdlines() -> list[Path]:

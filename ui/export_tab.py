@@ -1,4 +1,5 @@
-"""Export tab: turn a finished run into GGUF files (llama.cpp / Ollama), check them, and download them."""
+"""Export tab: turn a finished run into GGUF files (llama.cpp / Ollama), check them, download them, and hand them to
+a running Ollama in one step."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ import gradio as gr
 import gguf_utils
 import runfolder
 import submit
-from gguf_utils import ExportConfig
+from gguf_utils import ExportConfig, ollama
 from ui import forms
 from ui.common import download_links, guarded, job_html, run_names
-from workspace import read_json
+from workspace import UserError, read_json
 
-SETTINGS = ("check_prompts", "check_tokens", "merge_dtype", "temperature", "top_p", "num_ctx")
+SETTINGS = ("check_prompts", "check_tokens", "merge_dtype", "temperature", "top_p", "num_ctx", "lora_gguf")
 POLL_S = 1.5
 
 
@@ -35,6 +36,10 @@ class ExportTab:
     downloads: gr.HTML
     modelfile: gr.Code
     timer: gr.Timer
+    ollama_name: gr.Textbox
+    ollama_modelfile: gr.Dropdown
+    ollama_add: gr.Button
+    ollama_result: gr.Markdown
 
 
 def build() -> ExportTab:
@@ -53,6 +58,7 @@ def build() -> ExportTab:
         choices=list(gguf_utils.QUANT_FTYPES),
         elem_id="export-quants",
     )
+    lora_gguf = forms.widget(ExportConfig, "lora_gguf", elem_id="export-lora-gguf")
     with gr.Accordion("Check and Modelfile settings", open=False):
         with gr.Row():
             check_prompts = forms.widget(ExportConfig, "check_prompts")
@@ -71,12 +77,31 @@ def build() -> ExportTab:
     downloads = gr.HTML(elem_id="export-downloads")
     modelfile = gr.Code(label="Modelfile", language=None, interactive=False, lines=8, elem_id="export-modelfile")
     log = gr.Textbox(label="Log (last lines)", lines=8, max_lines=12, interactive=False, elem_id="export-log")
+    with gr.Group():
+        gr.Markdown(
+            "**Add to Ollama**: upload the exported GGUF to the Ollama running at `OLLAMA_HOST` (now "
+            f"`{ollama.ollama_host()}`), create the model with the Modelfile's template, stop tokens and "
+            "parameters, and ask it one question."
+        )
+        with gr.Row(equal_height=True):
+            ollama_name = gr.Textbox(label="Ollama model name", placeholder="my-model", scale=3, elem_id="ollama-name")
+            ollama_modelfile = gr.Dropdown(
+                label="From",
+                choices=[
+                    ("merged model (Modelfile)", "Modelfile"),
+                    ("base + LoRA adapter (Modelfile.lora)", "Modelfile.lora"),
+                ],
+                value="Modelfile",
+                scale=2,
+            )
+            ollama_add = gr.Button("Add to Ollama", interactive=False, scale=1, elem_id="ollama-add")
+        ollama_result = gr.Markdown(elem_id="ollama-result")
     timer = gr.Timer(POLL_S, active=False)
     return ExportTab(
         run,
         refresh,
         quants,
-        [check_prompts, check_tokens, merge_dtype, temperature, top_p, num_ctx],
+        [check_prompts, check_tokens, merge_dtype, temperature, top_p, num_ctx, lora_gguf],
         start,
         stop,
         hint,
@@ -86,11 +111,26 @@ def build() -> ExportTab:
         downloads,
         modelfile,
         timer,
+        ollama_name,
+        ollama_modelfile,
+        ollama_add,
+        ollama_result,
     )
 
 
 def wire(tab: ExportTab, tab_container: gr.Tab, workspace: Path) -> None:
-    view = [tab.status, tab.log, tab.results, tab.downloads, tab.modelfile, tab.start, tab.stop, tab.hint, tab.timer]
+    view = [
+        tab.status,
+        tab.log,
+        tab.results,
+        tab.downloads,
+        tab.modelfile,
+        tab.start,
+        tab.stop,
+        tab.hint,
+        tab.timer,
+        tab.ollama_add,
+    ]
 
     def run_choices(current: str | None) -> gr.Dropdown:
         names = run_names(workspace, ("train",), states=("done",))
@@ -104,6 +144,10 @@ def wire(tab: ExportTab, tab_container: gr.Tab, workspace: Path) -> None:
     def start(run: str, quants: list[str], *settings: Any) -> None:
         config = ExportConfig(run=run or "", quants=list(quants or []), **dict(zip(SETTINGS, settings, strict=True)))
         submit.submit_export(config, workspace)
+
+    @guarded
+    def add(run: str, name: str, modelfile: str) -> str:
+        return add_to_ollama(run, name, modelfile, workspace)
 
     @guarded
     def stop(run: str) -> None:
@@ -122,6 +166,7 @@ def wire(tab: ExportTab, tab_container: gr.Tab, workspace: Path) -> None:
     )
     tab.stop.click(stop, inputs=tab.run).success(show, inputs=tab.run, outputs=view, show_progress="hidden")
     tab.timer.tick(show, inputs=tab.run, outputs=view, show_progress="hidden")
+    tab.ollama_add.click(add, inputs=[tab.run, tab.ollama_name, tab.ollama_modelfile], outputs=tab.ollama_result)
 
 
 def export_view(run: str | None, workspace: Path) -> list[Any]:
@@ -137,6 +182,7 @@ def export_view(run: str | None, workspace: Path) -> list[Any]:
             gr.Button(interactive=False),
             "Export: no finished training run yet; train one first.",
             gr.Timer(active=False),
+            gr.Button(interactive=False),
         ]
     job = submit.latest_job("export", run, workspace)
     active = job is not None and job.active
@@ -155,6 +201,8 @@ def export_view(run: str | None, workspace: Path) -> list[Any]:
         links = download_links(files)
         modelfile = (gguf_dir / "Modelfile").read_text(encoding="utf-8") if (gguf_dir / "Modelfile").exists() else ""
     hint = "Export: an export of this run is running." if active else "Stop: no export is running."
+    if not report:
+        hint += " Add to Ollama: no finished export of this run yet."
     return [
         status,
         log,
@@ -165,7 +213,24 @@ def export_view(run: str | None, workspace: Path) -> list[Any]:
         gr.Button(interactive=active),
         hint,
         gr.Timer(active=active),
+        gr.Button(interactive=bool(report)),
     ]
+
+
+def add_to_ollama(run: str | None, name: str, modelfile: str, workspace: Path) -> str:
+    """Hand a finished export to the running Ollama; what it answered, as Markdown."""
+    if not run:
+        raise UserError("Choose a training run whose export to hand to Ollama.")
+    gguf_dir = runfolder.run_path(run, workspace) / "gguf"
+    if not (gguf_dir / "report.json").exists():
+        raise UserError("This run has no finished export yet: export it first.")
+    if modelfile == "Modelfile.lora" and not (gguf_dir / "Modelfile.lora").exists():
+        raise UserError("This export has no LoRA GGUF: export it again with the LoRA-only GGUF option.")
+    added = ollama.add_to_ollama(gguf_dir, name, modelfile)
+    return (
+        f"Created **{added['model']}** in the Ollama at `{added['host']}` (`ollama run {added['model']}`). "
+        f"Asked *{added['question']}*, it answered:\n\n> {added['reply']}"
+    )
 
 
 def report_table(report: dict) -> str:
@@ -175,6 +240,13 @@ def report_table(report: dict) -> str:
         lines.append(
             f"| `{item['file']}` | {item['size_bytes'] / 1024**2:.1f} MiB | {item['agreement']:.1%} | "
             f"{item['tokenizer_match']:.0%} | {item['export_s']:.1f} s |"
+        )
+    lora = report.get("lora")
+    if lora:
+        lines.append(
+            f"| `{lora['file']}` on `{lora['base_file']}` | {lora['size_bytes'] / 1024**2:.1f} MiB "
+            f"(+ {lora['base_size_bytes'] / 1024**2:.1f} MiB) | {lora['agreement']:.1%} | "
+            f"{lora['tokenizer_match']:.0%} | {lora['convert_s'] + lora['base_export_s']:.1f} s |"
         )
     check = report.get("check", {})
     lines.append(
