@@ -6,17 +6,17 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 CONVERTER := vendor/llama.cpp/convert_hf_to_gguf.py
 BROWSER := /usr/bin/chromium
-export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .PHONY: run test setup lint audit clean
 
 run: setup
-	$(PY) main.py demo-model
+	HF_HUB_OFFLINE=1 $(PY) main.py demo-model
 	$(PY) main.py
 
+# Tests stay off the Hub (they use tests/fake_hub.py); `make run` and `python main.py` reach it.
 test: lint $(BROWSER)
-	$(PY) -m pytest
+	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
 setup: $(INSTALLED) $(CONVERTER)
 

@@ -45,6 +45,7 @@ UNSLOTH_CATALOGUE = (
     "unsloth/Mistral-Small-3.2-24B-Instruct-2506",
     "unsloth/SmolLM2-135M-Instruct",
 )
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
@@ -54,7 +55,7 @@ class ModelConfig:
 
     name_or_path: str = option(
         DEMO_MODEL,
-        help="The built-in demo model works offline; type any Hub id (from the local cache) or a local folder.",
+        help="The built-in demo model works offline; type any Hub id (downloaded on first use) or a local folder.",
         label="Model",
     )
     trust_remote_code: bool = option(
@@ -238,8 +239,11 @@ def _check_round_trip(tokenizer) -> None:
 # ---------------------------------------------------------------- resolving and loading
 
 
-def resolve_model_path(name_or_path: str, workspace: str | Path | None = None) -> str:
-    """A local folder (the demo model is converted on first use) or a Hub id present in the local cache."""
+def resolve_model_path(name_or_path: str, workspace: str | Path | None = None, download: bool = True) -> str:
+    """A local folder (the demo model is converted on first use) or the cache folder of a Hub id.
+
+    A Hub id that is not cached yet is downloaded first (progress in the log) unless `download` is False: then the
+    error says how to download it. Jobs (training, chat, export) download; views that must stay quick do not."""
     name = str(name_or_path).strip()
     if not name:
         raise UserError("No model chosen. Pick the demo model, a Hub id or a local folder.")
@@ -249,7 +253,36 @@ def resolve_model_path(name_or_path: str, workspace: str | Path | None = None) -
         folder = resolve_user_path(name, workspace)
         check_model_folder(folder)
         return str(folder)
-    return _cached_hub_model(name)
+    cached = _cached_hub_model(name)
+    if cached:
+        return cached
+    if not download:
+        raise UserError(
+            f"'{name}' is not downloaded yet. Click Download in the Model tab, or run `python main.py download {name}`."
+        )
+    return _download_logged(name)
+
+
+def model_reference(name_or_path: str, workspace: str | Path | None = None) -> str:
+    """What transformers can read a model's config from without downloading its weights: the local or cached
+    folder, else the Hub id itself (only config.json is fetched)."""
+    name = str(name_or_path).strip()
+    try:
+        return resolve_model_path(name, workspace, download=False)
+    except UserError:
+        if not HUB_ID.fullmatch(name):
+            raise
+        return name
+
+
+def _download_logged(model_id: str) -> str:
+    """Download inside a job that needs the model (training, chat, export): progress goes to the job's log."""
+    import download_utils
+
+    def report(done: int, total: int, rate: float) -> None:
+        log.info("Downloading %s: %.1f of %.1f MB (%.1f MB/s)", model_id, done / 1e6, total / 1e6, rate / 1e6)
+
+    return download_utils.download_model(model_id, report=report)
 
 
 def check_model_folder(folder: Path) -> None:
@@ -271,18 +304,110 @@ def check_model_folder(folder: Path) -> None:
         )
 
 
-def _cached_hub_model(model_id: str) -> str:
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", model_id):
+def _cached_hub_model(model_id: str) -> str | None:
+    """The cache folder of a Hub id whose training files are all downloaded, else None (no network used)."""
+    if not HUB_ID.fullmatch(model_id):
         raise UserError(f"'{model_id}' is neither a local folder nor a Hub id of the form owner/name.")
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    import download_utils
 
     try:
-        return snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
-    except Exception as exc:  # hub errors come in many types; the message is what matters
-        raise UserError(
-            f"Could not get model '{model_id}': it is not in the local Hugging Face cache and the Hub cannot be "
-            f"reached ({type(exc).__name__}). Download it on a connected machine, or choose a local folder."
-        ) from None
+        path = snapshot_download(model_id, allow_patterns=list(download_utils.TRAINING_FILES), local_files_only=True)
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+    # A killed download leaves a snapshot folder without its weights: that is not a cached model.
+    return path if (Path(path) / "config.json").exists() and list(Path(path).glob("*.safetensors")) else None
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the Model tab shows about a model before anything is loaded."""
+
+    name: str
+    cached: bool
+    path: str | None  # local or cache folder
+    size_bytes: int | None  # the files training needs
+    parameters: int | None
+    context_length: int | None
+    source: str  # "local", "cache" or "hub"
+
+    def summary(self) -> str:
+        where = {"local": "local folder", "cache": "in the local Hugging Face cache", "hub": "not downloaded yet"}
+        parts = [f"**{self.name}**: {where[self.source]}"]
+        if self.size_bytes is not None:
+            parts.append(f"{self.size_bytes / 1e9:.2f} GB")
+        if self.parameters:
+            parts.append(f"{self.parameters / 1e6:,.0f}M parameters")
+        if self.context_length:
+            parts.append(f"context {self.context_length:,} tokens")
+        return " · ".join(parts)
+
+
+def model_facts(name_or_path: str, workspace: str | Path | None = None) -> ModelFacts:
+    """Cached or not, size, parameter count and context length: from the files offline, from the Hub's metadata
+    for a model not downloaded yet."""
+    name = str(name_or_path).strip()
+    try:
+        path = resolve_model_path(name, workspace, download=False)
+    except UserError:
+        if not HUB_ID.fullmatch(name):
+            raise
+        return _hub_facts(name)
+    folder = Path(path)
+    files = [item for item in folder.iterdir() if item.is_file()]
+    import fnmatch
+
+    import download_utils
+
+    wanted = [item for item in files if any(fnmatch.fnmatch(item.name, p) for p in download_utils.TRAINING_FILES)]
+    size = sum(item.stat().st_size for item in wanted)
+    config = json.loads((folder / "config.json").read_text())
+    return ModelFacts(
+        name,
+        True,
+        path,
+        size,
+        _safetensors_parameters(folder),
+        _context_length(config),
+        "local" if HUB_ID.fullmatch(name) is None else "cache",
+    )
+
+
+def _hub_facts(model_id: str) -> ModelFacts:
+    from huggingface_hub import HfApi, hf_hub_download
+
+    import download_utils
+
+    plan = download_utils.plan_download(model_id)
+    try:
+        info = HfApi().model_info(model_id)
+        config = json.loads(Path(hf_hub_download(model_id, "config.json")).read_text())
+    except Exception as exc:  # the Hub client raises many types; hub_error names each
+        raise download_utils.hub_error(exc, model_id) from None
+    total = getattr(info.safetensors, "total", None) if info.safetensors else None
+    return ModelFacts(model_id, False, None, plan.total_bytes, total, _context_length(config), "hub")
+
+
+def _context_length(config: dict) -> int | None:
+    config = config.get("text_config", config)  # multimodal configs keep the language model's inside
+    value = config.get("max_position_embeddings") or config.get("n_positions") or config.get("max_seq_len")
+    return int(value) if value else None
+
+
+def _safetensors_parameters(folder: Path) -> int | None:
+    """Parameter count from the safetensors headers (shapes only; no weights read)."""
+    import math
+    import struct
+
+    count = 0
+    for path in folder.glob("*.safetensors"):
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        count += sum(math.prod(entry["shape"]) for key, entry in header.items() if key != "__metadata__")
+    return count or None
 
 
 def load_tokenizer(model_path: str, trust_remote_code: bool = False):

@@ -8,15 +8,24 @@ from typing import Any
 
 import gradio as gr
 
+import jobs
 import model_utils
+import runfolder
+import submit
 from ui import forms
-from ui.common import guarded
+from ui.common import guarded, job_html
 from workspace import UserError
+
+POLL_S = 1.0
 
 
 @dataclass
 class ModelTab:
     check: gr.Button
+    download: gr.Button
+    stop_download: gr.Button
+    download_status: gr.HTML
+    timer: gr.Timer
     info: gr.Markdown
     memory: gr.Markdown
     preset_name: gr.Textbox
@@ -29,7 +38,10 @@ class ModelTab:
 def build(form: forms.Form, workspace: Path) -> ModelTab:
     gr.Markdown(
         "Choose the model to fine-tune. The demo model (SmolLM2-135M-Instruct) is built in and needs no "
-        "download; Unsloth's catalogue and any Hub id work when the model is in the local Hugging Face cache."
+        "download. Pick one of Unsloth's models or type any Hub id (owner/name): **Check** shows its size, "
+        "parameters and context length from the Hub, **Download** fetches it with progress (training also "
+        "downloads a model it needs first). Gated models need access on their Hub page and a token: set "
+        "HF_TOKEN, or run `hf auth login` once."
     )
     with gr.Row():
         forms.setting(
@@ -53,7 +65,12 @@ def build(form: forms.Form, workspace: Path) -> ModelTab:
             ),
         )
     forms.setting(form, "model.trust_remote_code")
-    check = gr.Button("Check model and estimate memory", elem_id="model-check")
+    with gr.Row():
+        check = gr.Button("Check model and estimate memory", elem_id="model-check")
+        download = gr.Button("Download", elem_id="model-download")
+        stop_download = gr.Button("Stop download", interactive=False, elem_id="model-download-stop")
+    download_status = gr.HTML(elem_id="model-download-status")
+    timer = gr.Timer(POLL_S, active=False)
     info = gr.Markdown(elem_id="model-info")
     memory = gr.Markdown(elem_id="model-memory")
     with gr.Accordion("Presets: save or load these model and training settings", open=True):
@@ -66,7 +83,20 @@ def build(form: forms.Form, workspace: Path) -> ModelTab:
             )
             load_preset = gr.Button("Load preset", scale=1, elem_id="preset-load")
         preset_status = gr.Markdown(elem_id="preset-status")
-    return ModelTab(check, info, memory, preset_name, save_preset, presets, load_preset, preset_status)
+    return ModelTab(
+        check,
+        download,
+        stop_download,
+        download_status,
+        timer,
+        info,
+        memory,
+        preset_name,
+        save_preset,
+        presets,
+        load_preset,
+        preset_status,
+    )
 
 
 def wire(tab: ModelTab, form: forms.Form, memory_outputs: list[gr.Markdown], app: gr.Blocks, workspace: Path) -> None:
@@ -76,11 +106,38 @@ def wire(tab: ModelTab, form: forms.Form, memory_outputs: list[gr.Markdown], app
     def check_model(data: dict) -> tuple[str, str, str]:
         config = forms.values_to_config(form.values(data))
         config.model.validate()
-        path = model_utils.resolve_model_path(config.model.name_or_path, workspace)
+        facts = model_utils.model_facts(config.model.name_or_path, workspace)
+        where = f"  \nModel files: `{facts.path}`" if facts.path else ""
         estimate = memory_estimate(config, workspace)
-        return f"Model files: `{path}`", estimate, estimate
+        return facts.summary() + where, estimate, estimate
 
     tab.check.click(check_model, inputs=form.inputs(), outputs=[tab.info, *memory_outputs])
+
+    name_widget = form.widgets["model.name_or_path"]
+    view = [tab.download_status, tab.download, tab.stop_download, tab.timer]
+
+    @guarded
+    def start_download(name: str | None) -> None:
+        submit.submit_download(str(name or "").strip(), workspace)
+
+    @guarded
+    def stop(name: str | None) -> None:
+        job = latest_download(name, workspace)
+        if job is None or not job.active:
+            raise UserError("No download of this model is running.")
+        submit.stop(job.path, workspace)
+
+    def show(name: str | None) -> list:
+        return download_view(name, workspace)
+
+    tab.download.click(start_download, inputs=name_widget).success(
+        show, inputs=name_widget, outputs=view, show_progress="hidden"
+    )
+    tab.stop_download.click(stop, inputs=name_widget).success(
+        show, inputs=name_widget, outputs=view, show_progress="hidden"
+    )
+    tab.timer.tick(show, inputs=name_widget, outputs=view, show_progress="hidden")
+    gr.on([app.load, name_widget.change], show, inputs=name_widget, outputs=view, show_progress="hidden")
 
     @guarded
     def save(data: dict) -> tuple[gr.Dropdown, str]:
@@ -130,8 +187,34 @@ def wire(tab: ModelTab, form: forms.Form, memory_outputs: list[gr.Markdown], app
     tab.load_preset.click(load, inputs=tab.presets, outputs=[form.widgets[key] for key in keys] + [tab.preset_status])
 
 
+def latest_download(name: str | None, workspace: Path) -> jobs.RunInfo | None:
+    """The newest download run of this Hub id."""
+    name = str(name or "").strip()
+    for info in jobs.list_runs(workspace, kinds=("download",)):
+        try:
+            if runfolder.stage_settings(info.path).get("repo_id") == name:
+                return info
+        except UserError:
+            continue
+    return None
+
+
+def download_view(name: str | None, workspace: Path) -> list:
+    """The download's progress (bytes, rate, ETA), Download / Stop, and polling while it runs."""
+    job = latest_download(name, workspace)
+    hub_id = bool(model_utils.HUB_ID.fullmatch(str(name or "").strip()))
+    if job is None:
+        return ["", gr.Button(interactive=hub_id), gr.Button(interactive=False), gr.Timer(active=False)]
+    return [
+        job_html(job.name, job.status, job.progress),
+        gr.Button(interactive=hub_id and not job.active),
+        gr.Button(interactive=job.active),
+        gr.Timer(active=job.active),
+    ]
+
+
 def memory_estimate(config, workspace: Path) -> str:
     """The estimate as one line of Markdown; a model that cannot be read yet gives its reason instead."""
-    path = model_utils.resolve_model_path(config.model.name_or_path, workspace)
+    path = model_utils.model_reference(config.model.name_or_path, workspace)
     estimate = model_utils.estimate_memory(config, path)
     return f"**Memory estimate:** {estimate.summary()}"

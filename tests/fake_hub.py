@@ -1,0 +1,285 @@
+"""A local server speaking the Hugging Face Hub's HTTP API, for `huggingface_hub` and `datasets` via HF_ENDPOINT.
+
+Why not a package: `hf-local-hub` (PyPI 3.0.0, the one maintained candidate) is a thin Python wrapper whose
+server is a Go binary missing from its wheel, so `serve_background()` cannot start here; it also has no gated
+repos. This serves exactly the endpoints the installed clients call (found by logging every request they made):
+
+- GET  /api/{models|datasets}/<repo>[/revision/<rev>]      repo_info / model_info / dataset_info
+- GET  /api/{models|datasets}/<repo>/tree/<rev>[/<path>]   list_repo_tree (snapshot_download, HfFileSystem)
+- POST /api/{models|datasets}/<repo>/paths-info/<rev>      HfFileSystem.info
+- HEAD/GET [/datasets]/<repo>/resolve/<rev>/<file>         file metadata and bytes, with Range (resumed downloads)
+
+Errors carry the Hub's `X-Error-Code` header (RepoNotFound, GatedRepo, EntryNotFound), which is what the client
+turns into RepositoryNotFoundError, GatedRepoError and EntryNotFoundError. `rate` slows file bodies (bytes per
+second) so a test can watch progress or kill a download half-way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlparse
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+LFS_SUFFIXES = (".safetensors", ".bin", ".parquet", ".gguf")
+
+
+@dataclass
+class Repo:
+    folder: Path
+    kind: str = "model"  # "model" or "dataset"
+    gated: bool = False  # served only to a request with one of FakeHub.tokens
+    extra_info: dict = field(default_factory=dict)  # merged into the repo_info answer (e.g. safetensors totals)
+
+    def files(self) -> list[Path]:
+        return sorted(path for path in self.folder.rglob("*") if path.is_file())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class FakeHub:
+    """Serve repos on 127.0.0.1 in a thread; `url` is what HF_ENDPOINT takes."""
+
+    def __init__(self, rate: float | None = None, tokens: tuple[str, ...] = ()) -> None:
+        self.repos: dict[tuple[str, str], Repo] = {}
+        self.rate = rate
+        self.tokens = tokens
+        self.requests: list[str] = []
+        self._hashes: dict[Path, str] = {}
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:  # keep pytest's output clean
+                pass
+
+            def do_HEAD(self) -> None:
+                hub._handle(self, body=False)
+
+            def do_GET(self) -> None:
+                hub._handle(self, body=True)
+
+            def do_POST(self) -> None:
+                hub._handle(self, body=True)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def add(self, repo_id: str, folder: Path, kind: str = "model", gated: bool = False, **extra_info) -> None:
+        self.repos[(kind, repo_id)] = Repo(Path(folder), kind, gated, extra_info)
+
+    def __enter__(self) -> FakeHub:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    # ------------------------------------------------------------ answers
+
+    def _sha(self, path: Path) -> str:
+        if path not in self._hashes:
+            self._hashes[path] = _sha256(path)
+        return self._hashes[path]
+
+    def _entry(self, repo: Repo, path: Path) -> dict:
+        relative = path.relative_to(repo.folder).as_posix()
+        size = path.stat().st_size
+        entry = {"type": "file", "oid": hashlib.sha1(relative.encode()).hexdigest(), "size": size, "path": relative}
+        if path.suffix in LFS_SUFFIXES:
+            entry["lfs"] = {"oid": self._sha(path), "size": size, "pointerSize": 134}
+        return entry
+
+    def _info(self, repo_id: str, repo: Repo) -> dict:
+        siblings = []
+        for path in repo.files():
+            entry = self._entry(repo, path)
+            sibling = {"rfilename": entry["path"], "size": entry["size"], "blobId": entry["oid"]}
+            if "lfs" in entry:
+                sibling["lfs"] = {"sha256": entry["lfs"]["oid"], "size": entry["size"], "pointerSize": 134}
+            siblings.append(sibling)
+        return {
+            "_id": repo_id,
+            "id": repo_id,
+            "sha": COMMIT,
+            "private": False,
+            "gated": "manual" if repo.gated else False,
+            "disabled": False,
+            "lastModified": "2026-01-01T00:00:00.000Z",
+            "tags": [],
+            "siblings": siblings,
+            "cardData": {},
+            **repo.extra_info,
+        }
+
+    def _handle(self, request: BaseHTTPRequestHandler, body: bool) -> None:
+        self.requests.append(f"{request.command} {request.path}")
+        parsed = urlparse(request.path)
+        parts = [unquote(part) for part in parsed.path.strip("/").split("/")]
+        query = parse_qs(parsed.query)
+        if parts[:1] == ["api"] and len(parts) >= 4 and parts[1] in ("models", "datasets"):
+            # /api/models/<repo> (no revision) is the info of the default branch
+            kind, repo_id = parts[1][:-1], "/".join(parts[2:4])
+            action, rest = (parts[4], parts[5:]) if len(parts) > 4 else ("revision", [])
+            repo = self._repo(request, kind, repo_id)
+            if repo is None:
+                return
+            if action == "revision":
+                return self._json(request, self._info(repo_id, repo), body)
+            if action == "tree":
+                prefix = "/".join(rest[1:])
+                return self._json(request, self._tree(repo, prefix, "recursive" in query), body)
+            if action == "paths-info":
+                length = int(request.headers.get("Content-Length") or 0)
+                form = parse_qs(request.rfile.read(length).decode()) if length else {}
+                wanted = form.get("paths", [])
+                return self._json(request, self._paths_info(repo, wanted), body)
+            return self._error(request, 404, "EntryNotFound", f"No such endpoint {parsed.path}")
+        kind = "model"
+        if parts[:1] == ["datasets"]:
+            kind, parts = "dataset", parts[1:]
+        if len(parts) >= 5 and parts[2] == "resolve":
+            repo_id = "/".join(parts[:2])
+            repo = self._repo(request, kind, repo_id)
+            if repo is None:
+                return
+            return self._file(request, repo, "/".join(parts[4:]), body)
+        self._error(request, 404, "RepoNotFound", f"Not found: {parsed.path}")
+
+    def _repo(self, request, kind: str, repo_id: str) -> Repo | None:
+        repo = self.repos.get((kind, repo_id))
+        if repo is None:
+            # Like the Hub: an anonymous request for a repo that does not exist gets 401 RepoNotFound.
+            self._error(request, 401, "RepoNotFound", "Repository not found")
+            return None
+        if repo.gated:
+            token = (request.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
+            if token not in self.tokens:
+                code = 401 if not token else 403
+                self._error(
+                    request,
+                    code,
+                    "GatedRepo",
+                    f"Access to model {repo_id} is restricted. You must have access to it and be authenticated.",
+                )
+                return None
+        return repo
+
+    def _tree(self, repo: Repo, prefix: str, recursive: bool) -> list[dict]:
+        base = repo.folder / prefix if prefix else repo.folder
+        if recursive:
+            paths = [path for path in base.rglob("*")]
+        else:
+            paths = list(base.iterdir()) if base.is_dir() else []
+        entries = []
+        for path in sorted(paths):
+            if path.is_dir():
+                entries.append(
+                    {"type": "directory", "oid": "0" * 40, "size": 0, "path": path.relative_to(repo.folder).as_posix()}
+                )
+            else:
+                entries.append(self._entry(repo, path))
+        return entries
+
+    def _paths_info(self, repo: Repo, wanted: list[str]) -> list[dict]:
+        entries = []
+        for name in wanted:
+            path = repo.folder / name
+            if path.is_file():
+                entries.append(self._entry(repo, path))
+            elif path.is_dir():
+                entries.append({"type": "directory", "oid": "0" * 40, "size": 0, "path": name})
+        return entries
+
+    def _file(self, request, repo: Repo, name: str, body: bool) -> None:
+        path = repo.folder / name
+        if not path.is_file() or ".." in Path(name).parts:
+            return self._error(request, 404, "EntryNotFound", f"{name} does not exist on this revision")
+        size = path.stat().st_size
+        entry = self._entry(repo, path)
+        etag = entry["lfs"]["oid"] if "lfs" in entry else entry["oid"]
+        start, status = 0, 200
+        ranged = request.headers.get("Range", "")
+        if ranged.startswith("bytes="):
+            first = ranged.removeprefix("bytes=").split("-")[0]
+            start, status = int(first or 0), 206
+        headers = {
+            "X-Repo-Commit": COMMIT,
+            "ETag": f'"{etag}"',
+            "Accept-Ranges": "bytes",
+            "Content-Length": str(size - start),
+            "Content-Type": "application/octet-stream",
+        }
+        if "lfs" in entry:
+            headers["X-Linked-Etag"] = f'"{etag}"'
+            headers["X-Linked-Size"] = str(size)
+        if status == 206:
+            headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
+        request.send_response(status)
+        for key, value in headers.items():
+            request.send_header(key, value)
+        request.end_headers()
+        if not body:
+            return
+        chunk = 64 * 1024
+        with open(path, "rb") as handle:
+            handle.seek(start)
+            try:
+                while block := handle.read(chunk):
+                    request.wfile.write(block)
+                    if self.rate:
+                        time.sleep(len(block) / self.rate)
+            except (BrokenPipeError, ConnectionResetError):  # the client was killed mid-download
+                return
+
+    def _json(self, request, data, body: bool) -> None:
+        payload = json.dumps(data).encode()
+        request.send_response(200)
+        request.send_header("Content-Type", "application/json")
+        request.send_header("Content-Length", str(len(payload)))
+        request.end_headers()
+        if body:
+            request.wfile.write(payload)
+
+    def _error(self, request, code: int, error_code: str, message: str) -> None:
+        payload = json.dumps({"error": message}).encode()
+        request.send_response(code)
+        request.send_header("Content-Type", "application/json")
+        request.send_header("Content-Length", str(len(payload)))
+        request.send_header("X-Error-Code", error_code)
+        request.send_header("X-Error-Message", message)
+        request.end_headers()
+        if request.command != "HEAD":
+            request.wfile.write(payload)
+
+
+def serve_forever(folders: dict[str, str], rate: float | None = None) -> None:
+    """`python tests/fake_hub.py OWNER/NAME=FOLDER …` serves folders (a `datasets:` prefix for a dataset repo)."""
+    hub = FakeHub(rate=rate)
+    for repo_id, folder in folders.items():
+        kind = "dataset" if repo_id.startswith("datasets:") else "model"
+        hub.add(repo_id.removeprefix("datasets:"), Path(folder), kind)
+    with hub:
+        print(hub.url, flush=True)
+        hub.thread.join()
+
+
+if __name__ == "__main__":
+    import sys
+
+    serve_forever(dict(item.split("=", 1) for item in sys.argv[1:]))

@@ -1,0 +1,287 @@
+"""Hub downloads and Hub datasets through the real `huggingface_hub` and `datasets` clients, pointed by HF_ENDPOINT
+at tests/fake_hub.py. Each case runs the CLI in a process of its own: the clients read HF_ENDPOINT and
+HF_HUB_OFFLINE when imported, and this test session is offline (conftest)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fake_hub import FakeHub
+
+from conftest import ROOT, wait_for
+
+MODEL = "tester/tiny"
+# huggingface_hub reports a file's bytes once per 10 MiB chunk it reads: three chunks show progress in between.
+WEIGHTS_BYTES = 30 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def tiny_repo(tmp_path_factory) -> Path:
+    """A model repo with what training reads, plus a pickle that must not be fetched."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("tiny")
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 4096}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    (folder / "chat_template.jinja").write_text("{{ messages }}")
+    generator = torch.Generator().manual_seed(0)
+    save_file({"weight": torch.rand(WEIGHTS_BYTES // 4, generator=generator)}, folder / "model.safetensors")
+    (folder / "pytorch_model.bin").write_bytes(b"pickle" * 1000)
+    return folder
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def cli(args: list[str], hub_url: str, home: Path, workspace: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), "--workspace", str(workspace), *args],
+        env=hub_env(hub_url, home, **env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def hub_env(hub_url: str, home: Path, **env: str) -> dict[str, str]:
+    clean = {key: value for key, value in os.environ.items() if key not in ("HF_TOKEN", "HF_HUB_OFFLINE")}
+    return {**clean, "HF_ENDPOINT": hub_url, "HF_HOME": str(home), "HF_HUB_OFFLINE": "0", **env}
+
+
+def snapshot(home: Path, repo_id: str = MODEL) -> Path:
+    return next((home / "hub" / f"models--{repo_id.replace('/', '--')}" / "snapshots").iterdir())
+
+
+def events(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+
+
+def run_folder(output: str) -> Path:
+    return Path(next(line for line in output.splitlines() if line.startswith("run: ")).removeprefix("run: "))
+
+
+def test_download_reports_bytes_rate_and_eta_and_skips_pickles(tiny_repo, tmp_path):
+    with FakeHub(rate=12e6) as hub:
+        hub.add(MODEL, tiny_repo)
+        result = cli(["download", MODEL], hub.url, tmp_path / "hf", tmp_path / "ws")
+    assert result.returncode == 0, result.stderr + result.stdout
+    folder = snapshot(tmp_path / "hf")
+    assert sha256(folder / "model.safetensors") == sha256(tiny_repo / "model.safetensors")
+    assert (folder / "chat_template.jinja").exists() and (folder / "tokenizer_config.json").exists()
+    assert not (folder / "pytorch_model.bin").exists()
+    progress = [event for event in events(run_folder(result.stdout)) if "bytes_total" in event]
+    wanted = sum(path.stat().st_size for path in tiny_repo.iterdir() if path.suffix != ".bin")
+    assert {event["bytes_total"] for event in progress} == {wanted}
+    middle = [event for event in progress if 0 < event["bytes_done"] < wanted]
+    assert middle, "no progress between the start and the end"
+    assert all(event["rate_bytes_per_s"] > 0 and event["eta_s"] is not None for event in middle[1:])
+    assert events(run_folder(result.stdout))[-2]["message"].startswith("Ready in ")
+    assert "B/s" in result.stderr  # huggingface_hub's own bar in the terminal
+
+
+def test_killed_download_resumes_to_identical_files(tiny_repo, tmp_path):
+    home, workspace = tmp_path / "hf", tmp_path / "ws"
+    with FakeHub(rate=8e6) as hub:
+        hub.add(MODEL, tiny_repo)
+        started = cli(["download", MODEL, "--detach"], hub.url, home, workspace)
+        assert started.returncode == 0, started.stderr
+        run_dir = run_folder(started.stdout)
+
+        def half_way():
+            progress = (
+                json.loads((run_dir / "progress.json").read_text()) if (run_dir / "progress.json").exists() else {}
+            )
+            return progress.get("step", 0) > WEIGHTS_BYTES // 4
+
+        wait_for(half_way, timeout=60, interval=0.1, what="a quarter of the download")
+        pid = json.loads((run_dir / "status.json").read_text())["pid"]
+        os.kill(pid, signal.SIGKILL)
+        # This huggingface_hub writes each file to a process-unique `.incomplete` name: the killed process's
+        # partial file cannot be continued, so the resume fetches that file again and keeps the finished ones.
+        finished = {path.name for path in (home / "hub").rglob("blobs/*") if not path.name.endswith(".incomplete")}
+        assert wait_for(lambda: list(home.rglob("*.incomplete")), timeout=10, what="the partial file")
+        hub.rate, hub.requests[:] = None, []
+        resumed = cli(["download", "--resume", run_dir.name], hub.url, home, workspace)
+        assert resumed.returncode == 0, resumed.stderr + resumed.stdout
+        fetched = [request for request in hub.requests if request.startswith("GET") and "/resolve/" in request]
+    folder = snapshot(home)
+    for path in tiny_repo.iterdir():
+        if path.suffix != ".bin":
+            assert sha256(folder / path.name) == sha256(path)
+    assert len(fetched) == 4 - len(finished)
+    states = [event["state"] for event in events(run_dir) if event["event"] == "end"]
+    assert states == ["done"]  # the killed attempt wrote no end: it died; the resumed one finished
+
+
+def test_gated_repo_says_where_to_ask_for_access_and_a_token_opens_it(tiny_repo, tmp_path):
+    with FakeHub(tokens=("hf_granted",)) as hub:
+        hub.add("meta-llama/Gated-1B", tiny_repo, gated=True)
+        refused = cli(["download", "meta-llama/Gated-1B"], hub.url, tmp_path / "hf", tmp_path / "ws")
+        wrong = cli(["download", "meta-llama/Gated-1B"], hub.url, tmp_path / "hf", tmp_path / "ws", HF_TOKEN="hf_no")
+        allowed = cli(
+            ["download", "meta-llama/Gated-1B"], hub.url, tmp_path / "hf", tmp_path / "ws", HF_TOKEN="hf_granted"
+        )
+    for result in (refused, wrong):
+        assert result.returncode == 2
+        error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(error) == 1, result.stderr
+        assert f"{hub.url}/meta-llama/Gated-1B" in error[0] and "HF_TOKEN" in error[0] and "hf auth login" in error[0]
+    assert allowed.returncode == 0, allowed.stderr
+    assert not list((tmp_path / "ws").rglob("*token*"))  # the app wrote no token anywhere
+
+
+def test_missing_repo_says_it_does_not_exist(tmp_path):
+    with FakeHub() as hub:
+        result = cli(["download", "nobody/no-such-model"], hub.url, tmp_path / "hf", tmp_path / "ws")
+    assert result.returncode == 2
+    assert "There is no model 'nobody/no-such-model' on the Hub" in result.stderr
+
+
+def test_closed_port_says_the_hub_cannot_be_reached(tmp_path):
+    import jobs
+
+    url = f"http://127.0.0.1:{jobs.free_port()}"
+    result = cli(["download", MODEL], url, tmp_path / "hf", tmp_path / "ws")
+    assert result.returncode == 2
+    assert f"The Hugging Face Hub ({url}) cannot be reached" in result.stderr
+
+
+def test_offline_mode_set_by_the_user_says_so(tiny_repo, tmp_path):
+    with FakeHub() as hub:
+        hub.add(MODEL, tiny_repo)
+        result = cli(["download", MODEL], hub.url, tmp_path / "hf", tmp_path / "ws", HF_HUB_OFFLINE="1")
+    assert result.returncode == 2
+    assert "HF_HUB_OFFLINE=1" in result.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB tmpfs: a real filesystem that a 31 MB model cannot fit on."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_disk_too_small_is_refused_with_numbers_before_anything_is_written(tiny_repo, tmp_path, small_disk):
+    with FakeHub() as hub:
+        hub.add(MODEL, tiny_repo)
+        result = cli(["download", MODEL], hub.url, small_disk / "hf", tmp_path / "ws")
+    assert result.returncode == 2
+    assert "needs 31.5 MB more on disk" in result.stderr and "has only 16.8 MB free" in result.stderr, result.stderr
+    assert not (tmp_path / "ws" / "runs").exists() or not list((tmp_path / "ws" / "runs").iterdir())
+
+
+def test_model_facts_from_hub_metadata_then_from_the_cache(tiny_repo, tmp_path):
+    script = (
+        "import json, model_utils, download_utils; "
+        "before = model_utils.model_facts('tester/tiny'); "
+        "download_utils.download_model('tester/tiny'); "
+        "after = model_utils.model_facts('tester/tiny'); "
+        "print(json.dumps([before.__dict__, after.__dict__]))"
+    )
+    with FakeHub() as hub:
+        hub.add(MODEL, tiny_repo, safetensors={"total": WEIGHTS_BYTES // 4, "parameters": {"F32": WEIGHTS_BYTES // 4}})
+        result = subprocess.run(
+            [sys.executable, "-c", script],
+            cwd=ROOT,
+            env=hub_env(hub.url, tmp_path / "hf"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 0, result.stderr
+    before, after = json.loads(result.stdout.splitlines()[-1])
+    assert (before["source"], before["cached"], before["context_length"]) == ("hub", False, 4096)
+    assert before["parameters"] == after["parameters"] == WEIGHTS_BYTES // 4
+    assert before["size_bytes"] == after["size_bytes"]
+    assert (after["source"], after["cached"]) == ("cache", True)
+
+
+def test_hub_dataset_preview_streams_the_first_rows(tmp_path):
+    data = tmp_path / "qa"
+    (data / "data").mkdir(parents=True)
+    rows = [{"question": f"q{index}", "answer": f"a{index}"} for index in range(2000)]
+    (data / "data" / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    script = (
+        "import json, dataset_utils; "
+        "config = dataset_utils.DatasetConfig(source='tester/qa', split='train'); "
+        "preview = dataset_utils.preview_hub_rows(config, 3); "
+        "print(json.dumps(preview))"
+    )
+    with FakeHub() as hub:
+        hub.add("tester/qa", data, kind="dataset")
+        result = subprocess.run(
+            [sys.executable, "-c", script],
+            cwd=ROOT,
+            env=hub_env(hub.url, tmp_path / "hf", HF_DATASETS_OFFLINE="0"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 0, result.stderr
+    preview = json.loads(result.stdout.splitlines()[-1])
+    assert preview["rows"] == rows[:3]
+    assert preview["column_map"] == {"instruction": "question", "output": "answer"}
+    # Streaming read the file over HTTP; nothing was saved as a prepared dataset.
+    assert not list((tmp_path / "hf").rglob("*.arrow"))
+
+
+def test_first_config_shorthand_is_accepted():
+    import training_utils
+
+    short = training_utils.train_config_from_dict({"model": "unsloth/Qwen3-0.6B", "dataset": "data.csv"})
+    long = training_utils.train_config_from_dict(
+        {"model": {"name_or_path": "unsloth/Qwen3-0.6B"}, "dataset": {"source": "data.csv"}}
+    )
+    assert short == long
+    assert training_utils.train_config_from_dict({"model": "demo"}).model.name_or_path == "demo"
+
+
+@pytest.mark.parametrize(
+    ("columns", "mapped"),
+    [
+        (["question", "answer"], {"instruction": "question", "output": "answer"}),
+        (["prompt", "response"], {"completion": "response"}),
+        (["query", "response"], {"instruction": "query", "output": "response"}),
+        (["instruction", "response"], {"output": "response"}),
+        (["input", "output"], {"instruction": "input"}),
+        (["instruction", "input", "output"], {}),
+        (["human", "assistant"], {"prompt": "human", "completion": "assistant"}),
+        (["question", "answer", "context"], {"instruction": "question", "output": "answer", "input": "context"}),
+        (["messages"], {}),
+    ],
+)
+def test_common_column_pairs_are_mapped(columns, mapped):
+    import dataset_utils
+
+    assert dataset_utils.suggest_column_map(columns) == mapped
+
+
+def test_a_mapping_the_user_chose_wins_over_the_suggestion(tmp_path, demo_tokenizer):
+    import dataset_utils
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text(
+        "".join(json.dumps({"question": f"q{i}", "answer": f"a{i}", "short": f"s{i}"}) + "\n" for i in range(4))
+    )
+    assert dataset_utils.suggest_column_map(["question", "answer", "short"], {"output": "short"}) == {
+        "instruction": "question",
+        "output": "short",
+    }
+    config = dataset_utils.DatasetConfig(source=str(data), column_map={"output": "short"})
+    prepared = dataset_utils.prepare_dataset(config, demo_tokenizer, max_seq_length=64, workspace=tmp_path)
+    assert prepared.format == "alpaca"
+    assert "s0" in demo_tokenizer.decode(prepared.train[0]["input_ids"])
