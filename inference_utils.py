@@ -1,5 +1,6 @@
-"""Inference: streaming chat from a base model, a run's adapter or its merged model; base-vs-tuned comparison with
-one model in memory (the LoRA adapter toggled); held-out loss and perplexity of base vs tuned on a run's eval split."""
+"""Inference: streaming chat from a base model, a run's adapter, its merged model or its exported GGUF (llama.cpp);
+base-vs-tuned comparison with one model in memory (the LoRA adapter merged into the weights in place for the tuned
+side and taken out again for the base side); held-out loss and perplexity of base vs tuned on a run's eval split."""
 
 from __future__ import annotations
 
@@ -57,16 +58,23 @@ class GenerationConfig:
 class ChatModel:
     """One model in memory: base weights, plus the run's LoRA adapter (switched off for "base") or its merged model."""
 
-    model: Any  # a PeftModel when kind == "adapter"
-    tokenizer: Any
+    model: Any  # a PeftModel when kind == "adapter"; a llama_cpp.Llama when kind == "gguf"
+    tokenizer: Any  # None for a GGUF (llama.cpp tokenizes with the file's own vocabulary and chat template)
     name: str  # what the UI shows, e.g. "demo + trained"
     base_model: str  # the base model's name or path
-    run: str | None  # the run folder whose adapter/ or merged/ is loaded
-    kind: str  # "base", "adapter" (LoRA, can be toggled) or "merged" (full fine-tune)
-    backend: str  # "unsloth" or "transformers"
+    run: str | None  # the run folder whose adapter/, merged/ or gguf/ file is loaded
+    kind: str  # "base", "adapter" (LoRA, can be toggled), "merged" (full fine-tune) or "gguf" (an exported file)
+    backend: str  # "unsloth", "transformers" or "llama.cpp"
     max_length: int  # the model's context length in tokens
+    static_cache: bool = False  # decode with a static KV cache (transformers compiles the step then, on CUDA)
     # Switching the adapter off changes the shared model, so generations take turns.
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Merge the LoRA into the weights for the tuned side: on CUDA a token's cost is mostly kernel launches, and
+    # the adapter's own matmuls add three per layer; on the CPU they cost little and a merge takes seconds.
+    merge_lora: bool = False
+    merged: bool = False  # whether the LoRA is merged into the base weights now (the tuned side)
+    # The LoRA-wrapped layers' own weights, kept on the host from the first merge on, to take the merge out again.
+    base_weights: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
     def has_adapter(self) -> bool:
@@ -87,13 +95,23 @@ def trained_run(run: str | Path, workspace: str | Path | None = None):
 # ---------------------------------------------------------------- loading
 
 
-def load_chat_model(model: str | None = None, run: str | None = None, workspace: str | Path | None = None) -> ChatModel:
-    """Load a model for chat: `model` ("demo", a Hub id or a local folder) plus the adapter or merged model of `run`.
+def load_chat_model(
+    model: str | None = None,
+    run: str | None = None,
+    workspace: str | Path | None = None,
+    gguf: str | None = None,
+    static_cache: bool | None = None,
+) -> ChatModel:
+    """Load a model for chat: `model` ("demo", a Hub id or a local folder) plus the adapter or merged model of `run`,
+    or (gguf: a file name in the run's gguf/ folder, or a path) the GGUF file the run exported, through llama.cpp.
 
     model: None or "" means the run's base model (from its train config), or the demo model when no run is given.
+    static_cache: None picks it where it pays (CUDA, transformers backend); True / False force it (the bench).
     """
     import model_utils
 
+    if gguf:
+        return _load_gguf(gguf, run, workspace)
     backend = model_utils.select_backend()  # first: Unsloth must be imported before transformers/peft
     run_dir = output_dir = None
     trust_remote_code = load_in_4bit = False
@@ -123,7 +141,66 @@ def load_chat_model(model: str | None = None, run: str | None = None, workspace:
         tokenizer.chat_template = CHATML_TEMPLATE
     name = model if run_dir is None else f"{model} + {run_dir.name}"
     max_length = int(getattr(loaded.config, "max_position_embeddings", 0) or tokenizer.model_max_length)
-    return ChatModel(loaded, tokenizer, name, model, str(run_dir) if run_dir else None, kind, backend, max_length)
+    if static_cache is None:
+        static_cache = backend == "transformers" and _static_cache_supported(loaded)
+    chat_model = ChatModel(
+        loaded, tokenizer, name, model, str(run_dir) if run_dir else None, kind, backend, max_length, static_cache
+    )
+    chat_model.merge_lora = kind == "adapter" and loaded.device.type == "cuda"
+    return chat_model
+
+
+def _static_cache_supported(model) -> bool:
+    """A static KV cache (and the compiled decoding step transformers builds over it) needs CUDA and a model class
+    that supports it; Unsloth's own fast decoding path keeps its dynamic cache."""
+    import torch
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return (
+        torch.cuda.is_available()
+        and model.device.type == "cuda"
+        and bool(getattr(inner, "_can_compile_fullgraph", False) or getattr(inner, "_supports_static_cache", False))
+    )
+
+
+def gguf_files(run: str | None, workspace: str | Path | None = None) -> list[str]:
+    """The GGUF files a run exported (names in its gguf/ folder), smallest first; [] for none or no run."""
+    if not run:
+        return []
+    try:
+        folder = runfolder.run_path(run, workspace) / "gguf"
+    except UserError:
+        return []
+    files = [path for path in folder.glob("*.gguf") if not path.name.startswith(".")] if folder.is_dir() else []
+    return [path.name for path in sorted(files, key=lambda path: (path.stat().st_size, path.name))]
+
+
+def _load_gguf(gguf: str, run: str | None, workspace: str | Path | None) -> ChatModel:
+    """The exported file itself through llama.cpp, with the chat template the file carries (what Ollama and
+    llama.cpp will use once it is shipped)."""
+    import os
+
+    from llama_cpp import Llama
+
+    path = Path(gguf).expanduser()
+    run_dir = runfolder.run_path(run, workspace) if run else None
+    if not path.is_absolute() and run_dir is not None:
+        path = run_dir / "gguf" / gguf
+    if not path.is_file():
+        where = (
+            f"run '{run_dir.name}' has " + (", ".join(gguf_files(str(run_dir))) or "no GGUF files") if run_dir else ""
+        )
+        raise UserError(f"GGUF file '{gguf}' not found{'; ' + where if where else ''}. Export the run first.")
+    log.info("loading %s for chat (llama.cpp)", path)
+    try:
+        llm = Llama(model_path=str(path), n_ctx=0, n_threads=max(1, len(os.sched_getaffinity(0))), verbose=False)
+    except ValueError as exc:
+        raise UserError(f"llama.cpp could not load '{path.name}': {exc}. Export the run again.") from None
+    # n_ctx=0 means the file's training context; a large one would reserve a large KV cache for a short chat.
+    if llm.n_ctx() > 8192:
+        llm = Llama(model_path=str(path), n_ctx=8192, n_threads=llm.n_threads, verbose=False)
+    name = path.name if run_dir is None else f"{run_dir.name} / {path.name}"
+    return ChatModel(llm, None, name, path.name, str(run_dir) if run_dir else None, "gguf", "llama.cpp", llm.n_ctx())
 
 
 def _attach_adapter(base, adapter_dir: Path, model: str, trained_on: str, run_name: str):
@@ -166,37 +243,56 @@ def stream_chat(
 
     use_adapter=False answers with the base model (the run's adapter switched off).
     """
+    text = ""
+    for piece in chat_deltas(chat_model, messages, config, use_adapter):
+        text += piece
+        yield text
+
+
+def chat_deltas(
+    chat_model: ChatModel, messages: list[dict], config: GenerationConfig, use_adapter: bool = True
+) -> Iterator[str]:
+    """Yield the reply's new text as it is generated (each piece once; joined they are the whole reply)."""
     config.validate()
-    if not use_adapter and chat_model.kind == "merged":
+    if not use_adapter and chat_model.kind in ("merged", "gguf"):
+        what = "a full fine-tune" if chat_model.kind == "merged" else "an exported GGUF file (merged weights)"
         raise UserError(
-            "This run is a full fine-tune: its base weights are not in memory. Load the base model "
-            "on its own to chat with it."
+            f"This is {what}: its base weights are not in memory. Load the base model on its own to chat with it."
         )
+    if chat_model.kind == "gguf":
+        yield from _gguf_deltas(chat_model, messages, config)
+        return
     prompt_ids = _prompt_ids(chat_model, messages, config)
-    disable = not use_adapter and chat_model.has_adapter
-    for texts in _stream_rows(chat_model, prompt_ids, config, rows=1, disable_adapter=disable):
-        yield texts[0]
+    side = "tuned" if use_adapter and chat_model.has_adapter else "base"
+    for pieces in _stream_rows(chat_model, prompt_ids, config, sides=[side]):
+        yield pieces[0]
 
 
 def stream_compare(chat_model: ChatModel, prompt: str, config: GenerationConfig) -> Iterator[tuple[str, str]]:
     """The same prompt through the base model (adapter off) and the tuned one; yields (base_so_far, tuned_so_far)."""
+    base = tuned = ""
+    for base_piece, tuned_piece in compare_deltas(chat_model, prompt, config):
+        base, tuned = base + base_piece, tuned + tuned_piece
+        yield base, tuned
+
+
+def compare_deltas(chat_model: ChatModel, prompt: str, config: GenerationConfig) -> Iterator[tuple[str, str]]:
+    """compare's new text as (base piece, tuned piece) pairs, one side or both non-empty."""
     config.validate()
     check_can_compare(chat_model)
     messages = [{"role": "user", "content": prompt}]
-    if chat_model.backend == "unsloth":
-        # Unsloth's fused LoRA kernels bypass PEFT's per-row adapter choice, so run the two sides one after the other.
-        base = ""
-        for base in stream_chat(chat_model, messages, config, use_adapter=False):
-            yield base, ""
-        for tuned in stream_chat(chat_model, messages, config, use_adapter=True):
-            yield base, tuned
+    if chat_model.backend == "unsloth" or chat_model.static_cache:
+        # Unsloth's fused LoRA kernels bypass PEFT's per-row adapter choice, and a static cache is built for one
+        # row: the two sides run one after the other, each at the base model's speed (adapter merged or out).
+        for piece in chat_deltas(chat_model, messages, config, use_adapter=False):
+            yield piece, ""
+        for piece in chat_deltas(chat_model, messages, config, use_adapter=True):
+            yield "", piece
         return
     prompt_ids = _prompt_ids(chat_model, messages, config)
     # One batch of two rows: PEFT applies the adapter to the second row only, so both sides decode in one pass.
-    for base, tuned in _stream_rows(
-        chat_model, prompt_ids, config, rows=2, disable_adapter=False, adapter_names=[BASE_ADAPTER, TUNED_ADAPTER]
-    ):
-        yield base, tuned
+    pairs = _stream_rows(chat_model, prompt_ids, config, sides=["lora-base", "lora-tuned"])
+    yield from (tuple(pair) for pair in pairs)
 
 
 def check_can_compare(chat_model: ChatModel) -> None:
@@ -208,12 +304,26 @@ def check_can_compare(chat_model: ChatModel) -> None:
             "This run is a full fine-tune (merged weights), so base and tuned cannot share one model in "
             "memory; chat with the base model and the run separately."
         )
+    if chat_model.kind == "gguf":
+        raise UserError(
+            "A GGUF file holds the merged weights only, so it has no base side to compare with; choose the run's "
+            "PyTorch weights (adapter) to compare base and tuned."
+        )
 
 
 def _prompt_ids(chat_model: ChatModel, messages: list[dict], config: GenerationConfig) -> list[int]:
     """The conversation rendered with the chat template, ending where the assistant's reply starts."""
     from dataset_utils import render_chat
 
+    messages = _checked_messages(messages, config)
+    text = render_chat(messages, chat_model.tokenizer, add_generation_prompt=True)
+    ids = chat_model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    _check_length(chat_model, len(ids))
+    return ids
+
+
+def _checked_messages(messages: list[dict], config: GenerationConfig) -> list[dict]:
+    """The conversation as plain role/content turns, with the system prompt added when it has none."""
     if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "user":
         raise UserError("The conversation must end with a user message; type a message.")
     if not str(messages[-1].get("content") or "").strip():
@@ -221,25 +331,120 @@ def _prompt_ids(chat_model: ChatModel, messages: list[dict], config: GenerationC
     messages = [{"role": str(m["role"]), "content": str(m.get("content") or "")} for m in messages]
     if config.system_prompt.strip() and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": config.system_prompt.strip()})
-    text = render_chat(messages, chat_model.tokenizer, add_generation_prompt=True)
-    ids = chat_model.tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) >= chat_model.max_length:
+    return messages
+
+
+def _check_length(chat_model: ChatModel, tokens: int) -> None:
+    if tokens >= chat_model.max_length:
         raise UserError(
-            f"The conversation is {len(ids)} tokens long, at or above this model's limit of "
+            f"The conversation is {tokens} tokens long, at or above this model's limit of "
             f"{chat_model.max_length}; start a new chat or shorten the messages."
         )
-    return ids
+
+
+class Detokenizer:
+    """Turns one row's tokens into new text as they arrive, decoding only the last few tokens each time (the
+    window since the last complete character), so a token costs the same at the end of a long reply as at its
+    start. A character split over several tokens decodes as U+FFFD until its last byte arrives: it waits for it,
+    so the pieces joined are the reply's full decode."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # the window starts here: decoding from a token boundary keeps leading spaces right
+        self.read = 0  # the tokens before this are already shown
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        return self._piece(final=False)
+
+    def flush(self) -> str:
+        return self._piece(final=True)
+
+    def _piece(self, final: bool) -> str:
+        decode = self.tokenizer.decode
+        shown = decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        text = decode(self.ids[self.prefix :], skip_special_tokens=True)
+        if len(text) <= len(shown) or (text.endswith("\ufffd") and not final):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(shown) :]
+
+
+def _set_side(chat_model: ChatModel, side: str) -> None:
+    """Put the shared model's weights in the state a side needs (called under chat_model.lock).
+
+    "tuned": the LoRA merged into the base weights in place (no adapter matmuls per token); "base": the base
+    weights as loaded; "lora-…": the base weights with the adapter unmerged, for PEFT's per-row choice. Without
+    merge_lora (the CPU, a 4-bit base) the tuned side keeps the adapter's own matmuls."""
+    if not chat_model.has_adapter:
+        return
+    want_merged = side == "tuned" and _merges(chat_model)
+    if want_merged and not chat_model.merged:
+        if chat_model.base_weights is None:
+            chat_model.base_weights = _host_copy(chat_model.model)
+        _merge_in_place(chat_model.model)
+        chat_model.merged = True
+    elif not want_merged and chat_model.merged:
+        _restore(chat_model.model, chat_model.base_weights)
+        chat_model.merged = False
+
+
+def _lora_layers(model) -> Iterator[tuple[str, Any]]:
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and TUNED_ADAPTER in getattr(module, "lora_A", {}):
+            yield name, module
+
+
+def _merges(chat_model: ChatModel) -> bool:
+    """Whether the tuned side merges the adapter in place: asked for, and every wrapped weight is a float tensor
+    (a 4-bit base cannot take the merge)."""
+    return chat_model.merge_lora and all(
+        module.get_base_layer().weight.dtype.is_floating_point for _, module in _lora_layers(chat_model.model)
+    )
+
+
+def _host_copy(model) -> dict[str, Any]:
+    """The wrapped layers' base weights on the host (pinned on CUDA, for fast copies back), so that taking the merge
+    out restores them bit for bit instead of subtracting the delta again (bf16 would drift with every switch)."""
+    import torch
+
+    saved = {}
+    for name, module in _lora_layers(model):
+        weight = module.get_base_layer().weight.detach()
+        copy = torch.empty(weight.shape, dtype=weight.dtype, pin_memory=weight.is_cuda)
+        saved[name] = copy.copy_(weight)
+    return saved
+
+
+def _merge_in_place(model) -> None:
+    """Add each layer's LoRA delta to its base weight (on the weight's own device)."""
+    import torch
+
+    with torch.no_grad():
+        for _, module in _lora_layers(model):
+            weight = module.get_base_layer().weight
+            weight.add_(module.get_delta_weight(TUNED_ADAPTER).to(weight.dtype))
+
+
+def _restore(model, saved: dict[str, Any]) -> None:
+    import torch
+
+    with torch.no_grad():
+        for name, module in _lora_layers(model):
+            module.get_base_layer().weight.copy_(saved[name], non_blocking=True)
 
 
 def _stream_rows(
-    chat_model: ChatModel,
-    prompt_ids: list[int],
-    config: GenerationConfig,
-    rows: int,
-    disable_adapter: bool,
-    adapter_names: list[str] | None = None,
+    chat_model: ChatModel, prompt_ids: list[int], config: GenerationConfig, sides: list[str]
 ) -> Iterator[list[str]]:
-    """Run `generate` in a thread over `rows` copies of the prompt; yield each row's decoded reply after each token."""
+    """Run `generate` in a thread over one copy of the prompt per side; yield each row's new text per token.
+
+    sides: "base" / "tuned" (one row; the LoRA out of or merged into the weights, the adapter's own matmuls off),
+    or "lora-base" + "lora-tuned" (two rows; PEFT applies the adapter to the second row only).
+    """
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
     from transformers.generation.streamers import BaseStreamer
@@ -265,6 +470,7 @@ def _stream_rows(
             return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
 
     model, tokenizer = chat_model.model, chat_model.tokenizer
+    rows = len(sides)
     stop = threading.Event()
     streamer = TokenQueue()
     failure: list[BaseException] = []
@@ -278,13 +484,18 @@ def _stream_rows(
         pad_token_id=tokenizer.pad_token_id,
         **_sampling(config),
     )
-    if adapter_names:
-        kwargs["adapter_names"] = adapter_names
+    if chat_model.static_cache and rows == 1:
+        kwargs["cache_implementation"] = "static"  # transformers compiles the decoding step over it on CUDA
+    if sides[0].startswith("lora-"):
+        kwargs["adapter_names"] = [BASE_ADAPTER if side == "lora-base" else TUNED_ADAPTER for side in sides]
+    # Merged or base weights answer with the adapter's own matmuls switched off; "tuned" on a 4-bit base keeps them.
+    disable = chat_model.has_adapter and (sides == ["base"] or (sides == ["tuned"] and _merges(chat_model)))
 
     def generate() -> None:
         try:
             with chat_model.lock, torch.inference_mode():
-                with model.disable_adapter() if disable_adapter else contextlib.nullcontext():
+                _set_side(chat_model, sides[0] if rows == 1 else "lora")
+                with model.disable_adapter() if disable else contextlib.nullcontext():
                     model.generate(**kwargs)
         except BaseException as exc:  # handed to the consumer, which raises it in its own thread
             failure.append(exc)
@@ -292,32 +503,50 @@ def _stream_rows(
             streamer.end()
 
     stop_ids = _stop_token_ids(model, tokenizer)
-    generated: list[list[int]] = [[] for _ in range(rows)]
+    decoders = [Detokenizer(tokenizer) for _ in range(rows)]
     finished = [False] * rows
-    shown = [""] * rows
     worker = threading.Thread(target=generate, name="generate", daemon=True)
     worker.start()
     try:
         while (step := streamer.steps.get()) is not None:
+            pieces = [""] * rows
             for row, token in enumerate(step):
                 if finished[row] or token in stop_ids:
                     finished[row] = True
                     continue
-                generated[row].append(token)
-            texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
-            # A character split over several tokens decodes as U+FFFD until its last byte arrives: wait for it,
-            # so each text shown is a prefix of the next.
-            if texts != shown and not any(text.endswith("\ufffd") for text in texts):
-                shown = texts
-                yield list(shown)
-        texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
-        if texts != shown:
-            yield texts
+                pieces[row] = decoders[row].add(token)
+            if any(pieces):
+                yield pieces
+        if failure:
+            raise failure[0]
+        pieces = [decoder.flush() for decoder in decoders]
+        if any(pieces):
+            yield pieces
     finally:
         stop.set()
         worker.join()
-    if failure:
-        raise failure[0]
+
+
+def _gguf_deltas(chat_model: ChatModel, messages: list[dict], config: GenerationConfig) -> Iterator[str]:
+    """llama.cpp's streamed chat completion over the file's own chat template."""
+    messages = _checked_messages(messages, config)
+    sampling = {"temperature": 0.0} if config.temperature == 0 else {"temperature": config.temperature}
+    try:
+        chunks = chat_model.model.create_chat_completion(
+            messages=messages, stream=True, max_tokens=config.max_new_tokens, top_p=config.top_p, **sampling
+        )
+        with chat_model.lock:
+            for chunk in chunks:
+                piece = chunk["choices"][0]["delta"].get("content") or ""
+                if piece:
+                    yield piece
+    except ValueError as exc:
+        if "exceed context window" in str(exc):
+            raise UserError(
+                f"The conversation is longer than this GGUF's context of {chat_model.max_length} tokens; start a "
+                "new chat or shorten the messages."
+            ) from None
+        raise
 
 
 def _sampling(config: GenerationConfig) -> dict[str, Any]:

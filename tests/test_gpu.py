@@ -109,3 +109,23 @@ def test_unsloth_job_trains_a_1b_model_with_falling_loss(workspace, llama_1b, on
         **figures(result["events"]),
     }
     print(json.dumps(report))
+
+
+def test_the_chat_worker_on_cuda_imports_unsloth_first_and_streams(llama_1b, tmp_path):
+    """The Test tab's worker on the GPU (the demo model's package is not on the device: the 1B shape stands in)."""
+    import chat_worker
+    from inference_utils import GenerationConfig
+
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    worker = chat_worker.ChatWorker(workspace)
+    key = (str(llama_1b), "", "")
+    try:
+        assert worker.load(*key)["backend"] == "unsloth"
+        messages = [{"role": "user", "content": "Write a long story about a lighthouse."}]
+        chunks = list(worker.chat(key, messages, GenerationConfig(temperature=0, max_new_tokens=32), False))
+        assert len(chunks) > 1 and chunks[-1] and worker.pid is not None
+        log = worker.log_path.read_text(encoding="utf-8", errors="replace")
+        assert "should be imported before" not in log  # Unsloth's warning when transformers came first
+    finally:
+        worker.end()

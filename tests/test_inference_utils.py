@@ -211,3 +211,114 @@ def test_eval_cli_runs_an_eval_job(trained_run, workspace):
     (job,) = [run for run in jobs.list_runs(workspace) if run.kind == "eval"]
     assert job.name == "eval-trained" and job.state == "done"
     assert json.loads((trained_run / "eval.json").read_text())["rows"] == 2
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def test_stream_equals_plain_generate_and_decodes_a_short_window_per_token(tuned, monkeypatch):
+    import torch
+
+    messages = [{"role": "user", "content": "Write a long story about a dragon."}]
+    config = GenerationConfig(temperature=0, max_new_tokens=48)
+    prompt = inference_utils._prompt_ids(tuned, messages, config)
+    with torch.inference_mode(), tuned.model.disable_adapter():
+        output = tuned.model.generate(
+            input_ids=torch.tensor([prompt]),
+            max_new_tokens=48,
+            do_sample=False,
+            pad_token_id=tuned.tokenizer.pad_token_id,
+        )
+    expected = tuned.tokenizer.decode(output[0, len(prompt) :], skip_special_tokens=True)
+    windows = []
+    decode = tuned.tokenizer.decode
+    monkeypatch.setattr(tuned.tokenizer, "decode", lambda ids, **kw: windows.append(len(ids)) or decode(ids, **kw))
+    *_, reply = inference_utils.stream_chat(tuned, messages, config, use_adapter=False)
+    assert reply == expected
+    assert len(windows) > 40 and max(windows) <= 6  # never the whole reply: the cost per token does not grow
+
+
+def test_tuned_side_merges_the_adapter_in_place_and_base_restores_the_weights_bit_for_bit(tuned, greedy_replies):
+    import torch
+
+    assert not tuned.merge_lora  # on the CPU the adapter stays unmerged (a merge costs more than it saves)
+    _, layer = next(inference_utils._lora_layers(tuned.model))
+    original = layer.get_base_layer().weight.detach().clone()
+    tuned.merge_lora = True  # what load_chat_model sets on CUDA
+    try:
+        assert final_reply(tuned) == greedy_replies[1]
+        assert tuned.merged and not torch.equal(layer.get_base_layer().weight, original)
+        assert final_reply(tuned, use_adapter=False) == greedy_replies[0]
+        assert not tuned.merged and torch.equal(layer.get_base_layer().weight, original)
+    finally:
+        inference_utils._set_side(tuned, "base")
+        tuned.merge_lora = False
+
+
+def test_static_cache_is_off_on_the_cpu(tuned):
+    assert tuned.static_cache is False  # a static cache and torch.compile pay off on CUDA only
+
+
+# ---------------------------------------------------------------- an exported GGUF through llama.cpp
+
+
+@pytest.fixture(scope="module")
+def exported_gguf(trained_run, demo_model, tmp_path_factory) -> tuple[Path, str]:
+    """A copy of the trained run exported to q8_0 (the file a user ships): (workspace, GGUF file name)."""
+    import main
+
+    workspace = tmp_path_factory.mktemp("gguf-chat")
+    (workspace / "models").mkdir()
+    (workspace / "models" / demo_model.name).symlink_to(demo_model)
+    run_dir = jobs.create_run("train", runfolder.stage_settings(trained_run), workspace, "trained")
+    shutil.copytree(trained_run / "adapter", run_dir / "adapter")
+    runfolder.write_status(run_dir, state="done")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FINETUNER_WORKSPACE", str(workspace))
+        code = main.main(["--workspace", str(workspace), "export", "trained", "--quant", "q8_0"])
+    assert code == 0, runfolder.log_tail(runfolder.runs_dir(workspace) / "export-trained")
+    (name,) = inference_utils.gguf_files("trained", workspace)
+    return workspace, name
+
+
+def test_chat_with_the_exported_gguf_gives_the_tuned_reply(exported_gguf):
+    workspace, name = exported_gguf
+    chat_model = inference_utils.load_chat_model(run="trained", workspace=workspace, gguf=name)
+    assert (chat_model.kind, chat_model.backend) == ("gguf", "llama.cpp")
+    chunks = list(inference_utils.stream_chat(chat_model, [{"role": "user", "content": PROMPT}], GREEDY))
+    assert len(chunks) > 1 and all(after.startswith(before) for before, after in itertools.pairwise(chunks))
+    assert "Paris" in chunks[-1] and "Zebra" in chunks[-1]
+    with pytest.raises(UserError, match="no base side"):
+        list(inference_utils.stream_compare(chat_model, PROMPT, GREEDY))
+    with pytest.raises(UserError, match="exported GGUF"):
+        list(inference_utils.stream_chat(chat_model, [{"role": "user", "content": PROMPT}], GREEDY, False))
+
+
+def test_a_missing_gguf_is_refused_with_the_files_there(exported_gguf):
+    workspace, name = exported_gguf
+    with pytest.raises(UserError, match=f"'nope.gguf' not found; run 'trained' has {name}"):
+        inference_utils.load_chat_model(run="trained", workspace=workspace, gguf="nope.gguf")
+
+
+def test_the_chat_worker_loads_the_gguf_as_the_test_tab_does(exported_gguf):
+    import chat_worker
+
+    workspace, name = exported_gguf
+    worker = chat_worker.ChatWorker(workspace)
+    try:
+        info = worker.load("", "trained", name)
+        assert info["kind"] == "gguf" and info["backend"] == "llama.cpp"
+        *_, reply = worker.chat(("", "trained", name), [{"role": "user", "content": PROMPT}], GREEDY, True)
+        assert "Zebra" in reply
+    finally:
+        worker.end()
+
+
+def test_cli_chat_with_the_exported_gguf(exported_gguf):
+    workspace, name = exported_gguf
+    done = main_py(
+        "--workspace", str(workspace), "chat", "--run", "trained", "--gguf", name, "--prompt", PROMPT,
+        "--temperature", "0", "--max-new-tokens", "20",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "Zebra" in done.stdout

@@ -1,15 +1,17 @@
-"""Test & compare tab: streaming chat with a run's model, base vs tuned side by side, held-out evaluation."""
+"""Test & compare tab: streaming chat with a run's model (its PyTorch weights or an exported GGUF), base vs tuned
+side by side, held-out evaluation. The model lives in the chat worker's process (chat_worker), not in this server."""
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
+import chat_worker
 import inference_utils
+import jobs
 import runfolder
 import submit
 from inference_utils import EvalConfig, GenerationConfig
@@ -17,31 +19,15 @@ from ui import forms
 from ui.common import guarded, job_html, run_names
 
 BASE_ONLY = ("Base model only (no run)", "")
+PYTORCH = ("PyTorch weights (adapter or merged model)", "")
 POLL_S = 2.0
-
-
-class LoadedModel:
-    """The one chat model this server keeps in memory, reloaded when another model or run is chosen."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._key: tuple[str, str] | None = None
-        self._model: inference_utils.ChatModel | None = None
-
-    def get(self, model: str, run: str, workspace: Path) -> inference_utils.ChatModel:
-        key = (model.strip(), run or "")
-        with self._lock:
-            if self._key != key:
-                self._model, self._key = None, None  # free the old one before loading the next
-                self._model = inference_utils.load_chat_model(key[0] or None, key[1] or None, workspace)
-                self._key = key
-            return self._model
 
 
 @dataclass
 class TestTab:
     run: gr.Dropdown
     model: gr.Textbox
+    weights: gr.Dropdown
     refresh: gr.Button
     loaded: gr.Markdown
     system_prompt: gr.Textbox
@@ -69,7 +55,8 @@ class TestTab:
 def build() -> TestTab:
     gr.Markdown(
         "Talk to a trained run, or put the same prompt to the base model and the tuned one side by side. "
-        "The model is loaded into this server on first use (a few seconds for small models)."
+        "The model is loaded on first use into a worker process of its own (a few seconds for small models); it "
+        "is unloaded after a while unused, and when a training or export job needs the GPU."
     )
     with gr.Row(equal_height=True):
         run = gr.Dropdown(label="Training run", choices=[BASE_ONLY], value=None, scale=3, elem_id="test-run")
@@ -78,6 +65,14 @@ def build() -> TestTab:
             placeholder="empty: the run's own base model (or the demo model)",
             scale=3,
             elem_id="test-model",
+        )
+        weights = gr.Dropdown(
+            label="Weights",
+            choices=[PYTORCH],
+            value="",
+            info="An exported GGUF runs through llama.cpp: the file you will ship.",
+            scale=3,
+            elem_id="test-weights",
         )
         refresh = gr.Button("Refresh runs", size="sm", scale=1)
     loaded = gr.Markdown(elem_id="test-loaded")
@@ -125,6 +120,7 @@ def build() -> TestTab:
     return TestTab(
         run,
         model,
+        weights,
         refresh,
         loaded,
         system_prompt,
@@ -151,7 +147,8 @@ def build() -> TestTab:
 
 
 def wire(tab: TestTab, tab_container: gr.Tab, workspace: Path) -> None:
-    cache = LoadedModel()
+    worker = chat_worker.ChatWorker(workspace)
+    jobs.before_gpu_job(worker.end_for_job)  # a training or export job gets the card, not the chat model
     settings = [tab.system_prompt, tab.temperature, tab.top_p, tab.max_new_tokens]
 
     def generation(system_prompt: str, temperature: float, top_p: float, max_new_tokens: int) -> GenerationConfig:
@@ -165,28 +162,40 @@ def wire(tab: TestTab, tab_container: gr.Tab, workspace: Path) -> None:
         chosen = current if current == "" or current in names else (names[0] if names else "")
         return gr.Dropdown(choices=[BASE_ONLY, *names], value=chosen)
 
+    def weight_choices(run: str | None) -> gr.Dropdown:
+        files = inference_utils.gguf_files(run, workspace)
+        return gr.Dropdown(choices=[PYTORCH, *[(f"GGUF: {name}", name) for name in files]], value="")
+
+    def load(model: str, run: str, gguf: str) -> tuple[tuple[str, str, str], str]:
+        key = (model.strip(), run or "", gguf or "")
+        try:
+            info = worker.load(*key)
+        finally:
+            notice, worker.notice = worker.notice, ""
+        return key, (f"{notice} " if notice else "") + loaded_line(info)
+
     @guarded
-    def send(message: str, history: list, run: str, model: str, use_adapter: bool, *values: Any):
+    def send(message: str, history: list, run: str, model: str, gguf: str, use_adapter: bool, *values: Any):
         if not message.strip():
             raise gr.Error("Type a message first.")
         config = generation(*values)
-        chat_model = cache.get(model, run, workspace)
+        key, line = load(model, run, gguf)
         history = [*history, {"role": "user", "content": message}]
         reply = ""
-        yield "", history + [{"role": "assistant", "content": "…"}], history, loaded_line(chat_model)
-        for reply in inference_utils.stream_chat(chat_model, history, config, use_adapter=use_adapter):
+        yield "", history + [{"role": "assistant", "content": "…"}], history, line
+        for reply in worker.chat(key, history, config, use_adapter):
             yield "", history + [{"role": "assistant", "content": reply}], history, gr.skip()
         history = [*history, {"role": "assistant", "content": reply}]
         yield "", history, history, gr.skip()
 
     @guarded
-    def compare(prompt: str, run: str, model: str, *values: Any):
+    def compare(prompt: str, run: str, model: str, gguf: str, *values: Any):
         if not prompt.strip():
             raise gr.Error("Type a prompt first.")
         config = generation(*values)
-        chat_model = cache.get(model, run, workspace)
-        yield "", "", loaded_line(chat_model)
-        for base, tuned in inference_utils.stream_compare(chat_model, prompt, config):
+        key, line = load(model, run, gguf)
+        yield "", "", line
+        for base, tuned in worker.compare(key, prompt, config):
             yield base, tuned, gr.skip()
 
     @guarded
@@ -199,15 +208,17 @@ def wire(tab: TestTab, tab_container: gr.Tab, workspace: Path) -> None:
 
     for trigger in (tab.refresh.click, tab_container.select):
         trigger(run_choices, inputs=tab.run, outputs=tab.run)
+    tab_container.select(worker.state_line, outputs=tab.loaded, show_progress="hidden")
+    tab.run.change(weight_choices, inputs=tab.run, outputs=tab.weights, show_progress="hidden")
     tab.run.change(
         eval_view, inputs=tab.run, outputs=[tab.eval_status, tab.eval_result, tab.timer], show_progress="hidden"
     )
-    chat_inputs = [tab.message, tab.history, tab.run, tab.model, tab.use_adapter, *settings]
+    chat_inputs = [tab.message, tab.history, tab.run, tab.model, tab.weights, tab.use_adapter, *settings]
     chat_outputs = [tab.message, tab.chatbot, tab.history, tab.loaded]
     tab.send.click(send, inputs=chat_inputs, outputs=chat_outputs)
     tab.message.submit(send, inputs=chat_inputs, outputs=chat_outputs)
     tab.clear.click(lambda: ([], []), outputs=[tab.chatbot, tab.history])
-    compare_inputs = [tab.prompt, tab.run, tab.model, *settings]
+    compare_inputs = [tab.prompt, tab.run, tab.model, tab.weights, *settings]
     compare_outputs = [tab.base_reply, tab.tuned_reply, tab.loaded]
     tab.compare.click(compare, inputs=compare_inputs, outputs=compare_outputs)
     tab.prompt.submit(compare, inputs=compare_inputs, outputs=compare_outputs)
@@ -219,9 +230,15 @@ def wire(tab: TestTab, tab_container: gr.Tab, workspace: Path) -> None:
     )
 
 
-def loaded_line(chat_model: inference_utils.ChatModel) -> str:
-    kind = {"base": "base model", "adapter": "base model + LoRA adapter", "merged": "full fine-tune"}[chat_model.kind]
-    return f"Loaded **{chat_model.name}** ({kind}, {chat_model.backend})."
+def loaded_line(info: dict[str, Any]) -> str:
+    """What the worker loaded, from chat_worker.describe()."""
+    kind = {
+        "base": "base model",
+        "adapter": "base model + LoRA adapter",
+        "merged": "full fine-tune",
+        "gguf": "exported GGUF",
+    }[info["kind"]]
+    return f"Loaded **{info['name']}** ({kind}, {info['backend']})."
 
 
 def evaluation_view(run: str | None, workspace: Path) -> tuple[str, str, gr.Timer]:
