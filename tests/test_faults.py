@@ -644,20 +644,30 @@ def test_a_finished_run_is_not_resumed(workspace):
         jobs.resume_job(run_dir)
 
 
+READERS = {
+    "export": lambda run: {"run": run},
+    "arena-contestant": lambda run: {"contestants": ["base:demo", f"run:{run}"]},
+    "arena-prompts": lambda run: {"contestants": ["base:demo", "base:other"], "prompts_run": run},
+}
+
+
+@pytest.mark.parametrize("reader", list(READERS))
 @pytest.mark.parametrize("by_path", [False, True])
-def test_a_run_cannot_be_deleted_while_its_export_or_eval_reads_it(workspace, by_path):
+def test_a_run_cannot_be_deleted_while_its_export_or_eval_reads_it(workspace, by_path, reader):
     trained = jobs.create_run("train", {}, workspace, "trained-run")
     runfolder.write_status(trained, state="done")
-    export = jobs.create_run("export", {"run": str(trained) if by_path else trained.name}, workspace, "export-x")
-    runfolder.write_status(export, state="running", **_own_process())
+    kind = reader.split("-")[0]
+    config = READERS[reader](str(trained) if by_path else trained.name)
+    job = jobs.create_run(kind, config, workspace, "reader-x")
+    runfolder.write_status(job, state="running", **_own_process())
 
     allowed = jobs.actions(trained)
     assert not allowed.can_delete
-    assert "export job 'export-x'" in allowed.delete_reason
-    with pytest.raises(jobs.UserError, match="export job 'export-x'"):
+    assert f"{kind} job 'reader-x'" in allowed.delete_reason
+    with pytest.raises(jobs.UserError, match=f"{kind} job 'reader-x'"):
         jobs.delete_run(trained)
 
-    runfolder.write_status(export, state="done")
+    runfolder.write_status(job, state="done")
     jobs.delete_run(trained)
     assert not trained.exists()
 

@@ -10,6 +10,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+import compare_utils
 import jobs
 import runfolder
 import submit
@@ -35,6 +36,11 @@ class RunsTab:
     confirm_text: gr.Markdown
     confirm: gr.Button
     cancel: gr.Button
+    compare_runs: gr.Dropdown
+    compare: gr.Button
+    compare_plot: gr.LinePlot
+    compare_metrics: gr.Dataframe
+    compare_differences: gr.Dataframe
 
 
 def build() -> RunsTab:
@@ -53,11 +59,50 @@ def build() -> RunsTab:
         config = gr.Code(label="config.yaml", language="yaml", interactive=False, lines=14, elem_id="runs-config")
         metrics = gr.JSON(label="Metrics and outputs", elem_id="runs-metrics")
     plot = gr.LinePlot(
-        x="step", y="loss", color="series", title="Loss", height=240, color_map={"train": "#2563eb", "eval": "#f97316"}
+        x="step",
+        y="loss",
+        color="series",
+        title="Loss",
+        height=240,
+        x_axis_format="d",  # steps are whole numbers: a short run's axis ticked 0.5, 1.5, …
+        color_map={"train": "#2563eb", "eval": "#f97316"},
     )
     log = gr.Textbox(label="Log (last lines)", lines=8, max_lines=8, interactive=False, elem_id="runs-log")
+    with gr.Accordion("Compare training runs", open=False):
+        with gr.Row(equal_height=True):
+            compare_runs = gr.Dropdown(
+                label="Training runs", choices=[], multiselect=True, scale=4, elem_id="runs-compare-runs"
+            )
+            compare = gr.Button("Compare", scale=1, elem_id="runs-compare")
+        compare_plot = gr.LinePlot(x="step", y="loss", color="curve", title="Loss and eval loss", height=280)
+        compare_metrics = gr.Dataframe(
+            headers=compare_utils.METRIC_COLUMNS,
+            label="Final and best",
+            interactive=False,
+            elem_id="runs-compare-table",
+        )
+        compare_differences = gr.Dataframe(
+            label="Settings that differ", interactive=False, wrap=True, elem_id="runs-compare-differences"
+        )
     return RunsTab(
-        refresh, table, run, status, config, metrics, plot, log, delete, confirm_row, confirm_text, confirm, cancel
+        refresh,
+        table,
+        run,
+        status,
+        config,
+        metrics,
+        plot,
+        log,
+        delete,
+        confirm_row,
+        confirm_text,
+        confirm,
+        cancel,
+        compare_runs,
+        compare,
+        compare_plot,
+        compare_metrics,
+        compare_differences,
     )
 
 
@@ -101,6 +146,20 @@ def wire(tab: RunsTab, tab_container: gr.Tab, workspace: Path) -> None:
         return gr.Row(visible=False), f"Deleted run `{run}`."
 
     hide = lambda: gr.Row(visible=False)  # noqa: E731
+
+    def compare_choices(current: list[str] | None) -> gr.Dropdown:
+        names = [run.name for run in jobs.list_runs(workspace, kinds=("train",))]
+        return gr.Dropdown(choices=names, value=[name for name in current or [] if name in names])
+
+    @guarded
+    def compare(chosen: list[str] | None) -> list[Any]:
+        return comparison_view(chosen or [], workspace)
+
+    for trigger in (tab.refresh.click, tab_container.select):
+        trigger(compare_choices, inputs=tab.compare_runs, outputs=tab.compare_runs)
+    tab.compare.click(
+        compare, inputs=tab.compare_runs, outputs=[tab.compare_plot, tab.compare_metrics, tab.compare_differences]
+    )
 
     for trigger in (tab.refresh.click, tab_container.select):
         trigger(listing, inputs=tab.run, outputs=[tab.table, tab.run]).then(show, inputs=tab.run, outputs=details)
@@ -154,4 +213,20 @@ def run_details(run: str | None, workspace: Path) -> list[Any]:
         loss_frame(event_log(run_dir)),
         runfolder.log_tail(run_dir),
         gr.Button(interactive=allowed.can_delete),
+    ]
+
+
+def comparison_view(runs: list[str], workspace: Path) -> list[Any]:
+    """Overlaid loss curves, the final-and-best table and the settings that differ, for the chosen training runs."""
+    comparison = compare_utils.compare_runs(runs, workspace)
+    curves = pd.DataFrame(
+        [(f"{run} · {series}", step, loss) for run, series, step, loss in comparison.curves],
+        columns=["curve", "step", "loss"],
+    )
+    names = [run.name for run in comparison.runs]
+    differences = pd.DataFrame(compare_utils.difference_rows(comparison), columns=["setting", *names])
+    return [
+        curves,
+        pd.DataFrame(compare_utils.metric_rows(comparison), columns=compare_utils.METRIC_COLUMNS),
+        differences,
     ]
