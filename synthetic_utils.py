@@ -13,13 +13,14 @@ import os
 import random
 import re
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
+import dataset_report
 import runfolder
 from settings import check, option
 from workspace import UserError, config_from_dict, read_json, resolve_user_path, write_json
@@ -514,49 +515,25 @@ def parse_reply(text: str, config: SyntheticConfig) -> list[dict[str, str]]:
 # ---------------------------------------------------------------- duplicates
 
 
-def normalize_text(text: str) -> str:
-    return " ".join(re.sub(r"[^\w]+", " ", text.lower()).split())
+normalize_text = dataset_report.normalize_text  # the form two rows are compared in
 
 
 class DuplicateIndex:
-    """Exact (normalized text) and near duplicates (word-trigram Jaccard, found through an inverted index)."""
+    """Exact and near duplicates of kept rows, through dataset_report's MinHash LSH index (datasketch): the same
+    test the dataset quality report applies."""
 
     def __init__(self, threshold: float) -> None:
-        self.threshold = threshold
-        self.exact: set[str] = set()
-        self.sizes: list[int] = []
-        self.postings: dict[int, list[int]] = defaultdict(list)
-
-    @staticmethod
-    def _shingles(normalized: str) -> set[int]:
-        words = normalized.split()
-        if len(words) < 3:
-            return {hash(normalized)}
-        return {hash(" ".join(words[i : i + 3])) for i in range(len(words) - 2)}
+        self.index = dataset_report.DuplicateIndex(threshold)
+        self.kept = 0
 
     def check(self, text: str) -> str | None:
         """Why `text` repeats a kept row ("duplicate" or "near_duplicate"), or None when it is new."""
-        normalized = normalize_text(text)
-        if hashlib.sha1(normalized.encode()).hexdigest() in self.exact:
-            return "duplicate"
-        if self.threshold >= 1:
-            return None
-        shingles = self._shingles(normalized)
-        shared: Counter[int] = Counter()
-        for shingle in shingles:
-            shared.update(self.postings.get(shingle, ()))
-        for row, common in shared.items():
-            if common / (len(shingles) + self.sizes[row] - common) >= self.threshold:
-                return "near_duplicate"
-        return None
+        found = self.index.find(text)
+        return found[0] if found else None
 
     def add(self, text: str) -> None:
-        normalized = normalize_text(text)
-        self.exact.add(hashlib.sha1(normalized.encode()).hexdigest())
-        shingles = self._shingles(normalized)
-        for shingle in shingles:
-            self.postings[shingle].append(len(self.sizes))
-        self.sizes.append(len(shingles))
+        self.index.add(self.kept, text)
+        self.kept += 1
 
 
 def row_text(messages: list[dict[str, str]]) -> str:

@@ -1,0 +1,374 @@
+"""The dataset quality report: duplicates (exact, and near through datasketch's MinHash LSH), empty replies, rows the
+template drops, rows cut at max_seq_length, token-length percentiles, train/eval prompt leakage and the mix of
+formats and scripts; every figure carries the row numbers behind it (1-based, as in the preparation's messages).
+Also the cleaned copy of a file: duplicates and empty replies dropped, the original untouched."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dataset_utils import (
+    DEFAULT_MAX_SEQ_LENGTH,
+    DEFAULT_SEED,
+    DatasetConfig,
+    control_pattern,
+    detect_format,
+    encode_rows,
+    ensure_chat_template,
+    load_rows,
+    render_row,
+    resolve_columns,
+    row_to_messages,
+    split_train_eval,
+)
+from workspace import UserError, atomic_write_text, workspace_root
+
+log = logging.getLogger(__name__)
+
+NEAR_DUPLICATE_THRESHOLD = 0.8  # word-trigram Jaccard similarity, as the synthetic-data filter uses
+LSH_MARGIN = 0.7  # the index's threshold as a share of the real one: see DuplicateIndex
+NUM_PERM = 128  # MinHash permutations: Jaccard estimates within about ±0.09 (1/sqrt(128))
+SHOWN_ROWS = 20  # row numbers printed per line of the text form; the JSON form has them all
+# Longer than any row: the report tokenizes whole rows to see what a cut at max_seq_length loses.
+UNCUT = 1 << 30
+
+
+# ---------------------------------------------------------------- near duplicates
+
+
+def normalize_text(text: str) -> str:
+    """Lower case, punctuation and runs of spaces folded: the form two rows are compared in."""
+    return " ".join(re.sub(r"[^\w]+", " ", text.lower()).split())
+
+
+def shingles(normalized: str) -> set[str]:
+    """Word trigrams of a normalized text (the text itself when it has fewer than three words)."""
+    words = normalized.split()
+    if len(words) < 3:
+        return {normalized}
+    return {" ".join(words[i : i + 3]) for i in range(len(words) - 2)}
+
+
+class DuplicateIndex:
+    """Exact duplicates by normalized text; near duplicates through a MinHash LSH index whose candidates are then
+    checked by their exact trigram Jaccard similarity, so a hash collision never drops a row."""
+
+    def __init__(self, threshold: float = NEAR_DUPLICATE_THRESHOLD) -> None:
+        from datasketch import MinHashLSH
+
+        self.threshold = threshold
+        self.exact: dict[str, Any] = {}
+        self.shingles: dict[Any, set[str]] = {}
+        # The index is tuned below the real threshold: LSH misses some pairs just above its own threshold (a row
+        # with Jaccard 0.9 was missed at 0.8), and every candidate is checked exactly anyway. 1 = exact only.
+        lsh_threshold = max(0.05, LSH_MARGIN * threshold)
+        self.lsh = MinHashLSH(threshold=lsh_threshold, num_perm=NUM_PERM) if threshold < 1 else None
+
+    def find(self, text: str) -> tuple[str, Any] | None:
+        """("duplicate" | "near_duplicate", the key of the kept row it repeats), or None when it is new."""
+        normalized = normalize_text(text)
+        if normalized in self.exact:
+            return "duplicate", self.exact[normalized]
+        if self.lsh is None:
+            return None
+        own = shingles(normalized)
+        for key in sorted(self.lsh.query(_minhash(own)), key=str):
+            other = self.shingles[key]
+            if len(own & other) / len(own | other) >= self.threshold:
+                return "near_duplicate", key
+        return None
+
+    def add(self, key: Any, text: str) -> None:
+        normalized = normalize_text(text)
+        self.exact.setdefault(normalized, key)
+        if self.lsh is not None and key not in self.shingles:
+            self.shingles[key] = shingles(normalized)
+            self.lsh.insert(key, _minhash(self.shingles[key]))
+
+
+def _minhash(items: set[str]):
+    from datasketch import MinHash
+
+    minhash = MinHash(num_perm=NUM_PERM, seed=1)
+    minhash.update_batch([item.encode("utf-8") for item in items])
+    return minhash
+
+
+# ---------------------------------------------------------------- the report
+
+
+@dataclass
+class DatasetReport:
+    """Figures about one dataset; each list holds 1-based row numbers."""
+
+    source: str
+    format: str
+    rows: int
+    max_seq_length: int
+    duplicates: list[int] = field(default_factory=list)  # exact repeats of an earlier row (the first is kept)
+    near_duplicates: list[int] = field(default_factory=list)
+    duplicate_of: dict[int, int] = field(default_factory=dict)  # row → the earlier row it repeats
+    empty_replies: list[int] = field(default_factory=list)
+    dropped: dict[int, str] = field(default_factory=dict)  # row → why the template / preparation drops it
+    truncated: list[int] = field(default_factory=list)
+    reply_tokens: int = 0
+    reply_tokens_lost: int = 0
+    lengths: dict[str, int] = field(default_factory=dict)  # p50, p95, p99, max (tokens)
+    longest_row: int = 0
+    usable_rows: int = 0
+    eval_split: float = 0.0
+    leaked: list[int] = field(default_factory=list)  # eval rows whose prompt a train row also has
+    formats: dict[str, list[int]] = field(default_factory=dict)
+    scripts: dict[str, list[int]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def lost_share(self) -> float:
+        return self.reply_tokens_lost / self.reply_tokens if self.reply_tokens else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {**asdict(self), "lost_share": round(self.lost_share, 4)}
+
+    def lines(self) -> list[str]:
+        """The report as plain text lines, for the CLI and the training log."""
+        out = [f"dataset report: {self.source} ({self.format}, {self.rows} rows, {self.usable_rows} usable)"]
+        out.append(f"exact duplicates: {_count(self.duplicates)}")
+        out.append(f"near duplicates: {_count(self.near_duplicates)}")
+        out.append(f"empty replies: {_count(self.empty_replies)}")
+        reasons = Counter(self.dropped.values())
+        out.append(f"rows the template drops: {_count(sorted(self.dropped))}")
+        out += [f"  {count} × {reason}" for reason, count in reasons.most_common(5)]
+        out.append(
+            f"rows cut at max_seq_length {self.max_seq_length}: {_count(self.truncated)}; "
+            f"reply tokens lost: {self.reply_tokens_lost} of {self.reply_tokens} ({self.lost_share:.1%})"
+        )
+        if self.lengths:
+            out.append(
+                "token lengths: "
+                + ", ".join(f"{name} {value}" for name, value in self.lengths.items())
+                + f" (longest: row {self.longest_row})"
+            )
+        if self.eval_split:
+            out.append(f"eval prompts also in train (leakage): {_count(self.leaked)}")
+        for title, mix in (("formats", self.formats), ("scripts", self.scripts)):
+            if len(mix) > 1:
+                out.append(
+                    f"{title} mixed: " + "; ".join(f"{name} {_share(rows, self.rows)}" for name, rows in mix.items())
+                )
+        out += [f"note: {note}" for note in self.notes]
+        return out
+
+    def text(self) -> str:
+        return "\n".join(self.lines())
+
+
+def _count(rows: list[int]) -> str:
+    if not rows:
+        return "0"
+    shown = ", ".join(str(row) for row in rows[:SHOWN_ROWS])
+    more = f", … {len(rows) - SHOWN_ROWS} more" if len(rows) > SHOWN_ROWS else ""
+    return f"{len(rows)} (rows {shown}{more})"
+
+
+def _share(rows: list[int], total: int) -> str:
+    return f"{len(rows) / total:.0%} ({_count(rows)})"
+
+
+def build_report(
+    config: DatasetConfig,
+    tokenizer,
+    max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH,
+    train_on_responses_only: bool = True,
+    eval_split: float = 0.0,
+    seed: int = DEFAULT_SEED,
+    workspace: str | Path | None = None,
+) -> DatasetReport:
+    """The report for the rows prepare_dataset would read, rendered with the same template and tokenizer."""
+    raw = load_rows(config, workspace)
+    fmt = config.format if config.format != "auto" else detect_format(raw.column_names, config.column_map)
+    fields = resolve_columns(raw.column_names, fmt, config.column_map)
+    report = DatasetReport(str(config.source), fmt, len(raw), max_seq_length, eval_split=eval_split)
+    if len(raw) < 2:
+        report.notes.append(f"only {len(raw)} row: too few for duplicates, an eval split or a useful run.")
+    if config.chat_template:
+        ensure_chat_template(tokenizer, config.chat_template)
+    elif fmt != "text":
+        ensure_chat_template(tokenizer)
+    pattern = control_pattern(tokenizer)
+    index = DuplicateIndex()
+    rendered: dict[int, tuple[str, Any, Any]] = {}
+    prompts: dict[int, str] = {}
+    for number, row in enumerate(raw, start=1):
+        _mix(report, number, row, config.column_map)
+        text, prompt, reply = _row_parts(row, fmt, fields, config.system_prompt)
+        if fmt != "text" and reply is not None and not reply.strip():
+            report.empty_replies.append(number)
+        if text is not None:
+            found = index.find(text)
+            if found:
+                kind, first = found
+                (report.duplicates if kind == "duplicate" else report.near_duplicates).append(number)
+                report.duplicate_of[number] = first
+            else:
+                index.add(number, text)
+        try:
+            rendered[number] = render_row(
+                row, fmt, fields, tokenizer, train_on_responses_only, config.system_prompt, pattern=pattern
+            )
+        except UserError as exc:
+            if number not in report.empty_replies:
+                report.dropped[number] = str(exc)
+            continue
+        prompts[number] = normalize_text(prompt or "")
+    _measure_tokens(report, rendered, tokenizer)
+    if eval_split and report.usable_rows >= 2:
+        _leakage(report, sorted(prompts), prompts, eval_split, seed, rendered)
+    elif eval_split:
+        report.notes.append("eval_split needs at least 2 usable rows; leakage not measured.")
+    return report
+
+
+def _row_parts(
+    row: dict, fmt: str, fields: dict[str, str], system_prompt: str
+) -> tuple[str | None, str | None, str | None]:
+    """(the row's whole text, its prompt, its last reply), read leniently: a row the template refuses still
+    counts for duplicates and empty replies."""
+    if fmt == "text":
+        value = row.get(fields["text"])
+        return (value if isinstance(value, str) else None), None, None
+    try:
+        messages = row_to_messages(row, fmt, fields, system_prompt)
+    except UserError:
+        messages = _lenient_messages(row, fmt, fields)
+    if not messages:
+        return None, None, None
+    prompt = "\n".join(m["content"] for m in messages if m["role"] != "assistant")
+    replies = [m["content"] for m in messages if m["role"] == "assistant"]
+    return "\n".join(m["content"] for m in messages), prompt, replies[-1] if replies else None
+
+
+def _lenient_messages(row: dict, fmt: str, fields: dict[str, str]) -> list[dict]:
+    def text(name: str) -> str:
+        value = row.get(fields.get(name, ""))
+        return value if isinstance(value, str) else ""
+
+    if fmt == "alpaca":
+        return [{"role": "user", "content": text("instruction")}, {"role": "assistant", "content": text("output")}]
+    if fmt == "prompt_completion":
+        return [{"role": "user", "content": text("prompt")}, {"role": "assistant", "content": text("completion")}]
+    turns = row.get(fields.get("messages" if fmt == "messages" else "conversations", ""))
+    messages = []
+    for turn in turns if isinstance(turns, list) else []:
+        if isinstance(turn, dict):
+            role = turn.get("role", turn.get("from", ""))
+            content = turn.get("content", turn.get("value", ""))
+            role = "assistant" if role in ("assistant", "gpt", "model") else role
+            messages.append({"role": role, "content": content if isinstance(content, str) else ""})
+    return messages
+
+
+def _measure_tokens(report: DatasetReport, rendered: dict[int, tuple], tokenizer) -> None:
+    import numpy as np
+
+    numbers = sorted(rendered)
+    encoded = encode_rows(
+        [rendered[n][0] for n in numbers],
+        [rendered[n][1] for n in numbers],
+        tokenizer,
+        UNCUT,
+        [rendered[n][2] for n in numbers],
+    )
+    lengths = []
+    for number, row in zip(numbers, encoded, strict=True):
+        labels = row["labels"]
+        trained = [label != -100 for label in labels]
+        kept = sum(trained[: report.max_seq_length])
+        report.reply_tokens += sum(trained)
+        report.reply_tokens_lost += sum(trained) - kept
+        lengths.append(len(labels))
+        if len(labels) > report.max_seq_length:
+            report.truncated.append(number)
+        if kept == 0:
+            report.dropped[number] = "every trained token is past max_seq_length"
+        else:
+            report.usable_rows += 1
+    if lengths:
+        values = np.percentile(lengths, [50, 95, 99])
+        report.lengths = {
+            "p50": int(np.ceil(values[0])),
+            "p95": int(np.ceil(values[1])),
+            "p99": int(np.ceil(values[2])),
+            "max": max(lengths),
+        }
+        report.longest_row = numbers[int(np.argmax(lengths))]
+
+
+def _leakage(report, numbers, prompts, eval_split, seed, rendered) -> None:
+    """The eval rows prepare_dataset would hold out (the same split of the same usable rows) whose prompt a
+    train row also has."""
+    import datasets
+
+    usable = [n for n in numbers if n not in report.dropped and n in rendered]
+    train, evaluation = split_train_eval(datasets.Dataset.from_dict({"row": usable}), eval_split, seed)
+    train_prompts = {prompts[n] for n in train["row"] if prompts[n]}
+    report.leaked = sorted(n for n in evaluation["row"] if prompts[n] and prompts[n] in train_prompts)
+
+
+def _mix(report: DatasetReport, number: int, row: dict, column_map: dict[str, str]) -> None:
+    filled = [key for key, value in row.items() if value not in (None, "", [])]
+    try:
+        fmt = detect_format(filled, column_map)
+    except UserError:
+        fmt = "unknown"
+    report.formats.setdefault(fmt, []).append(number)
+    report.scripts.setdefault(script_of(_all_text(row)), []).append(number)
+
+
+def _all_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return " ".join(_all_text(item) for item in value.values())
+    if isinstance(value, list):
+        return " ".join(_all_text(item) for item in value)
+    return ""
+
+
+def script_of(text: str) -> str:
+    """The Unicode script most of the text's letters belong to (LATIN, CYRILLIC, CJK, …), or 'none'."""
+    counts: Counter[str] = Counter()
+    for char in text:
+        if char.isalpha():
+            name = unicodedata.name(char, "")
+            counts[name.split(" ")[0] if name else "OTHER"] += 1
+    return counts.most_common(1)[0][0].lower() if counts else "none"
+
+
+# ---------------------------------------------------------------- the cleaned copy
+
+
+def write_cleaned_copy(
+    config: DatasetConfig, report: DatasetReport, workspace: str | Path | None = None
+) -> tuple[Path, int]:
+    """(path, rows written): a JSONL copy under <workspace>/data/ without the report's duplicates (exact and near;
+    the first of each kept) and empty replies. The source is only read."""
+    drop = set(report.duplicates) | set(report.near_duplicates) | set(report.empty_replies)
+    raw = load_rows(config, workspace)
+    kept = [row for number, row in enumerate(raw, start=1) if number not in drop]
+    if not kept:
+        raise UserError("Every row is a duplicate or has an empty reply: the cleaned copy would be empty.")
+    stem = re.sub(r"[^\w.-]+", "_", Path(str(config.source)).stem) or "dataset"
+    target = workspace_root(workspace) / "data" / f"{stem}.cleaned.jsonl"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(target, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in kept))
+    log.info("cleaned copy: %s (%d of %d rows, %d dropped)", target, len(kept), len(raw), len(drop))
+    return target, len(kept)
