@@ -70,6 +70,9 @@ class DatasetConfig:
         "or a Hub dataset id.",
         label="Dataset (path or Hub id)",
     )
+    subset: str = option(
+        "", help="The subset (config name) of a Hub dataset that has several; empty = its default.", label="Subset"
+    )
     split: str = option("train", help="Which split of a Hub dataset to read.", label="Split")
     format: str = option(
         "auto",
@@ -121,10 +124,16 @@ def load_rows(config: DatasetConfig, workspace: str | Path | None = None):
     if _looks_local(source):
         dataset = load_local_file(resolve_user_path(source, workspace))
     else:
-        dataset = load_hub_dataset(source, config.split)
+        dataset = load_hub_dataset(source, config.split, config.subset)
     if config.max_rows:
         dataset = dataset.select(range(min(config.max_rows, len(dataset))))
     return dataset
+
+
+def is_hub_dataset(source: str) -> bool:
+    """Whether the source names a Hub dataset (owner/name) rather than a local file."""
+    source = str(source).strip()
+    return bool(source) and not _looks_local(source)
 
 
 def _looks_local(source: str) -> bool:
@@ -318,24 +327,93 @@ def _parse_csv(text: str, name: str) -> list[dict]:
     return rows
 
 
-def load_hub_dataset(dataset_id: str, split: str):
-    """Load a Hub dataset; works offline from the local Hugging Face cache."""
+def load_hub_dataset(dataset_id: str, split: str, subset: str = ""):
+    """Load (download, with the `datasets` progress bars in the job's log) a Hub dataset; works offline from the
+    local Hugging Face cache."""
     import datasets
 
     try:
-        return datasets.load_dataset(dataset_id, split=split)
+        return datasets.load_dataset(dataset_id, subset or None, split=split)
     except Exception as exc:  # datasets raises many types for unreachable / unknown ids
-        offline = (
-            os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(exc).lower() or "connect" in str(exc).lower()
-        )
-        hint = (
-            " The Hub cannot be reached and it is not in the local cache; download it on a connected machine or use a local file."
-            if offline
-            else ""
-        )
-        raise UserError(
-            f"Could not load Hub dataset '{dataset_id}' (split '{split}').{hint} ({type(exc).__name__})"
-        ) from None
+        raise _hub_dataset_error(exc, dataset_id, split, subset) from None
+
+
+def preview_hub_rows(config: DatasetConfig, count: int = 5) -> dict[str, Any]:
+    """The first `count` rows of a Hub dataset by streaming (nothing else is downloaded), its columns and the
+    column map the common column names suggest."""
+    import datasets
+
+    config.validate()
+    source = str(config.source).strip()
+    try:
+        stream = datasets.load_dataset(source, config.subset or None, split=config.split, streaming=True)
+        rows = list(stream.take(count))
+    except Exception as exc:  # datasets raises many types for unreachable / unknown ids
+        raise _hub_dataset_error(exc, source, config.split, config.subset) from None
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return {"rows": rows, "columns": columns, "column_map": suggest_column_map(columns, config.column_map)}
+
+
+def _hub_dataset_error(exc: BaseException, dataset_id: str, split: str, subset: str) -> UserError:
+    text = str(exc)
+    if isinstance(exc, ValueError) and ("split" in text.lower() or "config" in text.lower()):
+        # datasets names the splits or subsets that exist: that is the message to show
+        return UserError(f"Hub dataset '{dataset_id}': {text.splitlines()[0]}")
+    import download_utils
+
+    error = download_utils.hub_error(exc, dataset_id, kind="dataset")
+    which = f"split '{split}'" + (f", subset '{subset}'" if subset else "")
+    return UserError(f"Could not load Hub dataset '{dataset_id}' ({which}). {error}")
+
+
+# Column names many datasets use, and the format field each stands for when the format's own name is absent:
+# (field, column, needs) — `needs` is a field that must then be present too, so a pair maps together.
+COMMON_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("instruction", "question", "output"),
+    ("output", "answer", "instruction"),
+    ("instruction", "query", "output"),
+    ("output", "response", "instruction"),
+    ("instruction", "input", "output"),  # input/output with no instruction: the input is the instruction
+    ("prompt", "human", "completion"),
+    ("completion", "assistant", "prompt"),
+    ("completion", "response", "prompt"),
+)
+
+
+def suggest_column_map(columns: list[str], column_map: dict[str, str] | None = None) -> dict[str, str]:
+    """The column map with the common column pairs filled in (question/answer, prompt/response, query/response,
+    instruction/response, input/output, human/assistant; `context` as the Alpaca input); the user's own entries
+    win, and nothing is suggested for a column the data already names by its field."""
+    given = dict(column_map or {})
+    present = set(columns)
+    if {"messages", "conversations", "text"} & present and not given:
+        return given
+    suggested: dict[str, str] = {}
+    taken = set(given.values())
+    changed = True
+    while changed:  # a pair maps when both halves are found, so settle over the fixed list
+        changed = False
+        for field_name, column, needs in COMMON_COLUMNS:
+            if field_name in given or field_name in suggested or field_name in present or column not in present:
+                continue
+            if column in taken or column in suggested.values():
+                continue
+            partner = needs in present or needs in given or needs in suggested
+            partner = partner or any(other == needs and col in present for other, col, _ in COMMON_COLUMNS)
+            if partner:
+                suggested[field_name] = column
+                changed = True
+    merged = {**suggested, **given}
+    fields = set(merged) | present
+    if ("output" in fields and "instruction" in fields) and "input" not in fields and "context" in present:
+        merged["input"] = "context"
+    # A pair only counts when both halves ended up mapped or present.
+    for first, second in (("instruction", "output"), ("prompt", "completion")):
+        halves = [name for name in (first, second) if name in suggested]
+        if halves and not ({first, second} <= set(merged) | present):
+            for name in halves:
+                merged.pop(name, None)
+    return merged
 
 
 # ---------------------------------------------------------------- formats and messages
@@ -836,8 +914,10 @@ def prepare_dataset(
         )
 
     raw = raw if raw is not None else load_rows(config, workspace)
-    fmt = config.format if config.format != "auto" else detect_format(raw.column_names, config.column_map)
-    fields = resolve_columns(raw.column_names, fmt, config.column_map)
+    column_map = suggest_column_map(raw.column_names, config.column_map)
+    fmt = config.format if config.format != "auto" else detect_format(raw.column_names, column_map)
+    suggested = {key: value for key, value in column_map.items() if key in FORMAT_FIELDS[fmt]}
+    fields = resolve_columns(raw.column_names, fmt, {**suggested, **config.column_map})
     # Every step below costs more per column (see _check_column_count); only the format's columns are read.
     raw = raw.select_columns(list(dict.fromkeys(fields.values())))
     turns = None

@@ -63,8 +63,21 @@ STAGES = {
         Stage("export", "gguf_utils:export_job", "gguf_utils:export_config_from_dict", True),
         Stage("eval", "inference_utils:eval_job", "inference_utils:eval_config_from_dict", True),
         Stage("synth", "synthetic_utils:synth_job", "synthetic_utils:synthetic_config_from_dict", False),
+        Stage("arena", "arena_utils:arena_job", "arena_utils:arena_config_from_dict", True),
+        Stage("download", "download_utils:download_job", "download_utils:download_config_from_dict", False),
     )
 }
+
+
+# Called with the run folder before a job that needs the GPU starts: the server's chat worker registers here to
+# give its memory back (this layer cannot import the UI that owns it).
+GPU_JOB_HOOKS: list[Callable[[Path], None]] = []
+
+
+def before_gpu_job(hook: Callable[[Path], None]) -> None:
+    """Register `hook(run_dir)` to run before any GPU job of this process starts (once per hook)."""
+    if hook not in GPU_JOB_HOOKS:
+        GPU_JOB_HOOKS.append(hook)
 
 
 def stage(kind: str) -> Stage:
@@ -126,6 +139,12 @@ def start_job(
         except UserError as exc:
             runfolder.write_status(run_dir, state=State.FAILED, ended=runfolder.now(), error=str(exc))
             raise
+    if stage(runfolder.read_kind(run_dir)).gpu:
+        for hook in list(GPU_JOB_HOOKS):
+            try:
+                hook(run_dir)
+            except Exception:  # a hook must not keep the job from starting
+                log.exception("a before-GPU-job hook failed")
     command = launch_command(run_dir, resume, processes)
     child_env = {**os.environ, **launch_env, **(env or {}), "PYTHONUNBUFFERED": "1"}
     if processes > 1 and "OMP_NUM_THREADS" not in child_env:
@@ -243,11 +262,24 @@ def actions(run_dir: Path, status: Status | None = None) -> Actions:
     )
 
 
+# Kinds of job that read a training run while they run (its adapter, merged model or eval split).
+READER_KINDS = ("export", "eval", "arena")
+
+
 def reads_run(job_dir: Path, run_dir: Path) -> bool:
-    """Whether an export or evaluation job's config names this training run (by name or by full path)."""
+    """Whether an export, evaluation or arena job's config names this training run (by name or by full path):
+    `run` for export and eval; `prompts_run` and `run:NAME` contestants for an arena."""
     try:
-        reference = str(runfolder.stage_settings(job_dir).get("run") or "")
+        settings = runfolder.stage_settings(job_dir)
     except UserError:
+        return False
+    references = [settings.get("run"), settings.get("prompts_run")]
+    references += [item[len("run:") :] for item in settings.get("contestants") or [] if str(item).startswith("run:")]
+    return any(_names_run(str(reference or ""), run_dir) for reference in references)
+
+
+def _names_run(reference: str, run_dir: Path) -> bool:
+    if not reference:
         return False
     if reference == Path(run_dir).name:
         return True
@@ -255,11 +287,11 @@ def reads_run(job_dir: Path, run_dir: Path) -> bool:
 
 
 def active_user(run_dir: Path) -> RunInfo | None:
-    """An active export or evaluation job that reads this training run."""
+    """An active job of READER_KINDS that reads this training run."""
     run_dir = Path(run_dir)
     for config in run_dir.parent.glob("*/config.yaml"):
         job = config.parent
-        if job == run_dir or runfolder.read_kind(job) not in ("export", "eval") or not reads_run(job, run_dir):
+        if job == run_dir or runfolder.read_kind(job) not in READER_KINDS or not reads_run(job, run_dir):
             continue
         status = job_status(job)
         if status.active:

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from workspace import WORKSPACE_ENV, UserError
 
@@ -16,6 +17,50 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     path = model_utils.ensure_demo_model(args.workspace, progress=lambda message: print(message, flush=True))
     print(path)
     return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    import submit
+
+    if not args.resume and not args.repo_id:
+        raise UserError("Give a Hub id (python main.py download OWNER/NAME) or --resume RUN.")
+    run_dir = submit.resume(args.resume, args.workspace) if args.resume else submit.submit_download(args.repo_id)
+    print(f"run: {run_dir}")
+    return 0 if args.detach else follow_download(run_dir)
+
+
+def follow_download(run_dir) -> int:
+    """A download's bytes in huggingface_hub's own progress bar, read from the job's progress; Ctrl+C stops it."""
+    import time
+
+    from huggingface_hub.utils import tqdm
+
+    import jobs
+    import runfolder
+
+    bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=runfolder.stage_settings(run_dir)["repo_id"])
+    try:
+        while True:
+            progress = runfolder.read_progress(run_dir)
+            if progress.total:
+                bar.total, bar.n = progress.total, progress.step or 0
+                bar.refresh()
+            status = jobs.job_status(run_dir)
+            if not status.active:
+                break
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("\nstopping (what was downloaded stays; resume with --resume RUN)…", file=sys.stderr)
+        jobs.stop_job(run_dir)
+        while jobs.job_status(run_dir).active:
+            time.sleep(0.5)
+        status = jobs.job_status(run_dir)
+    bar.close()
+    print(f"{status.state}{': ' + status.error if status.error else ''}")
+    message = runfolder.read_progress(run_dir).message
+    if status.state == "done" and message:
+        print(message)
+    return 0 if status.state in ("done", "stopped") else 1
 
 
 # Flags of `main.py dataset`, `chat` and `eval`: built from the configs' field metadata (help, defaults, bounds).
@@ -40,6 +85,8 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     config.validate()
     prepare = settings.arguments_to_dict(args, training_utils.TrainConfig, PREPARE_FLAGS)
     tokenizer = model_utils.load_tokenizer(model_utils.resolve_model_path(args.model, args.workspace))
+    if args.report or args.clean:
+        return _dataset_report(config, tokenizer, prepare, args)
     prepared = dataset_utils.prepare_dataset(config, tokenizer, workspace=args.workspace, **prepare)
     eval_rows = len(prepared.eval) if prepared.eval is not None else 0
     print(f"format: {prepared.format}")
@@ -52,6 +99,17 @@ def cmd_dataset(args: argparse.Namespace) -> int:
         row = prepared.train[index]
         segments = dataset_utils.loss_segments(row["input_ids"], row["labels"], tokenizer)
         print(f"\n--- example {index + 1} ({len(row['input_ids'])} tokens)\n{dataset_utils.format_segments(segments)}")
+    return 0
+
+
+def _dataset_report(config, tokenizer, prepare: dict, args: argparse.Namespace) -> int:
+    import dataset_report
+
+    report = dataset_report.build_report(config, tokenizer, workspace=args.workspace, **prepare)
+    print(report.text())
+    if args.clean:
+        path, rows = dataset_report.write_cleaned_copy(config, report, args.workspace)
+        print(f"cleaned copy: {path} ({rows} of {report.rows} rows)")
     return 0
 
 
@@ -77,6 +135,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = training_utils.train_config_from_dict(load_yaml(args.config))
         config.validate()
         _print_memory_estimate(config, args.workspace)
+        if args.suggest:
+            return _print_suggestions(config, args.workspace)
+        _print_time_estimate(config, args.workspace)
         run_dir = submit.submit_train(config, args.workspace, args.name)
     else:
         raise UserError("Give a config file (python main.py train CONFIG.yaml) or --resume RUN.")
@@ -87,15 +148,37 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _print_memory_estimate(config, workspace) -> None:
     import model_utils
 
-    path = model_utils.resolve_model_path(config.model.name_or_path, workspace)
-    estimate = model_utils.estimate_memory(config, path)
+    # The model's config is enough (a Hub id not downloaded yet is fetched by the training job).
+    estimate = model_utils.estimate_memory(config, model_utils.model_reference(config.model.name_or_path, workspace))
     print(f"memory estimate: {estimate.summary()}")
 
 
-def cmd_synth(args: argparse.Namespace) -> int:
+def _print_suggestions(config, workspace) -> int:
+    import model_utils
+    import planning
+
+    path = model_utils.resolve_model_path(config.model.name_or_path, workspace)
+    report = planning.dataset_report_for(config, workspace)
+    print("suggested settings (nothing is changed: copy the ones you want into the config):")
+    for suggestion in planning.suggest(config, report, path):
+        print(f"  {suggestion.line()}")
+    return 0
+
+
+def _print_time_estimate(config, workspace) -> None:
+    import planning
+
+    try:
+        print(f"time estimate: {planning.time_estimate_text(config, workspace)}")
+    except UserError as exc:  # the job reports the problem itself, with the same message
+        print(f"time estimate unavailable: {exc}")
+
+
+def _start_keyed_job(args: argparse.Namespace, kind: str, submit_fn) -> Path:
+    """Start (or `--resume`) a synth or arena run: both take a YAML config and an API key from --api-key-env, which
+    travels in the job's environment only."""
     import runfolder
     import submit
-    import synthetic_utils
     from workspace import load_yaml
 
     api_key = None
@@ -105,14 +188,22 @@ def cmd_synth(args: argparse.Namespace) -> int:
             raise UserError(f"--api-key-env {args.api_key_env}: that environment variable is not set.")
     if args.resume:
         run_dir = runfolder.run_path(args.resume, args.workspace)
-        kind = runfolder.read_kind(run_dir)
-        if kind != "synth":
-            raise UserError(f"Run '{run_dir.name}' is a {kind} run; resume it with `python main.py {kind} --resume`.")
+        found = runfolder.read_kind(run_dir)
+        if found != kind:
+            raise UserError(f"Run '{run_dir.name}' is a {found} run; resume it with `python main.py {found} --resume`.")
         submit.resume(run_dir, args.workspace, api_key=api_key)
-    elif args.config:
-        run_dir = submit.submit_synth(load_yaml(args.config), args.workspace, args.name, api_key=api_key)
-    else:
-        raise UserError("Give a config file (python main.py synth CONFIG.yaml) or --resume RUN.")
+        return run_dir
+    if args.config:
+        return submit_fn(load_yaml(args.config), args.workspace, args.name, api_key=api_key)
+    raise UserError(f"Give a config file (python main.py {kind} CONFIG.yaml) or --resume RUN.")
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    import runfolder
+    import submit
+    import synthetic_utils
+
+    run_dir = _start_keyed_job(args, "synth", submit.submit_synth)
     print(f"run: {run_dir}\nrows: {run_dir / synthetic_utils.DATA_FILE}")
     if args.detach:
         return 0
@@ -120,6 +211,20 @@ def cmd_synth(args: argparse.Namespace) -> int:
     message = runfolder.read_progress(run_dir).message
     if message:
         print(message)
+    return code
+
+
+def cmd_arena(args: argparse.Namespace) -> int:
+    import jobs
+    import submit
+
+    run_dir = _start_keyed_job(args, "arena", submit.submit_arena)
+    print(f"run: {run_dir}")
+    if args.detach:
+        return 0
+    code = follow(run_dir)
+    if jobs.job_status(run_dir).state == "done":
+        print((run_dir / "report.md").read_text(encoding="utf-8"))
     return code
 
 
@@ -166,10 +271,26 @@ def follow(run_dir) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import gguf_utils
     import submit
+    from gguf_utils import ollama
 
-    run_dir = submit.submit_export(gguf_utils.ExportConfig(run=args.run, quants=args.quant), args.workspace)
+    if args.ollama and args.detach:
+        raise UserError("--ollama waits for the export to hand it on; leave out --detach.")
+    if args.ollama:
+        ollama.check_reachable()  # before a long export, not after it
+    config = gguf_utils.ExportConfig(run=args.run, quants=args.quant, lora_gguf=args.lora_gguf)
+    run_dir = submit.submit_export(config, args.workspace)
     print(f"run: {run_dir}")
-    return 0 if args.detach else follow(run_dir)
+    if args.detach:
+        return 0
+    code = follow(run_dir)
+    if code != 0 or not args.ollama:
+        return code
+    gguf_dir = gguf_utils.export_source(args.run, args.workspace).run_dir / "gguf"
+    modelfile = "Modelfile.lora" if args.lora_gguf else "Modelfile"
+    added = ollama.add_to_ollama(gguf_dir, args.ollama, modelfile, progress=lambda message: print(message, flush=True))
+    print(f"created {added['model']} in Ollama at {added['host']}; asked {added['question']!r}, it answered:")
+    print(added["reply"])
+    return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -182,7 +303,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     config.validate()
     if not args.prompt.strip():
         raise UserError('The prompt is empty; pass --prompt "your message".')
-    chat_model = inference_utils.load_chat_model(args.model, args.run, args.workspace)
+    chat_model = inference_utils.load_chat_model(args.model, args.run, args.workspace, gguf=args.gguf)
     messages = [{"role": "user", "content": args.prompt}]
     if not args.compare:
         _print_stream(inference_utils.stream_chat(chat_model, messages, config))
@@ -228,6 +349,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     import jobs
 
+    if args.compare:
+        import compare_utils
+
+        print(compare_utils.comparison_text(compare_utils.compare_runs(args.compare, args.workspace)))
+        return 0
     runs = jobs.list_runs(args.workspace)
     if not runs:
         print("no runs yet")
@@ -283,11 +409,23 @@ def build_parser() -> argparse.ArgumentParser:
     from inference_utils import EvalConfig, GenerationConfig
     from training_utils import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="python main.py", description=__doc__)
+    # The installed package's console script is the same CLI under its own name.
+    prog = "llm-finetuner" if os.path.basename(sys.argv[0]) == "llm-finetuner" else "python main.py"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     parser.add_argument("--workspace", default=None, help="folder for models, runs and caches (default ./workspace)")
     parser.add_argument("--verbose", action="store_true", help="log debug messages")
-    parser.add_argument("--host", default="127.0.0.1", help="address to serve the app on")
-    parser.add_argument("--port", type=int, default=7860, help="port to serve the app on")
+    # Gradio's own variables: a Hugging Face Space's Dockerfile sets them (0.0.0.0, the Space's app_port).
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
+        help="address to serve the app on (default $GRADIO_SERVER_NAME, else 127.0.0.1)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("GRADIO_SERVER_PORT") or 7860),
+        help="port to serve the app on (default $GRADIO_SERVER_PORT, else 7860)",
+    )
     parser.add_argument("--share", action="store_true", help="create a public Gradio link (requires --auth)")
     parser.add_argument("--auth", default=None, help="USER:PASS required to open the app (or FINETUNER_AUTH)")
     parser.add_argument(
@@ -309,6 +447,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler=cmd_demo_model)
 
+    download = commands.add_parser(
+        "download",
+        help="download a model from the Hugging Face Hub",
+        description="Download the files training needs (safetensors, tokenizer, configs, chat template) of a Hub "
+        "model into the Hugging Face cache, as a job with progress; a killed download resumes. Uses HF_TOKEN or "
+        "the token of `hf auth login` for gated and private models.",
+    )
+    download.add_argument("repo_id", nargs="?", help="the model's Hub id, OWNER/NAME")
+    download.add_argument("--resume", metavar="RUN", help="resume a stopped or failed download run")
+    download.add_argument("--detach", action="store_true", help="start the job and return")
+    download.set_defaults(handler=cmd_download)
+
     data = commands.add_parser(
         "dataset",
         help="prepare a dataset and show rendered examples",
@@ -321,6 +471,14 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_arguments(data, DatasetConfig, DATASET_FLAGS)
     settings.add_arguments(data, TrainConfig, PREPARE_FLAGS)
     data.add_argument("--examples", type=int, default=2, help="how many rendered examples to print")
+    data.add_argument(
+        "--report",
+        action="store_true",
+        help="print the quality report (duplicates, empty replies, cut rows, lengths, leakage) instead",
+    )
+    data.add_argument(
+        "--clean", action="store_true", help="with the report, write a copy without duplicates and empty replies"
+    )
     data.set_defaults(handler=cmd_dataset)
     train = commands.add_parser(
         "train",
@@ -333,6 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--name", default=None, help="run name (default train-<date>-<time>)")
     train.add_argument("--resume", metavar="RUN", default=None, help="resume this run from its last checkpoint")
     train.add_argument("--detach", action="store_true", help="start the job and return at once")
+    train.add_argument(
+        "--suggest", action="store_true", help="print suggested settings with their reasons and exit (starts nothing)"
+    )
     train.set_defaults(handler=cmd_train)
 
     synth = commands.add_parser(
@@ -352,6 +513,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     synth.set_defaults(handler=cmd_synth)
 
+    arena = commands.add_parser(
+        "arena",
+        help="judge two or more models on the same prompts with an LLM (or resume an arena)",
+        description="Start a job that puts the same prompts to every contestant (base:MODEL, run:NAME, "
+        "gguf:PATH; ArenaConfig options in YAML), has an LLM judge every pair in both orders and writes "
+        "report.json and report.md (win rates with 95%% intervals) into a new run folder; the judge's API key "
+        "comes from OPENAI_API_KEY / ANTHROPIC_API_KEY and is never saved.",
+    )
+    arena.add_argument("config", nargs="?", help="YAML config file")
+    arena.add_argument("--name", default=None, help="run name (default arena-<date>-<time>)")
+    arena.add_argument("--resume", metavar="RUN", default=None, help="continue this arena; judged prompts are kept")
+    arena.add_argument("--detach", action="store_true", help="start the job and return at once")
+    arena.add_argument(
+        "--api-key-env", metavar="VAR", default=None, help="read the judge's API key from this environment variable"
+    )
+    arena.set_defaults(handler=cmd_arena)
+
     export = commands.add_parser(
         "export",
         help="export a trained run to GGUF files and an Ollama Modelfile",
@@ -366,6 +544,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated types: f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0 (default q8_0)",
     )
     export.add_argument("--detach", action="store_true", help="start the job and return at once")
+    export.add_argument(
+        "--lora-gguf",
+        action="store_true",
+        help="also write the adapter alone as a LoRA GGUF + the base model's GGUF + Modelfile.lora (ADAPTER)",
+    )
+    export.add_argument(
+        "--ollama",
+        metavar="NAME",
+        default=None,
+        help="then create model NAME in the running Ollama ($OLLAMA_HOST) and ask it one question "
+        "(from Modelfile.lora with --lora-gguf)",
+    )
     export.set_defaults(handler=cmd_export)
 
     chat = commands.add_parser(
@@ -379,6 +569,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default=None, help="demo, a Hub id or a local folder (default: the run's base model, else demo)"
     )
     chat.add_argument("--run", default=None, help="training run name or folder whose adapter/merged model to use")
+    chat.add_argument(
+        "--gguf",
+        default=None,
+        help="chat with an exported GGUF through llama.cpp instead: a file name in the run's gguf/ folder "
+        "(e.g. trained-q8_0.gguf) or a path",
+    )
     chat.add_argument("--prompt", required=True, help="the user message")
     settings.add_arguments(chat, GenerationConfig)
     chat.add_argument("--compare", action="store_true", help="answer with the base model, then with the tuned one")
@@ -397,6 +593,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=cmd_eval)
 
     runs = commands.add_parser("runs", help="list runs and their state", description="List every run on disk.")
+    runs.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="RUN",
+        default=None,
+        help="training runs side by side: final and best losses, tokens/s, time, memory and the config differences",
+    )
     runs.set_defaults(handler=cmd_runs)
 
     stop = commands.add_parser("stop", help="stop a running job", description="Ask a job to checkpoint and stop.")

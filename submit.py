@@ -51,6 +51,22 @@ def submit_synth(
     return run_dir
 
 
+def submit_arena(
+    config, workspace: str | Path | None = None, name: str | None = None, api_key: str | None = None
+) -> Path:
+    """Start an arena run; the judge's API key travels in the job's environment only, never into its folder."""
+    import arena_utils
+
+    if isinstance(config, dict):
+        config = arena_utils.arena_config_from_dict(config)
+    config = arena_utils.check_arena(config, workspace)
+    env = arena_utils.job_env(config, api_key)
+    inputs = {config.prompts_file: runfolder.file_sha256(config.prompts_file)} if config.prompt_source == "file" else {}
+    run_dir = jobs.create_run("arena", config_to_dict(config), workspace, name, inputs)
+    jobs.start_job(run_dir, env=env)
+    return run_dir
+
+
 def submit_export(config, workspace: str | Path | None = None) -> Path:
     """Start an export of a finished training run (an ExportConfig or its settings as a dict)."""
     import gguf_utils
@@ -77,6 +93,22 @@ def submit_eval(config, workspace: str | Path | None = None) -> Path:
     return job
 
 
+def submit_download(config, workspace: str | Path | None = None, name: str | None = None) -> Path:
+    """Start a model download (a DownloadConfig, its settings, or a Hub id); a missing or gated repo and a disk
+    too small are refused here, from the Hub's metadata, before a job exists."""
+    import download_utils
+
+    if isinstance(config, str):
+        config = download_utils.DownloadConfig(repo_id=config)
+    elif isinstance(config, dict):
+        config = download_utils.download_config_from_dict(config)
+    config.validate()
+    download_utils.check_disk(download_utils.plan_download(config.repo_id, config.revision))
+    run_dir = jobs.create_run("download", config_to_dict(config), workspace, name)
+    jobs.start_job(run_dir)
+    return run_dir
+
+
 def resume(run: str | Path, workspace: str | Path | None = None, api_key: str | None = None) -> Path:
     """Resume a stopped or failed run of any kind (a training run from its last checkpoint)."""
     run_dir = runfolder.run_path(run, workspace)
@@ -86,6 +118,10 @@ def resume(run: str | Path, workspace: str | Path | None = None, api_key: str | 
 
         settings = runfolder.stage_settings(run_dir)
         env = synthetic_utils.job_env(synthetic_utils.synthetic_config_from_dict(settings), api_key)
+    elif runfolder.read_kind(run_dir) == "arena":
+        import arena_utils
+
+        env = arena_utils.job_env(arena_utils.arena_config_from_dict(runfolder.stage_settings(run_dir)), api_key)
     jobs.resume_job(run_dir, env=env)
     return run_dir
 

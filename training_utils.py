@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import preference_utils
 from dataset_utils import DEFAULT_MAX_SEQ_LENGTH, DEFAULT_SEED, DatasetConfig
 from model_utils import Device, ModelConfig, detect_device
 from runfolder import JobContext, last_checkpoint, read_status
@@ -179,6 +180,26 @@ class TrainConfig:
         label="Eval every (steps)",
         advanced=True,
     )
+    # Names from transformers' EarlyStoppingCallback; the run keeps and saves its best checkpoint (load_best_model_at_end).
+    early_stopping: bool = option(
+        False,
+        help="Stop when the eval loss stops improving, and save the best checkpoint's weights (needs an eval split).",
+        label="Early stopping",
+    )
+    early_stopping_patience: int = option(
+        3,
+        help="Evaluations in a row without improvement before the run stops.",
+        minimum=1,
+        label="Early-stopping patience",
+        advanced=True,
+    )
+    early_stopping_threshold: float = option(
+        0.0,
+        help="How much the eval loss must fall to count as an improvement.",
+        minimum=0,
+        label="Early-stopping threshold",
+        advanced=True,
+    )
     save_steps: int = option(
         50,
         help="Save a checkpoint (a resume point) every this many steps.",
@@ -213,6 +234,69 @@ class TrainConfig:
         label="GPUs",
         advanced=True,
     )
+    # preference tuning and RL (preference_utils): every field below is read only when stage is not sft
+    stage: str = option(
+        "sft",
+        help="sft: supervised fine-tuning; dpo: preference tuning on chosen vs rejected replies; "
+        "grpo: reinforcement learning from reward functions on prompts.",
+        choices=preference_utils.STAGES,
+        label="Stage",
+    )
+    start_from_run: str = option(
+        "",
+        help="DPO / GRPO: continue the LoRA adapter of this SFT run (its name) instead of a new one.",
+        label="Start from run",
+    )
+    beta: float = option(
+        0.1,
+        help="DPO: how far the model may move from the reference (higher = less); GRPO: the weight of the KL "
+        "penalty (0 = none).",
+        minimum=0,
+        label="Beta",
+    )
+    num_generations: int = option(
+        4,
+        help="GRPO: completions sampled per prompt and compared with each other; batch × accumulation must be a "
+        "multiple of it.",
+        minimum=2,
+        label="Generations per prompt",
+    )
+    max_completion_length: int = option(
+        256, help="GRPO: longest completion generated, in tokens.", minimum=1, label="Max completion length"
+    )
+    temperature: float = option(
+        1.0,
+        help="GRPO: sampling temperature of the completions (variety to learn from).",
+        minimum=0,
+        exclusive_minimum=True,
+        label="Temperature",
+    )
+    reward_funcs: list[str] = option(
+        default_factory=lambda: ["format"],
+        help="GRPO: format (matches reward_pattern), equals / contains (the answer column; numbers compared as "
+        "numbers), json (valid JSON), length (within the range).",
+        label="Reward functions",
+    )
+    reward_weights: list[float] = option(
+        default_factory=list,
+        help="GRPO: one weight per reward function, in the same order; empty = all 1.",
+        label="Reward weights",
+    )
+    reward_pattern: str = option(
+        r"^<answer>.*</answer>$",
+        help="GRPO format reward: a regular expression the completion must match (its first group, if any, is the "
+        "answer that equals / json read).",
+        label="Reward pattern (regex)",
+    )
+    reward_min_length: int = option(0, help="GRPO length reward: fewest characters.", minimum=0, label="Min length")
+    reward_max_length: int = option(
+        0, help="GRPO length reward: most characters (0 = no limit).", minimum=0, label="Max length"
+    )
+    reference_column: str = option(
+        "",
+        help="GRPO: the column with the reference answer; empty = 'answer' if present, else each row's reply.",
+        label="Reference answer column",
+    )
 
     @property
     def mode(self) -> str:
@@ -231,8 +315,27 @@ class TrainConfig:
         if self.load_in_4bit and not device.cuda:
             raise UserError("4-bit QLoRA needs an NVIDIA GPU (CUDA); none is available here. Use 16-bit LoRA instead.")
         check_optimizer_device(self.optim, device)
+        check_early_stopping(self)
         if self.num_gpus:
             check_num_gpus(self.num_gpus)
+        preference_utils.check_stage(self)
+
+
+def check_early_stopping(config: TrainConfig) -> None:
+    """Early stopping watches the eval loss, and the best evaluation must land on a checkpoint to be kept."""
+    if not config.early_stopping:
+        return
+    if config.stage != "sft":
+        raise UserError(f"Early stopping is for SFT runs; the {config.stage} stage has no eval loss to watch here.")
+    if not config.eval_split:
+        raise UserError(
+            "Early stopping watches the eval loss, and this run holds no rows out: set eval_split (e.g. 0.1)."
+        )
+    if config.eval_steps and config.save_steps % config.eval_steps:
+        raise UserError(
+            f"With early stopping, save_steps ({config.save_steps}) must be a multiple of eval_steps "
+            f"({config.eval_steps}) so that the best evaluation has a checkpoint to keep."
+        )
 
 
 def check_optimizer_device(optim: str, device: Device) -> None:
@@ -249,6 +352,14 @@ def check_optimizer_device(optim: str, device: Device) -> None:
 
 
 def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from YAML settings; `model: NAME` and `dataset: PATH_OR_ID` stand for their mappings
+    (`model: {name_or_path: NAME}`, `dataset: {source: PATH_OR_ID}`), the shorthand a first config is written in."""
+    if isinstance(data, dict):
+        data = dict(data)
+        if isinstance(data.get("model"), str):
+            data["model"] = {"name_or_path": data["model"]}
+        if isinstance(data.get("dataset"), str):
+            data["dataset"] = {"source": data["dataset"]}
     return config_from_dict(TrainConfig, data, "train config")
 
 
@@ -368,7 +479,8 @@ def train(config: TrainConfig, ctx: JobContext) -> str:
     state = _distributed_state()
     ctx.note(backend=backend, processes=state.num_processes, device="GPU" if _cuda() else "CPU")
 
-    if config.fit_micro_batch and _cuda():
+    # The memory estimate is SFT's: DPO holds two sequences per row and GRPO generates, so they keep theirs.
+    if config.fit_micro_batch and _cuda() and config.stage == "sft":
         earlier = read_status(run_dir) if ctx.resume else None
         if earlier and earlier.micro_batch:  # a resumed run keeps its micro-batch: the Trainer skips batches by count
             config = dataclasses.replace(
@@ -381,10 +493,19 @@ def train(config: TrainConfig, ctx: JobContext) -> str:
         ctx.note(
             micro_batch=config.per_device_train_batch_size, gradient_accumulation=config.gradient_accumulation_steps
         )
-    model, tokenizer = load_for_training(config, model_path, backend)
-    with state.main_process_first():  # rank 0 prepares and caches the dataset, the other ranks read the cache
-        prepared = prepare_training_data(config, tokenizer, workspace)
-    trainer = build_trainer(config, model, tokenizer, prepared, ctx, backend)
+    if config.start_from_run:
+        model, tokenizer = preference_utils.start_model(config, model_path, backend, workspace)
+    else:
+        model, tokenizer = load_for_training(config, model_path, backend)
+    if config.stage != "sft":  # DPO, GRPO: TRL's own trainer, the same run folder and events
+        prepared = preference_utils.prepare_data(config, tokenizer, workspace)
+        trainer = preference_utils.build_trainer(config, model, tokenizer, prepared, ctx, backend, events_callback(ctx))
+    else:
+        with state.main_process_first():  # rank 0 prepares and caches the dataset, the other ranks read the cache
+            prepared = prepare_training_data(config, tokenizer, workspace)
+        if state.is_main_process:
+            log_dataset_report(config, tokenizer, workspace)
+        trainer = build_trainer(config, model, tokenizer, prepared, ctx, backend)
     checkpoint = last_checkpoint(run_dir) if ctx.resume else None
     if ctx.resume and checkpoint is None:
         raise UserError("This run has no checkpoint to resume from; start a new run instead.")
@@ -394,6 +515,11 @@ def train(config: TrainConfig, ctx: JobContext) -> str:
     # Trainer run one step past it.
     if ctx.stop.requested and trainer.state.global_step < trainer.state.max_steps:
         return "stopped"
+    stopped_early = early_stop_message(config, trainer.state)
+    if stopped_early and trainer.is_world_process_zero():
+        log.info(stopped_early)
+        ctx.note(note=stopped_early)
+        ctx.reporter.progress(trainer.state.global_step, trainer.state.max_steps, stopped_early, force=True)
     if trainer.is_world_process_zero():
         save_final(trainer, tokenizer, config, run_dir)
     return "done"
@@ -550,6 +676,23 @@ def prepare_training_data(config: TrainConfig, tokenizer, workspace: Path):
     return prepared
 
 
+def log_dataset_report(config: TrainConfig, tokenizer, workspace: Path) -> None:
+    """The dataset quality report, into the run's log before training (see dataset_report)."""
+    import dataset_report
+
+    report = dataset_report.build_report(
+        config.dataset,
+        tokenizer,
+        max_seq_length=config.max_seq_length,
+        train_on_responses_only=config.train_on_responses_only,
+        eval_split=config.eval_split,
+        seed=config.seed,
+        workspace=workspace,
+    )
+    for line in report.lines():
+        log.info(line)
+
+
 def build_trainer(config: TrainConfig, model, tokenizer, prepared, ctx: JobContext, backend: str):
     from trl import SFTConfig, SFTTrainer
 
@@ -585,6 +728,10 @@ def build_trainer(config: TrainConfig, model, tokenizer, prepared, ctx: JobConte
         save_strategy="steps",
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,
+        # Early stopping keeps the best checkpoint and reloads it at the end, so adapter/ holds the best weights.
+        load_best_model_at_end=config.early_stopping and has_eval,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
         logging_steps=config.logging_steps,
         seed=config.seed,
         report_to=[] if config.report_to == "none" else [config.report_to],
@@ -604,7 +751,28 @@ def build_trainer(config: TrainConfig, model, tokenizer, prepared, ctx: JobConte
     counter = TokenCounter(trainer.data_collator)
     trainer.data_collator = counter
     trainer.add_callback(events_callback(ctx, counter))
+    if config.early_stopping and has_eval:
+        from transformers import EarlyStoppingCallback
+
+        trainer.add_callback(
+            EarlyStoppingCallback(
+                early_stopping_patience=config.early_stopping_patience,
+                early_stopping_threshold=config.early_stopping_threshold,
+            )
+        )
     return trainer
+
+
+def early_stop_message(config: TrainConfig, state) -> str:
+    """Where and why the run stopped before max_steps with early stopping on, or "" when it did not."""
+    if not config.early_stopping or state.global_step >= state.max_steps or state.best_metric is None:
+        return ""
+    best = Path(state.best_model_checkpoint or "").name.removeprefix("checkpoint-") or "?"
+    return (
+        f"Early stopping at step {state.global_step}: the eval loss did not improve by more than "
+        f"{config.early_stopping_threshold:g} for {config.early_stopping_patience} evaluation(s). The saved weights "
+        f"are the best checkpoint's (step {best}, eval loss {state.best_metric:.4f})."
+    )
 
 
 class TokenCounter:
@@ -658,12 +826,14 @@ def events_callback(ctx: JobContext, counter: TokenCounter | None = None):
             self.first_step: int | None = None
             self.last_tokens: float | None = None
             self.last_time = self.started
+            self.last_step = 0
+            self.trl_counts = False  # whether TRL logs num_tokens: then the rate uses its count alone
             self.stop_group = None
             self.pending = None  # the stop vote under way: (its work handle, its ballot)
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.started = self.last_time = time.monotonic()
-            self.first_step = state.global_step
+            self.first_step = self.last_step = state.global_step
             if world_size() > 1:
                 import torch.distributed as dist
 
@@ -712,20 +882,37 @@ def events_callback(ctx: JobContext, counter: TokenCounter | None = None):
             for key in ("loss", "eval_loss", "learning_rate", "grad_norm"):
                 if key in logs:
                     metrics[key] = logs[key]
-            tokens = logs.get("num_tokens")  # TRL's count, over every rank
-            if tokens is None and counter is not None:
-                tokens = counter.tokens * world_size()  # this rank's, times the ranks: batches are alike in size
-            now = time.monotonic()
-            # An eval log trains no tokens: it gets no rate (the view would show "0 tokens/s"), only a new start.
-            if "loss" in logs and tokens is not None and self.last_tokens is not None and now > self.last_time:
-                metrics["tokens_per_s"] = round((tokens - self.last_tokens) / (now - self.last_time), 1)
-            if tokens is not None:
-                self.last_tokens, self.last_time = tokens, now
+            metrics.update(preference_utils.stage_metrics(logs))  # DPO margins, GRPO rewards, KL, …
+            metrics.update(self.rate(logs, state.global_step))
             metrics["memory_gib"] = _memory_gib()
             if self.stop_group is not None and _cuda():
                 metrics["gpu_memory_gib"] = _gpu_memory_used_gib()
             # An eval loss is rare and worth showing at once; train losses reach progress.json once a second.
             reporter.log(state.global_step, state.max_steps, force="eval_loss" in metrics, **metrics)
+
+        def rate(self, logs: dict[str, Any], step: int) -> dict[str, float]:
+            """{"tokens_per_s": …} for a train log that follows training steps, else {}; restarts the interval.
+
+            One count for the whole run: TRL's num_tokens (train batches only, over every rank) once it logs one,
+            else the collator's (this rank's, times the ranks), which also sees eval batches. Mixing the two made
+            the step after an evaluation negative. An eval log or the end-of-run summary (no new step) gets no
+            rate: it trained nothing and would read "0 tokens/s"; it only moves the interval's start past itself."""
+            if "num_tokens" in logs and not self.trl_counts:
+                self.trl_counts, self.last_tokens = True, None  # a count of another kind: start over
+            if self.trl_counts:
+                tokens = logs.get("num_tokens", self.last_tokens)  # an eval log carries eval_num_tokens only
+            else:
+                tokens = counter.tokens * world_size() if counter is not None else None
+            now = time.monotonic()
+            rate = {}
+            trained = "loss" in logs and step > self.last_step
+            if trained and tokens is not None and self.last_tokens is not None and now > self.last_time:
+                if tokens > self.last_tokens:
+                    rate["tokens_per_s"] = round((tokens - self.last_tokens) / (now - self.last_time), 1)
+            if trained:
+                self.last_step = step
+            self.last_tokens, self.last_time = tokens, now
+            return rate
 
         def on_save(self, args, state, control, **kwargs):
             if state.is_world_process_zero:

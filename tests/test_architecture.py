@@ -17,7 +17,16 @@ LAYERS = {
     "inference_utils": 2,
     "synthetic_utils": 2,
     "gguf_utils": 2,
+    "arena_utils": 2,
+    "compare_utils": 2,
+    "preference_utils": 2,  # DPO and GRPO trainers, called by training_utils.train
+    "preference_data": 2,
+    "rewards": 2,
+    "dataset_report": 2,  # the dataset quality report (datasketch duplicates)
+    "planning": 2,  # suggested settings and the time estimate, over training_utils and dataset_report
+    "download_utils": 2,
     "jobs": 3,
+    "chat_worker": 3,  # the Test tab's model process: started by the UI, runs inference_utils
     "submit": 4,
     "ui": 5,
     "main": 6,

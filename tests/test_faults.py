@@ -101,25 +101,21 @@ class App:
         self.url = ""
         self.starts = 0
 
+    def command(self, port: int) -> tuple[list[str], dict[str, str]]:
+        """The command line and environment of one start (a subclass serves the app another way)."""
+        argv = ["main.py", "--port", str(port), "--workspace", str(self.workspace), "--auth", ":".join(AUTH)]
+        return argv, {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+
     def start(self) -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}/"
+        self.port, self.url = port, f"http://127.0.0.1:{port}/"
         self.starts += 1
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+        argv, env = self.command(port)
         with open(self.workspace.parent / f"app-{self.starts}.log", "wb") as log:
             self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "main.py",
-                    "--port",
-                    str(port),
-                    "--workspace",
-                    str(self.workspace),
-                    "--auth",
-                    ":".join(AUTH),
-                ],
+                [sys.executable, *argv],
                 cwd=ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -8,8 +8,6 @@ from __future__ import annotations
 import os
 import re
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -21,7 +19,6 @@ from test_shared_mode import test_every_route_needs_the_login as check_every_rou
 
 import main
 import ui
-from conftest import wait_for
 from model_utils import ModelConfig
 from workspace import CONFINE_ENV, WORKSPACE_ENV, UserError
 
@@ -46,32 +43,9 @@ def space_environment(port: int) -> dict[str, str]:
 class SpaceApp(App):
     """`python main.py` with no flags in a Space's environment; App's client, login and stop."""
 
-    def start(self) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        self.port, self.url = port, f"http://127.0.0.1:{port}/"
-        self.starts += 1
+    def command(self, port: int) -> tuple[list[str], dict[str, str]]:
         # No /data here: the workspace stands where the Space's persistent storage would put it.
-        env = {**space_environment(port), WORKSPACE_ENV: str(self.workspace)}
-        with open(self.workspace.parent / f"app-{self.starts}.log", "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "main.py"],
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
-
-        def up() -> bool:
-            assert self.process.poll() is None, self.log()
-            try:
-                return httpx.get(self.url, timeout=5).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(up, timeout=300, what="the app to serve")
+        return ["main.py"], {**space_environment(port), WORKSPACE_ENV: str(self.workspace)}
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import gradio as gr
 
-from ui import dataset_tab, export_tab, forms, model_tab, runs_tab, synthetic_tab, test_tab, train_tab
-from workspace import CONFINE_ENV, UserError, workspace_root
+from ui import arena_tab, dataset_tab, export_tab, forms, model_tab, runs_tab, synthetic_tab, test_tab, train_tab
+from workspace import CONFINE_ENV, WORKSPACE_ENV, UserError, workspace_root
 
 log = logging.getLogger(__name__)
 
 AUTH_ENV = "FINETUNER_AUTH"
+SPACE_ENV = "SPACE_ID"  # set by Hugging Face Spaces in every Space's container (owner/name)
+SPACE_STORAGE = Path("/data")  # a Space's persistent storage, mounted there when the Space has some
 CSS = """
 .run-status progress { height: 14px; }
 .run-error { white-space: pre-wrap; color: #b91c1c; }
@@ -45,6 +47,8 @@ def build_app(workspace: str | Path | None = None) -> gr.Blocks:
                 train = train_tab.build(form)
             with gr.Tab("Test & compare", id="test", elem_id="tab-test") as test_container:
                 test = test_tab.build()
+            with gr.Tab("Arena", id="arena", elem_id="tab-arena") as arena_container:
+                arena = arena_tab.build()
             with gr.Tab("Export", id="export", elem_id="tab-export") as export_container:
                 export = export_tab.build()
             with gr.Tab("Runs", id="runs", elem_id="tab-runs") as runs_container:
@@ -54,6 +58,7 @@ def build_app(workspace: str | Path | None = None) -> gr.Blocks:
         synthetic_tab.wire(synthetic, form.widgets["dataset.source"], "dataset", tabs, app, root)
         train_tab.wire(train, form, app, root)
         test_tab.wire(test, test_container, root)
+        arena_tab.wire(arena, arena_container, app, root)
         export_tab.wire(export, export_container, root)
         runs_tab.wire(runs, runs_container, root)
     return app
@@ -102,6 +107,19 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def space_workspace() -> Path | None:
+    """The workspace of an app running in a Hugging Face Space: on its persistent storage when it has some (else
+    the container's disk, lost on restart: None); None outside a Space or when a workspace is chosen already."""
+    if not os.environ.get(SPACE_ENV) or os.environ.get(WORKSPACE_ENV):
+        return None
+    if SPACE_STORAGE.is_dir() and os.access(SPACE_STORAGE, os.W_OK):
+        # The Hub cache goes there too, so models downloaded once survive a restart.
+        os.environ.setdefault("HF_HOME", str(SPACE_STORAGE / "huggingface"))
+        return SPACE_STORAGE / "workspace"
+    log.warning("This Space has no persistent storage: runs and exports are lost when it restarts.")
+    return None
+
+
 def serve(
     host: str = "127.0.0.1",
     port: int = 7860,
@@ -118,6 +136,13 @@ def serve(
     credentials = parse_auth(auth, auth_file)
     if share and credentials is None:
         raise UserError(f"A public link needs a password: add --auth USER:PASS (or set {AUTH_ENV}).")
+    space = os.environ.get(SPACE_ENV)
+    if space and credentials is None:
+        # A Space is public on the internet (a private one to its collaborators): never serve it open.
+        raise UserError(
+            f"This Hugging Face Space ({space}) needs a login: add a secret named {AUTH_ENV} holding USER:PASS in the "
+            "Space's settings (Settings → Variables and secrets) and restart it."
+        )
     if credentials is None and not is_loopback(host):
         if not insecure_no_auth:
             raise UserError(
@@ -130,9 +155,9 @@ def serve(
             host,
             port,
         )
-    if share:
+    if share or space:
         os.environ[CONFINE_ENV] = "1"
-    root = workspace_root(workspace)
+    root = workspace_root(workspace or space_workspace())
     _import_libraries()
     try:
         build_app(root).queue().launch(

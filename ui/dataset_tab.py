@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,8 +10,11 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+import dataset_report
 import dataset_utils
 import model_utils
+import planning
+import preference_data
 import training_utils
 from ui import forms
 from ui.common import guarded, save_upload
@@ -31,6 +35,10 @@ class DatasetTab:
     stats: gr.Markdown
     rendered: gr.HighlightedText
     lengths: gr.BarPlot
+    report: gr.Button
+    clean: gr.Button
+    report_text: gr.Markdown
+    pairs: gr.HTML | None = None  # preference pairs (DPO), side by side
 
 
 def build(form: forms.Form) -> DatasetTab:
@@ -43,6 +51,7 @@ def build(form: forms.Form) -> DatasetTab:
     )
     with gr.Row():
         forms.setting(form, "dataset.source", scale=3, elem_id="dataset-source")
+        forms.setting(form, "dataset.subset", scale=1, elem_id="dataset-subset")
         forms.setting(form, "dataset.split", scale=1)
         forms.setting(form, "dataset.format", scale=1, elem_id="dataset-format")
     with gr.Row():
@@ -69,6 +78,7 @@ def build(form: forms.Form) -> DatasetTab:
         preview = gr.Button("Preview rendered rows", variant="primary", elem_id="dataset-preview")
     summary = gr.Markdown(elem_id="dataset-summary")
     raw = gr.Dataframe(label="First rows as read", interactive=False, wrap=True, max_height=260, elem_id="dataset-raw")
+    pairs = gr.HTML(elem_id="dataset-pairs")
     stats = gr.Markdown(elem_id="dataset-stats")
     rendered = gr.HighlightedText(
         label="Rendered rows (highlighted = trained on)",
@@ -80,7 +90,19 @@ def build(form: forms.Form) -> DatasetTab:
     lengths = gr.BarPlot(
         x="tokens", y="rows", title="Token lengths (train rows)", height=240, elem_id="dataset-lengths"
     )
-    return DatasetTab(upload, load, preview, summary, raw, stats, rendered, lengths)
+    with gr.Accordion("Quality report", open=True, elem_id="dataset-report-section"):
+        gr.Markdown(
+            "Duplicates, empty replies, rows the template drops or cuts at the max sequence length (Train tab), "
+            "token lengths and eval leakage, each with its row numbers. The cleaned copy drops duplicates and "
+            "empty replies into a new file; your file is never changed."
+        )
+        with gr.Row():
+            report = gr.Button("Report", elem_id="dataset-report")
+            clean = gr.Button("Save cleaned copy", elem_id="dataset-clean")
+        report_text = gr.Markdown(elem_id="dataset-report-text")
+    return DatasetTab(
+        upload, load, preview, summary, raw, stats, rendered, lengths, report, clean, report_text, pairs=pairs
+    )
 
 
 def wire(tab: DatasetTab, form: forms.Form, workspace: Path) -> None:
@@ -97,30 +119,46 @@ def wire(tab: DatasetTab, form: forms.Form, workspace: Path) -> None:
     def load(data: dict) -> list:
         values = form.values(data)
         config = forms.values_to_config(values).dataset
-        rows = dataset_utils.load_rows(config, workspace)
-        columns = rows.column_names
+        if dataset_utils.is_hub_dataset(config.source):
+            # A Hub dataset is previewed by streaming its first rows; the full download runs when training starts.
+            streamed = dataset_utils.preview_hub_rows(config, RAW_ROWS)
+            rows = pd.DataFrame(streamed["rows"]).to_dict(orient="list")
+            columns, count = streamed["columns"], f"first {len(streamed['rows'])} rows (streamed)"
+        else:
+            loaded = dataset_utils.load_rows(config, workspace)
+            rows, columns, count = loaded[:RAW_ROWS], loaded.column_names, f"{len(loaded)} rows"
+        mapping = dataset_utils.suggest_column_map(columns, config.column_map)
+        shown_pairs = preference_data.preview_pairs(pd.DataFrame(rows).to_dict(orient="records"), columns, {})
         try:
-            detected = dataset_utils.detect_format(columns, config.column_map)
+            detected = dataset_utils.detect_format(columns, mapping)
             found = f"Detected format: **{detected}**."
         except UserError as exc:
             detected, found = None, f"**Format not detected:** {exc}"
+        if shown_pairs:  # preference pairs: trained with stage dpo (Train tab)
+            detected, found = None, "Detected format: **preference pairs** (prompt / chosen / rejected) for DPO."
         fmt = config.format if config.format != "auto" else detected
         shown = dataset_utils.FORMAT_FIELDS[fmt] if fmt else forms.MAP_FIELDS
-        summary = f"**{len(rows)} rows**, columns: {', '.join(f'`{c}`' for c in columns)}. {found}"
+        suggested = {key: value for key, value in mapping.items() if key not in config.column_map}
+        hint = (
+            " Mapped from common column names: " + ", ".join(f"`{c}` → {k}" for k, c in suggested.items()) + "."
+            if suggested
+            else ""
+        )
+        summary = f"**{count}**, columns: {', '.join(f'`{c}`' for c in columns)}. {found}{hint}"
         # A slice reads the first rows as columns; select() would rebuild the schema, slow for wide files.
-        first = rows[:RAW_ROWS]
+        first = rows
         table = pd.DataFrame({column: [_cell(value) for value in values] for column, values in first.items()})
         maps = [
             gr.Dropdown(
                 choices=[NOT_MAPPED, *columns],
                 visible=name in shown,
-                value=values[f"map.{name}"] if values[f"map.{name}"] in columns else "",
+                value=mapping.get(name, "") if mapping.get(name) in columns else "",
             )
             for name in forms.MAP_FIELDS
         ]
-        return [summary, table, *maps]
+        return [summary, table, *maps, pairs_html(shown_pairs)]
 
-    load_outputs = [tab.summary, tab.raw, *map_widgets]
+    load_outputs = [tab.summary, tab.raw, *map_widgets, tab.pairs]
     tab.upload.upload(uploaded, inputs=tab.upload, outputs=source).success(
         load, inputs=form.inputs(), outputs=load_outputs
     )
@@ -142,6 +180,24 @@ def wire(tab: DatasetTab, form: forms.Form, workspace: Path) -> None:
         )
 
     tab.preview.click(preview, inputs=form.inputs(), outputs=[tab.stats, tab.rendered, tab.lengths])
+
+    @guarded
+    def report(data: dict) -> str:
+        config = forms.values_to_config(form.values(data))
+        return "```\n" + planning.dataset_report_for(config, workspace).text() + "\n```"
+
+    @guarded
+    def clean(data: dict) -> str:
+        config = forms.values_to_config(form.values(data))
+        found = planning.dataset_report_for(config, workspace)
+        path, rows = dataset_report.write_cleaned_copy(config.dataset, found, workspace)
+        return (
+            f"```\n{found.text()}\n```\nSaved **{rows} of {found.rows} rows** to `{path}`; choose it as the "
+            "dataset to train on it."
+        )
+
+    tab.report.click(report, inputs=form.inputs(), outputs=tab.report_text)
+    tab.clean.click(clean, inputs=form.inputs(), outputs=tab.report_text)
 
 
 def _cell(value) -> str:
@@ -178,3 +234,16 @@ def _histogram(lengths: list[int]) -> gr.BarPlot:
     counts, edges = np.histogram(lengths, bins=min(20, max(1, len(set(lengths)))))
     labels = [f"{int(edges[i])}–{int(edges[i + 1])}" for i in range(len(counts))]
     return gr.BarPlot(pd.DataFrame({"tokens": labels, "rows": counts}), sort=labels)
+
+
+def pairs_html(pairs: list[dict]) -> str:
+    """Preference pairs as a table: the prompt, then the chosen and the rejected reply side by side."""
+    if not pairs:
+        return ""
+    cells = "".join(
+        f"<tr><td colspan='2'><b>Prompt</b><pre>{html.escape(pair['prompt'])}</pre></td></tr>"
+        f"<tr><td><b>Chosen</b><pre>{html.escape(pair['chosen'])}</pre></td>"
+        f"<td><b>Rejected</b><pre>{html.escape(pair['rejected'])}</pre></td></tr>"
+        for pair in pairs
+    )
+    return f"<table class='preference-pairs' style='width:100%;table-layout:fixed'>{cells}</table>"

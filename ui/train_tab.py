@@ -15,11 +15,15 @@ import gradio as gr
 import pandas as pd
 
 import jobs
+import model_utils
+import planning
 import runfolder
 import submit
+from rewards import BUILTIN_REWARDS
 from training_utils import ALL_LINEAR
 from ui import forms
 from ui.common import active_runs, duration, event_log, guarded, latest_run, progress_html, run_names
+from workspace import UserError
 
 POLL_S = 1.5
 KINDS = ("train",)
@@ -33,6 +37,10 @@ class TrainTab:
     resume: gr.Button
     hint: gr.Markdown
     memory: gr.Markdown
+    time_estimate: gr.Markdown
+    suggest: gr.Button
+    suggestions: gr.CheckboxGroup
+    apply: gr.Button
     runs: gr.Dropdown
     refresh: gr.Button
     status: gr.HTML
@@ -51,6 +59,16 @@ def build(form: forms.Form) -> TrainTab:
         resume = gr.Button("Resume", interactive=False, scale=1, elem_id="train-resume")
     hint = gr.Markdown(elem_id="train-hint")
     memory = gr.Markdown(elem_id="train-memory")
+    time_estimate = gr.Markdown(elem_id="train-time")
+    with gr.Row(equal_height=True):
+        suggest = gr.Button("Suggest settings", scale=1, size="sm", elem_id="train-suggest")
+        apply = gr.Button("Apply ticked suggestions", scale=1, size="sm", visible=False, elem_id="train-apply")
+    suggestions = gr.CheckboxGroup(
+        label="Suggestions from the dataset and the device: tick the ones to apply",
+        choices=[],
+        visible=False,
+        elem_id="train-suggestions",
+    )
     with gr.Row():
         with gr.Column(scale=5):
             _settings(form)
@@ -66,6 +84,7 @@ def build(form: forms.Form) -> TrainTab:
                 title="Loss",
                 height=300,
                 x_title="step",
+                x_axis_format="d",  # steps are whole numbers: a short run's axis ticked 0.5, 1.5, …
                 color_map={"train": "#2563eb", "eval": "#f97316"},
                 elem_id="train-plot",
             )
@@ -78,7 +97,24 @@ def build(form: forms.Form) -> TrainTab:
                 elem_id="train-log",
             )
     timer = gr.Timer(POLL_S, active=False)
-    return TrainTab(run_name, start, stop, resume, hint, memory, runs, refresh, status, plot, log, timer)
+    return TrainTab(
+        run_name,
+        start,
+        stop,
+        resume,
+        hint,
+        memory,
+        time_estimate,
+        suggest,
+        suggestions,
+        apply,
+        runs,
+        refresh,
+        status,
+        plot,
+        log,
+        timer,
+    )
 
 
 def _settings(form: forms.Form) -> None:
@@ -99,6 +135,8 @@ def _settings(form: forms.Form) -> None:
     with gr.Row():
         forms.setting(form, "eval_split", step=0.05, elem_id="train-eval")
         forms.setting(form, "save_steps", elem_id="train-save-steps")
+        forms.setting(form, "early_stopping", elem_id="train-early-stopping")
+    _stage_settings(form)
     with gr.Accordion("Advanced", open=False, elem_id="train-advanced"):
         with gr.Row():
             forms.setting(form, "gradient_checkpointing", elem_id="train-gc")
@@ -112,6 +150,8 @@ def _settings(form: forms.Form) -> None:
         with gr.Row():
             forms.setting(form, "optim")
             forms.setting(form, "eval_steps")
+            forms.setting(form, "early_stopping_patience")
+            forms.setting(form, "early_stopping_threshold", step=0.01)
             forms.setting(form, "save_total_limit")
         with gr.Row():
             forms.setting(form, "logging_steps")
@@ -151,6 +191,7 @@ def wire(tab: TrainTab, form: forms.Form, app: gr.Blocks, workspace: Path) -> No
         names = run_names(workspace, KINDS)
         return gr.Dropdown(choices=names, value=current if current in names else (names[0] if names else None))
 
+    _wire_planning(tab, form, app, workspace)
     tab.start.click(start, inputs={tab.run_name, *form.inputs()}, outputs=tab.runs).success(
         show, inputs=tab.runs, outputs=view, show_progress="hidden"
     )
@@ -163,6 +204,52 @@ def wire(tab: TrainTab, form: forms.Form, app: gr.Blocks, workspace: Path) -> No
     # Named, so bench/ui_bench.py can time the same call the page makes every POLL_S seconds.
     tab.timer.tick(show, inputs=tab.runs, outputs=view, show_progress="hidden", api_name="train_view")
     app.load(opened, outputs=[tab.runs, *view], show_progress="hidden", api_name="train_opened")
+
+
+def _wire_planning(tab: TrainTab, form: forms.Form, app: gr.Blocks, workspace: Path) -> None:
+    """Suggest (nothing changes until the user ticks a suggestion and applies it) and the time estimate."""
+    fields = list(planning.SUGGESTED_FIELDS)
+
+    def suggestions_for(data: dict) -> list[planning.Suggestion]:
+        config = forms.values_to_config(form.values(data))
+        path = model_utils.resolve_model_path(config.model.name_or_path, workspace)
+        return planning.suggest(config, planning.dataset_report_for(config, workspace), path)
+
+    @guarded
+    def suggest(data: dict) -> tuple[gr.CheckboxGroup, gr.Button]:
+        found = suggestions_for(data)
+        choices = [(item.line(), item.field) for item in found if item.changes]
+        kept = [item.line() for item in found if not item.changes]
+        info = ("Already fine: " + "; ".join(kept)) if kept else None
+        return gr.CheckboxGroup(choices=choices, value=[], visible=True, info=info), gr.Button(visible=bool(choices))
+
+    @guarded
+    def apply(data: dict) -> list[Any]:
+        accepted = data[tab.suggestions] or []
+        if not accepted:
+            raise gr.Error("Tick the suggestions to apply first.")
+        found = {item.field: item.value for item in suggestions_for(data)}
+        return [found[name] if name in accepted and name in found else gr.skip() for name in fields]
+
+    tab.suggest.click(suggest, inputs=form.inputs(), outputs=[tab.suggestions, tab.apply])
+    tab.apply.click(apply, inputs={tab.suggestions, *form.inputs()}, outputs=[form.widgets[name] for name in fields])
+
+    def estimate(data: dict) -> str:
+        # Runs by itself whenever a setting changes, so a problem is shown in place instead of as a pop-up.
+        try:
+            return f"**Time estimate:** {planning.time_estimate_text(forms.values_to_config(form.values(data)), workspace)}"
+        except (UserError, TypeError, ValueError, OSError) as exc:  # a half-typed number reaches here as None
+            return f"**Time estimate unavailable:** {exc}"
+
+    triggers = ["model.name_or_path", "dataset.source", "mode", *fields, "num_train_epochs", "gradient_checkpointing"]
+    gr.on(
+        [app.load, *[form.widgets[key].change for key in triggers if key in form.widgets]],
+        estimate,
+        inputs=form.inputs(),
+        outputs=tab.time_estimate,
+        trigger_mode="always_last",
+        show_progress="hidden",
+    )
 
 
 def live_view(run: str | None, workspace: Path) -> list[Any]:
@@ -203,6 +290,44 @@ def live_view(run: str | None, workspace: Path) -> list[Any]:
     ]
 
 
+def _stage_settings(form: forms.Form) -> None:
+    """The stage (SFT, DPO, GRPO) and its own options; reward weights are a YAML / CLI option (reward_weights)."""
+    with gr.Accordion("Stage: SFT, DPO preference tuning, GRPO reinforcement learning", open=False):
+        with gr.Row():
+            forms.setting(form, "stage", elem_id="train-stage")
+            forms.setting(form, "start_from_run", elem_id="train-start-from-run")
+            forms.setting(form, "beta", step=0.01, elem_id="train-beta")
+        with gr.Row():
+            forms.setting(form, "num_generations", elem_id="train-num-generations")
+            forms.setting(form, "max_completion_length")
+            forms.setting(form, "temperature", step=0.1)
+        forms.setting(form, "reward_funcs", choices=list(BUILTIN_REWARDS), elem_id="train-rewards")
+        with gr.Row():
+            forms.setting(form, "reward_pattern", elem_id="train-reward-pattern")
+            forms.setting(form, "reference_column")
+            forms.setting(form, "reward_min_length")
+            forms.setting(form, "reward_max_length")
+
+
+# The stage's own metrics (preference_utils.stage_metrics) as the live view names them.
+STAGE_METRICS = {
+    "reward_margin": "reward margin",
+    "reward_accuracy": "reward accuracy",
+    "reward": "mean reward",
+    "kl": "KL",
+    "completion_length": "completion length",
+}
+
+
+def stage_parts(latest: dict[str, Any]) -> list[str]:
+    """DPO: reward margin and accuracy; GRPO: mean reward, each reward function's mean, KL, completion length."""
+    parts = [f"{label} {latest[key]:.3g}" for key, label in STAGE_METRICS.items() if key in latest]
+    per_function = sorted(key for key in latest if key.startswith("reward_") and key not in STAGE_METRICS)
+    per_function = [key for key in per_function if key not in ("reward_chosen", "reward_rejected", "reward_std")]
+    parts += [f"{key.removeprefix('reward_')} reward {latest[key]:.3g}" for key in per_function]
+    return parts
+
+
 def status_line(run: str, status: runfolder.Status, events: runfolder.EventLog) -> str:
     """One line: state, step, losses, speed, ETA and memory from the newest events."""
     latest = events.latest
@@ -213,6 +338,7 @@ def status_line(run: str, status: runfolder.Status, events: runfolder.EventLog) 
         parts.append(f"loss {latest['loss']:.4f}")
     if "eval_loss" in latest:
         parts.append(f"eval loss {latest['eval_loss']:.4f}")
+    parts += stage_parts(latest)
     if "tokens_per_s" in latest:
         parts.append(f"{latest['tokens_per_s']:.0f} tokens/s")
     if "eta_s" in latest and status.state == runfolder.State.RUNNING:

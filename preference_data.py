@@ -1,0 +1,184 @@
+"""Data for preference tuning and RL: pairs (prompt / chosen / rejected) for DPO, and prompts (with an optional
+reference answer) for GRPO, read from any file the Dataset tab reads.
+
+Rows become TRL's conversational format (lists of {role, content} messages), so TRL renders them with the model's
+chat template exactly as at inference.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import dataset_utils
+from dataset_utils import DatasetConfig
+from workspace import UserError
+
+log = logging.getLogger(__name__)
+
+# The columns each format reads; prompt is optional for pairs whose sides are whole conversations.
+PREFERENCE_FIELDS: dict[str, tuple[str, ...]] = {
+    "pairs": ("prompt", "chosen", "rejected"),
+}
+# Which formats each stage reads.
+STAGE_FORMATS = {"dpo": ("pairs",), "grpo": ("prompts",)}
+# Column names a reference answer for GRPO is looked for under when none is named.
+REFERENCE_COLUMNS = ("answer", "reference", "solution")
+
+
+@dataclass
+class PreferenceData:
+    """Rows ready for a TRL trainer, and what was learned about the source on the way."""
+
+    train: Any  # datasets.Dataset
+    eval: Any | None
+    format: str
+    source_rows: int
+    dropped_rows: int
+
+
+def detect_preference_format(columns: list[str], column_map: dict[str, str] | None = None) -> str | None:
+    """'pairs' when the columns (after the column map) hold preference pairs, else None."""
+    available = set(columns) | set((column_map or {}).keys())
+    if {"chosen", "rejected"} <= available:
+        return "pairs"
+    return None
+
+
+def _column(row: dict, name: str, column_map: dict[str, str]) -> Any:
+    return row.get(column_map.get(name, name))
+
+
+def _messages(value: Any, where: str, role: str) -> list[dict]:
+    """A side of a pair as messages: text becomes one `role` turn, a list of turns is checked turn by turn."""
+    if isinstance(value, list):
+        turns = []
+        for number, turn in enumerate(value, start=1):
+            if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+                raise UserError(f"{where}: turn {number} must be an object with 'role' and 'content'.")
+            turns.append({"role": str(turn["role"]), "content": dataset_utils.as_text(turn["content"], where)})
+        return turns
+    text = dataset_utils.as_text(value, where)
+    return [{"role": role, "content": text}] if text.strip() else []
+
+
+def _split_prompt(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """(shared prompt, chosen reply, rejected reply) of two whole conversations: the turns they share lead."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+        shared += 1
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def pair_row(row: dict, column_map: dict[str, str], number: int, system_prompt: str = "") -> dict:
+    """One source row as {prompt, chosen, rejected} messages, or UserError naming the row and what is wrong."""
+    where = f"Row {number}"
+    prompt = _messages(_column(row, "prompt", column_map), f"{where} prompt", "user")
+    chosen = _messages(_column(row, "chosen", column_map), f"{where} chosen", "assistant")
+    rejected = _messages(_column(row, "rejected", column_map), f"{where} rejected", "assistant")
+    if not prompt and chosen and rejected:
+        prompt, chosen, rejected = _split_prompt(chosen, rejected)
+    for side, turns in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+        if not turns or not any(turn["content"].strip() for turn in turns):
+            raise UserError(
+                f"{where}: the {side} side is empty; every pair needs a prompt, a chosen and a rejected reply."
+            )
+    if chosen == rejected:
+        raise UserError(f"{where}: chosen and rejected are identical, so the pair teaches nothing; fix or remove it.")
+    return {"prompt": _with_system(prompt, system_prompt), "chosen": chosen, "rejected": rejected}
+
+
+def prompt_row(row: dict, fmt: str, fields: dict[str, str], reference: str, system_prompt: str = "") -> dict:
+    """One row of any SFT format as {prompt, answer} for GRPO: the turns before the last reply, and the reference
+    answer (the `reference` column, else the row's own last reply)."""
+    if fmt == "text":
+        text = dataset_utils.as_text(row.get(fields["text"]), "Column 'text'")
+        prompt = [{"role": "user", "content": text}]
+        answer = ""
+    else:
+        messages = dataset_utils.row_to_messages(row, fmt, fields, system_prompt)
+        prompt, answer = messages[:-1], messages[-1]["content"]
+    if reference:
+        answer = dataset_utils.as_text(row.get(reference), f"Column '{reference}'")
+    return {"prompt": _with_system(prompt, system_prompt), "answer": answer}
+
+
+def _with_system(prompt: list[dict], system_prompt: str) -> list[dict]:
+    if system_prompt and not (prompt and prompt[0]["role"] == "system"):
+        return [{"role": "system", "content": system_prompt}, *prompt]
+    return prompt
+
+
+def _prompt_fields(columns: list[str], config: DatasetConfig) -> tuple[str, dict[str, str]]:
+    if config.format in dataset_utils.FORMATS:
+        fmt = config.format
+    elif "prompt" in columns and "completion" not in columns and "prompt" not in config.column_map:
+        return "text", {"text": "prompt"}  # a file of bare prompts
+    else:
+        fmt = dataset_utils.detect_format(columns, config.column_map)
+    sft_map = {key: value for key, value in config.column_map.items() if key in dataset_utils.FORMAT_FIELDS[fmt]}
+    return fmt, dataset_utils.resolve_columns(columns, fmt, sft_map)
+
+
+def convert_rows(rows: list[dict], columns: list[str], stage: str, config: DatasetConfig, reference_column: str = ""):
+    """(format, converted rows) of `rows` for `stage`; a broken row is a UserError naming it."""
+    column_map = dict(config.column_map)
+    if stage == "grpo":
+        fmt, fields = _prompt_fields(columns, config)
+        reference = reference_column or next((name for name in REFERENCE_COLUMNS if name in columns), "")
+        if reference and reference not in columns:
+            raise UserError(f"Reference column '{reference}' not found; columns are: {', '.join(columns)}.")
+        return "prompts", [prompt_row(row, fmt, fields, reference, config.system_prompt) for row in rows]
+    fmt = detect_preference_format(columns, column_map)
+    if fmt not in STAGE_FORMATS[stage]:
+        raise UserError(
+            f"{stage.upper()} needs prompt / chosen / rejected columns; this dataset has: {', '.join(columns)}. "
+            "Map them in the Dataset tab (column_map)."
+        )
+    pairs = [pair_row(row, column_map, n, config.system_prompt) for n, row in enumerate(rows, start=1)]
+    return fmt, pairs
+
+
+def prepare_preference_data(
+    config: DatasetConfig,
+    stage: str,
+    tokenizer,
+    eval_split: float = 0.0,
+    seed: int = dataset_utils.DEFAULT_SEED,
+    workspace=None,
+    reference_column: str = "",
+) -> PreferenceData:
+    """Load → detect → convert → split; the trainer tokenizes with the model's chat template."""
+    import datasets
+
+    dataset_utils.ensure_chat_template(tokenizer, config.chat_template)
+    raw = dataset_utils.load_rows(config, workspace)
+    rows = raw.to_list()
+    if not rows:
+        raise UserError("The dataset has no rows.")
+    fmt, converted = convert_rows(rows, list(raw.column_names), stage, config, reference_column)
+    dataset = datasets.Dataset.from_list(converted)
+    train, evaluation = dataset_utils.split_train_eval(dataset, eval_split, seed)
+    log.info("%s data: %s, %d rows", stage, fmt, len(dataset))
+    return PreferenceData(train, evaluation, fmt, len(rows), len(rows) - len(converted))
+
+
+def check_rows(config: DatasetConfig, stage: str, reference_column: str = "") -> str:
+    """The format of a local file's rows for `stage`, or UserError naming the first row that cannot train it."""
+    raw = dataset_utils.load_rows(config)
+    if not len(raw):
+        raise UserError("The dataset has no rows.")
+    fmt, _ = convert_rows(raw.to_list(), list(raw.column_names), stage, config, reference_column)
+    return fmt
+
+
+def preview_pairs(rows: list[dict], columns: list[str], column_map: dict[str, str], limit: int = 5) -> list[dict]:
+    """The first pairs as {prompt, chosen, rejected} texts for a side-by-side preview (empty when not pairs)."""
+    if detect_preference_format(columns, column_map) != "pairs":
+        return []
+    shown = []
+    for number, row in enumerate(rows[:limit], start=1):
+        pair = pair_row(row, column_map, number)
+        shown.append({side: "\n\n".join(turn["content"] for turn in pair[side]) for side in pair})
+    return shown

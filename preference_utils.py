@@ -1,0 +1,240 @@
+"""Preference tuning (DPO) and RL (GRPO) through TRL's own trainers, as stages of a training run.
+
+training_utils.train stays the one recipe (config → model → data → trainer → callbacks → save); for a stage other
+than SFT it asks this module for the starting model (`start_model`, e.g. an SFT run's adapter), the data
+(preference_data) and the trainer (`build_trainer`). The run folder, stop / resume, events and export are the SFT
+run's own. This module imports no ML library at module level (Unsloth must come first) and not training_utils.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import rewards
+from runfolder import JobContext, run_path, trained_model
+from workspace import UserError
+
+log = logging.getLogger(__name__)
+
+STAGES = ("sft", "dpo", "grpo")
+# TRL's log keys → the run's event metrics (a flat name the live view and the Runs tab read).
+METRIC_NAMES = {
+    "rewards/margins": "reward_margin",
+    "rewards/accuracies": "reward_accuracy",
+    "rewards/chosen": "reward_chosen",
+    "rewards/rejected": "reward_rejected",
+    "reward": "reward",
+    "reward_std": "reward_std",
+    "kl": "kl",
+    "completions/mean_length": "completion_length",
+}
+
+
+def stage_metrics(logs: dict[str, Any]) -> dict[str, float]:
+    """The stage's own metrics of one TRL log: margins and accuracy (DPO), mean reward per reward
+    function, KL and completion length (GRPO)."""
+    metrics = {name: logs[key] for key, name in METRIC_NAMES.items() if isinstance(logs.get(key), (int, float))}
+    for key, value in logs.items():
+        if key.startswith("rewards/") and key.endswith("/mean") and isinstance(value, (int, float)):
+            metrics[f"reward_{key.split('/')[1]}"] = value
+    return metrics
+
+
+def check_stage(config) -> None:
+    """UserError for a stage setting that cannot work (a TrainConfig whose stage is not sft)."""
+    if config.stage == "sft":
+        if config.start_from_run:
+            raise UserError("start_from_run is for DPO and GRPO runs; clear it for SFT.")
+        return
+    if config.packing:
+        raise UserError(f"Packing is for SFT only; turn it off for {config.stage.upper()}.")
+    if config.num_gpus > 1:
+        raise UserError(
+            f"{config.stage.upper()} trains on one GPU here; set num_gpus to 1 (or 0 on a one-GPU machine)."
+        )
+    if config.start_from_run and config.full_finetuning:
+        raise UserError("start_from_run continues an SFT run's LoRA adapter; turn off full fine-tuning.")
+    if config.start_from_run:
+        start_adapter(config, None)
+    if config.stage == "grpo":
+        check_grpo(config)
+    check_data(config)
+
+
+def check_data(config) -> None:
+    """Refuse a local file whose rows cannot train this stage (an empty side, identical replies) before a job
+    exists; a Hub dataset is read, and checked, by the job."""
+    import preference_data
+
+    source = Path(str(config.dataset.source).strip()).expanduser()
+    if source.is_file():
+        preference_data.check_rows(config.dataset, config.stage, config.reference_column)
+
+
+def check_grpo(config) -> None:
+    if not config.reward_funcs:
+        raise UserError("GRPO needs at least one reward function (reward_funcs), e.g. format.")
+    unknown = [name for name in config.reward_funcs if name not in rewards.BUILTIN_REWARDS]
+    if unknown:
+        raise UserError(f"Unknown reward '{unknown[0]}'; choose from: {', '.join(rewards.BUILTIN_REWARDS)}.")
+    if config.reward_weights and len(config.reward_weights) != len(config.reward_funcs):
+        raise UserError(
+            f"reward_weights has {len(config.reward_weights)} values for {len(config.reward_funcs)} reward "
+            "functions: give one weight per function, or none for equal weights."
+        )
+    reward_functions(config)  # a pattern that does not compile, a length range upside down
+    generation_batch = config.per_device_train_batch_size * config.gradient_accumulation_steps
+    if config.num_generations < 2:
+        raise UserError("num_generations must be at least 2: GRPO compares completions of the same prompt.")
+    if generation_batch % config.num_generations:
+        raise UserError(
+            f"Batch size × gradient accumulation ({generation_batch}) must be a multiple of num_generations "
+            f"({config.num_generations}): each prompt's completions are scored together."
+        )
+    if config.max_completion_length >= config.max_seq_length:
+        raise UserError("max_completion_length must be below max_seq_length (the prompt needs room too).")
+
+
+def reward_functions(config) -> list:
+    settings = rewards.RewardSettings(config.reward_pattern, config.reward_min_length, config.reward_max_length)
+    return [rewards.make_reward(name, settings) for name in config.reward_funcs]
+
+
+# ---------------------------------------------------------------- model
+
+
+def start_adapter(config, workspace: Path | None) -> Path:
+    """The adapter/ folder of the SFT run named in start_from_run (checked: a finished LoRA training run)."""
+    trained = trained_model(run_path(config.start_from_run, workspace))
+    if trained.kind != "adapter":
+        raise UserError(
+            f"Run '{trained.run_dir.name}' is a full fine-tune; start from its merged model as the base model instead."
+        )
+    return trained.path
+
+
+def start_model(config, model_path: str, backend: str, workspace: Path):
+    """(model with the SFT run's adapter, trainable, tokenizer) for a run that starts from another run."""
+    adapter = start_adapter(config, workspace)
+    log.info("starting from the adapter of %s", adapter)
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=str(adapter),
+            max_seq_length=config.max_seq_length,
+            dtype=None,
+            load_in_4bit=config.load_in_4bit,
+            trust_remote_code=config.model.trust_remote_code,
+        )
+        FastLanguageModel.for_training(model)
+    else:
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        import model_utils
+
+        # save_final keeps the SFT run's tokenizer (its chat template) beside the adapter.
+        source = adapter if (adapter / "tokenizer_config.json").exists() else Path(model_path)
+        tokenizer = model_utils.load_tokenizer(str(source), config.model.trust_remote_code)
+        on_cuda = model_utils.detect_device().cuda
+        base = AutoModelForCausalLM.from_pretrained(
+            model_path,
+            dtype=(torch.bfloat16 if model_utils.detect_device().bf16 else torch.float16) if on_cuda else torch.float32,
+            use_safetensors=True,
+            trust_remote_code=config.model.trust_remote_code,
+            device_map={"": torch.cuda.current_device()} if on_cuda else None,
+        )
+        model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------- data
+
+
+def prepare_data(config, tokenizer, workspace: Path):
+    import preference_data
+
+    return preference_data.prepare_preference_data(
+        config.dataset,
+        config.stage,
+        tokenizer,
+        eval_split=config.eval_split,
+        seed=config.seed,
+        workspace=workspace,
+        reference_column=config.reference_column,
+    )
+
+
+# ---------------------------------------------------------------- trainer
+
+
+def _common_arguments(config, run_dir: Path, backend: str, has_eval: bool) -> dict[str, Any]:
+    """The TrainingArguments every stage shares, as SFT sets them (see training_utils.build_trainer)."""
+    import model_utils
+
+    device = model_utils.detect_device()
+    if config.report_to == "tensorboard":
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
+    return dict(
+        output_dir=str(run_dir / "checkpoints"),
+        learning_rate=config.learning_rate,
+        max_steps=config.max_steps if config.max_steps is not None else -1,
+        num_train_epochs=config.num_train_epochs,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_eval_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        warmup_steps=config.warmup_steps,
+        lr_scheduler_type=config.lr_scheduler_type,
+        weight_decay=config.weight_decay,
+        optim=config.optim,
+        bf16=device.bf16,
+        fp16=device.cuda and not device.bf16,
+        gradient_checkpointing=config.gradient_checkpointing and backend != "unsloth",
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=(config.eval_steps or config.save_steps) if has_eval else None,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        logging_steps=config.logging_steps,
+        seed=config.seed,
+        report_to=[] if config.report_to == "none" else [config.report_to],
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        use_cpu=not device.cuda,
+        beta=config.beta,
+    )
+
+
+def build_trainer(config, model, tokenizer, data, ctx: JobContext, backend: str, callback):
+    """TRL's trainer of `config.stage` over `data`, reporting through `callback` (training_utils.events_callback)."""
+    common = _common_arguments(config, ctx.run_dir, backend, data.eval is not None)
+    datasets = {"train_dataset": data.train, "eval_dataset": data.eval}
+    if config.stage == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        args = DPOConfig(**common, max_length=config.max_seq_length)
+        trainer = DPOTrainer(model=model, args=args, processing_class=tokenizer, **datasets)
+    elif config.stage == "grpo":
+        from trl import GRPOConfig, GRPOTrainer
+
+        args = GRPOConfig(
+            **common,
+            num_generations=config.num_generations,
+            max_completion_length=config.max_completion_length,
+            temperature=config.temperature,
+            reward_weights=list(config.reward_weights) or None,
+        )
+        trainer = GRPOTrainer(
+            model=model, reward_funcs=reward_functions(config), args=args, processing_class=tokenizer, **datasets
+        )
+    else:
+        raise UserError(f"Unknown stage '{config.stage}'; one of: {', '.join(STAGES)}.")
+    trainer.add_callback(callback)
+    return trainer
