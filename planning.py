@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dataset_report import DatasetReport, build_report
+from dataset_report import DatasetReport, report_for_training
 from model_utils import Device, count_parameters, detect_device, estimate_memory, resolve_model_path
 from runfolder import read_config, read_events, read_status
 from training_utils import MAX_SEQ_LENGTH_LIMIT, TrainConfig
@@ -88,15 +88,7 @@ def _build_report(config: TrainConfig, workspace: str | Path | None) -> DatasetR
 
     path = resolve_model_path(config.model.name_or_path, workspace)
     tokenizer = model_utils.load_tokenizer(path, config.model.trust_remote_code)
-    return build_report(
-        config.dataset,
-        tokenizer,
-        max_seq_length=config.max_seq_length,
-        train_on_responses_only=config.train_on_responses_only,
-        eval_split=config.eval_split,
-        seed=config.seed,
-        workspace=workspace,
-    )
+    return report_for_training(config, tokenizer, workspace)
 
 
 def suggest(

@@ -680,16 +680,7 @@ def log_dataset_report(config: TrainConfig, tokenizer, workspace: Path) -> None:
     """The dataset quality report, into the run's log before training (see dataset_report)."""
     import dataset_report
 
-    report = dataset_report.build_report(
-        config.dataset,
-        tokenizer,
-        max_seq_length=config.max_seq_length,
-        train_on_responses_only=config.train_on_responses_only,
-        eval_split=config.eval_split,
-        seed=config.seed,
-        workspace=workspace,
-    )
-    for line in report.lines():
+    for line in dataset_report.report_for_training(config, tokenizer, workspace).lines():
         log.info(line)
 
 
