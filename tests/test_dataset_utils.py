@@ -185,7 +185,7 @@ BAD_FILES = [
     ("object.json", b'{"a": 1, "b": 2}', "JSON list of objects"),
     ("numbers.json", b"[1, 2, 3]", "JSON list of objects"),
     ("broken.jsonl", b'{"text": "ok"}\n{"text": "ok"}\n{"text": broken}\n', "line 3"),
-    ("missing.csv", b"instruction,answer\nSay hi,hi\n", "output"),
+    ("missing.csv", b"instruction,notes\nSay hi,hi\n", "output"),
     (
         "alternate.jsonl",
         json.dumps(
