@@ -5,6 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 CONVERTER := vendor/llama.cpp/convert_hf_to_gguf.py
+# Unpacked with the converter; a checkout set up before the vocabularies were added gets them on its next `make`.
+VOCAB := vendor/llama.cpp/models/ggml-vocab-llama-bpe.gguf
 BROWSER := /usr/bin/chromium
 export HF_HUB_DISABLE_TELEMETRY := 1
 
@@ -18,7 +20,7 @@ run: setup
 test: lint $(BROWSER)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
-setup: $(INSTALLED) $(CONVERTER)
+setup: $(INSTALLED) $(CONVERTER) $(VOCAB)
 
 $(INSTALLED): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,9 +29,9 @@ $(INSTALLED): requirements.txt
 	touch $@
 
 # llama.cpp's converter is not a PyPI module: take it from the sdist of the installed llama-cpp-python.
-$(CONVERTER): $(INSTALLED)
+$(CONVERTER) $(VOCAB) &: $(INSTALLED)
 	$(PY) scripts/fetch_converter.py vendor
-	touch $@  # the unpacked file keeps the sdist's old date, which would make every call fetch it again
+	touch $(CONVERTER) $(VOCAB)  # the unpacked files keep the sdist's old date: every call would fetch them again
 
 # Debian's Chromium for the browser tests (Playwright cannot download its own browser here).
 $(BROWSER):

@@ -53,7 +53,31 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-BUILTIN_TEMPLATES = {"chatml": CHATML_TEMPLATE}
+# Llama 3 Instruct's turn markers (its tokenizer's special tokens), for a Llama 3 model whose tokenizer has no template.
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+# Mistral's instruct markers as Mistral Small 3 writes them (a system turn of its own, so each role has fixed text).
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{ '[SYSTEM_PROMPT]' + message['content'] + '[/SYSTEM_PROMPT]' }}{% elif message['role'] == 'user' %}"
+    "{{ '[INST]' + message['content'] + '[/INST]' }}{% else %}{{ message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+# Phi-4-mini's turns, without the EOS it appends to a chat that ends on a reply (which breaks the per-role shape an
+# Ollama TEMPLATE needs); Phi-3's own template drops system messages.
+PHI4_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+BUILTIN_TEMPLATES = {
+    "chatml": CHATML_TEMPLATE,
+    "llama3": LLAMA3_TEMPLATE,
+    "mistral": MISTRAL_TEMPLATE,
+    "phi4": PHI4_TEMPLATE,
+}
 PREPARE_VERSION = "3"  # bump when the prepared layout changes, so old caches are not reused
 # The one default of each, for TrainConfig and for a preview (Dataset tab, `main.py dataset`) that has no config.
 DEFAULT_MAX_SEQ_LENGTH = 2048
@@ -87,7 +111,8 @@ class DatasetConfig:
     )
     chat_template: str = option(
         "",
-        help="Empty = the model's own template. 'chatml' (or a Jinja template) for models without one.",
+        help="Empty = the model's own template. 'chatml', 'llama3', 'mistral', 'phi4' (or a Jinja template) for "
+        "models without one.",
         label="Chat template",
     )
     system_prompt: str = option("", help="Added as a system turn to rows that have none.", label="System prompt")

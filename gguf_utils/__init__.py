@@ -31,6 +31,7 @@ from gguf_utils.convert import (
     MERGE_STAMP,
     QUANT_FTYPES,
     Stopped,
+    conversion_warning,
     conversions,
     ensure_merged,
     finish_conversion,
@@ -42,6 +43,7 @@ from gguf_utils.convert import (
     quantize_gguf,
     start_conversion,
     start_lora_conversion,
+    supported_architectures,
 )
 from gguf_utils.modelfile import build_modelfile
 from runfolder import JobContext, StopFlag, TrainedModel
@@ -58,11 +60,13 @@ __all__ = [
     "REFERENCE_CACHE",
     "ExportConfig",
     "check_export",
+    "conversion_warning",
     "export_config_from_dict",
     "export_job",
     "export_run_name",
     "export_source",
     "needed_disk_bytes",
+    "supported_architectures",
 ]
 
 log = logging.getLogger(__name__)

@@ -4,9 +4,11 @@ llama.cpp's own converter, quantize with llama.cpp."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.metadata
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +28,8 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
 CONVERTER = ROOT / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
 LORA_CONVERTER = CONVERTER.with_name("convert_lora_to_gguf.py")  # unpacked beside it by scripts/fetch_converter.py
+# The converter's `--print-supported-models`, saved by scripts/fetch_converter.py (it takes seconds to start).
+SUPPORTED_MODELS = CONVERTER.with_name("SUPPORTED_MODELS")
 # llama.cpp file types (llama_ftype) by the names users know from llama-quantize and Ollama.
 QUANT_FTYPES = {
     "f16": "LLAMA_FTYPE_MOSTLY_F16",
@@ -47,6 +51,51 @@ class Stopped(Exception):
 
 def llama_cpp_version() -> str:
     return importlib.metadata.version("llama-cpp-python")
+
+
+# ---------------------------------------------------------------- which architectures convert
+
+
+def parse_supported_models(text: str) -> frozenset[str]:
+    """The text-model classes in the converter's `--print-supported-models` output (mmproj ones are vision parts)."""
+    names, section = set(), ""
+    for line in text.splitlines():
+        if line.strip().endswith("models:"):
+            section = line.strip()
+        elif line.strip().startswith("- ") and section.startswith("TEXT"):
+            names.add(line.strip()[2:].strip())
+    return frozenset(names)
+
+
+@functools.cache
+def supported_architectures() -> frozenset[str]:
+    """The Hugging Face model classes (config.json's `architectures`) llama.cpp's converter can convert."""
+    if SUPPORTED_MODELS.is_file():
+        return parse_supported_models(SUPPORTED_MODELS.read_text(encoding="utf-8"))
+    if not CONVERTER.exists():
+        return frozenset()
+    result = subprocess.run(
+        [sys.executable, str(CONVERTER), "--print-supported-models"], capture_output=True, text=True, check=False
+    )
+    return parse_supported_models(result.stdout + result.stderr)
+
+
+def conversion_warning(architectures: list[str] | None) -> str | None:
+    """Why a model of these architectures (config.json's `architectures`) cannot be exported to GGUF, or None.
+
+    Training works all the same, so this is a warning shown before training, not a refusal."""
+    supported = supported_architectures()
+    if not supported:
+        return "llama.cpp's converter is missing (run `make setup`), so no run can be exported to GGUF yet."
+    names = [name for name in architectures or [] if name]
+    if not names:
+        return "its config.json names no architecture, so llama.cpp's converter cannot tell how to convert it."
+    if any(name in supported for name in names):
+        return None
+    return (
+        f"llama.cpp's converter (llama-cpp-python {llama_cpp_version()}) cannot convert {', '.join(names)}: you can "
+        "train and chat with it here, but not export it to GGUF or Ollama."
+    )
 
 
 # ---------------------------------------------------------------- merge
@@ -108,6 +157,11 @@ def merge_adapter(model: TrainedModel, dtype: str) -> Path:
     with atomic_dir(merged_dir(model)) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         model_utils.load_tokenizer(str(model.path)).save_pretrained(str(tmp))
+        # A fast tokenizer does not save the SentencePiece model it came from, and llama.cpp's converter reads that
+        # file, not tokenizer.json, for Llama-2-style, Mistral, Phi-3 and Gemma vocabularies.
+        for source in (model.path, Path(model.base_model)):
+            if (source / "tokenizer.model").is_file() and not (tmp / "tokenizer.model").exists():
+                shutil.copy2(source / "tokenizer.model", tmp / "tokenizer.model")
         write_json(tmp / MERGE_STAMP, _merge_stamp(model.path, dtype))
     return merged_dir(model)
 

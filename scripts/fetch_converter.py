@@ -1,6 +1,8 @@
 """Unpack llama.cpp's HF→GGUF converters from the sdist of the installed llama-cpp-python (same version).
 
-Usage: python scripts/fetch_converter.py DEST   → DEST/llama.cpp/convert_hf_to_gguf.py (+ its helpers)
+Usage: python scripts/fetch_converter.py DEST   → DEST/llama.cpp/convert_hf_to_gguf.py (+ its helpers), its list of
+supported model classes (SUPPORTED_MODELS), and llama.cpp's vocabulary files of the catalogue's tokenizers
+(models/ggml-vocab-*.gguf: gguf_utils.vocab builds real tokenizers from them for the model-family tests).
 The sdist comes from the package registry through pip; nothing is downloaded when the app runs.
 """
 
@@ -23,6 +25,11 @@ WANTED = (
     "gguf-py/gguf/",
     "gguf-py/LICENSE",
     "LICENSE",
+    # gguf_utils.vocab.VOCABS (not imported: the app's modules need the venv this script may run before).
+    "models/ggml-vocab-llama-bpe.gguf",
+    "models/ggml-vocab-qwen2.gguf",
+    "models/ggml-vocab-phi-3.gguf",
+    "models/ggml-vocab-llama-spm.gguf",
 )
 
 
@@ -59,7 +66,8 @@ def main(dest: str) -> None:
             archive.extractall(staging, members=members, filter="data")
         if not (staging / "convert_hf_to_gguf.py").exists():
             sys.exit(f"convert_hf_to_gguf.py not found in {sdist.name}")
-        check_converter(staging / "convert_hf_to_gguf.py")
+        supported = check_converter(staging / "convert_hf_to_gguf.py")
+        (staging / "SUPPORTED_MODELS").write_text(supported)
         (staging / "VERSION").write_text(version + "\n")
         target = Path(dest) / "llama.cpp"
         if target.exists():
@@ -69,8 +77,9 @@ def main(dest: str) -> None:
     print(f"llama.cpp converter {version} in {target}")
 
 
-def check_converter(script: Path) -> None:
-    """Fail now, not at export time: the converter must start, and import the gguf-py shipped beside it."""
+def check_converter(script: Path) -> str:
+    """Fail now, not at export time: the converter must start, and import the gguf-py shipped beside it. Returns
+    its list of supported model classes."""
     result = subprocess.run([sys.executable, str(script), "--print-supported-models"], capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"{script.name} does not start:\n{result.stderr[-2000:]}")
@@ -83,6 +92,7 @@ def check_converter(script: Path) -> None:
         sys.exit(
             f"the converter would import gguf from {found.stdout.strip() or found.stderr[-500:]}, not its own gguf-py"
         )
+    return result.stdout + result.stderr
 
 
 if __name__ == "__main__":

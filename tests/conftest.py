@@ -156,3 +156,59 @@ def logged_steps(run_dir: Path) -> list[int]:
     import runfolder
 
     return [event.step for event in runfolder.read_events(run_dir) if event.kind == "log" and "loss" in event.metrics]
+
+
+# The catalogue's families as tiny random models: each architecture from transformers' own config class, each with a
+# real tokenizer from llama.cpp's vocabulary files (gguf_utils.vocab). family: (config class, its extra settings,
+# vocabulary, named chat template for a vocabulary that ships none, end-of-turn token of the instruct models).
+MODEL_FAMILIES = {
+    "llama": ("LlamaConfig", {}, "llama-bpe", "llama3", "<|eot_id|>"),
+    "qwen3": ("Qwen3Config", {}, "qwen2", None, "<|im_end|>"),
+    # No Gemma 3 vocabulary is in the sdist (ggml-vocab-gemma-4 is Gemma 4's, which transformers cannot load):
+    # the Gemma 3 architecture with Qwen2's BPE vocabulary and ChatML.
+    "gemma3": ("Gemma3TextConfig", {"sliding_window": 32, "query_pre_attn_scalar": 16}, "qwen2", None, "<|im_end|>"),
+    # Phi-4-mini's turns on Phi-3's SentencePiece vocabulary (Phi-4's own o200k BPE is not in the sdist).
+    "phi3": ("Phi3Config", {"pad_token_id": 32000}, "phi-3", "phi4", "<|end|>"),
+    "mistral": ("MistralConfig", {}, "llama-spm", "mistral", None),
+}
+
+
+@pytest.fixture(scope="session")
+def family_model(tmp_path_factory):
+    """family → (a folder with a tiny random model of that family and its real tokenizer, its named template or
+    None); each made once per session, on first use."""
+    made: dict[str, tuple[Path, str | None]] = {}
+
+    def make(family: str) -> tuple[Path, str | None]:
+        if family not in made:
+            import torch
+            import transformers
+            from transformers import AutoModelForCausalLM
+
+            from gguf_utils import vocab
+
+            config_class, extra, vocabulary, template, eos = MODEL_FAMILIES[family]
+            tokenizer, proto = vocab.tokenizer_from_vocab(vocabulary, eos_token=eos)
+            config = getattr(transformers, config_class)(
+                vocab_size=len(tokenizer),
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,
+                max_position_embeddings=1024,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                tie_word_embeddings=True,
+                **extra,
+            )
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            folder = tmp_path_factory.mktemp(f"family-{family}")
+            model.save_pretrained(folder)
+            vocab.save_tokenizer(tokenizer, proto, folder)
+            made[family] = folder, template
+        return made[family]
+
+    return make
