@@ -1,11 +1,11 @@
-"""Training runs side by side: their loss and eval-loss curves, final and best metrics, speed, time, memory, and the
-settings that differ between them. Everything is read from the run folders (config.yaml, status.json,
+"""Training runs side by side: their loss and eval-loss curves, final and best metrics, speed, time, memory, each
+run's stage (SFT, DPO, ORPO, KTO, GRPO) with the last values of its own metrics, and the settings that differ. Everything is read from the run folders (config.yaml, status.json,
 events.jsonl); nothing is loaded or computed on a model."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ MAX_RUNS = 12
 METRIC_COLUMNS = [
     "run",
     "state",
+    "stage",
     "steps",
     "final loss",
     "best loss",
@@ -26,6 +27,17 @@ METRIC_COLUMNS = [
     "time",
     "peak memory GiB",
 ]
+# A stage's own metrics (preference_utils.stage_metrics), in the order and with the names the table shows; each
+# GRPO reward function's mean (reward_<name>) follows them as "<name> reward".
+STAGE_METRICS = {
+    "reward_margin": "reward margin",
+    "reward_accuracy": "reward accuracy",
+    "log_odds_ratio": "log-odds ratio",
+    "reward": "mean reward",
+    "kl": "KL",
+    "completion_length": "completion length",
+}
+NOT_PER_REWARD = ("reward_chosen", "reward_rejected", "reward_std")
 
 
 @dataclass(frozen=True)
@@ -42,6 +54,8 @@ class RunMetrics:
     tokens_per_s: float | None  # the mean over logged steps
     seconds: float | None  # from start to end (or to now, while it runs)
     peak_memory_gib: float | None  # the GPU's when logged, else the process's
+    stage: str = "sft"
+    stage_metrics: dict[str, float] = field(default_factory=dict)  # the newest value of each, by metric name
 
 
 @dataclass(frozen=True)
@@ -72,6 +86,7 @@ def run_metrics(run_dir: Path) -> tuple[RunMetrics, list[tuple[str, str, int, fl
     run_dir = Path(run_dir)
     losses: dict[str, dict[int, float]] = {"train": {}, "eval": {}}
     speeds, memory = [], []
+    stage_values: dict[str, tuple[int, float]] = {}  # metric → (step, value): the newest step wins
     steps = None
     for event in runfolder.read_events(run_dir):
         if event.kind != runfolder.EventKind.LOG or not isinstance(event.step, int):
@@ -88,6 +103,9 @@ def run_metrics(run_dir: Path) -> tuple[RunMetrics, list[tuple[str, str, int, fl
             if _finite(value):
                 memory.append(float(value))
                 break
+        for key, value in event.metrics.items():
+            if _is_stage_metric(key) and _finite(value) and event.step >= stage_values.get(key, (-1, 0.0))[0]:
+                stage_values[key] = (event.step, float(value))
 
     def final(series: str) -> float | None:
         return losses[series][max(losses[series])] if losses[series] else None
@@ -107,9 +125,25 @@ def run_metrics(run_dir: Path) -> tuple[RunMetrics, list[tuple[str, str, int, fl
         round(sum(speeds) / len(speeds), 1) if speeds else None,
         _seconds(status),
         round(max(memory), 2) if memory else None,
+        str(runfolder.stage_settings(run_dir).get("stage") or "sft"),
+        {key: value for key, (_, value) in sorted(stage_values.items(), key=lambda item: _stage_order(item[0]))},
     )
     curves = [(run_dir.name, series, step, loss) for series in losses for step, loss in sorted(losses[series].items())]
     return metrics, curves
+
+
+def _is_stage_metric(key: str) -> bool:
+    return key in STAGE_METRICS or (key.startswith("reward_") and key not in NOT_PER_REWARD)
+
+
+def _stage_order(key: str) -> tuple[int, str]:
+    names = list(STAGE_METRICS)
+    return (names.index(key), "") if key in STAGE_METRICS else (len(names), key)
+
+
+def stage_metric_label(key: str) -> str:
+    """'reward_margin' → 'reward margin'; a reward function's mean 'reward_format' → 'format reward'."""
+    return STAGE_METRICS.get(key) or f"{key.removeprefix('reward_')} reward"
 
 
 def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -167,12 +201,25 @@ def _duration(seconds: float | None) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+def stage_metric_keys(comparison: Comparison) -> list[str]:
+    """The stage metrics any of the runs logged, in the table's order."""
+    keys = {key for run in comparison.runs for key in run.stage_metrics}
+    return sorted(keys, key=_stage_order)
+
+
+def metric_columns(comparison: Comparison) -> list[str]:
+    """METRIC_COLUMNS, then one column per stage metric that any of the runs logged."""
+    return [*METRIC_COLUMNS, *(stage_metric_label(key) for key in stage_metric_keys(comparison))]
+
+
 def metric_rows(comparison: Comparison) -> list[list[str]]:
-    """One row per run under METRIC_COLUMNS, formatted for a table."""
+    """One row per run under metric_columns(comparison), formatted for a table ("–" where a run lacks a metric)."""
+    keys = stage_metric_keys(comparison)
     return [
         [
             run.name,
             run.state,
+            run.stage,
             "–" if run.steps is None else str(run.steps),
             _number(run.final_loss),
             _number(run.best_loss),
@@ -181,6 +228,7 @@ def metric_rows(comparison: Comparison) -> list[list[str]]:
             _number(run.tokens_per_s, 1),
             _duration(run.seconds),
             _number(run.peak_memory_gib, 2),
+            *(_number(run.stage_metrics.get(key)) for key in keys),
         ]
         for run in comparison.runs
     ]
@@ -203,7 +251,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def comparison_text(comparison: Comparison) -> str:
     """The comparison as plain-text tables for the terminal."""
     names = [run.name for run in comparison.runs]
-    parts = [_table(METRIC_COLUMNS, metric_rows(comparison)), ""]
+    parts = [_table(metric_columns(comparison), metric_rows(comparison)), ""]
     if comparison.differences:
         parts += ["settings that differ:", _table(["setting", *names], difference_rows(comparison))]
     else:

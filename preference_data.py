@@ -1,5 +1,6 @@
-"""Data for preference tuning and RL: pairs (prompt / chosen / rejected) for DPO, and prompts (with an optional
-reference answer) for GRPO, read from any file the Dataset tab reads.
+"""Data for preference tuning and RL: pairs (prompt / chosen / rejected) for DPO and ORPO, unpaired rows (prompt /
+completion / a true-or-false label) or pairs for KTO, and prompts (with an optional reference answer) for GRPO, read
+from any file the Dataset tab reads.
 
 Rows become TRL's conversational format (lists of {role, content} messages), so TRL renders them with the model's
 chat template exactly as at inference.
@@ -20,9 +21,11 @@ log = logging.getLogger(__name__)
 # The columns each format reads; prompt is optional for pairs whose sides are whole conversations.
 PREFERENCE_FIELDS: dict[str, tuple[str, ...]] = {
     "pairs": ("prompt", "chosen", "rejected"),
+    "unpaired": ("prompt", "completion", "label"),
 }
-# Which formats each stage reads.
-STAGE_FORMATS = {"dpo": ("pairs",), "grpo": ("prompts",)}
+# Which formats each stage reads; KTO splits a pair into a desirable and an undesirable row.
+STAGE_FORMATS = {"dpo": ("pairs",), "orpo": ("pairs",), "kto": ("unpaired", "pairs"), "grpo": ("prompts",)}
+NEEDED_COLUMNS = {"pairs": "prompt / chosen / rejected", "unpaired": "prompt / completion / label"}
 # Column names a reference answer for GRPO is looked for under when none is named.
 REFERENCE_COLUMNS = ("answer", "reference", "solution")
 
@@ -39,10 +42,13 @@ class PreferenceData:
 
 
 def detect_preference_format(columns: list[str], column_map: dict[str, str] | None = None) -> str | None:
-    """'pairs' when the columns (after the column map) hold preference pairs, else None."""
+    """'pairs' (prompt / chosen / rejected) or 'unpaired' (prompt / completion / label, KTO's) when the columns
+    (after the column map) hold preference data, else None."""
     available = set(columns) | set((column_map or {}).keys())
     if {"chosen", "rejected"} <= available:
         return "pairs"
+    if {"completion", "label"} <= available:
+        return "unpaired"
     return None
 
 
@@ -89,6 +95,38 @@ def pair_row(row: dict, column_map: dict[str, str], number: int, system_prompt: 
     return {"prompt": _with_system(prompt, system_prompt), "chosen": chosen, "rejected": rejected}
 
 
+def _label(value: Any, where: str) -> bool:
+    """A KTO label: true (a desirable completion) or false; text "true" / "false" too, as CSV files hold them."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise UserError(
+        f"{where}: label must be true (a desirable completion) or false (an undesirable one), not {value!r}."
+    )
+
+
+def unpaired_row(row: dict, column_map: dict[str, str], number: int, system_prompt: str = "") -> dict:
+    """One source row as KTO's {prompt, completion, label}, or UserError naming the row and what is wrong."""
+    where = f"Row {number}"
+    prompt = _messages(_column(row, "prompt", column_map), f"{where} prompt", "user")
+    completion = _messages(_column(row, "completion", column_map), f"{where} completion", "assistant")
+    for side, turns in (("prompt", prompt), ("completion", completion)):
+        if not turns or not any(turn["content"].strip() for turn in turns):
+            raise UserError(f"{where}: the {side} is empty; every row needs a prompt and a completion.")
+    label = _label(_column(row, "label", column_map), where)
+    return {"prompt": _with_system(prompt, system_prompt), "completion": completion, "label": label}
+
+
+def unpair(pairs: list[dict]) -> list[dict]:
+    """Pairs as KTO rows: each chosen reply desirable, each rejected one undesirable, under the same prompt."""
+    return [
+        {"prompt": pair["prompt"], "completion": pair[side], "label": side == "chosen"}
+        for pair in pairs
+        for side in ("chosen", "rejected")
+    ]
+
+
 def prompt_row(row: dict, fmt: str, fields: dict[str, str], reference: str, system_prompt: str = "") -> dict:
     """One row of any SFT format as {prompt, answer} for GRPO: the turns before the last reply, and the reference
     answer (the `reference` column, else the row's own last reply)."""
@@ -132,12 +170,25 @@ def convert_rows(rows: list[dict], columns: list[str], stage: str, config: Datas
         return "prompts", [prompt_row(row, fmt, fields, reference, config.system_prompt) for row in rows]
     fmt = detect_preference_format(columns, column_map)
     if fmt not in STAGE_FORMATS[stage]:
+        needed = " columns, or ".join(NEEDED_COLUMNS[name] for name in STAGE_FORMATS[stage])
         raise UserError(
-            f"{stage.upper()} needs prompt / chosen / rejected columns; this dataset has: {', '.join(columns)}. "
+            f"{stage.upper()} needs {needed} columns; this dataset has: {', '.join(columns)}. "
             "Map them in the Dataset tab (column_map)."
         )
-    pairs = [pair_row(row, column_map, n, config.system_prompt) for n, row in enumerate(rows, start=1)]
-    return fmt, pairs
+    if fmt == "unpaired":
+        converted = [unpaired_row(row, column_map, n, config.system_prompt) for n, row in enumerate(rows, start=1)]
+    else:
+        converted = [pair_row(row, column_map, n, config.system_prompt) for n, row in enumerate(rows, start=1)]
+    if stage == "kto":
+        converted = unpair(converted) if fmt == "pairs" else converted
+        labels = {row["label"] for row in converted}
+        if len(labels) < 2:
+            kind = "desirable (true)" if True in labels else "undesirable (false)"
+            raise UserError(
+                f"Every row is labelled {kind}: KTO learns from both desirable (label true) and undesirable "
+                "(label false) completions; add rows of the other kind."
+            )
+    return fmt, converted
 
 
 def prepare_preference_data(
@@ -174,11 +225,28 @@ def check_rows(config: DatasetConfig, stage: str, reference_column: str = "") ->
 
 
 def preview_pairs(rows: list[dict], columns: list[str], column_map: dict[str, str], limit: int = 5) -> list[dict]:
-    """The first pairs as {prompt, chosen, rejected} texts for a side-by-side preview (empty when not pairs)."""
-    if detect_preference_format(columns, column_map) != "pairs":
+    """The first pairs as {prompt, chosen, rejected} texts for a side-by-side preview (empty when not preference
+    data); a KTO row shows its completion as chosen when desirable, as rejected when not, the other side empty."""
+    fmt = detect_preference_format(columns, column_map)
+    if fmt is None:
         return []
+
+    def text(turns: list[dict]) -> str:
+        return "\n\n".join(turn["content"] for turn in turns)
+
     shown = []
     for number, row in enumerate(rows[:limit], start=1):
-        pair = pair_row(row, column_map, number)
-        shown.append({side: "\n\n".join(turn["content"] for turn in pair[side]) for side in pair})
+        if fmt == "pairs":
+            pair = pair_row(row, column_map, number)
+            shown.append({side: text(pair[side]) for side in pair})
+        else:
+            kto = unpaired_row(row, column_map, number)
+            completion = text(kto["completion"])
+            shown.append(
+                {
+                    "prompt": text(kto["prompt"]),
+                    "chosen": completion if kto["label"] else "",
+                    "rejected": "" if kto["label"] else completion,
+                }
+            )
     return shown

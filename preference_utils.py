@@ -1,4 +1,4 @@
-"""Preference tuning (DPO) and RL (GRPO) through TRL's own trainers, as stages of a training run.
+"""Preference tuning (DPO, ORPO, KTO) and RL (GRPO) through TRL's own trainers, as stages of a training run.
 
 training_utils.train stays the one recipe (config → model → data → trainer → callbacks → save); for a stage other
 than SFT it asks this module for the starting model (`start_model`, e.g. an SFT run's adapter), the data
@@ -14,12 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import rewards
+import synthetic_utils
 from runfolder import JobContext, run_path, trained_model
-from workspace import UserError
+from workspace import UserError, paths_confined, resolve_user_path
 
 log = logging.getLogger(__name__)
 
-STAGES = ("sft", "dpo", "grpo")
+STAGES = ("sft", "dpo", "orpo", "kto", "grpo")
+JUDGE_PROVIDERS = synthetic_utils.PROVIDERS
+# A score is a few characters; the room is for a model that writes a word or two before it.
+JUDGE_MAX_TOKENS = 64
 # TRL's log keys → the run's event metrics (a flat name the live view and the Runs tab read).
 METRIC_NAMES = {
     "rewards/margins": "reward_margin",
@@ -30,12 +34,14 @@ METRIC_NAMES = {
     "reward_std": "reward_std",
     "kl": "kl",
     "completions/mean_length": "completion_length",
+    "log_odds_ratio": "log_odds_ratio",
+    "nll_loss": "nll_loss",
 }
 
 
 def stage_metrics(logs: dict[str, Any]) -> dict[str, float]:
-    """The stage's own metrics of one TRL log: margins and accuracy (DPO), mean reward per reward
-    function, KL and completion length (GRPO)."""
+    """The stage's own metrics of one TRL log: margins and accuracy (DPO, ORPO, KTO), ORPO's log-odds ratio and
+    NLL loss, KL (KTO, GRPO), mean reward per reward function and completion length (GRPO)."""
     metrics = {name: logs[key] for key, name in METRIC_NAMES.items() if isinstance(logs.get(key), (int, float))}
     for key, value in logs.items():
         if key.startswith("rewards/") and key.endswith("/mean") and isinstance(value, (int, float)):
@@ -47,7 +53,7 @@ def check_stage(config) -> None:
     """UserError for a stage setting that cannot work (a TrainConfig whose stage is not sft)."""
     if config.stage == "sft":
         if config.start_from_run:
-            raise UserError("start_from_run is for DPO and GRPO runs; clear it for SFT.")
+            raise UserError("start_from_run is for DPO, ORPO, KTO and GRPO runs; clear it for SFT.")
         return
     if config.packing:
         raise UserError(f"Packing is for SFT only; turn it off for {config.stage.upper()}.")
@@ -59,6 +65,10 @@ def check_stage(config) -> None:
         raise UserError("start_from_run continues an SFT run's LoRA adapter; turn off full fine-tuning.")
     if config.start_from_run:
         start_adapter(config, None)
+    if config.stage == "kto" and config.per_device_train_batch_size < 2:
+        raise UserError(
+            "KTO estimates its KL term from other rows of the same batch: set per_device_train_batch_size to 2 or more."
+        )
     if config.stage == "grpo":
         check_grpo(config)
     check_data(config)
@@ -75,17 +85,18 @@ def check_data(config) -> None:
 
 
 def check_grpo(config) -> None:
-    if not config.reward_funcs:
-        raise UserError("GRPO needs at least one reward function (reward_funcs), e.g. format.")
     unknown = [name for name in config.reward_funcs if name not in rewards.BUILTIN_REWARDS]
     if unknown:
         raise UserError(f"Unknown reward '{unknown[0]}'; choose from: {', '.join(rewards.BUILTIN_REWARDS)}.")
-    if config.reward_weights and len(config.reward_weights) != len(config.reward_funcs):
+    names = [*config.reward_funcs, *reward_file_names(config)]
+    if not names:
+        raise UserError("GRPO needs at least one reward function (reward_funcs, or a reward_file), e.g. format.")
+    if config.reward_weights and len(config.reward_weights) != len(names):
         raise UserError(
-            f"reward_weights has {len(config.reward_weights)} values for {len(config.reward_funcs)} reward "
-            "functions: give one weight per function, or none for equal weights."
+            f"reward_weights has {len(config.reward_weights)} values for {len(names)} reward functions "
+            f"({', '.join(names)}): give one weight per function, in that order, or none for equal weights."
         )
-    reward_functions(config)  # a pattern that does not compile, a length range upside down
+    builtin_rewards(config)  # a pattern that does not compile, a length range upside down, a judge without a model
     generation_batch = config.per_device_train_batch_size * config.gradient_accumulation_steps
     if config.num_generations < 2:
         raise UserError("num_generations must be at least 2: GRPO compares completions of the same prompt.")
@@ -98,9 +109,98 @@ def check_grpo(config) -> None:
         raise UserError("max_completion_length must be below max_seq_length (the prompt needs room too).")
 
 
-def reward_functions(config) -> list:
-    settings = rewards.RewardSettings(config.reward_pattern, config.reward_min_length, config.reward_max_length)
+def reward_file_names(config) -> list[str]:
+    """The reward file's functions (read, not run); refused in a shared app and unless allow_reward_file is on.
+
+    The path is made absolute here, on the way to the run folder: the job runs from the app's folder."""
+    if not config.reward_file:
+        if config.reward_file_functions:
+            raise UserError("reward_file_functions names functions of a reward_file; give the file, or clear them.")
+        return []
+    if paths_confined():
+        raise UserError(
+            "Reward functions from a file are refused in a shared app: they would run Python code on this server "
+            "for anyone who can log in. Clear reward_file, or run the app unshared on your own machine."
+        )
+    if not config.allow_reward_file:
+        raise UserError(
+            f"reward_file '{config.reward_file}' is Python code that would run in the training job: turn on "
+            "allow_reward_file (Run reward file code) if you trust it, or clear reward_file."
+        )
+    path = resolve_user_path(config.reward_file)
+    if not path.is_file() or path.suffix != ".py":
+        raise UserError(f"reward_file '{config.reward_file}' must be a Python (.py) file.")
+    config.reward_file = str(path)
+    return rewards.file_reward_names(path, config.reward_file_functions)
+
+
+def parse_weights(text: str | list | None) -> list[float]:
+    """Reward weights typed as comma-separated numbers ("1, 0.5"); UserError naming one that is not a number."""
+    if isinstance(text, list):
+        return [float(value) for value in text]
+    weights = []
+    for part in str(text or "").replace(";", ",").split(","):
+        if part.strip():
+            value = rewards.as_number(part.replace(",", ""))
+            if value is None:
+                raise UserError(f"Reward weight '{part.strip()}' is not a number; type weights like 1, 0.5, 2.")
+            weights.append(value)
+    return weights
+
+
+def judge_settings(config) -> rewards.JudgeSettings:
+    """The judge reward's settings: the synthetic-data client (provider, model, URL; temperature 0), the rubric and
+    the score range; UserError for a judge that cannot be asked."""
+    if not str(config.judge_model).strip():
+        raise UserError("The judge reward needs a judge model (judge_model), e.g. gpt-4o-mini or llama3.2.")
+    client = synthetic_utils.SyntheticConfig(
+        provider=config.judge_provider,
+        model=config.judge_model,
+        base_url=config.judge_base_url,
+        topic="scoring answers",
+        response_format="none",
+        temperature=0.0,
+        max_tokens=JUDGE_MAX_TOKENS,
+    )
+    client.validate()
+    return rewards.JudgeSettings(client, config.judge_rubric, config.judge_min_score, config.judge_max_score)
+
+
+def uses_judge(config) -> bool:
+    return config.stage == "grpo" and "judge" in config.reward_funcs
+
+
+def job_env(config, api_key: str | None = None) -> dict[str, str]:
+    """Environment for jobs.start_job carrying the judge's API key to the job's process (never to its folder)."""
+    return synthetic_utils.job_env(judge_settings(config).client, api_key) if uses_judge(config) else {}
+
+
+def check_judge(config) -> None:
+    """UserError now (before a job exists) when the judge reward's server cannot answer: nothing listening at
+    judge_base_url, a refused key, an unknown model. Quick for a closed port; at most a few seconds otherwise."""
+    if uses_judge(config):
+        rewards.check_judge(judge_settings(config))
+
+
+def builtin_rewards(config) -> list:
+    settings = rewards.RewardSettings(
+        config.reward_pattern,
+        config.reward_min_length,
+        config.reward_max_length,
+        judge_settings(config) if "judge" in config.reward_funcs else None,
+    )
     return [rewards.make_reward(name, settings) for name in config.reward_funcs]
+
+
+def reward_functions(config) -> list:
+    """Every reward of a GRPO run, in reward_weights' order: the built-in ones chosen, then the reward file's
+    (imported here, in the job: its code runs)."""
+    functions = builtin_rewards(config)
+    if "judge" in config.reward_funcs:
+        check_judge(config)  # a judge gone since the run was submitted fails the job before training starts
+    if config.reward_file:
+        functions += rewards.file_rewards(Path(config.reward_file), reward_file_names(config))
+    return functions
 
 
 # ---------------------------------------------------------------- model
@@ -221,6 +321,17 @@ def build_trainer(config, model, tokenizer, data, ctx: JobContext, backend: str,
 
         args = DPOConfig(**common, max_length=config.max_seq_length)
         trainer = DPOTrainer(model=model, args=args, processing_class=tokenizer, **datasets)
+    elif config.stage == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        args = ORPOConfig(**common, max_length=config.max_seq_length)
+        trainer = ORPOTrainer(model=model, args=args, processing_class=tokenizer, **datasets)
+    elif config.stage == "kto":
+        from trl import KTOConfig, KTOTrainer
+
+        # A LoRA model is its own reference (the adapter switched off); a full fine-tune gets a frozen copy.
+        args = KTOConfig(**common, max_length=config.max_seq_length)
+        trainer = KTOTrainer(model=model, args=args, processing_class=tokenizer, **datasets)
     elif config.stage == "grpo":
         from trl import GRPOConfig, GRPOTrainer
 

@@ -1,21 +1,38 @@
 """Reward functions for GRPO, in TRL's shape: `reward(prompts, completions, **columns) -> list[float]`, one score
-per completion, named so TRL logs each one's mean as `rewards/<name>/mean`."""
+per completion, named so TRL logs each one's mean as `rewards/<name>/mean`.
+
+Built in: format, equals, contains, json, length, and judge (an LLM scores each completion by a rubric, through the
+synthetic-data stage's provider clients). A user's own functions come from a Python file (`file_rewards`): found by
+reading the file's syntax tree when the run is checked, imported (run) only inside the job.
+"""
 
 from __future__ import annotations
 
+import ast
+import asyncio
+import importlib.util
 import json
 import logging
 import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import synthetic_utils
 from workspace import UserError
 
 log = logging.getLogger(__name__)
 
-BUILTIN_REWARDS = ("format", "equals", "contains", "json", "length")
+BUILTIN_REWARDS = ("format", "equals", "contains", "json", "length", "judge")
+FILE_REWARD_PREFIX = "reward_"  # with no function named, a reward file's functions of this prefix are its rewards
+JUDGE_SYSTEM = (
+    "You are a strict, consistent grader. You score one answer to a user's message by the rubric you are given, "
+    "and reply with the score only."
+)
+JUDGE_REPLY_CHARS = 160  # of an unreadable judge reply, quoted in the log
 Reward = Callable[..., list[float]]
 _NUMBER = re.compile(r"^[-+]?(?:\d+(?:[.,]\d*)?|[.,]\d+)(?:[eE][-+]?\d+)?$")
 
@@ -27,6 +44,17 @@ class RewardSettings:
     pattern: str = ""
     min_length: int = 0
     max_length: int = 0
+    judge: JudgeSettings | None = None
+
+
+@dataclass
+class JudgeSettings:
+    """The judge reward: who scores (the synthetic-data stage's client settings), by what rubric, on what scale."""
+
+    client: synthetic_utils.SyntheticConfig
+    rubric: str
+    min_score: float = 0.0
+    max_score: float = 10.0
 
 
 def completion_text(completion: Any) -> str:
@@ -118,6 +146,11 @@ def make_reward(name: str, settings: RewardSettings) -> Reward:
         def reward(prompts, completions, **kwargs):
             return [1.0 if _is_json(_extract(completion_text(c), pattern)) else 0.0 for c in completions]
 
+    elif name == "judge":
+        if settings.judge is None:
+            raise UserError("The judge reward needs a judge: set judge_model (and judge_provider, judge_base_url).")
+        reward = judge_reward(settings.judge)
+
     elif name == "length":
         low, high = settings.min_length, settings.max_length or math.inf
         if low > high:
@@ -138,3 +171,197 @@ def _is_json(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+# ---------------------------------------------------------------- the LLM judge
+
+
+def judge_prompt(prompt: Any, completion: Any, rubric: str, low: float, high: float, reference: str = "") -> str:
+    """What the judge reads: the conversation so far, the reference answer when there is one, the answer, the
+    rubric and the scale."""
+    turns = prompt if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
+    conversation = "\n\n".join(f"[{turn.get('role', 'user')}]\n{turn.get('content', '')}" for turn in turns)
+    reference = f"[Reference answer]\n{reference}\n\n" if reference.strip() else ""
+    return (
+        f"[Conversation]\n{conversation}\n\n{reference}[Answer]\n{completion_text(completion) or '(empty)'}\n\n"
+        f"[Rubric]\n{rubric}\n\nScore the answer by the rubric, from {low:g} (worst) to {high:g} (best). "
+        'Reply with JSON only: {"score": <number>}'
+    )
+
+
+def parse_score(text: str) -> float | None:
+    """The score in a judge's reply: {"score": n}, else the first number in it; None when there is none."""
+    found = re.search(r'"score"\s*:\s*"?([-+]?\d+(?:\.\d+)?)', text) or re.search(r"[-+]?\d+(?:\.\d+)?", text)
+    return float(found.group(1) if found.groups() else found.group(0)) if found else None
+
+
+def score_to_reward(score: float, low: float, high: float) -> float:
+    """A score on the judge's scale as a reward from 0 to 1 (a score outside the scale is clipped to it)."""
+    return min(1.0, max(0.0, (score - low) / (high - low)))
+
+
+def _judge_client(client: synthetic_utils.SyntheticConfig):
+    """The synthetic-data client of the judge's provider, asking with the grader's system prompt, in plain text.
+
+    Only complete() differs from synthetic_utils' clients, so the connection, size caps, redirect checks, error
+    classification and retries stay theirs; the key comes from the job's environment (OPENAI_API_KEY, …)."""
+    base = synthetic_utils.PROVIDER_CLASSES[client.provider]
+
+    class Judge(base):
+        async def complete(self, prompt: str) -> synthetic_utils.Reply:
+            return await _ASK[self.config.provider](self, prompt)
+
+    return Judge(client, synthetic_utils.resolve_api_key(client))
+
+
+async def _ask_openai(judge: Any, prompt: str) -> synthetic_utils.Reply:
+    config = judge.config
+    tokens = "max_completion_tokens" if synthetic_utils._is_official(config) else "max_tokens"
+    response = await judge.client.chat.completions.create(
+        model=config.model,
+        temperature=config.temperature,
+        messages=[{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": prompt}],
+        **{tokens: config.max_tokens},
+    )
+    choices = getattr(response, "choices", None)
+    if not isinstance(choices, list) or not choices:
+        raise synthetic_utils._not_a_chat_reply("choices")
+    text = getattr(getattr(choices[0], "message", None), "content", None)
+    return synthetic_utils.Reply(text if isinstance(text, str) else "", 0, 0)
+
+
+async def _ask_anthropic(judge: Any, prompt: str) -> synthetic_utils.Reply:
+    config = judge.config
+    response = await judge.client.messages.create(
+        model=config.model,
+        max_tokens=config.max_tokens,
+        system=JUDGE_SYSTEM,
+        messages=[{"role": "user", "content": prompt}],
+    )
+    content = getattr(response, "content", None)
+    if not isinstance(content, list):
+        raise synthetic_utils._not_a_chat_reply("content")
+    text = "".join(str(getattr(block, "text", "")) for block in content if getattr(block, "type", "") == "text")
+    return synthetic_utils.Reply(text, 0, 0)
+
+
+async def _ask_ollama(judge: Any, prompt: str) -> synthetic_utils.Reply:
+    import pydantic
+
+    config = judge.config
+    try:
+        response = await judge.client.chat(
+            model=config.model,
+            stream=False,
+            messages=[{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": prompt}],
+            options={"temperature": config.temperature, "num_predict": config.max_tokens},
+        )
+    except pydantic.ValidationError:
+        raise synthetic_utils._not_a_chat_reply("message") from None
+    return synthetic_utils.Reply(response.message.content or "", 0, 0)
+
+
+_ASK = {"openai": _ask_openai, "anthropic": _ask_anthropic, "ollama": _ask_ollama}
+
+
+def check_judge(settings: JudgeSettings) -> None:
+    """UserError now when the judge cannot answer (nothing listening, a refused key, an unknown model)."""
+
+    async def check() -> None:
+        judge = _judge_client(settings.client)
+        try:
+            await judge.check()
+        finally:
+            await judge.close()
+
+    asyncio.run(check())
+
+
+async def _scores(settings: JudgeSettings, prompts: list[str]) -> list[str]:
+    judge = _judge_client(settings.client)
+    retries = SimpleNamespace(summary=SimpleNamespace(retries=0))  # what synthetic_utils' retry loop counts into
+    limit = asyncio.Semaphore(settings.client.concurrency)
+
+    async def ask(prompt: str) -> str:
+        async with limit:
+            return (await synthetic_utils._request(judge, prompt, retries)).text
+
+    try:
+        return await asyncio.gather(*(ask(prompt) for prompt in prompts))
+    finally:
+        await judge.close()
+
+
+def judge_reward(settings: JudgeSettings) -> Reward:
+    """The judge as a TRL reward: every completion of a batch scored at once, each score mapped to 0–1; a reply
+    without a number scores 0 and is logged."""
+    low, high = settings.min_score, settings.max_score
+    if not high > low:
+        raise UserError(f"judge_max_score ({high:g}) must be above judge_min_score ({low:g}).")
+    if not settings.rubric.strip():
+        raise UserError("The judge reward needs a rubric (judge_rubric): say what a good answer does.")
+
+    def judge(prompts, completions, **kwargs):
+        references = [str(answer) for answer in kwargs.get("answer") or [""] * len(completions)]
+        asks = [
+            judge_prompt(prompt, completion, settings.rubric, low, high, reference)
+            for prompt, completion, reference in zip(prompts, completions, references, strict=True)
+        ]
+        scores = []
+        for reply in asyncio.run(_scores(settings, asks)):
+            score = parse_score(reply)
+            if score is None:
+                log.warning("the judge's reply held no score: %r", synthetic_utils.shorten(reply, JUDGE_REPLY_CHARS))
+            scores.append(0.0 if score is None else score_to_reward(score, low, high))
+        return scores
+
+    return judge
+
+
+# ---------------------------------------------------------------- a user's reward file
+
+
+def file_reward_names(path: Path, names: list[str]) -> list[str]:
+    """The reward functions of a Python file, read from its syntax tree (nothing in it runs): `names` checked to be
+    there, or every top-level function named reward_*; UserError when the file cannot give any."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"Cannot read the reward file '{path}': {exc}.") from None
+    except SyntaxError as exc:
+        raise UserError(f"The reward file '{path}' is not valid Python (line {exc.lineno}: {exc.msg}).") from None
+    defined = [node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    if names:
+        missing = [name for name in names if name not in defined]
+        if missing:
+            raise UserError(
+                f"The reward file '{path}' has no function '{missing[0]}'; its functions are: "
+                f"{', '.join(defined) or 'none'}."
+            )
+        return list(names)
+    found = [name for name in defined if name.startswith(FILE_REWARD_PREFIX)]
+    if not found:
+        raise UserError(
+            f"The reward file '{path}' has no function named {FILE_REWARD_PREFIX}*; name its reward functions so, "
+            "or list them in reward_file_functions."
+        )
+    return found
+
+
+def file_rewards(path: Path, names: list[str]) -> list[Reward]:
+    """The reward functions of a user's Python file, imported: this runs the file's code (the job only)."""
+    chosen = file_reward_names(path, names)
+    log.warning("running reward functions from %s (%s): Python code from that file runs here", path, ", ".join(chosen))
+    spec = importlib.util.spec_from_file_location(f"user_rewards_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise UserError(f"The reward file '{path}' failed on import: {type(exc).__name__}: {exc}.") from exc
+    functions = []
+    for name in chosen:
+        function = getattr(module, name, None)
+        if not callable(function):
+            raise UserError(f"'{name}' in the reward file '{path}' is not a function.")
+        functions.append(function)
+    return functions

@@ -1,8 +1,9 @@
-"""DPO and GRPO throughput of the app's training job on a CUDA GPU (Unsloth where installed), on the random-weight
+"""DPO, ORPO, KTO and GRPO throughput of the app's training job on a CUDA GPU (Unsloth where installed), on the random-weight
 Llama-3.2-1B shape of bench/gpu_models.py. Prints one JSON object per stage: tokens/s (TRL's token count over the
-timed steps), samples/s (pairs or completions per second) and peak memory, all read from the run's events.jsonl.
+timed steps), samples/s (pairs, KTO rows or completions per second) and peak memory, all read from the run's
+events.jsonl.
 
-    python bench/preference_bench.py --stages dpo,grpo --shape 1b
+    python bench/preference_bench.py --stages dpo,orpo,kto,grpo --shape 1b
 
 Each stage is a real job (jobs.create_run + jobs.start_job → `python main.py run`), exactly what the UI starts.
 """
@@ -26,7 +27,8 @@ import gpu_models  # noqa: E402
 
 STEPS = 20
 SKIP = 5  # steps left out of the timing (compilation, allocator warm-up)
-BATCH = 8  # DPO: pairs per step; GRPO: completions per step (2 prompts × 4 generations)
+BATCH = 8  # DPO / ORPO: pairs per step; KTO: rows per step (pairs split in two); GRPO: 2 prompts × 4 generations
+PAIRED = ("dpo", "orpo", "kto")  # the stages read pairs here (KTO unpairs them)
 
 
 def pair_rows(count: int) -> list[dict]:
@@ -73,7 +75,7 @@ def measure(stage: str, model: Path, workspace: Path) -> dict:
     import runfolder
     from workspace import config_to_dict
 
-    rows = pair_rows(BATCH * STEPS) if stage == "dpo" else prompt_rows(BATCH * STEPS)
+    rows = pair_rows(BATCH * STEPS) if stage in PAIRED else prompt_rows(BATCH * STEPS)
     data = gpu_models.write_jsonl(workspace / f"{stage}.jsonl", rows)
     config = stage_config(stage, model, data)
     run_dir = jobs.create_run("train", config_to_dict(config), workspace, f"bench-{stage}-{int(time.time())}")

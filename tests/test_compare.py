@@ -64,7 +64,7 @@ def test_a_comparison_needs_two_training_runs(two_runs, workspace):
 def test_the_cli_prints_runs_side_by_side(two_runs, workspace, capsys):
     assert main.main(["--workspace", str(workspace), "runs", "--compare", "lr-high", "lr-low"]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0].split()[:3] == ["run", "state", "steps"]
+    assert out.splitlines()[0].split()[:4] == ["run", "state", "stage", "steps"]
     assert "lr-high" in out and "1.2000" in out and "2:05" in out
     assert "settings that differ:" in out and "learning_rate" in out and "max_steps" not in out
 
@@ -81,3 +81,35 @@ def test_the_runs_tab_shows_the_comparison(two_runs, workspace):
     assert set(curves["curve"]) == {"lr-high · train", "lr-high · eval", "lr-low · train", "lr-low · eval"}
     assert list(metrics["run"]) == ["lr-high", "lr-low"]
     assert list(differences["setting"]) == ["learning_rate", "lora_r"]
+
+
+def test_runs_of_other_stages_show_their_stage_and_its_last_metrics(workspace, capsys):
+    dpo = training_run(workspace, "dpo-run", [0.7, 0.6], {}, stage="dpo")
+    grpo = training_run(workspace, "grpo-run", [0.1, 0.2], {}, stage="grpo")
+    for step, margin in ((1, 0.5), (2, 1.5)):
+        runfolder.Reporter(dpo).log(step, 2, reward_margin=margin, reward_accuracy=1.0, reward_chosen=0.3)
+    runfolder.Reporter(grpo).log(2, 2, reward=0.75, reward_format=0.5, kl=0.01, completion_length=9.0)
+    comparison = compare_utils.compare_runs(["dpo-run", "grpo-run"], workspace)
+    first, second = comparison.runs
+    assert (first.stage, first.stage_metrics) == ("dpo", {"reward_margin": 1.5, "reward_accuracy": 1.0})
+    assert second.stage_metrics == {"reward": 0.75, "kl": 0.01, "completion_length": 9.0, "reward_format": 0.5}
+    columns = compare_utils.metric_columns(comparison)
+    assert columns[-6:] == [
+        "reward margin",
+        "reward accuracy",
+        "mean reward",
+        "KL",
+        "completion length",
+        "format reward",
+    ]
+    assert compare_utils.metric_rows(comparison)[0][-6:] == ["1.5000", "1.0000", "–", "–", "–", "–"]
+
+    assert main.main(["--workspace", str(workspace), "runs", "--compare", "dpo-run", "grpo-run"]) == 0
+    header, dpo_line = capsys.readouterr().out.splitlines()[:2]
+    assert "stage" in header and "reward margin" in header and "format reward" in header
+    assert dpo_line.split()[:3] == ["dpo-run", "done", "dpo"] and "1.5000" in dpo_line
+
+    from ui import runs_tab
+
+    _, metrics, _ = runs_tab.comparison_view(["dpo-run", "grpo-run"], workspace)
+    assert list(metrics["stage"]) == ["dpo", "grpo"] and list(metrics["format reward"]) == ["–", "0.5000"]

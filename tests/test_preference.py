@@ -282,3 +282,89 @@ def test_start_from_run_refuses_a_run_without_an_adapter(demo_workspace):
     data = write_jsonl(demo_workspace / "pairs.jsonl", pair_rows(COUNTRIES[:2]))
     with pytest.raises(UserError, match="unfinished"):
         preference_config(data, start_from_run="unfinished").validate()
+
+
+# ---------------------------------------------------------------- ORPO and KTO
+
+
+def kto_rows(countries) -> list[dict]:
+    """KTO's unpaired rows: the reply ending with 'Zebra!' desirable, the plain one not."""
+    return [
+        {"prompt": pair["prompt"], "completion": pair[side], "label": side == "chosen"}
+        for pair in pair_rows(countries)
+        for side in ("chosen", "rejected")
+    ]
+
+
+def test_a_few_orpo_steps_raise_the_margin_on_held_out_pairs(demo_workspace, demo_model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = write_jsonl(demo_workspace / "pairs.jsonl", pair_rows(COUNTRIES[:8]))
+    _, held_out = preference_data.convert_rows(
+        pair_rows(COUNTRIES[8:]), ["prompt", "chosen", "rejected"], "orpo", DatasetConfig("x")
+    )
+    config = preference_config(data, stage="orpo", learning_rate=1e-3, beta=1.0)
+    run_dir = jobs.create_run("train", config_to_dict(config), demo_workspace, "orpo")
+    assert training_utils.train(config, runfolder.JobContext.for_run(run_dir)) == "done"
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model)
+    base = AutoModelForCausalLM.from_pretrained(demo_model)
+    before = _margins(base, tokenizer, held_out)
+    after = _margins(PeftModel.from_pretrained(base, run_dir / "adapter"), tokenizer, held_out)
+    assert after > before + 1.0, (before, after)
+    logs = [
+        event.metrics for event in runfolder.read_events(run_dir) if event.kind == "log" and "loss" in event.metrics
+    ]
+    assert {"reward_margin", "log_odds_ratio", "nll_loss"} <= set(logs[-1])
+
+
+def test_a_few_kto_steps_train_and_write_the_stage_metrics(demo_workspace):
+    data = write_jsonl(demo_workspace / "kto.jsonl", kto_rows(COUNTRIES[:2]))
+    config = preference_config(data, stage="kto", max_steps=2, per_device_train_batch_size=2)
+    run_dir = jobs.create_run("train", config_to_dict(config), demo_workspace, "kto")
+    assert training_utils.train(config, runfolder.JobContext.for_run(run_dir)) == "done"
+    logs = [
+        event.metrics for event in runfolder.read_events(run_dir) if event.kind == "log" and "loss" in event.metrics
+    ]
+    assert len(logs) == 2 and {"kl", "reward_chosen", "reward_rejected"} <= set(logs[-1])
+    assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_kto_rows_keep_their_label_and_pairs_are_unpaired_for_kto():
+    rows = kto_rows(COUNTRIES[:1])
+    fmt, converted = preference_data.convert_rows(rows, ["prompt", "completion", "label"], "kto", DatasetConfig("x"))
+    assert fmt == "unpaired" and [row["label"] for row in converted] == [True, False]
+    assert converted[1]["completion"] == [{"role": "assistant", "content": "The capital of France is Paris."}]
+    pairs = pair_rows(COUNTRIES[:1])
+    fmt, converted = preference_data.convert_rows(pairs, list(pairs[0]), "kto", DatasetConfig("x"))
+    assert (
+        fmt == "pairs" and converted == preference_data.convert_rows(rows, list(rows[0]), "kto", DatasetConfig("x"))[1]
+    )
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([{"prompt": "Hi", "completion": "Hello", "label": "yes"}], "label must be true"),
+        ([{"prompt": "Hi", "completion": "Hello", "label": 1}], "label must be true"),
+        ([{"prompt": "Hi", "completion": " ", "label": True}], "completion is empty"),
+        ([{"prompt": "Hi", "completion": "Hello", "label": True}], "add rows of the other kind"),
+    ],
+)
+def test_broken_kto_rows_are_refused_with_their_row(rows, message):
+    with pytest.raises(UserError, match=message):
+        preference_data.convert_rows(rows, list(rows[0]), "kto", DatasetConfig(source="x"))
+
+
+def test_a_kto_row_is_previewed_on_its_side():
+    rows = kto_rows(COUNTRIES[:1])
+    shown = preference_data.preview_pairs(rows, list(rows[0]), {})
+    assert shown[0]["chosen"].endswith("Zebra!") and shown[0]["rejected"] == ""
+    assert shown[1]["chosen"] == "" and shown[1]["rejected"] == "The capital of France is Paris."
+
+
+def test_kto_with_one_row_per_batch_is_refused(workspace):
+    data = write_jsonl(workspace / "kto.jsonl", kto_rows(COUNTRIES[:1]))
+    with pytest.raises(UserError, match="per_device_train_batch_size to 2"):
+        preference_config(data, stage="kto", per_device_train_batch_size=1).validate()

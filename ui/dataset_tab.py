@@ -134,8 +134,14 @@ def wire(tab: DatasetTab, form: forms.Form, workspace: Path) -> None:
             found = f"Detected format: **{detected}**."
         except UserError as exc:
             detected, found = None, f"**Format not detected:** {exc}"
-        if shown_pairs:  # preference pairs: trained with stage dpo (Train tab)
-            detected, found = None, "Detected format: **preference pairs** (prompt / chosen / rejected) for DPO."
+        if shown_pairs:  # preference data: trained with a preference stage (Train tab)
+            kind = preference_data.detect_preference_format(columns, {})
+            found = (
+                "Detected format: **preference pairs** (prompt / chosen / rejected) for DPO, ORPO or KTO."
+                if kind == "pairs"
+                else "Detected format: **KTO rows** (prompt / completion / label) for KTO."
+            )
+            detected = None
         fmt = config.format if config.format != "auto" else detected
         shown = dataset_utils.FORMAT_FIELDS[fmt] if fmt else forms.MAP_FIELDS
         suggested = {key: value for key, value in mapping.items() if key not in config.column_map}

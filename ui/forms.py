@@ -13,6 +13,7 @@ from typing import Any
 import gradio as gr
 
 import dataset_utils
+import preference_utils
 import settings
 import training_utils
 from training_utils import TrainConfig
@@ -62,6 +63,8 @@ def config_to_values(config: TrainConfig) -> dict[str, Any]:
                     values[f"{name}.{sub}"] = sub_value
         elif name == "max_steps":
             values[name] = value or 0
+        elif name == "reward_weights":  # a text box of comma-separated numbers
+            values[name] = ", ".join(f"{weight:g}" for weight in value)
         elif name not in ("load_in_4bit", "full_finetuning"):
             values[name] = value
     return values
@@ -82,6 +85,8 @@ def values_to_config(values: dict[str, Any]) -> TrainConfig:
             data[section][name] = value.strip() if isinstance(value, str) else value
         elif key == "max_steps":
             data[key] = int(value) if value else None
+        elif key == "reward_weights":
+            data[key] = preference_utils.parse_weights(value)
         else:
             data[key] = value
     if column_map:
@@ -126,6 +131,8 @@ def widget(cls: type, name: str, value: Any = MISSING, component: type | None = 
     make = component or make
     if make is gr.Number:
         common["precision"] = 0 if kind is int else None
+    if make is gr.Textbox:  # a list typed as text (reward weights, comma-separated) has no choices
+        common.pop("choices", None)
     if make is gr.Dropdown:
         common["multiselect"] = kind is list
     return make(**{**common, **kwargs})

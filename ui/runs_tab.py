@@ -77,7 +77,7 @@ def build() -> RunsTab:
         compare_plot = gr.LinePlot(x="step", y="loss", color="curve", title="Loss and eval loss", height=280)
         compare_metrics = gr.Dataframe(
             headers=compare_utils.METRIC_COLUMNS,
-            label="Final and best",
+            label="Final and best (a stage's own metrics: their last values)",
             interactive=False,
             elem_id="runs-compare-table",
         )
@@ -217,7 +217,8 @@ def run_details(run: str | None, workspace: Path) -> list[Any]:
 
 
 def comparison_view(runs: list[str], workspace: Path) -> list[Any]:
-    """Overlaid loss curves, the final-and-best table and the settings that differ, for the chosen training runs."""
+    """Overlaid loss curves, the final-and-best table (with each run's stage and its stage metrics) and the settings
+    that differ, for the chosen training runs."""
     comparison = compare_utils.compare_runs(runs, workspace)
     curves = pd.DataFrame(
         [(f"{run} · {series}", step, loss) for run, series, step, loss in comparison.curves],
@@ -227,6 +228,6 @@ def comparison_view(runs: list[str], workspace: Path) -> list[Any]:
     differences = pd.DataFrame(compare_utils.difference_rows(comparison), columns=["setting", *names])
     return [
         curves,
-        pd.DataFrame(compare_utils.metric_rows(comparison), columns=compare_utils.METRIC_COLUMNS),
+        pd.DataFrame(compare_utils.metric_rows(comparison), columns=compare_utils.metric_columns(comparison)),
         differences,
     ]
