@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from runfolder import JobContext
+from runfolder import JobContext, Reporter
 from settings import check, option
 from workspace import UserError, config_from_dict
 
@@ -143,6 +143,14 @@ def plan_download(repo_id: str, revision: str = "main") -> DownloadPlan:
     )
 
 
+def check_download(repo_id: str, revision: str = "main") -> DownloadPlan:
+    """What a job that downloads `repo_id` would refuse, found before the job exists: offline mode, a missing or
+    gated repo (the Hub's metadata answers for each file), a disk too small."""
+    plan = plan_download(check_hub_id(repo_id), revision)
+    check_disk(plan)
+    return plan
+
+
 def cache_dir() -> Path:
     from huggingface_hub import constants
 
@@ -253,20 +261,36 @@ def download_model(
         raise hub_error(exc, repo_id) from None
     except Exception as exc:  # the Hub client raises many types; hub_error names each
         raise hub_error(exc, repo_id) from None
+    remove_orphans(repo_id)
     if report is not None:
         report(plan.total_bytes, plan.total_bytes, 0.0)
     return path
 
 
-def download_job(config: DownloadConfig, ctx: JobContext) -> str:
-    """The download stage: bytes done / total, rate and ETA as progress events; stop keeps what was fetched."""
-    config.validate()
-    ctx.reporter.start(0, None, f"Asking the Hub about {config.repo_id}…")
+def remove_orphans(repo_id: str) -> None:
+    """Delete the partial files a killed download left beside blobs that are complete now.
+
+    huggingface_hub writes each file to `<blob>.<random>.incomplete`, unique to the process, and deletes it on any
+    error it sees; a kill -9 leaves it behind, never to be continued or reused (the next download starts that file
+    from its first byte under a new name). Once the blob exists no download of it is running (huggingface_hub holds
+    the blob's lock while it writes, and skips a blob that exists), so the partial copy is only wasted disk.
+    """
+    blobs = cache_dir() / f"models--{repo_id.replace('/', '--')}" / "blobs"
+    for partial in blobs.glob("*.incomplete"):
+        if (blobs / partial.name.split(".")[0]).exists():
+            log.info("Removing %s, left by a download that was killed", partial.name)
+            partial.unlink(missing_ok=True)
+
+
+def progress_reporter(reporter: Reporter, repo_id: str) -> Callable[[int, int, float], None]:
+    """download_model's `report` as progress events: step / total are bytes done / total, with `bytes_done`,
+    `bytes_total`, `rate_bytes_per_s` and `eta_s` (the download job and a training run that downloads its model
+    write the same fields)."""
 
     def report(done: int, total: int, rate: float) -> None:
         left = (total - done) / rate if rate > 0 else None
-        message = f"{_size(done)} of {_size(total)}" + (f" at {_size(rate)}/s" if rate > 0 else "")
-        ctx.reporter.progress(
+        message = f"Downloading {repo_id}: {_size(done)} of {_size(total)}" + (f" at {_size(rate)}/s" if rate else "")
+        reporter.progress(
             done,
             total,
             message,
@@ -277,8 +301,25 @@ def download_job(config: DownloadConfig, ctx: JobContext) -> str:
             eta_s=round(left, 1) if left is not None else None,  # from the rate: bytes resumed are not this pace
         )
 
+    return report
+
+
+def download_for_job(repo_id: str, ctx: JobContext) -> str | None:
+    """Download a model a job needs (training), its bytes in the job's own progress; None when stopped."""
     try:
-        path = download_model(config.repo_id, config.revision, report, ctx.stop)
+        return download_model(repo_id, report=progress_reporter(ctx.reporter, repo_id), stop=ctx.stop)
+    except Stopped:
+        return None
+
+
+def download_job(config: DownloadConfig, ctx: JobContext) -> str:
+    """The download stage: bytes done / total, rate and ETA as progress events; stop keeps what was fetched."""
+    config.validate()
+    ctx.reporter.start(0, None, f"Asking the Hub about {config.repo_id}…")
+    try:
+        path = download_model(
+            config.repo_id, config.revision, progress_reporter(ctx.reporter, config.repo_id), ctx.stop
+        )
     except Stopped:
         return "stopped"
     ctx.reporter.progress(ctx.reporter.latest.step, ctx.reporter.latest.total, f"Ready in {path}", force=True)

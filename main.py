@@ -24,7 +24,10 @@ def cmd_download(args: argparse.Namespace) -> int:
 
     if not args.resume and not args.repo_id:
         raise UserError("Give a Hub id (python main.py download OWNER/NAME) or --resume RUN.")
-    run_dir = submit.resume(args.resume, args.workspace) if args.resume else submit.submit_download(args.repo_id)
+    if args.resume:
+        run_dir = submit.resume(args.resume, args.workspace)
+    else:
+        run_dir = submit.submit_download(args.repo_id, args.workspace)
     print(f"run: {run_dir}")
     return 0 if args.detach else follow_download(run_dir)
 
@@ -134,6 +137,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         config = training_utils.train_config_from_dict(load_yaml(args.config))
         config.validate()
+        submit.check_model(config.model.name_or_path, args.workspace)  # before the estimates read its config
         _print_memory_estimate(config, args.workspace)
         if args.suggest:
             return _print_suggestions(config, args.workspace)
@@ -146,18 +150,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_memory_estimate(config, workspace) -> None:
+    import gguf_utils
     import model_utils
 
     # The model's config is enough (a Hub id not downloaded yet is fetched by the training job).
-    estimate = model_utils.estimate_memory(config, model_utils.model_reference(config.model.name_or_path, workspace))
-    print(f"memory estimate: {estimate.summary()}")
+    path = model_utils.model_reference(config.model.name_or_path, workspace)
+    print(f"memory estimate: {model_utils.estimate_memory(config, path).summary()}")
+    warning = gguf_utils.conversion_warning(model_utils.model_architectures(path))
+    if warning:  # training works; the user should know before it that the GGUF export will not
+        print(f"warning: {warning}")
 
 
 def _print_suggestions(config, workspace) -> int:
     import model_utils
     import planning
 
-    path = model_utils.resolve_model_path(config.model.name_or_path, workspace)
+    # The report reads the tokenizer: a Hub id not downloaded yet says so instead of downloading here.
+    path = model_utils.resolve_model_path(config.model.name_or_path, workspace, download=False)
     report = planning.dataset_report_for(config, workspace)
     print("suggested settings (nothing is changed: copy the ones you want into the config):")
     for suggestion in planning.suggest(config, report, path):

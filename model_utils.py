@@ -30,21 +30,24 @@ log = logging.getLogger(__name__)
 DEMO_MODEL = "demo"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_DIR_NAME = "SmolLM2-135M-Instruct"
-# A starting list for the Model tab; any other Hub id can be typed.
-UNSLOTH_CATALOGUE = (
-    "unsloth/Llama-3.2-1B-Instruct",
-    "unsloth/Llama-3.2-3B-Instruct",
-    "unsloth/Llama-3.1-8B-Instruct",
-    "unsloth/Qwen3-0.6B",
-    "unsloth/Qwen3-1.7B",
-    "unsloth/Qwen3-4B",
-    "unsloth/Qwen3-8B",
-    "unsloth/gemma-3-1b-it",
-    "unsloth/gemma-3-4b-it",
-    "unsloth/Phi-4-mini-instruct",
-    "unsloth/Mistral-Small-3.2-24B-Instruct-2506",
-    "unsloth/SmolLM2-135M-Instruct",
-)
+# A starting list for the Model tab (any other Hub id can be typed), with each entry's config.json `model_type` and
+# `architectures` (read from the Hub, 2026-12): the Model tab says which ones the installed stack cannot handle
+# without downloading anything.
+CATALOGUE_ARCHITECTURES = {
+    "unsloth/Llama-3.2-1B-Instruct": ("llama", "LlamaForCausalLM"),
+    "unsloth/Llama-3.2-3B-Instruct": ("llama", "LlamaForCausalLM"),
+    "unsloth/Llama-3.1-8B-Instruct": ("llama", "LlamaForCausalLM"),
+    "unsloth/Qwen3-0.6B": ("qwen3", "Qwen3ForCausalLM"),
+    "unsloth/Qwen3-1.7B": ("qwen3", "Qwen3ForCausalLM"),
+    "unsloth/Qwen3-4B": ("qwen3", "Qwen3ForCausalLM"),
+    "unsloth/Qwen3-8B": ("qwen3", "Qwen3ForCausalLM"),
+    "unsloth/gemma-3-1b-it": ("gemma3_text", "Gemma3ForCausalLM"),
+    "unsloth/gemma-3-4b-it": ("gemma3", "Gemma3ForConditionalGeneration"),
+    "unsloth/Phi-4-mini-instruct": ("phi3", "Phi3ForCausalLM"),
+    "unsloth/Mistral-Small-3.2-24B-Instruct-2506": ("mistral3", "Mistral3ForConditionalGeneration"),
+    "unsloth/SmolLM2-135M-Instruct": ("llama", "LlamaForCausalLM"),
+}
+UNSLOTH_CATALOGUE = tuple(CATALOGUE_ARCHITECTURES)
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
@@ -77,6 +80,38 @@ class ModelConfig:
                 "model whose code you trust.",
                 self.name_or_path,
             )
+
+
+def read_model_config(model_path: str):
+    """transformers' config of a local or cached folder, or of a Hub id (only config.json is fetched)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError) as exc:  # no such repo, no network, offline and not cached, an unknown model_type
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"Cannot read the config of '{model_path}': {reason[:300]} Check the id, or click Download first."
+        ) from exc
+
+
+def model_architectures(model_path: str) -> list[str]:
+    """config.json's `architectures` of a local or cached folder, or of a Hub id (only config.json is fetched)."""
+    return list(read_model_config(model_path).architectures or [])
+
+
+def loading_problem(model_type: str) -> str | None:
+    """Why the installed transformers cannot load a model of this config `model_type` for training, or None."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return None
+    import transformers
+
+    return (
+        f"transformers {transformers.__version__} has no causal-LM class for '{model_type}' models, so it cannot "
+        "load it for training"
+    )
 
 
 # ---------------------------------------------------------------- device and backend
@@ -249,7 +284,7 @@ def resolve_model_path(name_or_path: str, workspace: str | Path | None = None, d
         raise UserError("No model chosen. Pick the demo model, a Hub id or a local folder.")
     if name == DEMO_MODEL:
         return str(ensure_demo_model(workspace))
-    if name.startswith((".", "/", "~")) or Path(name).expanduser().exists():
+    if is_local_reference(name):
         folder = resolve_user_path(name, workspace)
         check_model_folder(folder)
         return str(folder)
@@ -263,16 +298,27 @@ def resolve_model_path(name_or_path: str, workspace: str | Path | None = None, d
     return _download_logged(name)
 
 
+def is_local_reference(name: str) -> bool:
+    """Whether a model name means a folder on this machine (a path), not a Hub id."""
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+
+
+def local_or_cached(name_or_path: str, workspace: str | Path | None = None) -> str | None:
+    """The model's folder when nothing needs downloading (the demo model, a local folder, a cached Hub id); None
+    for a well-formed Hub id that is not cached yet. A malformed id or a broken local folder raises its UserError."""
+    try:
+        return resolve_model_path(name_or_path, workspace, download=False)
+    except UserError:
+        name = str(name_or_path).strip()
+        if is_local_reference(name) or not HUB_ID.fullmatch(name):
+            raise
+        return None
+
+
 def model_reference(name_or_path: str, workspace: str | Path | None = None) -> str:
     """What transformers can read a model's config from without downloading its weights: the local or cached
     folder, else the Hub id itself (only config.json is fetched)."""
-    name = str(name_or_path).strip()
-    try:
-        return resolve_model_path(name, workspace, download=False)
-    except UserError:
-        if not HUB_ID.fullmatch(name):
-            raise
-        return name
+    return local_or_cached(name_or_path, workspace) or str(name_or_path).strip()
 
 
 def _download_logged(model_id: str) -> str:
@@ -489,33 +535,28 @@ class MemoryEstimate:
 
 def count_parameters(model_path: str) -> tuple[int, dict]:
     """Parameter count and config, from a model built on the meta device (no weights read)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    params, config, _ = _meta_model_counts(model_path, 0, [])
+    return params, config
 
-    config = AutoConfig.from_pretrained(model_path)
+
+def _meta_model_counts(model_path: str, lora_r: int, target_modules: list[str]) -> tuple[int, dict, int]:
+    """(parameters, config, LoRA parameters for rank `lora_r` on `target_modules`), from a model built on the meta
+    device: each targeted linear layer gets r × (in + out); "all-linear" targets every one but the output layer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = read_model_config(model_path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters()), config.to_dict()
-
-
-def lora_parameter_count(config: dict, lora_r: int, target_modules: list[str]) -> int:
-    """LoRA adds r × (in + out) per targeted linear layer."""
-    hidden = config.get("hidden_size", 0)
-    inter = config.get("intermediate_size", 4 * hidden)
-    heads = config.get("num_attention_heads", 1)
-    kv_heads = config.get("num_key_value_heads", heads)
-    head_dim = config.get("head_dim") or hidden // max(heads, 1)
-    shapes = {
-        "q_proj": (hidden, heads * head_dim),
-        "k_proj": (hidden, kv_heads * head_dim),
-        "v_proj": (hidden, kv_heads * head_dim),
-        "o_proj": (heads * head_dim, hidden),
-        "gate_proj": (hidden, inter),
-        "up_proj": (hidden, inter),
-        "down_proj": (inter, hidden),
-    }
-    per_layer = sum(lora_r * sum(shapes.get(name, (hidden, hidden))) for name in target_modules)
-    return per_layer * config.get("num_hidden_layers", 1)
+    output = model.get_output_embeddings()
+    lora = sum(
+        lora_r * (module.in_features + module.out_features)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and module is not output
+        and ("all-linear" in target_modules or name.rsplit(".", 1)[-1] in target_modules)
+    )
+    return sum(p.numel() for p in model.parameters()), config.to_dict(), lora
 
 
 def estimate_memory(config: Any, model_path: str) -> MemoryEstimate:
@@ -527,10 +568,10 @@ def estimate_memory(config: Any, model_path: str) -> MemoryEstimate:
     import torch
 
     mode, batch_size, max_seq_length = config.mode, config.per_device_train_batch_size, config.max_seq_length
-    params, shape = count_parameters(model_path)
+    params, shape, lora = _meta_model_counts(model_path, config.lora_r, config.target_modules)
     on_cuda = detect_device().cuda
     bytes_per_weight = {"qlora": 0.5625, "lora": 2.0 if on_cuda else 4.0, "full": 2.0 if on_cuda else 4.0}[mode]
-    trainable = params if mode == "full" else lora_parameter_count(shape, config.lora_r, config.target_modules)
+    trainable = params if mode == "full" else lora
     # trainable weights in fp32 (full: plus an fp32 master copy on GPU), gradients, two AdamW moments.
     trainable_bytes = trainable * (4 + 4 + 8) + (trainable * 2 if mode == "full" and on_cuda else 0)
     hidden = shape.get("hidden_size", 0)

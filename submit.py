@@ -13,14 +13,21 @@ import runfolder
 from workspace import UserError, config_to_dict, resolve_user_path
 
 
-def submit_train(config, workspace: str | Path | None = None, name: str | None = None) -> Path:
-    """Start a training run from a TrainConfig (or its settings as a dict)."""
+def submit_train(
+    config, workspace: str | Path | None = None, name: str | None = None, api_key: str | None = None
+) -> Path:
+    """Start a training run from a TrainConfig (or its settings as a dict); a GRPO judge's API key travels in the
+    job's environment only, never into its folder."""
+    import preference_utils
     import training_utils
 
     if isinstance(config, dict):
         config = training_utils.train_config_from_dict(config)
     config.validate()
-    inputs = {}
+    check_model(config.model.name_or_path, workspace)
+    env = preference_utils.job_env(config, api_key)
+    preference_utils.check_judge(config)  # a judge that cannot answer is refused now, not after the model loads
+    inputs = {config.reward_file: runfolder.file_sha256(config.reward_file)} if config.reward_file else {}
     source = Path(str(config.dataset.source).strip()).expanduser()
     # The CLI and Preview read a relative path from the user's folder, the job runs from the app's: fix its meaning
     # once, here. A Hub id (owner/name) that is no local path stays as it is.
@@ -30,7 +37,7 @@ def submit_train(config, workspace: str | Path | None = None, name: str | None =
         if source.is_file():
             inputs[str(source)] = runfolder.file_sha256(source)
     run_dir = jobs.create_run("train", config_to_dict(config), workspace, name, inputs=inputs)
-    jobs.start_job(run_dir)
+    jobs.start_job(run_dir, env=env)
     return run_dir
 
 
@@ -103,7 +110,7 @@ def submit_download(config, workspace: str | Path | None = None, name: str | Non
     elif isinstance(config, dict):
         config = download_utils.download_config_from_dict(config)
     config.validate()
-    download_utils.check_disk(download_utils.plan_download(config.repo_id, config.revision))
+    download_utils.check_download(config.repo_id, config.revision)
     run_dir = jobs.create_run("download", config_to_dict(config), workspace, name)
     jobs.start_job(run_dir)
     return run_dir
@@ -122,6 +129,15 @@ def resume(run: str | Path, workspace: str | Path | None = None, api_key: str | 
         import arena_utils
 
         env = arena_utils.job_env(arena_utils.arena_config_from_dict(runfolder.stage_settings(run_dir)), api_key)
+    elif runfolder.read_kind(run_dir) == "train":
+        import preference_utils
+        import training_utils
+
+        settings = runfolder.stage_settings(run_dir)
+        if settings.get("stage") == "grpo" and "judge" in (settings.get("reward_funcs") or []):
+            # A GRPO judge's key, as at the start; other training runs need no environment (and old ones keep
+            # resuming even when their settings predate an option).
+            env = preference_utils.job_env(training_utils.train_config_from_dict(settings), api_key)
     jobs.resume_job(run_dir, env=env)
     return run_dir
 
@@ -145,6 +161,20 @@ def latest_job(kind: str, target_run: str | None, workspace: str | Path | None =
     except UserError:
         return None
     return next((info for info in jobs.list_runs(workspace, kinds=(kind,)) if jobs.reads_run(info.path, target)), None)
+
+
+def check_model(name: str, workspace: str | Path | None = None) -> None:
+    """A model a training job would have to download, checked before the job exists: a malformed id,
+    HF_HUB_OFFLINE=1 with the model not cached, a missing or gated repo, a disk too small. The demo model and local
+    folders are read by the job itself. The CLI calls it before its estimates, which read the model's config."""
+    import download_utils
+    import model_utils
+
+    name = str(name).strip()
+    if name == model_utils.DEMO_MODEL or model_utils.is_local_reference(name):
+        return
+    if model_utils.local_or_cached(name, workspace) is None:
+        download_utils.check_download(name)
 
 
 def _run_reference(run_dir: Path, workspace: str | Path | None) -> str:

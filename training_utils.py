@@ -23,6 +23,10 @@ from workspace import UserError, atomic_dir, config_from_dict
 log = logging.getLogger(__name__)
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# PEFT's name for every linear layer but the output layer: Phi-3/Phi-4 fuse q/k/v into qkv_proj and gate/up into
+# gate_up_proj, so only this default exists in every catalogue family (resolve_target_modules turns it into names).
+ALL_LINEAR_LAYERS = "all-linear"
+FUSED_LINEAR = ["qkv_proj", "gate_up_proj"]  # Phi-3 / Phi-4's layers in place of q/k/v_proj and gate/up_proj
 REPORT_TO = ("none", "tensorboard")
 
 
@@ -79,8 +83,9 @@ class TrainConfig:
         label="LoRA dropout",
     )
     target_modules: list[str] = option(
-        default_factory=lambda: list(ALL_LINEAR),
-        help="Linear layers that get LoRA adapters (type others for models with other names).",
+        default_factory=lambda: [ALL_LINEAR_LAYERS],
+        help="Linear layers that get LoRA adapters: all-linear = every linear layer of the model but the output "
+        "layer (whatever the family calls them); or names such as q_proj, v_proj (Phi: qkv_proj, gate_up_proj).",
         label="LoRA target modules",
     )
     learning_rate: float = option(
@@ -237,20 +242,21 @@ class TrainConfig:
     # preference tuning and RL (preference_utils): every field below is read only when stage is not sft
     stage: str = option(
         "sft",
-        help="sft: supervised fine-tuning; dpo: preference tuning on chosen vs rejected replies; "
-        "grpo: reinforcement learning from reward functions on prompts.",
+        help="sft: supervised fine-tuning; dpo / orpo: preference tuning on chosen vs rejected replies (ORPO needs "
+        "no reference model); kto: on completions labelled desirable or not (or pairs); grpo: reinforcement "
+        "learning from reward functions on prompts.",
         choices=preference_utils.STAGES,
         label="Stage",
     )
     start_from_run: str = option(
         "",
-        help="DPO / GRPO: continue the LoRA adapter of this SFT run (its name) instead of a new one.",
+        help="DPO / ORPO / KTO / GRPO: continue the LoRA adapter of this SFT run (its name) instead of a new one.",
         label="Start from run",
     )
     beta: float = option(
         0.1,
-        help="DPO: how far the model may move from the reference (higher = less); GRPO: the weight of the KL "
-        "penalty (0 = none).",
+        help="DPO / KTO: how far the model may move from the reference (higher = less); ORPO: the weight of the "
+        "odds-ratio term beside the SFT loss; GRPO: the weight of the KL penalty (0 = none).",
         minimum=0,
         label="Beta",
     )
@@ -274,12 +280,13 @@ class TrainConfig:
     reward_funcs: list[str] = option(
         default_factory=lambda: ["format"],
         help="GRPO: format (matches reward_pattern), equals / contains (the answer column; numbers compared as "
-        "numbers), json (valid JSON), length (within the range).",
+        "numbers), json (valid JSON), length (within the range), judge (an LLM scores by judge_rubric).",
         label="Reward functions",
     )
     reward_weights: list[float] = option(
         default_factory=list,
-        help="GRPO: one weight per reward function, in the same order; empty = all 1.",
+        help="GRPO: one weight per reward function, comma-separated, in order (the chosen ones, then the reward "
+        "file's); empty = all 1.",
         label="Reward weights",
     )
     reward_pattern: str = option(
@@ -291,6 +298,42 @@ class TrainConfig:
     reward_min_length: int = option(0, help="GRPO length reward: fewest characters.", minimum=0, label="Min length")
     reward_max_length: int = option(
         0, help="GRPO length reward: most characters (0 = no limit).", minimum=0, label="Max length"
+    )
+    judge_provider: str = option(
+        "openai",
+        help="GRPO judge reward: openai also covers vLLM, llama.cpp server and LM Studio (set the judge's base URL); "
+        "the key comes from OPENAI_API_KEY / ANTHROPIC_API_KEY in the app's environment.",
+        choices=preference_utils.JUDGE_PROVIDERS,
+        label="Judge provider",
+    )
+    judge_model: str = option("", help="GRPO judge reward: the scoring model, e.g. gpt-4o-mini.", label="Judge model")
+    judge_base_url: str = option(
+        "",
+        help="GRPO judge reward: empty = the provider's own API (Ollama: http://localhost:11434).",
+        label="Judge URL",
+    )
+    judge_rubric: str = option(
+        "The answer is correct, complete and concise.",
+        help="GRPO judge reward: what a good answer does; the judge scores each completion by it.",
+        label="Judge rubric",
+    )
+    judge_min_score: float = option(0.0, help="GRPO judge reward: the worst score (reward 0).", label="Lowest score")
+    judge_max_score: float = option(10.0, help="GRPO judge reward: the best score (reward 1).", label="Highest score")
+    reward_file: str = option(
+        "",
+        help="GRPO: a Python file of reward functions, TRL's shape (prompts, completions, **columns) -> floats; "
+        "runs only with allow_reward_file on, never in a shared app.",
+        label="Reward file (.py)",
+    )
+    reward_file_functions: list[str] = option(
+        default_factory=list,
+        help="GRPO: the reward file's functions to use; empty = every function named reward_*.",
+        label="Reward file functions",
+    )
+    allow_reward_file: bool = option(
+        False,
+        help="Run the reward file's Python code in the training job. Only for a file you wrote or trust.",
+        label="Run reward file code",
     )
     reference_column: str = option(
         "",
@@ -308,7 +351,9 @@ class TrainConfig:
         self.model.validate()
         self.dataset.validate()
         if not self.full_finetuning and not self.target_modules:
-            raise UserError("target_modules is empty: name the linear layers LoRA adapts, e.g. q_proj, v_proj.")
+            raise UserError(
+                "target_modules is empty: use all-linear, or name the linear layers LoRA adapts, e.g. q_proj, v_proj."
+            )
         if self.load_in_4bit and self.full_finetuning:
             raise UserError("Choose either 4-bit QLoRA or a full fine-tune, not both.")
         device = device or detect_device()
@@ -464,6 +509,16 @@ def train_job(config: TrainConfig, ctx: JobContext) -> str:
     return train(config, ctx)
 
 
+def fetch_model(name_or_path: str, ctx: JobContext) -> str | None:
+    """The model's folder; a Hub id not cached yet is downloaded first, its bytes done / total in this run's live
+    view (the download job's fields). None when the run was stopped during the download."""
+    import download_utils
+    import model_utils
+
+    path = model_utils.local_or_cached(name_or_path, ctx.workspace)
+    return path or download_utils.download_for_job(str(name_or_path).strip(), ctx)
+
+
 def train(config: TrainConfig, ctx: JobContext) -> str:
     """Train into the run folder (checkpoints/, adapter/ or merged/, events); returns "done" or "stopped"."""
     import model_utils
@@ -471,7 +526,9 @@ def train(config: TrainConfig, ctx: JobContext) -> str:
     backend = model_utils.select_backend()  # first: Unsloth must be imported before transformers/trl/peft
     config.validate()
     run_dir, workspace = ctx.run_dir, ctx.workspace
-    model_path = model_utils.resolve_model_path(config.model.name_or_path, workspace)
+    model_path = fetch_model(config.model.name_or_path, ctx)
+    if model_path is None:
+        return "stopped"
     limit = model_utils.model_max_length(model_path)
     if config.max_seq_length > limit:
         raise UserError(f"max_seq_length {config.max_seq_length} is above this model's limit of {limit} tokens.")
@@ -497,7 +554,7 @@ def train(config: TrainConfig, ctx: JobContext) -> str:
         model, tokenizer = preference_utils.start_model(config, model_path, backend, workspace)
     else:
         model, tokenizer = load_for_training(config, model_path, backend)
-    if config.stage != "sft":  # DPO, GRPO: TRL's own trainer, the same run folder and events
+    if config.stage != "sft":  # DPO, ORPO, KTO, GRPO: TRL's own trainer, the same run folder and events
         prepared = preference_utils.prepare_data(config, tokenizer, workspace)
         trainer = preference_utils.build_trainer(config, model, tokenizer, prepared, ctx, backend, events_callback(ctx))
     else:
@@ -596,13 +653,13 @@ def _load_unsloth(config: TrainConfig, model_path: str):
         trust_remote_code=config.model.trust_remote_code,
     )
     if not config.full_finetuning:
-        check_target_modules(model, config.target_modules)
+        target_modules = resolve_target_modules(model, config.target_modules)
         model = FastLanguageModel.get_peft_model(
             model,
             r=config.lora_r,
             lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout,
-            target_modules=config.target_modules,
+            target_modules=target_modules,
             bias="none",
             random_state=config.seed,
             use_gradient_checkpointing="unsloth" if config.gradient_checkpointing else False,
@@ -631,27 +688,37 @@ def _load_transformers(config: TrainConfig, model_path: str):
     )
     if config.full_finetuning:
         return model, tokenizer
-    check_target_modules(model, config.target_modules)
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=config.target_modules,
+        target_modules=resolve_target_modules(model, config.target_modules),
         bias="none",
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora), tokenizer
 
 
-def check_target_modules(model, target_modules: list[str]) -> None:
+def resolve_target_modules(model, target_modules: list[str]) -> list[str]:
+    """The names of the model's linear layers LoRA adapts: all-linear becomes every linear layer's name but the
+    output layer's (as PEFT means it, and a list Unsloth accepts too); UserError for a name the model lacks."""
     import torch
 
-    present = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
-    missing = [name for name in target_modules if name not in present]
+    output = model.get_output_embeddings()
+    layers = {
+        name.rsplit(".", 1)[-1]: module
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module is not output
+    }
+    if ALL_LINEAR_LAYERS in target_modules:
+        return sorted(layers)
+    missing = [name for name in target_modules if name not in layers]
     if missing:
         raise UserError(
-            f"target_modules {', '.join(missing)} not found in this model; its linear layers are: {', '.join(sorted(present))}."
+            f"target_modules {', '.join(missing)} not found in this model; its linear layers are: "
+            f"{', '.join(sorted(layers))} (or all-linear for every one of them)."
         )
+    return list(target_modules)
 
 
 def prepare_training_data(config: TrainConfig, tokenizer, workspace: Path):

@@ -10,8 +10,9 @@ repos. This serves exactly the endpoints the installed clients call (found by lo
 - HEAD/GET [/datasets]/<repo>/resolve/<rev>/<file>         file metadata and bytes, with Range (resumed downloads)
 
 Errors carry the Hub's `X-Error-Code` header (RepoNotFound, GatedRepo, EntryNotFound), which is what the client
-turns into RepositoryNotFoundError, GatedRepoError and EntryNotFoundError. `rate` slows file bodies (bytes per
-second) so a test can watch progress or kill a download half-way.
+turns into RepositoryNotFoundError, GatedRepoError and EntryNotFoundError; as on the Hub, a gated repo's metadata
+is public and its files need a granted token. `rate` slows file bodies (bytes per second) so a test can watch
+progress or kill a download half-way; `ranged` lists the file requests that asked for a byte range (a resume).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ LFS_SUFFIXES = (".safetensors", ".bin", ".parquet", ".gguf")
 class Repo:
     folder: Path
     kind: str = "model"  # "model" or "dataset"
-    gated: bool = False  # served only to a request with one of FakeHub.tokens
+    gated: bool = False  # files served only to a request with one of FakeHub.tokens
     extra_info: dict = field(default_factory=dict)  # merged into the repo_info answer (e.g. safetensors totals)
 
     def files(self) -> list[Path]:
@@ -56,6 +57,7 @@ class FakeHub:
         self.rate = rate
         self.tokens = tokens
         self.requests: list[str] = []
+        self.ranged: list[str] = []  # paths of the file requests that asked for a Range (a resumed file)
         self._hashes: dict[Path, str] = {}
         hub = self
 
@@ -136,7 +138,7 @@ class FakeHub:
             # /api/models/<repo> (no revision) is the info of the default branch
             kind, repo_id = parts[1][:-1], "/".join(parts[2:4])
             action, rest = (parts[4], parts[5:]) if len(parts) > 4 else ("revision", [])
-            repo = self._repo(request, kind, repo_id)
+            repo = self._repo(request, kind, repo_id, files=False)
             if repo is None:
                 return
             if action == "revision":
@@ -155,19 +157,19 @@ class FakeHub:
             kind, parts = "dataset", parts[1:]
         if len(parts) >= 5 and parts[2] == "resolve":
             repo_id = "/".join(parts[:2])
-            repo = self._repo(request, kind, repo_id)
+            repo = self._repo(request, kind, repo_id, files=True)
             if repo is None:
                 return
             return self._file(request, repo, "/".join(parts[4:]), body)
         self._error(request, 404, "RepoNotFound", f"Not found: {parsed.path}")
 
-    def _repo(self, request, kind: str, repo_id: str) -> Repo | None:
+    def _repo(self, request, kind: str, repo_id: str, files: bool) -> Repo | None:
         repo = self.repos.get((kind, repo_id))
         if repo is None:
             # Like the Hub: an anonymous request for a repo that does not exist gets 401 RepoNotFound.
             self._error(request, 401, "RepoNotFound", "Repository not found")
             return None
-        if repo.gated:
+        if repo.gated and files:  # like the Hub: a gated repo's metadata is public, its files are not
             token = (request.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
             if token not in self.tokens:
                 code = 401 if not token else 403
@@ -216,6 +218,7 @@ class FakeHub:
         start, status = 0, 200
         ranged = request.headers.get("Range", "")
         if ranged.startswith("bytes="):
+            self.ranged.append(request.path)
             first = ranged.removeprefix("bytes=").split("-")[0]
             start, status = int(first or 0), 206
         headers = {
@@ -266,6 +269,33 @@ class FakeHub:
         request.end_headers()
         if request.command != "HEAD":
             request.wfile.write(payload)
+
+
+def small_model(demo_model: Path, folder: Path) -> Path:
+    """A repo to serve that trains in a second: the demo model's tokenizer and chat template on a two-layer model
+    with random weights (25 MB of safetensors, so the client reports its bytes a few times on the way). Made once
+    into `folder`; tests of several modules share it."""
+    import shutil
+
+    if (folder / "model.safetensors").exists():
+        return folder
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(demo_model)
+    config.update(
+        {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2}
+        | {"num_key_value_heads": 1, "head_dim": 64}
+    )
+    torch.manual_seed(0)
+    partial = folder.with_name(folder.name + ".partial")
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(partial)
+    for path in demo_model.iterdir():
+        if path.name.startswith("tokenizer") or path.suffix == ".jinja":
+            shutil.copy(path, partial / path.name)
+    partial.rename(folder)
+    return folder
 
 
 def serve_forever(folders: dict[str, str], rate: float | None = None) -> None:

@@ -1,5 +1,5 @@
 """Hub downloads and Hub datasets through the real `huggingface_hub` and `datasets` clients, pointed by HF_ENDPOINT
-at tests/fake_hub.py. Each case runs the CLI in a process of its own: the clients read HF_ENDPOINT and
+at tests/fake_hub.py. Each case runs the CLI or a job in a process of its own: the clients read HF_ENDPOINT and
 HF_HUB_OFFLINE when imported, and this test session is offline (conftest)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from fake_hub import FakeHub
+from fake_hub import FakeHub, small_model
 
 from conftest import ROOT, wait_for
 
@@ -105,8 +105,9 @@ def test_killed_download_resumes_to_identical_files(tiny_repo, tmp_path):
         wait_for(half_way, timeout=60, interval=0.1, what="a quarter of the download")
         pid = json.loads((run_dir / "status.json").read_text())["pid"]
         os.kill(pid, signal.SIGKILL)
-        # This huggingface_hub writes each file to a process-unique `.incomplete` name: the killed process's
-        # partial file cannot be continued, so the resume fetches that file again and keeps the finished ones.
+        # This huggingface_hub writes each file to a process-unique `.incomplete` name and never continues one
+        # (file_download._download_to_tmp_and_move opens it "wb"): the resume keeps the finished files and fetches
+        # the half-way one again from its first byte. The README says so; this fails if a later client resumes.
         finished = {path.name for path in (home / "hub").rglob("blobs/*") if not path.name.endswith(".incomplete")}
         assert wait_for(lambda: list(home.rglob("*.incomplete")), timeout=10, what="the partial file")
         hub.rate, hub.requests[:] = None, []
@@ -118,6 +119,8 @@ def test_killed_download_resumes_to_identical_files(tiny_repo, tmp_path):
         if path.suffix != ".bin":
             assert sha256(folder / path.name) == sha256(path)
     assert len(fetched) == 4 - len(finished)
+    assert hub.ranged == []  # no byte of the partial file was reused
+    assert not list(home.rglob("*.incomplete"))  # the killed process's partial copy is cleaned up
     states = [event["state"] for event in events(run_dir) if event["event"] == "end"]
     assert states == ["done"]  # the killed attempt wrote no end: it died; the resumed one finished
 
@@ -285,3 +288,105 @@ def test_a_mapping_the_user_chose_wins_over_the_suggestion(tmp_path, demo_tokeni
     prepared = dataset_utils.prepare_dataset(config, demo_tokenizer, max_seq_length=64, workspace=tmp_path)
     assert prepared.format == "alpaca"
     assert "s0" in demo_tokenizer.decode(prepared.train[0]["input_ids"])
+
+
+@pytest.fixture
+def small_repo(demo_model, tmp_path_factory) -> Path:
+    return small_model(demo_model, tmp_path_factory.getbasetemp() / "small-model")
+
+
+def test_training_a_hub_id_downloads_it_first_with_its_bytes_in_the_live_view(small_repo, tmp_path):
+    """A run on a model not cached yet: the download's bytes done / total are the run's progress (the download
+    job's fields), the Train tab's live view shows them, then the run trains on the downloaded model."""
+    import jobs
+    from conftest import capital_rows, demo_train_config, write_jsonl
+    from ui import train_tab
+    from workspace import config_to_dict
+
+    data = write_jsonl(tmp_path / "capitals.jsonl", capital_rows(8))
+    config = demo_train_config(data, max_steps=1, save_steps=1, max_seq_length=64, per_device_train_batch_size=1)
+    config.model.name_or_path = "tester/smol"
+    workspace = tmp_path / "ws"
+    total = sum(path.stat().st_size for path in small_repo.iterdir())
+    with FakeHub(rate=8e6) as hub:  # about 3 s for its 30 MB: progress in between
+        hub.add("tester/smol", small_repo)
+        run_dir = jobs.create_run("train", config_to_dict(config), workspace, "from-hub")
+        jobs.start_job(run_dir, env=hub_env(hub.url, tmp_path / "hf"))
+        downloading = wait_for(lambda: train_tab.model_download(run_dir), timeout=120, interval=0.2, what="bytes")
+        status_html = train_tab.live_view(run_dir.name, workspace)[0]
+        wait_for(lambda: not jobs.job_status(run_dir).active, timeout=300, what="the run's end")
+    assert jobs.job_status(run_dir).state == "done", (run_dir / "log.txt").read_text()
+    assert downloading.total == total and downloading.metrics["bytes_total"] == total
+    assert "Downloading tester/smol: " in status_html and f" of {total / 1e6:.1f} MB" in status_html
+    assert f'max="{total}"' in status_html  # the bar counts bytes while the model downloads
+    kinds = [(event["event"], event.get("bytes_done")) for event in events(run_dir)]
+    first_training = next(index for index, (kind, _) in enumerate(kinds) if kind == "start")
+    bytes_done = [done for kind, done in kinds[:first_training] if done is not None]
+    assert bytes_done[-1] == total and any(0 < done < total for done in bytes_done), bytes_done
+    assert "log" in [kind for kind, _ in kinds[first_training:]]  # then it trained
+    assert "step 1/1" in train_tab.live_view(run_dir.name, workspace)[0]
+
+
+# `main.py train` for each model in one process (the Hub client is imported once): its exit status per model.
+TRAIN_EACH = (
+    "import json, sys, main\n"
+    "from pathlib import Path\n"
+    "data, workspace = sys.argv[1], sys.argv[2]\n"
+    "for index, model in enumerate(sys.argv[3:]):\n"
+    "    config = Path(workspace).parent / f'train-{index}.yaml'\n"
+    "    config.write_text(json.dumps({'model': model, 'dataset': data}))\n"
+    "    print(main.main(['--workspace', workspace, 'train', str(config)]), flush=True)\n"
+)
+
+
+def test_train_refuses_a_hub_id_no_job_could_fetch_before_a_run_exists(tiny_repo, tmp_path, workspace):
+    import submit
+    from workspace import UserError
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n")
+    models = ["not a model", "nobody/no-such-model", "meta-llama/Gated-1B"]
+    with FakeHub() as hub:
+        hub.add("meta-llama/Gated-1B", tiny_repo, gated=True)
+        result = subprocess.run(
+            [sys.executable, "-c", TRAIN_EACH, str(data), str(workspace), *models],
+            cwd=ROOT,
+            env=hub_env(hub.url, tmp_path / "hf"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["2", "2", "2"], result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    errors = dict(zip(models, lines, strict=True))  # one error line per model
+    assert "'not a model' is neither a local folder nor a Hub id" in errors["not a model"]
+    assert "There is no model 'nobody/no-such-model' on the Hub" in errors["nobody/no-such-model"]
+    gated = errors["meta-llama/Gated-1B"]
+    assert "is gated" in gated and f"{hub.url}/meta-llama/Gated-1B" in gated and "HF_TOKEN" in gated
+    # This test's own process is offline (conftest), like a user's HF_HUB_OFFLINE=1, and its cache lacks the id.
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE=1 keeps this app off the Hub. Unset HF_HUB_OFFLINE"):
+        submit.submit_train({"model": "tester/not-cached", "dataset": str(data)}, workspace)
+    assert not (workspace / "runs").exists() or not list((workspace / "runs").iterdir())
+
+
+def test_the_time_estimate_asks_for_a_download_instead_of_downloading(tmp_path, workspace):
+    """The Train tab recomputes its time estimate on every change: it must not fetch gigabytes in the UI's thread."""
+    import planning
+    from training_utils import train_config_from_dict
+    from workspace import UserError
+
+    config = train_config_from_dict({"model": "tester/not-cached", "dataset": str(tmp_path / "data.jsonl")})
+    with pytest.raises(UserError, match="'tester/not-cached' is not downloaded yet. Click Download in the Model tab"):
+        planning.time_estimate_text(config, workspace)
+
+
+def test_the_memory_estimate_of_an_id_it_cannot_read_says_why(tmp_path, workspace):
+    """Offline (this session) and not cached: the Model tab's estimate names the id and what to do, no traceback."""
+    from training_utils import train_config_from_dict
+    from ui.model_tab import memory_estimate
+    from workspace import UserError
+
+    config = train_config_from_dict({"model": "tester/not-cached", "dataset": str(tmp_path / "data.jsonl")})
+    with pytest.raises(UserError, match="Cannot read the config of 'tester/not-cached': .*click Download first"):
+        memory_estimate(config, workspace)

@@ -2,8 +2,9 @@
 
 A person's path through every tab: pick the model, save and load a preset, upload a JSONL file, preview it, train a
 few steps while the loss curve grows, stop, resume, reload the page mid-run, chat, compare base and tuned, export
-q8_0 and download it, and delete a run. Also: a bad upload gives a readable error, and synthetic data comes from an
-OpenAI-compatible server with the API key passed only to the job. Screenshots of each tab go to docs/screenshots/.
+q8_0 and download it, and delete a run. Also: a bad upload gives a readable error, synthetic data comes from an
+OpenAI-compatible server with the API key passed only to the job, and a Hub id is downloaded from a local fake Hub
+(tests/fake_hub.py) with visible progress and trained on. Screenshots of each tab go to docs/screenshots/.
 """
 
 from __future__ import annotations
@@ -53,9 +54,14 @@ def app(tmp_path_factory, demo_model):
     workspace = tmp_path_factory.mktemp("ui-workspace")
     (workspace / "models").mkdir()
     (workspace / "models" / demo_model.name).symlink_to(demo_model)
+    yield from serve_app(workspace, {"HF_HUB_OFFLINE": "1"})
+
+
+def serve_app(workspace: Path, env: dict[str, str]):
+    """Serve the app on `workspace` with `env` added to this environment; yields an App, then stops its jobs."""
     port = jobs.free_port()
-    log = workspace.parent / "server.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    log = workspace.parent / f"server-{workspace.name}.log"
+    env = {**os.environ, **env, "GRADIO_ANALYTICS_ENABLED": "False"}
     with open(log, "wb") as out:
         server = subprocess.Popen(
             [sys.executable, str(ROOT / "main.py"), "--port", str(port), "--workspace", str(workspace)],
@@ -336,3 +342,57 @@ def test_a_person_trains_tests_and_exports_the_demo_model(page, app, tmp_path):
     wait_text(page, "runs-status", "Deleted run")
     assert not (app.workspace / "runs" / f"export-{run_name}").exists()
     assert (app.workspace / "runs" / run_name / "gguf" / f"{run_name}-q8_0.gguf").exists()
+
+
+@pytest.fixture(scope="module")
+def hub_app(tmp_path_factory, demo_model):
+    """The app online, its Hub (HF_ENDPOINT) a local fake serving a small model with the demo model's tokenizer
+    as tester/smol, slowed to about 5 s for its 30 MB so that the download's progress shows; an empty cache."""
+    from fake_hub import FakeHub, small_model
+
+    workspace = tmp_path_factory.mktemp("hub-workspace")
+    with FakeHub(rate=5e6) as hub:
+        hub.add("tester/smol", small_model(demo_model, tmp_path_factory.getbasetemp() / "small-model"))
+        env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.url, "HF_HOME": str(workspace.parent / "hub-home")}
+        yield from serve_app(workspace, env)
+
+
+@pytest.mark.timeout(600)
+def test_a_person_downloads_a_hub_model_with_progress_and_trains_on_it(browser, hub_app, tmp_path):
+    data = write_jsonl(tmp_path / "capitals.jsonl", capital_rows(8))
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(hub_app.url)
+    page.wait_for_selector("#tab-model-button")
+
+    # Model: type a Hub id, Download: bytes done / total while it runs, then done.
+    type_into(page, "model-name", "tester/smol")
+    page.press("#model-name input", "Enter")
+    page.click("#model-download")
+    page.wait_for_function(
+        "() => { const bar = document.querySelector('#model-download-status progress');"
+        " return bar && bar.value > 0 && bar.value < bar.max; }"
+    )
+    assert re.search(r"Downloading tester/smol: [\d.]+ MB of [\d.]+ MB", page.inner_text("#model-download-status"))
+    wait_text(page, "model-download-status", "done")
+    wait_text(page, "model-download-status", "Ready in")
+    page.click("#model-check")
+    wait_text(page, "model-info", "in the local Hugging Face cache")
+
+    # Train two steps on it.
+    open_tab(page, "dataset")
+    page.set_input_files("#dataset-upload input[type=file]", str(data))
+    wait_text(page, "dataset-summary", "8 rows")
+    open_tab(page, "train")
+    for elem_id, value in [("train-max-steps", 2), ("train-batch", 1), ("train-accum", 1), ("train-seq", 64)]:
+        type_into(page, elem_id, value)
+    page.click("#train-advanced")
+    page.uncheck("#train-gc input[type=checkbox]")
+    type_into(page, "train-warmup", 0)
+    page.click("#train-start")
+    wait_text(page, "train-status", "done", timeout=JOB_TIMEOUT_MS)
+    wait_text(page, "train-status", "step 2/2")
+    context.close()
+    run = next(info for info in jobs.list_runs(hub_app.workspace, kinds=("train",)))
+    assert runfolder.stage_settings(run.path)["model"]["name_or_path"] == "tester/smol"

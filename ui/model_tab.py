@@ -8,6 +8,7 @@ from typing import Any
 
 import gradio as gr
 
+import gguf_utils
 import jobs
 import model_utils
 import runfolder
@@ -48,7 +49,7 @@ def build(form: forms.Form, workspace: Path) -> ModelTab:
             form,
             "model.name_or_path",
             component=gr.Dropdown,
-            choices=[model_utils.DEMO_MODEL, *model_utils.UNSLOTH_CATALOGUE],
+            choices=catalogue_choices(),
             allow_custom_value=True,
             scale=3,
             elem_id="model-name",
@@ -213,8 +214,23 @@ def download_view(name: str | None, workspace: Path) -> list:
     ]
 
 
+def catalogue_choices() -> list[tuple[str, str]]:
+    """The demo model and the catalogue as (label, value): an entry the installed stack cannot train or export
+    says why in its label."""
+    choices = [(model_utils.DEMO_MODEL, model_utils.DEMO_MODEL)]
+    for name, (model_type, architecture) in model_utils.CATALOGUE_ARCHITECTURES.items():
+        problem = model_utils.loading_problem(model_type)
+        if problem is None and gguf_utils.conversion_warning([architecture]):
+            problem = f"llama.cpp's converter cannot convert {architecture}, so no GGUF export"
+        choices.append((f"{name} — {problem}" if problem else name, name))
+    return choices
+
+
 def memory_estimate(config, workspace: Path) -> str:
-    """The estimate as one line of Markdown; a model that cannot be read yet gives its reason instead."""
+    """The estimate as one line of Markdown, and a warning when the model cannot be exported to GGUF; a model that
+    cannot be read yet gives its reason instead."""
     path = model_utils.model_reference(config.model.name_or_path, workspace)
     estimate = model_utils.estimate_memory(config, path)
-    return f"**Memory estimate:** {estimate.summary()}"
+    text = f"**Memory estimate:** {estimate.summary()}"
+    warning = gguf_utils.conversion_warning(model_utils.model_architectures(path))
+    return text + (f"  \n**Export:** {warning}" if warning else "")

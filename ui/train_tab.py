@@ -20,7 +20,7 @@ import planning
 import runfolder
 import submit
 from rewards import BUILTIN_REWARDS
-from training_utils import ALL_LINEAR
+from training_utils import ALL_LINEAR, ALL_LINEAR_LAYERS, FUSED_LINEAR
 from ui import forms
 from ui.common import active_runs, duration, event_log, guarded, latest_run, progress_html, run_names
 from workspace import UserError
@@ -131,7 +131,10 @@ def _settings(form: forms.Form) -> None:
         forms.setting(form, "lora_r", elem_id="train-lora-r")
         forms.setting(form, "lora_alpha")
         forms.setting(form, "lora_dropout", step=0.05)
-    forms.setting(form, "target_modules", choices=ALL_LINEAR, allow_custom_value=True)
+    # all-linear fits every family; the names are the Llama-style ones and Phi's fused layers.
+    forms.setting(
+        form, "target_modules", choices=[ALL_LINEAR_LAYERS, *ALL_LINEAR, *FUSED_LINEAR], allow_custom_value=True
+    )
     with gr.Row():
         forms.setting(form, "eval_split", step=0.05, elem_id="train-eval")
         forms.setting(form, "save_steps", elem_id="train-save-steps")
@@ -212,7 +215,8 @@ def _wire_planning(tab: TrainTab, form: forms.Form, app: gr.Blocks, workspace: P
 
     def suggestions_for(data: dict) -> list[planning.Suggestion]:
         config = forms.values_to_config(form.values(data))
-        path = model_utils.resolve_model_path(config.model.name_or_path, workspace)
+        # A view: a Hub id not downloaded yet says so (Download first) rather than downloading in the server.
+        path = model_utils.resolve_model_path(config.model.name_or_path, workspace, download=False)
         return planning.suggest(config, planning.dataset_report_for(config, workspace), path)
 
     @guarded
@@ -279,7 +283,7 @@ def live_view(run: str | None, workspace: Path) -> list[Any]:
     if not allowed.can_resume:
         reasons.append(f"Resume: {allowed.resume_reason}")
     return [
-        progress_html(events.step, events.total, status_line(run, status, events)),
+        progress_html(events.step, events.total, status_line(run, status, events, model_download(run_dir))),
         loss_frame(events),
         runfolder.log_tail(run_dir),
         start,
@@ -291,8 +295,9 @@ def live_view(run: str | None, workspace: Path) -> list[Any]:
 
 
 def _stage_settings(form: forms.Form) -> None:
-    """The stage (SFT, DPO, GRPO) and its own options; reward weights are a YAML / CLI option (reward_weights)."""
-    with gr.Accordion("Stage: SFT, DPO preference tuning, GRPO reinforcement learning", open=False):
+    """The stage (SFT, DPO, ORPO, KTO, GRPO) and its own options: GRPO's rewards, their weights, the LLM judge and a
+    reward file (its code runs only with the box ticked, never in a shared app)."""
+    with gr.Accordion("Stage: SFT, DPO / ORPO / KTO preference tuning, GRPO reinforcement learning", open=False):
         with gr.Row():
             forms.setting(form, "stage", elem_id="train-stage")
             forms.setting(form, "start_from_run", elem_id="train-start-from-run")
@@ -301,18 +306,42 @@ def _stage_settings(form: forms.Form) -> None:
             forms.setting(form, "num_generations", elem_id="train-num-generations")
             forms.setting(form, "max_completion_length")
             forms.setting(form, "temperature", step=0.1)
-        forms.setting(form, "reward_funcs", choices=list(BUILTIN_REWARDS), elem_id="train-rewards")
+        with gr.Row():
+            forms.setting(form, "reward_funcs", choices=list(BUILTIN_REWARDS), scale=2, elem_id="train-rewards")
+            forms.setting(
+                form, "reward_weights", component=gr.Textbox, placeholder="e.g. 1, 0.5", elem_id="train-reward-weights"
+            )
         with gr.Row():
             forms.setting(form, "reward_pattern", elem_id="train-reward-pattern")
             forms.setting(form, "reference_column")
             forms.setting(form, "reward_min_length")
             forms.setting(form, "reward_max_length")
+        with gr.Row():
+            forms.setting(form, "judge_provider", elem_id="train-judge-provider")
+            forms.setting(form, "judge_model", elem_id="train-judge-model")
+            forms.setting(form, "judge_base_url", elem_id="train-judge-url")
+            forms.setting(form, "judge_min_score")
+            forms.setting(form, "judge_max_score")
+        forms.setting(form, "judge_rubric", lines=2, elem_id="train-judge-rubric")
+        with gr.Row():
+            forms.setting(form, "reward_file", elem_id="train-reward-file")
+            forms.setting(form, "reward_file_functions", allow_custom_value=True, elem_id="train-reward-functions")
+            forms.setting(form, "allow_reward_file", elem_id="train-allow-reward-file")
+        gr.Markdown(REWARD_FILE_WARNING, elem_id="train-reward-file-warning")
+
+
+# Shown under the reward file's settings: what ticking the box means.
+REWARD_FILE_WARNING = (
+    "⚠️ A reward file is Python code: with **Run reward file code** ticked it runs inside the training job with this "
+    "app's rights. Use only a file you wrote or trust. A shared app refuses reward files."
+)
 
 
 # The stage's own metrics (preference_utils.stage_metrics) as the live view names them.
 STAGE_METRICS = {
     "reward_margin": "reward margin",
     "reward_accuracy": "reward accuracy",
+    "log_odds_ratio": "log-odds ratio",
     "reward": "mean reward",
     "kl": "KL",
     "completion_length": "completion length",
@@ -320,7 +349,8 @@ STAGE_METRICS = {
 
 
 def stage_parts(latest: dict[str, Any]) -> list[str]:
-    """DPO: reward margin and accuracy; GRPO: mean reward, each reward function's mean, KL, completion length."""
+    """DPO / ORPO / KTO: reward margin and accuracy (ORPO: its log-odds ratio; KTO: KL); GRPO: mean reward, each
+    reward function's mean, KL, completion length."""
     parts = [f"{label} {latest[key]:.3g}" for key, label in STAGE_METRICS.items() if key in latest]
     per_function = sorted(key for key in latest if key.startswith("reward_") and key not in STAGE_METRICS)
     per_function = [key for key in per_function if key not in ("reward_chosen", "reward_rejected", "reward_std")]
@@ -328,11 +358,31 @@ def stage_parts(latest: dict[str, Any]) -> list[str]:
     return parts
 
 
-def status_line(run: str, status: runfolder.Status, events: runfolder.EventLog) -> str:
-    """One line: state, step, losses, speed, ETA and memory from the newest events."""
+def model_download(run_dir: Path) -> runfolder.Progress | None:
+    """The run's progress while it downloads its Hub model (before training starts), else None: its step and total
+    are then the download's bytes done / total."""
+    progress = runfolder.read_progress(run_dir)
+    metrics = progress.metrics
+    if progress.total is not None and (progress.step, progress.total) == (
+        metrics.get("bytes_done"),
+        metrics.get("bytes_total"),
+    ):
+        return progress
+    return None
+
+
+def status_line(
+    run: str, status: runfolder.Status, events: runfolder.EventLog, download: runfolder.Progress | None = None
+) -> str:
+    """One line: state, step, losses, speed, ETA and memory from the newest events; while the run downloads its
+    model, the download's bytes, rate and ETA instead of the step."""
     latest = events.latest
     parts = [f"<b>{html.escape(run)}</b>", f"<span class='state state-{status.state}'>{status.state}</span>"]
-    if events.step is not None:
+    if download is not None:
+        parts.append(html.escape(download.message))
+        if download.eta_s is not None and status.state == runfolder.State.RUNNING:
+            parts.append(f"ETA {duration(download.eta_s)}")
+    elif events.step is not None:
         parts.append(f"step {events.step}/{events.total}")
     if "loss" in latest:
         parts.append(f"loss {latest['loss']:.4f}")
