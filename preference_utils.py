@@ -175,11 +175,11 @@ def job_env(config, api_key: str | None = None) -> dict[str, str]:
     return synthetic_utils.job_env(judge_settings(config).client, api_key) if uses_judge(config) else {}
 
 
-def check_judge(config) -> None:
+def check_judge(config, api_key: str | None = None) -> None:
     """UserError now (before a job exists) when the judge reward's server cannot answer: nothing listening at
     judge_base_url, a refused key, an unknown model. Quick for a closed port; at most a few seconds otherwise."""
     if uses_judge(config):
-        rewards.check_judge(judge_settings(config))
+        rewards.check_judge(judge_settings(config), api_key)
 
 
 def builtin_rewards(config) -> list:

@@ -200,18 +200,19 @@ def score_to_reward(score: float, low: float, high: float) -> float:
     return min(1.0, max(0.0, (score - low) / (high - low)))
 
 
-def _judge_client(client: synthetic_utils.SyntheticConfig):
+def _judge_client(client: synthetic_utils.SyntheticConfig, api_key: str | None = None):
     """The synthetic-data client of the judge's provider, asking with the grader's system prompt, in plain text.
 
     Only complete() differs from synthetic_utils' clients, so the connection, size caps, redirect checks, error
-    classification and retries stay theirs; the key comes from the job's environment (OPENAI_API_KEY, …)."""
+    classification and retries stay theirs; the key is `api_key` (the submit check) or, in the job, its
+    environment's (OPENAI_API_KEY, …)."""
     base = synthetic_utils.PROVIDER_CLASSES[client.provider]
 
     class Judge(base):
         async def complete(self, prompt: str) -> synthetic_utils.Reply:
             return await _ASK[self.config.provider](self, prompt)
 
-    return Judge(client, synthetic_utils.resolve_api_key(client))
+    return Judge(client, synthetic_utils.resolve_api_key(client, api_key))
 
 
 async def _ask_openai(judge: Any, prompt: str) -> synthetic_utils.Reply:
@@ -264,11 +265,11 @@ async def _ask_ollama(judge: Any, prompt: str) -> synthetic_utils.Reply:
 _ASK = {"openai": _ask_openai, "anthropic": _ask_anthropic, "ollama": _ask_ollama}
 
 
-def check_judge(settings: JudgeSettings) -> None:
+def check_judge(settings: JudgeSettings, api_key: str | None = None) -> None:
     """UserError now when the judge cannot answer (nothing listening, a refused key, an unknown model)."""
 
     async def check() -> None:
-        judge = _judge_client(settings.client)
+        judge = _judge_client(settings.client, api_key)
         try:
             await judge.check()
         finally:

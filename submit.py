@@ -26,7 +26,9 @@ def submit_train(
     config.validate()
     check_model(config.model.name_or_path, workspace)
     env = preference_utils.job_env(config, api_key)
-    preference_utils.check_judge(config)  # a judge that cannot answer is refused now, not after the model loads
+    preference_utils.check_judge(
+        config, api_key
+    )  # a judge that cannot answer is refused now, not after the model loads
     inputs = {config.reward_file: runfolder.file_sha256(config.reward_file)} if config.reward_file else {}
     source = Path(str(config.dataset.source).strip()).expanduser()
     # The CLI and Preview read a relative path from the user's folder, the job runs from the app's: fix its meaning

@@ -46,15 +46,17 @@ def prepare(work: Path) -> tuple[Path, Path]:
     return model, data
 
 
-def step_seconds(marks: list[tuple[float, int]]) -> dict:
-    """Seconds per optimizer step after the first SKIP steps, from (time, step) at each step's log."""
+def step_seconds(marks: list[tuple[float, int]], tokens_per_step: float) -> dict:
+    """Seconds per optimizer step after the first SKIP steps, from (time, step) at each step's log; tokens_per_step
+    is each side's own count (TRL's num_tokens, the app's events), so a side that trained fewer tokens shows it."""
     timed = [(at, step) for at, step in marks if step >= SKIP]
     seconds = timed[-1][0] - timed[0][0]
     steps = timed[-1][1] - timed[0][1]
     return {
         "timed_steps": steps,
         "seconds_per_step": round(seconds / steps, 4),
-        "tokens_per_s": round(steps * BATCH * SEQ / seconds, 1),
+        "tokens_per_step": round(tokens_per_step, 1),
+        "tokens_per_s": round(steps * tokens_per_step / seconds, 1),
     }
 
 
@@ -77,11 +79,13 @@ def measure_bare(model_path: Path, data: Path, steps: int, work: Path) -> dict:
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
     marks: list[tuple[float, int]] = []
+    counted: list[float] = []
 
     class Clock(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if "loss" in (logs or {}):
                 marks.append((time.time(), state.global_step))
+                counted.append(logs["num_tokens"])
 
     trainer = SFTTrainer(
         model=model,
@@ -108,7 +112,8 @@ def measure_bare(model_path: Path, data: Path, steps: int, work: Path) -> dict:
     )
     trainer.add_callback(Clock())
     trainer.train()
-    return {**step_seconds(marks), "threads": torch.get_num_threads()}
+    per_step = (counted[-1] - counted[0]) / (marks[-1][1] - marks[0][1])
+    return {**step_seconds(marks, per_step), "threads": torch.get_num_threads()}
 
 
 def measure_app(model_path: Path, data: Path, steps: int, work: Path) -> dict:
@@ -141,8 +146,12 @@ def measure_app(model_path: Path, data: Path, steps: int, work: Path) -> dict:
     status = jobs.job_status(run_dir)
     if status.state != "done":
         raise RuntimeError(f"app run {status.state}: {status.error}\n{runfolder.log_tail(run_dir, 40)}")
-    marks = [(e.time, e.step) for e in runfolder.read_events(run_dir) if e.kind == "log" and "loss" in e.metrics]
-    return step_seconds(marks)
+    logs = [e for e in runfolder.read_events(run_dir) if e.kind == "log" and "loss" in e.metrics]
+    # The job logs tokens/s between consecutive logs: back to tokens, per step.
+    pairs = list(zip(logs[:-1], logs[1:], strict=True))
+    counted = sum(later.metrics["tokens_per_s"] * (later.time - earlier.time) for earlier, later in pairs)
+    per_step = counted / (logs[-1].step - logs[0].step)
+    return step_seconds([(e.time, e.step) for e in logs], per_step)
 
 
 def child(args: argparse.Namespace) -> None:

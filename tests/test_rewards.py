@@ -141,6 +141,24 @@ def test_the_judge_s_api_key_travels_in_the_job_environment_only(tmp_path):
     assert preference_utils.job_env(grpo_config(tmp_path), "sk-secret") == {}  # no judge, no key
 
 
+def test_the_key_typed_in_the_train_tab_opens_a_judge_that_asks_for_one(tmp_path, monkeypatch):
+    """The submit check uses the typed key, as the job will: no key is refused with a 401 before a run exists."""
+    from fake_llm_servers import FakeLLMServer
+
+    import preference_utils
+    import submit
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with FakeLLMServer(reply=fair_judge, api_key="sk-typed") as server:
+        config = grpo_config(
+            tmp_path, reward_funcs=["judge"], judge_model="fake-model", judge_base_url=server.openai_url
+        )
+        with pytest.raises(UserError, match="401"):
+            submit.submit_train(config, tmp_path, "no-key")
+        assert not (tmp_path / "runs" / "no-key").exists()
+        preference_utils.check_judge(config, "sk-typed")  # answers: the key the job will get is the one checked
+
+
 # ---------------------------------------------------------------- a user's reward file
 
 REWARD_FILE = """

@@ -47,6 +47,7 @@ class TrainTab:
     plot: gr.LinePlot
     log: gr.Textbox
     timer: gr.Timer
+    judge_api_key: gr.Textbox
 
 
 def build(form: forms.Form) -> TrainTab:
@@ -71,7 +72,7 @@ def build(form: forms.Form) -> TrainTab:
     )
     with gr.Row():
         with gr.Column(scale=5):
-            _settings(form)
+            judge_api_key = _settings(form)
         with gr.Column(scale=6):
             with gr.Row(equal_height=True):
                 runs = gr.Dropdown(label="Run", choices=[], scale=4, elem_id="train-runs")
@@ -114,10 +115,12 @@ def build(form: forms.Form) -> TrainTab:
         plot,
         log,
         timer,
+        judge_api_key,
     )
 
 
-def _settings(form: forms.Form) -> None:
+def _settings(form: forms.Form) -> gr.Textbox:
+    """The training settings; returns the GRPO judge's API key box (no setting: it is never saved)."""
     with gr.Row():
         # 0 in the widget means "no max_steps: train for the epochs" (values_to_config turns it into None).
         forms.setting(form, "max_steps", minimum=0, elem_id="train-max-steps")
@@ -139,7 +142,7 @@ def _settings(form: forms.Form) -> None:
         forms.setting(form, "eval_split", step=0.05, elem_id="train-eval")
         forms.setting(form, "save_steps", elem_id="train-save-steps")
         forms.setting(form, "early_stopping", elem_id="train-early-stopping")
-    _stage_settings(form)
+    judge_api_key = _stage_settings(form)
     with gr.Accordion("Advanced", open=False, elem_id="train-advanced"):
         with gr.Row():
             forms.setting(form, "gradient_checkpointing", elem_id="train-gc")
@@ -162,6 +165,8 @@ def _settings(form: forms.Form) -> None:
             forms.setting(form, "report_to")
             forms.setting(form, "num_gpus")
 
+    return judge_api_key
+
 
 def wire(tab: TrainTab, form: forms.Form, app: gr.Blocks, workspace: Path) -> None:
     view = [tab.status, tab.plot, tab.log, tab.start, tab.stop, tab.resume, tab.hint, tab.timer]
@@ -173,7 +178,7 @@ def wire(tab: TrainTab, form: forms.Form, app: gr.Blocks, workspace: Path) -> No
     @guarded
     def start(data: dict) -> gr.Dropdown:
         config = forms.values_to_config(form.values(data))
-        run_dir = submit.submit_train(config, workspace, data[tab.run_name])
+        run_dir = submit.submit_train(config, workspace, data[tab.run_name], api_key=data[tab.judge_api_key] or None)
         return gr.Dropdown(choices=run_names(workspace, KINDS), value=run_dir.name)
 
     @guarded
@@ -181,8 +186,8 @@ def wire(tab: TrainTab, form: forms.Form, app: gr.Blocks, workspace: Path) -> No
         submit.stop(run, workspace)
 
     @guarded
-    def resume(run: str) -> None:
-        submit.resume(run, workspace)
+    def resume(run: str, api_key: str) -> None:
+        submit.resume(run, workspace, api_key=api_key or None)
 
     @guarded
     def opened() -> list[Any]:
@@ -195,11 +200,13 @@ def wire(tab: TrainTab, form: forms.Form, app: gr.Blocks, workspace: Path) -> No
         return gr.Dropdown(choices=names, value=current if current in names else (names[0] if names else None))
 
     _wire_planning(tab, form, app, workspace)
-    tab.start.click(start, inputs={tab.run_name, *form.inputs()}, outputs=tab.runs).success(
+    tab.start.click(start, inputs={tab.run_name, tab.judge_api_key, *form.inputs()}, outputs=tab.runs).success(
         show, inputs=tab.runs, outputs=view, show_progress="hidden"
     )
     tab.stop.click(stop, inputs=tab.runs).success(show, inputs=tab.runs, outputs=view, show_progress="hidden")
-    tab.resume.click(resume, inputs=tab.runs).success(show, inputs=tab.runs, outputs=view, show_progress="hidden")
+    tab.resume.click(resume, inputs=[tab.runs, tab.judge_api_key]).success(
+        show, inputs=tab.runs, outputs=view, show_progress="hidden"
+    )
     tab.runs.input(show, inputs=tab.runs, outputs=view, show_progress="hidden")
     tab.refresh.click(refresh, inputs=tab.runs, outputs=tab.runs).then(
         show, inputs=tab.runs, outputs=view, show_progress="hidden"
@@ -294,7 +301,7 @@ def live_view(run: str | None, workspace: Path) -> list[Any]:
     ]
 
 
-def _stage_settings(form: forms.Form) -> None:
+def _stage_settings(form: forms.Form) -> gr.Textbox:
     """The stage (SFT, DPO, ORPO, KTO, GRPO) and its own options: GRPO's rewards, their weights, the LLM judge and a
     reward file (its code runs only with the box ticked, never in a shared app)."""
     with gr.Accordion("Stage: SFT, DPO / ORPO / KTO preference tuning, GRPO reinforcement learning", open=False):
@@ -323,11 +330,19 @@ def _stage_settings(form: forms.Form) -> None:
             forms.setting(form, "judge_min_score")
             forms.setting(form, "judge_max_score")
         forms.setting(form, "judge_rubric", lines=2, elem_id="train-judge-rubric")
+        judge_api_key = gr.Textbox(
+            label="Judge API key",
+            type="password",
+            info="For the LLM judge; sent to the training job's process only, never saved. Empty: the "
+            "OPENAI_API_KEY / ANTHROPIC_API_KEY of the server's environment; local servers need none.",
+            elem_id="train-judge-api-key",
+        )
         with gr.Row():
             forms.setting(form, "reward_file", elem_id="train-reward-file")
             forms.setting(form, "reward_file_functions", allow_custom_value=True, elem_id="train-reward-functions")
             forms.setting(form, "allow_reward_file", elem_id="train-allow-reward-file")
         gr.Markdown(REWARD_FILE_WARNING, elem_id="train-reward-file-warning")
+    return judge_api_key
 
 
 # Shown under the reward file's settings: what ticking the box means.
