@@ -431,7 +431,7 @@ def _judge_class(provider: str) -> type:
 
 async def _complete_openai(client: Any, prompt: str) -> synthetic_utils.Reply:
     config = client.config
-    official = synthetic_utils._is_official(config)
+    official = synthetic_utils.is_official(config)
     options: dict[str, Any] = {"max_completion_tokens" if official else "max_tokens": config.max_tokens}
     if config.response_format == "json_schema":
         options["response_format"] = {
@@ -447,16 +447,7 @@ async def _complete_openai(client: Any, prompt: str) -> synthetic_utils.Reply:
         messages=[{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": prompt}],
         **options,
     )
-    choices = getattr(response, "choices", None)
-    if not isinstance(choices, list):
-        raise synthetic_utils._not_a_chat_reply("choices")
-    text = getattr(getattr(choices[0], "message", None), "content", None) if choices else None
-    usage = getattr(response, "usage", None)
-    return synthetic_utils.Reply(
-        text if isinstance(text, str) else "",
-        getattr(usage, "prompt_tokens", 0) or 0,
-        getattr(usage, "completion_tokens", 0) or 0,
-    )
+    return synthetic_utils.openai_reply(response)
 
 
 async def _complete_anthropic(client: Any, prompt: str) -> synthetic_utils.Reply:
@@ -471,12 +462,7 @@ async def _complete_anthropic(client: Any, prompt: str) -> synthetic_utils.Reply
         messages=[{"role": "user", "content": prompt}],
         **options,
     )
-    content = getattr(response, "content", None)
-    if not isinstance(content, list):
-        raise synthetic_utils._not_a_chat_reply("content")
-    text = "".join(str(getattr(block, "text", "")) for block in content if getattr(block, "type", "") == "text")
-    usage = getattr(response, "usage", None)
-    return synthetic_utils.Reply(text, getattr(usage, "input_tokens", 0) or 0, getattr(usage, "output_tokens", 0) or 0)
+    return synthetic_utils.anthropic_reply(response)
 
 
 async def _complete_ollama(client: Any, prompt: str) -> synthetic_utils.Reply:
@@ -493,7 +479,7 @@ async def _complete_ollama(client: Any, prompt: str) -> synthetic_utils.Reply:
             options={"temperature": config.temperature, "num_predict": config.max_tokens},
         )
     except pydantic.ValidationError:
-        raise synthetic_utils._not_a_chat_reply("message") from None
+        raise synthetic_utils.not_a_chat_reply("message") from None
     return synthetic_utils.Reply(
         response.message.content or "", response.prompt_eval_count or 0, response.eval_count or 0
     )
@@ -673,7 +659,7 @@ async def _judge_all(
     async def ask(a: str, b: str, prompt: Prompt, order: str) -> dict:
         first, second = (a, b) if order == "ab" else (b, a)
         text = judge_prompt(prompt, replies[(first, prompt.id)]["reply"], replies[(second, prompt.id)]["reply"])
-        reply = await synthetic_utils._request(client, text, retries)
+        reply = await synthetic_utils.request(client, text, retries)
         verdict, reason = parse_verdict(reply.text)
         winner = {"A": first, "B": second, "tie": "tie"}.get(verdict)
         return {

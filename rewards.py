@@ -217,18 +217,14 @@ def _judge_client(client: synthetic_utils.SyntheticConfig, api_key: str | None =
 
 async def _ask_openai(judge: Any, prompt: str) -> synthetic_utils.Reply:
     config = judge.config
-    tokens = "max_completion_tokens" if synthetic_utils._is_official(config) else "max_tokens"
+    tokens = "max_completion_tokens" if synthetic_utils.is_official(config) else "max_tokens"
     response = await judge.client.chat.completions.create(
         model=config.model,
         temperature=config.temperature,
         messages=[{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": prompt}],
         **{tokens: config.max_tokens},
     )
-    choices = getattr(response, "choices", None)
-    if not isinstance(choices, list) or not choices:
-        raise synthetic_utils._not_a_chat_reply("choices")
-    text = getattr(getattr(choices[0], "message", None), "content", None)
-    return synthetic_utils.Reply(text if isinstance(text, str) else "", 0, 0)
+    return synthetic_utils.openai_reply(response)
 
 
 async def _ask_anthropic(judge: Any, prompt: str) -> synthetic_utils.Reply:
@@ -239,11 +235,7 @@ async def _ask_anthropic(judge: Any, prompt: str) -> synthetic_utils.Reply:
         system=JUDGE_SYSTEM,
         messages=[{"role": "user", "content": prompt}],
     )
-    content = getattr(response, "content", None)
-    if not isinstance(content, list):
-        raise synthetic_utils._not_a_chat_reply("content")
-    text = "".join(str(getattr(block, "text", "")) for block in content if getattr(block, "type", "") == "text")
-    return synthetic_utils.Reply(text, 0, 0)
+    return synthetic_utils.anthropic_reply(response)
 
 
 async def _ask_ollama(judge: Any, prompt: str) -> synthetic_utils.Reply:
@@ -258,7 +250,7 @@ async def _ask_ollama(judge: Any, prompt: str) -> synthetic_utils.Reply:
             options={"temperature": config.temperature, "num_predict": config.max_tokens},
         )
     except pydantic.ValidationError:
-        raise synthetic_utils._not_a_chat_reply("message") from None
+        raise synthetic_utils.not_a_chat_reply("message") from None
     return synthetic_utils.Reply(response.message.content or "", 0, 0)
 
 
@@ -285,7 +277,7 @@ async def _scores(settings: JudgeSettings, prompts: list[str]) -> list[str]:
 
     async def ask(prompt: str) -> str:
         async with limit:
-            return (await synthetic_utils._request(judge, prompt, retries)).text
+            return (await synthetic_utils.request(judge, prompt, retries)).text
 
     try:
         return await asyncio.gather(*(ask(prompt) for prompt in prompts))

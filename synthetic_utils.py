@@ -323,7 +323,7 @@ class SynthSummary:
 # ---------------------------------------------------------------- keys
 
 
-def _is_official(config: SyntheticConfig) -> bool:
+def is_official(config: SyntheticConfig) -> bool:
     return not config.base_url or urlparse(config.base_url).hostname == OFFICIAL_HOSTS.get(config.provider)
 
 
@@ -337,7 +337,7 @@ def resolve_api_key(config: SyntheticConfig, api_key: str | None = None) -> str 
     key = (api_key or os.environ.get(KEY_ENV[config.provider]) or "").strip()
     if key:
         return key
-    if _is_official(config):
+    if is_official(config):
         raise UserError(
             f"No API key for {config.provider}. Set {KEY_ENV[config.provider]} in the environment "
             "(or type the key in the app); it is passed to the job and never saved."
@@ -760,29 +760,19 @@ class _OpenAI(_Provider):
             }
         elif self.config.response_format == "json_object":
             options["response_format"] = {"type": "json_object"}
-            if not _is_official(self.config):
+            if not is_official(self.config):
                 # llama-cpp-python's server turns an attached schema into a grammar; OpenAI's API takes no such key.
                 options["response_format"]["schema"] = row_schema(self.config)
         # OpenAI's own API wants max_completion_tokens (its reasoning models refuse max_tokens); compatible servers
         # (vLLM, llama.cpp, LM Studio) know max_tokens.
-        options["max_completion_tokens" if _is_official(self.config) else "max_tokens"] = self.config.max_tokens
+        options["max_completion_tokens" if is_official(self.config) else "max_tokens"] = self.config.max_tokens
         response = await self.client.chat.completions.create(
             model=self.config.model,
             temperature=self.config.temperature,
             messages=[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}],
             **options,
         )
-        # The SDK builds its objects without validating them: JSON of another shape leaves fields None or odd.
-        choices = getattr(response, "choices", None)
-        if not isinstance(choices, list):
-            raise _not_a_chat_reply("choices")
-        text = getattr(getattr(choices[0], "message", None), "content", None) if choices else None
-        usage = getattr(response, "usage", None)
-        return Reply(
-            text if isinstance(text, str) else "",
-            getattr(usage, "prompt_tokens", 0) or 0,
-            getattr(usage, "completion_tokens", 0) or 0,
-        )
+        return openai_reply(response)
 
     async def close(self) -> None:
         await self.client.close()
@@ -825,12 +815,7 @@ class _Anthropic(_Provider):
             messages=[{"role": "user", "content": prompt}],
             **options,
         )
-        content = getattr(response, "content", None)  # built without validation, like OpenAI's
-        if not isinstance(content, list):
-            raise _not_a_chat_reply("content")
-        text = "".join(str(getattr(block, "text", "")) for block in content if getattr(block, "type", "") == "text")
-        usage = getattr(response, "usage", None)
-        return Reply(text, getattr(usage, "input_tokens", 0) or 0, getattr(usage, "output_tokens", 0) or 0)
+        return anthropic_reply(response)
 
     async def close(self) -> None:
         await self.client.close()
@@ -874,7 +859,7 @@ class _Ollama(_Provider):
                 options={"temperature": self.config.temperature, "num_predict": self.config.max_tokens},
             )
         except pydantic.ValidationError:  # the SDK validates the reply's JSON against its model
-            raise _not_a_chat_reply("message") from None
+            raise not_a_chat_reply("message") from None
         return Reply(response.message.content or "", response.prompt_eval_count or 0, response.eval_count or 0)
 
     async def close(self) -> None:
@@ -885,7 +870,32 @@ PROVIDER_CLASSES = {"openai": _OpenAI, "anthropic": _Anthropic, "ollama": _Ollam
 CHECK_TOO_SLOW = f"sent no complete reply to the model check within {CHECK_TIMEOUT_S:g} s; is base_url right?"
 
 
-def _not_a_chat_reply(field: str) -> BadReply:
+def openai_reply(response: Any) -> Reply:
+    """An OpenAI chat completion's text and token counts (the synthetic data, the arena's and GRPO's judges)."""
+    # The SDK builds its objects without validating them: JSON of another shape leaves fields None or odd.
+    choices = getattr(response, "choices", None)
+    if not isinstance(choices, list):
+        raise not_a_chat_reply("choices")
+    text = getattr(getattr(choices[0], "message", None), "content", None) if choices else None
+    usage = getattr(response, "usage", None)
+    return Reply(
+        text if isinstance(text, str) else "",
+        getattr(usage, "prompt_tokens", 0) or 0,
+        getattr(usage, "completion_tokens", 0) or 0,
+    )
+
+
+def anthropic_reply(response: Any) -> Reply:
+    """An Anthropic message's text blocks and token counts (built without validation, like OpenAI's)."""
+    content = getattr(response, "content", None)
+    if not isinstance(content, list):
+        raise not_a_chat_reply("content")
+    text = "".join(str(getattr(block, "text", "")) for block in content if getattr(block, "type", "") == "text")
+    usage = getattr(response, "usage", None)
+    return Reply(text, getattr(usage, "input_tokens", 0) or 0, getattr(usage, "output_tokens", 0) or 0)
+
+
+def not_a_chat_reply(field: str) -> BadReply:
     # Valid JSON without the reply in it is a server speaking another API: asking again gets the same.
     return BadReply(
         f"answered 200 with JSON that is not a chat reply (no '{field}'); does base_url point to its chat API?",
@@ -1061,7 +1071,7 @@ class _Run:
         os.close(self.fd)
 
 
-async def _request(provider: _Provider, prompt: str, run: _Run) -> Reply:
+async def request(provider: _Provider, prompt: str, run: _Run) -> Reply:
     """One completion with retries on 429 / 5xx / timeouts / connection errors / cut-off bodies; others end the run."""
     config = provider.config
     too_slow = f"sent no complete reply within timeout_s = {config.timeout_s:g} s"
@@ -1117,7 +1127,7 @@ async def _generate(
             # Only as many requests as rows still missing: the last rows do not start surplus (paid) requests.
             while len(pending) < config.concurrency and run.summary.rows_done + len(pending) < config.num_rows:
                 prompt = build_prompt(config, run.take_request_number(), chunks, run.rng)
-                pending.add(asyncio.create_task(_request(provider, prompt, run)))
+                pending.add(asyncio.create_task(request(provider, prompt, run)))
             finished, pending = await asyncio.wait(pending, timeout=0.25, return_when=asyncio.FIRST_COMPLETED)
             errors = [task.exception() for task in finished if task.exception() is not None]
             if errors:

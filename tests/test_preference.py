@@ -122,16 +122,23 @@ def _margins(model, tokenizer, pairs) -> float:
     return sum(logprob(p["prompt"], p["chosen"]) - logprob(p["prompt"], p["rejected"]) for p in pairs) / len(pairs)
 
 
-def test_a_few_dpo_steps_raise_the_margin_on_held_out_pairs(demo_workspace, demo_model):
+@pytest.mark.parametrize(
+    "stage, changes, metrics",
+    [
+        ("dpo", {}, {"reward_margin", "reward_accuracy"}),
+        ("orpo", {"learning_rate": 1e-3, "beta": 1.0}, {"reward_margin", "log_odds_ratio", "nll_loss"}),
+    ],
+)
+def test_a_few_preference_steps_raise_the_margin_on_held_out_pairs(demo_workspace, demo_model, stage, changes, metrics):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     data = write_jsonl(demo_workspace / "pairs.jsonl", pair_rows(COUNTRIES[:8]))
     _, held_out = preference_data.convert_rows(
-        pair_rows(COUNTRIES[8:]), ["prompt", "chosen", "rejected"], "dpo", DatasetConfig("x")
+        pair_rows(COUNTRIES[8:]), ["prompt", "chosen", "rejected"], stage, DatasetConfig("x")
     )
-    config = preference_config(data)
-    run_dir = jobs.create_run("train", config_to_dict(config), demo_workspace, "dpo")
+    config = preference_config(data, stage=stage, **changes)
+    run_dir = jobs.create_run("train", config_to_dict(config), demo_workspace, stage)
     assert training_utils.train(config, runfolder.JobContext.for_run(run_dir)) == "done"
 
     tokenizer = AutoTokenizer.from_pretrained(demo_model)
@@ -139,10 +146,10 @@ def test_a_few_dpo_steps_raise_the_margin_on_held_out_pairs(demo_workspace, demo
     before = _margins(base, tokenizer, held_out)
     after = _margins(PeftModel.from_pretrained(base, run_dir / "adapter"), tokenizer, held_out)
     assert after > before + 1.0, (before, after)
-    metrics = [
+    logs = [
         event.metrics for event in runfolder.read_events(run_dir) if event.kind == "log" and "loss" in event.metrics
     ]
-    assert {"reward_margin", "reward_accuracy"} <= set(metrics[-1])
+    assert metrics <= set(logs[-1])
 
 
 # ---------------------------------------------------------------- GRPO learns a format
@@ -294,29 +301,6 @@ def kto_rows(countries) -> list[dict]:
         for pair in pair_rows(countries)
         for side in ("chosen", "rejected")
     ]
-
-
-def test_a_few_orpo_steps_raise_the_margin_on_held_out_pairs(demo_workspace, demo_model):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    data = write_jsonl(demo_workspace / "pairs.jsonl", pair_rows(COUNTRIES[:8]))
-    _, held_out = preference_data.convert_rows(
-        pair_rows(COUNTRIES[8:]), ["prompt", "chosen", "rejected"], "orpo", DatasetConfig("x")
-    )
-    config = preference_config(data, stage="orpo", learning_rate=1e-3, beta=1.0)
-    run_dir = jobs.create_run("train", config_to_dict(config), demo_workspace, "orpo")
-    assert training_utils.train(config, runfolder.JobContext.for_run(run_dir)) == "done"
-
-    tokenizer = AutoTokenizer.from_pretrained(demo_model)
-    base = AutoModelForCausalLM.from_pretrained(demo_model)
-    before = _margins(base, tokenizer, held_out)
-    after = _margins(PeftModel.from_pretrained(base, run_dir / "adapter"), tokenizer, held_out)
-    assert after > before + 1.0, (before, after)
-    logs = [
-        event.metrics for event in runfolder.read_events(run_dir) if event.kind == "log" and "loss" in event.metrics
-    ]
-    assert {"reward_margin", "log_odds_ratio", "nll_loss"} <= set(logs[-1])
 
 
 def test_a_few_kto_steps_train_and_write_the_stage_metrics(demo_workspace):

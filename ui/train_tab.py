@@ -19,6 +19,7 @@ import model_utils
 import planning
 import runfolder
 import submit
+from compare_utils import NOT_PER_REWARD, STAGE_METRICS  # the stage metrics' names, as the Runs tab shows them
 from rewards import BUILTIN_REWARDS
 from training_utils import ALL_LINEAR, ALL_LINEAR_LAYERS, FUSED_LINEAR
 from ui import forms
@@ -352,23 +353,13 @@ REWARD_FILE_WARNING = (
 )
 
 
-# The stage's own metrics (preference_utils.stage_metrics) as the live view names them.
-STAGE_METRICS = {
-    "reward_margin": "reward margin",
-    "reward_accuracy": "reward accuracy",
-    "log_odds_ratio": "log-odds ratio",
-    "reward": "mean reward",
-    "kl": "KL",
-    "completion_length": "completion length",
-}
-
-
 def stage_parts(latest: dict[str, Any]) -> list[str]:
     """DPO / ORPO / KTO: reward margin and accuracy (ORPO: its log-odds ratio; KTO: KL); GRPO: mean reward, each
     reward function's mean, KL, completion length."""
     parts = [f"{label} {latest[key]:.3g}" for key, label in STAGE_METRICS.items() if key in latest]
-    per_function = sorted(key for key in latest if key.startswith("reward_") and key not in STAGE_METRICS)
-    per_function = [key for key in per_function if key not in ("reward_chosen", "reward_rejected", "reward_std")]
+    per_function = sorted(
+        key for key in latest if key.startswith("reward_") and key not in STAGE_METRICS and key not in NOT_PER_REWARD
+    )
     parts += [f"{key.removeprefix('reward_')} reward {latest[key]:.3g}" for key in per_function]
     return parts
 
