@@ -25,10 +25,12 @@ from runfolder import read_config, read_events, read_status
 from training_utils import MAX_SEQ_LENGTH_LIMIT, TrainConfig
 from workspace import UserError, workspace_root
 
-# Achieved training FLOP/s ÷ the probe's matmul FLOP/s, from bench/estimate_bench.py. CPU: 0.454 implied by an 8-step
-# demo run on this project's 2-core machine under heavy load (with 0.30 the model was 52% high; the run's own ETA
-# after its first quarter was 17% low). GPU: a starting point for bf16 LoRA until the 1B / 3B device runs replace it.
-EFFICIENCY = {"cpu": 0.45, "gpu": 0.35}
+# Achieved training FLOP/s ÷ the probe's matmul FLOP/s, from bench/estimate_bench.py. CPU: 0.54, the mean of 0.50 and
+# 0.59 implied by two demo runs on this project's idle 2-core machine with the 1024² probe (12 steps × 2 × 128 and
+# 8 × 4 × 256 tokens; the 512² probe it replaced read a third of the rate under load and left the model 52 % high).
+# GPU: a starting point for bf16 LoRA; the 1B / 3B device runs (-92 % / -80 % with 0.35) say start-up and per-step
+# overheads dominate short GPU runs, which this FLOP model leaves out.
+EFFICIENCY = {"cpu": 0.54, "gpu": 0.35}
 PASSES = {"small": 3, "medium": 2, "large": 1}  # epochs by dataset size (rows: < 1000, < 10000, more)
 # The TrainConfig fields suggest() can change (the Train tab fills these widgets when a suggestion is accepted).
 SUGGESTED_FIELDS = (
