@@ -275,13 +275,14 @@ def prepare_data(config, tokenizer, workspace: Path):
 # ---------------------------------------------------------------- trainer
 
 
-def _common_arguments(config, run_dir: Path, backend: str, has_eval: bool) -> dict[str, Any]:
-    """The TrainingArguments every stage shares, as SFT sets them (see training_utils.build_trainer)."""
+def trainer_arguments(config, run_dir: Path, backend: str, has_eval: bool) -> dict[str, Any]:
+    """The TrainingArguments every stage shares, SFT's too (training_utils.build_trainer adds its own; it imports
+    this module, never the other way round)."""
     import model_utils
 
     device = model_utils.detect_device()
     if config.report_to == "tensorboard":
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")  # transformers 5 reads it from here
     return dict(
         output_dir=str(run_dir / "checkpoints"),
         learning_rate=config.learning_rate,
@@ -294,8 +295,10 @@ def _common_arguments(config, run_dir: Path, backend: str, has_eval: bool) -> di
         lr_scheduler_type=config.lr_scheduler_type,
         weight_decay=config.weight_decay,
         optim=config.optim,
+        # TRL turns bf16 on by default; on CPU bf16 autocast made a demo step 20x slower (measured on the demo model).
         bf16=device.bf16,
         fp16=device.cuda and not device.bf16,
+        # Unsloth applies its own checkpointing in get_peft_model.
         gradient_checkpointing=config.gradient_checkpointing and backend != "unsloth",
         eval_strategy="steps" if has_eval else "no",
         eval_steps=(config.eval_steps or config.save_steps) if has_eval else None,
@@ -307,14 +310,13 @@ def _common_arguments(config, run_dir: Path, backend: str, has_eval: bool) -> di
         report_to=[] if config.report_to == "none" else [config.report_to],
         dataloader_num_workers=0,
         disable_tqdm=False,
-        use_cpu=not device.cuda,
-        beta=config.beta,
+        use_cpu=not device.cuda,  # several CPU processes then train with DDP over gloo
     )
 
 
 def build_trainer(config, model, tokenizer, data, ctx: JobContext, backend: str, callback):
     """TRL's trainer of `config.stage` over `data`, reporting through `callback` (training_utils.events_callback)."""
-    common = _common_arguments(config, ctx.run_dir, backend, data.eval is not None)
+    common = {**trainer_arguments(config, ctx.run_dir, backend, data.eval is not None), "beta": config.beta}
     datasets = {"train_dataset": data.train, "eval_dataset": data.eval}
     if config.stage == "dpo":
         from trl import DPOConfig, DPOTrainer

@@ -302,7 +302,7 @@ class TrainConfig:
     judge_provider: str = option(
         "openai",
         help="GRPO judge reward: openai also covers vLLM, llama.cpp server and LM Studio (set the judge's base URL); "
-        "the key comes from OPENAI_API_KEY / ANTHROPIC_API_KEY in the app's environment.",
+        "the key is the Judge API key typed in the Train tab, else OPENAI_API_KEY / ANTHROPIC_API_KEY.",
         choices=preference_utils.JUDGE_PROVIDERS,
         label="Judge provider",
     )
@@ -754,48 +754,15 @@ def log_dataset_report(config: TrainConfig, tokenizer, workspace: Path) -> None:
 def build_trainer(config: TrainConfig, model, tokenizer, prepared, ctx: JobContext, backend: str):
     from trl import SFTConfig, SFTTrainer
 
-    import model_utils
-
-    device = model_utils.detect_device()
-    on_cuda, bf16 = device.cuda, device.bf16
     has_eval = prepared.eval is not None
-    run_dir = ctx.run_dir
-    if config.report_to == "tensorboard":
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")  # transformers 5 reads it from here
     args = SFTConfig(
-        output_dir=str(run_dir / "checkpoints"),
-        learning_rate=config.learning_rate,
-        max_steps=config.max_steps if config.max_steps is not None else -1,
-        num_train_epochs=config.num_train_epochs,
-        per_device_train_batch_size=config.per_device_train_batch_size,
-        per_device_eval_batch_size=config.per_device_train_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        warmup_steps=config.warmup_steps,
-        lr_scheduler_type=config.lr_scheduler_type,
-        weight_decay=config.weight_decay,
-        optim=config.optim,
+        **preference_utils.trainer_arguments(config, ctx.run_dir, backend, has_eval),
         max_length=config.max_seq_length,
         packing=config.packing,
-        # TRL turns bf16 on by default; on CPU bf16 autocast made a demo step 20x slower (measured on the demo model).
-        bf16=bf16,
-        fp16=on_cuda and not bf16,
-        # Unsloth applies its own checkpointing in get_peft_model.
-        gradient_checkpointing=config.gradient_checkpointing and backend != "unsloth",
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=(config.eval_steps or config.save_steps) if has_eval else None,
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
         # Early stopping keeps the best checkpoint and reloads it at the end, so adapter/ holds the best weights.
         load_best_model_at_end=config.early_stopping and has_eval,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
-        logging_steps=config.logging_steps,
-        seed=config.seed,
-        report_to=[] if config.report_to == "none" else [config.report_to],
-        dataloader_num_workers=0,
-        disable_tqdm=False,
-        use_cpu=not on_cuda,  # several CPU processes then train with DDP over gloo
         ddp_find_unused_parameters=False,  # every LoRA weight is used; the search would cost a pass each step
     )
     columns = ["input_ids", "labels"]
