@@ -16,7 +16,7 @@ import jobs
 import model_utils
 import runfolder
 import training_utils
-from conftest import MODEL_FAMILIES, capital_rows, write_jsonl
+from conftest import MODEL_FAMILIES, capital_rows, demo_train_config, write_jsonl
 from dataset_utils import DatasetConfig
 from gguf_utils import modelfile
 from model_utils import ModelConfig
@@ -37,19 +37,16 @@ CHATS = [
 
 
 def family_config(folder, data, template: str | None) -> TrainConfig:
-    return TrainConfig(
+    """conftest's demo settings on a family's tiny model: 2 steps, a smaller LoRA, short rows."""
+    return demo_train_config(
+        data,
         model=ModelConfig(str(folder)),
         dataset=DatasetConfig(source=str(data), chat_template=template or ""),
         max_steps=2,
-        learning_rate=1e-3,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=1,
-        warmup_steps=0,
         max_seq_length=96,
         save_steps=2,
         lora_r=4,
         lora_alpha=8,
-        gradient_checkpointing=False,
     )
 
 

@@ -52,6 +52,18 @@ def cli(args: list[str], hub_url: str, home: Path, workspace: Path, **env: str) 
     )
 
 
+def python(script: str, args: list[str], hub_url: str, home: Path, **env: str) -> subprocess.CompletedProcess:
+    """A Python snippet in a process of its own, whose clients read HF_ENDPOINT (the fake hub) when imported."""
+    return subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=ROOT,
+        env=hub_env(hub_url, home, **env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def hub_env(hub_url: str, home: Path, **env: str) -> dict[str, str]:
     clean = {key: value for key, value in os.environ.items() if key not in ("HF_TOKEN", "HF_HUB_OFFLINE")}
     return {**clean, "HF_ENDPOINT": hub_url, "HF_HOME": str(home), "HF_HUB_OFFLINE": "0", **env}
@@ -197,14 +209,7 @@ def test_model_facts_from_hub_metadata_then_from_the_cache(tiny_repo, tmp_path):
     )
     with FakeHub() as hub:
         hub.add(MODEL, tiny_repo, safetensors={"total": WEIGHTS_BYTES // 4, "parameters": {"F32": WEIGHTS_BYTES // 4}})
-        result = subprocess.run(
-            [sys.executable, "-c", script],
-            cwd=ROOT,
-            env=hub_env(hub.url, tmp_path / "hf"),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        result = python(script, [], hub.url, tmp_path / "hf")
     assert result.returncode == 0, result.stderr
     before, after = json.loads(result.stdout.splitlines()[-1])
     assert (before["source"], before["cached"], before["context_length"]) == ("hub", False, 4096)
@@ -226,14 +231,7 @@ def test_hub_dataset_preview_streams_the_first_rows(tmp_path):
     )
     with FakeHub() as hub:
         hub.add("tester/qa", data, kind="dataset")
-        result = subprocess.run(
-            [sys.executable, "-c", script],
-            cwd=ROOT,
-            env=hub_env(hub.url, tmp_path / "hf", HF_DATASETS_OFFLINE="0"),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        result = python(script, [], hub.url, tmp_path / "hf", HF_DATASETS_OFFLINE="0")
     assert result.returncode == 0, result.stderr
     preview = json.loads(result.stdout.splitlines()[-1])
     assert preview["rows"] == rows[:3]
@@ -348,14 +346,7 @@ def test_train_refuses_a_hub_id_no_job_could_fetch_before_a_run_exists(tiny_repo
     models = ["not a model", "nobody/no-such-model", "meta-llama/Gated-1B"]
     with FakeHub() as hub:
         hub.add("meta-llama/Gated-1B", tiny_repo, gated=True)
-        result = subprocess.run(
-            [sys.executable, "-c", TRAIN_EACH, str(data), str(workspace), *models],
-            cwd=ROOT,
-            env=hub_env(hub.url, tmp_path / "hf"),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        result = python(TRAIN_EACH, [str(data), str(workspace), *models], hub.url, tmp_path / "hf")
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["2", "2", "2"], result.stdout + result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
