@@ -183,17 +183,19 @@ def _share(rows: list[int], total: int) -> str:
     return f"{len(rows) / total:.0%} ({_count(rows)})"
 
 
-def report_for_training(config, tokenizer, workspace: str | Path | None = None) -> DatasetReport:
-    """The report of a TrainConfig's dataset, prepared with the settings its training run uses."""
-    return build_report(
-        config.dataset,
-        tokenizer,
+def preparation_settings(config) -> dict[str, Any]:
+    """A TrainConfig's dataset preparation settings: training prepares with them, and the report reads the same."""
+    return dict(
         max_seq_length=config.max_seq_length,
         train_on_responses_only=config.train_on_responses_only,
         eval_split=config.eval_split,
         seed=config.seed,
-        workspace=workspace,
     )
+
+
+def report_for_training(config, tokenizer, workspace: str | Path | None = None) -> DatasetReport:
+    """The report of a TrainConfig's dataset, prepared with the settings its training run uses."""
+    return build_report(config.dataset, tokenizer, workspace=workspace, **preparation_settings(config))
 
 
 def build_report(

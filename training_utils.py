@@ -722,17 +722,11 @@ def resolve_target_modules(model, target_modules: list[str]) -> list[str]:
 
 
 def prepare_training_data(config: TrainConfig, tokenizer, workspace: Path):
+    import dataset_report
     import dataset_utils
 
-    prepared = dataset_utils.prepare_dataset(
-        config.dataset,
-        tokenizer,
-        max_seq_length=config.max_seq_length,
-        train_on_responses_only=config.train_on_responses_only,
-        eval_split=config.eval_split,
-        seed=config.seed,
-        workspace=workspace,
-    )
+    settings = dataset_report.preparation_settings(config)
+    prepared = dataset_utils.prepare_dataset(config.dataset, tokenizer, workspace=workspace, **settings)
     log.info(
         "dataset: %s, %d train rows, %d eval rows, %d skipped",
         prepared.format,

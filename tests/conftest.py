@@ -67,18 +67,24 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+# Countries and capitals for small, learnable rows (chat rows here, preference pairs in test_preference).
+COUNTRIES = [
+    ("France", "Paris"),
+    ("Italy", "Rome"),
+    ("Spain", "Madrid"),
+    ("Germany", "Berlin"),
+    ("Japan", "Tokyo"),
+    ("Egypt", "Cairo"),
+    ("Canada", "Ottawa"),
+    ("Peru", "Lima"),
+    ("Chile", "Santiago"),
+    ("Kenya", "Nairobi"),
+]
+
+
 def capital_rows(count: int) -> list[dict]:
     """Small, learnable chat rows in the messages format."""
-    countries = [
-        ("France", "Paris"),
-        ("Italy", "Rome"),
-        ("Spain", "Madrid"),
-        ("Germany", "Berlin"),
-        ("Japan", "Tokyo"),
-        ("Egypt", "Cairo"),
-        ("Canada", "Ottawa"),
-        ("Peru", "Lima"),
-    ]
+    countries = COUNTRIES[:8]
     rows = []
     for index in range(count):
         country, capital = countries[index % len(countries)]

@@ -9,22 +9,9 @@ import preference_data
 import runfolder
 import submit
 import training_utils
-from conftest import demo_train_config, logged_steps, wait_for, write_jsonl
+from conftest import COUNTRIES, demo_train_config, logged_steps, wait_for, write_jsonl
 from dataset_utils import DatasetConfig
 from workspace import UserError, config_to_dict
-
-COUNTRIES = [
-    ("France", "Paris"),
-    ("Italy", "Rome"),
-    ("Spain", "Madrid"),
-    ("Germany", "Berlin"),
-    ("Japan", "Tokyo"),
-    ("Egypt", "Cairo"),
-    ("Canada", "Ottawa"),
-    ("Peru", "Lima"),
-    ("Chile", "Santiago"),
-    ("Kenya", "Nairobi"),
-]
 
 
 def pair_rows(countries) -> list[dict]:
