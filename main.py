@@ -178,7 +178,7 @@ def _print_time_estimate(config, workspace) -> None:
     import planning
 
     try:
-        print(f"time estimate: {planning.time_estimate_text(config, workspace)}")
+        print(f"time estimate, Start to done: {planning.time_estimate_text(config, workspace)}")
     except UserError as exc:  # the job reports the problem itself, with the same message
         print(f"time estimate unavailable: {exc}")
 

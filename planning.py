@@ -1,18 +1,27 @@
 """Before a run: suggested settings (each with its one-line reason) from the dataset's token counts and the device,
-and a time estimate from a calibrated throughput model.
+and an estimate of the whole wall time from Start to done.
 
 Why a calibrated model and not a few timed steps: timing steps means loading the model and training (tens of
 seconds on a GPU, minutes on the CPU) every time a widget changes, and the first steps are the slowest (compilation,
-allocator warm-up), so a handful of them overstates the time. The model is `tokens ÷ (the device's measured matmul
-rate × an efficiency calibrated by bench/estimate_bench.py ÷ the FLOPs a token costs)`; a run of the same model on
-the same device in this workspace replaces the model with the throughput that run measured."""
+allocator warm-up), so a handful of them overstates the time. The wall time is
+
+    process start and imports + model load (a constant + seconds per GB of weights on disk)
+    + data preparation and the trainer's set-up (a constant + seconds per row)
+    + the first step's warm-up + steps × (a per-step overhead + tokens per step ÷ token rate) + saving the adapter
+
+with the token rate `the device's measured matmul rate × an efficiency ÷ the FLOPs a token costs` and the tokens
+per step counted as the trainer batches them (padding-free, padded to the batch's longest row, or packed) from the
+dataset report's row lengths. bench/estimate_bench.py --fit fits the constants (TIME_MODEL); a run of the same model
+on the same device in this workspace replaces the token rate and the per-step overhead with the rate it measured."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import json
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -25,12 +34,41 @@ from runfolder import read_config, read_events, read_status
 from training_utils import MAX_SEQ_LENGTH_LIMIT, TrainConfig
 from workspace import UserError, workspace_root
 
-# Achieved training FLOP/s ÷ the probe's matmul FLOP/s, from bench/estimate_bench.py. CPU: 0.54, the mean of 0.50 and
-# 0.59 implied by two demo runs on this project's idle 2-core machine with the 1024² probe (12 steps × 2 × 128 and
-# 8 × 4 × 256 tokens; the 512² probe it replaced read a third of the rate under load and left the model 52 % high).
-# GPU: a starting point for bf16 LoRA; the 1B / 3B device runs (-92 % / -80 % with 0.35) say start-up and per-step
-# overheads dominate short GPU runs, which this FLOP model leaves out.
-EFFICIENCY = {"cpu": 0.54, "gpu": 0.35}
+# The wall-time model's constants per device kind, each fitted by `bench/estimate_bench.py --fit` (its JSON line
+# {"fit": {...}} pastes here): start_s (job process start and imports), load_s + load_s_per_gb (model load by the
+# weights' size on disk), prep_s + prep_s_per_row (data preparation and the trainer's set-up), warmup_s (the first
+# step's extra: compilation, allocator), step_s (per-step overhead), efficiency (achieved training FLOP/s ÷ the
+# matmul probe), save_s (after the last step: the adapter).
+TIME_MODEL = {
+    # CPU: the transformers backend; fitted from `--cases cpu` (demo model) on this project's shared 2-core machine,
+    # 2026-12-05, see bench/RESULTS.md §11.
+    "cpu": {
+        "start_s": 9.0,
+        "load_s": 0.0,
+        "load_s_per_gb": 4.0,
+        "prep_s": 3.0,
+        "prep_s_per_row": 0.002,
+        "warmup_s": 1.0,
+        "step_s": 0.05,
+        "efficiency": 0.54,
+        "save_s": 0.5,
+    },
+    # GPU: the Unsloth backend (its import alone takes tens of seconds). Not fitted yet: a guess from the H200 runs
+    # of 2026-12-04 (1B, 40 steps of 8 short rows: 0.3 s a step, overhead more than arithmetic; 120 steps: 43 s of
+    # steps in 103 s from Start to done) and efficiency 0.35 (the 3B's MFU 37.6 %); `--cases gpu --fit` replaces it.
+    "gpu": {
+        "start_s": 35.0,
+        "load_s": 5.0,
+        "load_s_per_gb": 2.0,
+        "prep_s": 8.0,
+        "prep_s_per_row": 0.001,
+        "warmup_s": 3.0,
+        "step_s": 0.25,
+        "efficiency": 0.35,
+        "save_s": 1.0,
+    },
+}
+NO_DATASET = "choose a dataset to get a time estimate: the time depends on its token count"
 PASSES = {"small": 3, "medium": 2, "large": 1}  # epochs by dataset size (rows: < 1000, < 10000, more)
 # The TrainConfig fields suggest() can change (the Train tab fills these widgets when a suggestion is accepted).
 SUGGESTED_FIELDS = (
@@ -211,14 +249,23 @@ def apply(config: TrainConfig, suggestions: list[Suggestion], accepted: list[str
 
 @dataclass
 class TimeEstimate:
+    """The wall time from Start to done, in parts (seconds), and what it was computed from."""
+
     seconds: float
     steps: int
     tokens_per_s: float
     device: str
-    basis: str  # where the throughput comes from
+    basis: str  # where the token rate comes from
+    parts: dict[str, float] = dataclasses.field(default_factory=dict)  # start, load, data, steps, save
+    inputs: dict[str, float] = dataclasses.field(default_factory=dict)  # what bench/estimate_bench.py fits against
 
     def summary(self) -> str:
-        return f"≈ {_minutes(self.seconds)} for {self.steps} steps on {self.device} ({self.tokens_per_s:.0f} tokens/s, {self.basis})"
+        parts = self.parts
+        return (
+            f"≈ {_minutes(self.seconds)}: start and model load {_minutes(parts['start'] + parts['load'])}, "
+            f"data {_minutes(parts['data'])}, {self.steps} steps {_minutes(parts['steps'] + parts['save'])} "
+            f"on {self.device} ({self.tokens_per_s:.0f} tokens/s, {self.basis})"
+        )
 
 
 def _minutes(seconds: float) -> str:
@@ -234,6 +281,47 @@ def planned_steps(config: TrainConfig, train_rows: int) -> int:
         return config.max_steps
     per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps
     return max(1, math.ceil(config.num_train_epochs * train_rows / per_step))
+
+
+def batch_layout(config: TrainConfig, device: Device) -> str:
+    """How the SFT trainer batches rows: "packed" (packing on), "padding_free" (Unsloth's default on a CUDA GPU:
+    the batch is the rows' real tokens) or "padded" (TRL's collator: every row padded to the batch's longest)."""
+    if config.packing:
+        return "packed"
+    unsloth = importlib.util.find_spec("unsloth") is not None and os.environ.get("FINETUNER_BACKEND") != "transformers"
+    return "padding_free" if device.cuda and unsloth else "padded"
+
+
+def row_tokens(lengths: dict[str, int], max_seq_length: int, batch: int) -> tuple[float, float]:
+    """(mean tokens of a row, mean tokens of a batch's longest row) once cut at max_seq_length, from the report's
+    length percentiles (p50, p95, p99, max; p5, p25, p75 or min where present), read as a piecewise-linear
+    quantile function; below p50 without lower percentiles it mirrors p95 geometrically (p50² ÷ p95)."""
+    known = {0.5: "p50", 0.95: "p95", 0.99: "p99", 1.0: "max", 0.05: "p5", 0.25: "p25", 0.75: "p75", 0.0: "min"}
+    points = {q: float(lengths[key]) for q, key in known.items() if key in lengths}
+    if 0.5 not in points:
+        return float(max_seq_length), float(max_seq_length)
+    points.setdefault(0.0, min(points.values()) ** 2 / max(points.get(0.95, points[0.5]), 1.0))
+    points.setdefault(1.0, max(points.values()))
+    qs = sorted(points)
+    grid = 512
+    mean = longest = 0.0
+    for index in range(grid):
+        u = (index + 0.5) / grid
+        after = next(q for q in qs if q >= u)
+        before = max(q for q in qs if q <= u) if any(q <= u for q in qs) else after
+        span = after - before
+        value = points[before] + (points[after] - points[before]) * ((u - before) / span if span else 0.0)
+        value = min(value, max_seq_length)
+        mean += value / grid
+        longest += value * (((index + 1) / grid) ** batch - (index / grid) ** batch)  # E[max of `batch` rows]
+    return mean, longest
+
+
+def weights_gb(model_path: str) -> float:
+    """The model's weights on disk (GB): what its load reads."""
+    folder = Path(model_path)
+    files = [path for pattern in ("*.safetensors", "*.bin") for path in folder.glob(pattern)]
+    return sum(path.stat().st_size for path in files) / 1e9
 
 
 def flops_per_token(config: TrainConfig, parameters: int, shape: dict, seq: int) -> float:
@@ -277,27 +365,65 @@ def estimate_time(
     workspace: str | Path | None = None,
     device: Device | None = None,
 ) -> TimeEstimate:
-    """Seconds the run's training steps take (model loading and data preparation not included)."""
+    """Seconds from Start to done: process start, model load, data preparation, the steps and the save."""
+    if report is None:
+        raise UserError(NO_DATASET[0].upper() + NO_DATASET[1:] + ".")
     device = device or detect_device()
-    rows = report.usable_rows if report else 0
+    kind = "gpu" if device.cuda else "cpu"
+    constants = TIME_MODEL[kind]
+    rows = report.usable_rows
     train_rows = rows - round(rows * config.eval_split) if config.eval_split and rows >= 2 else rows
-    steps = planned_steps(config, max(train_rows, 1))
-    if not config.max_steps and not train_rows:
-        raise UserError("Epoch-based steps need the dataset's row count: choose a dataset first, or set max_steps.")
-    mean = report.lengths.get("p50", config.max_seq_length) if report else config.max_seq_length
-    seq = min(mean, config.max_seq_length)
-    tokens = steps * config.per_device_train_batch_size * config.gradient_accumulation_steps * seq
+    batch = config.per_device_train_batch_size
+    per_step = batch * config.gradient_accumulation_steps
+    layout = batch_layout(config, device)
+    mean, longest = row_tokens(report.lengths, config.max_seq_length, batch)
+    if layout == "packed":
+        real = computed = seq = float(config.max_seq_length)
+        steps = config.max_steps or max(
+            1, math.ceil(config.num_train_epochs * train_rows * mean / (per_step * config.max_seq_length))
+        )
+    else:
+        if not config.max_steps and not train_rows:
+            raise UserError("Epoch-based steps need the dataset's usable rows: this dataset has none.")
+        steps = planned_steps(config, max(train_rows, 1))
+        real, computed, seq = (
+            mean,
+            (mean if layout == "padding_free" else longest),
+            (longest if layout == "padded" else mean),
+        )
+    real_tokens, compute_tokens = steps * per_step * real, steps * per_step * computed
+    gpus = max(1, device.gpu_count if config.num_gpus == 0 else config.num_gpus) if device.cuda else 1
+    parameters, shape = count_parameters(model_path)
+    per_token = flops_per_token(config, parameters, shape, round(seq))
+    probe = matmul_flops(device.cuda)
+    size = weights_gb(model_path)
     measured = measured_throughput(config, model_path, device, workspace)
-    if measured:
+    if measured:  # the measured rate already holds the per-step overhead
         rate, run = measured
         basis = f"measured in run {run}"
+        stepping = real_tokens / rate
     else:
-        parameters, shape = count_parameters(model_path)
-        kind = "gpu" if device.cuda else "cpu"
-        rate = matmul_flops(device.cuda) * EFFICIENCY[kind] / flops_per_token(config, parameters, shape, seq)
-        rate *= max(1, device.gpu_count if config.num_gpus == 0 else config.num_gpus) if device.cuda else 1
-        basis = "calibrated model"
-    return TimeEstimate(tokens / rate, steps, rate, device.name, basis)
+        rate = probe * constants["efficiency"] / per_token * gpus
+        basis = f"calibrated model, {layout.replace('_', '-')} batches"
+        stepping = steps * constants["step_s"] + compute_tokens / rate
+        rate = real_tokens / stepping
+    parts = {
+        "start": constants["start_s"],
+        "load": constants["load_s"] + constants["load_s_per_gb"] * size,
+        "data": constants["prep_s"] + constants["prep_s_per_row"] * report.rows,
+        "steps": constants["warmup_s"] + stepping,
+        "save": constants["save_s"],
+    }
+    inputs = {
+        "rows": report.rows,
+        "weights_gb": round(size, 3),
+        "steps": steps,
+        "real_tokens": round(real_tokens),
+        "compute_tokens": round(compute_tokens),
+        # the steps' arithmetic in seconds at efficiency 1: the fit's regressor for 1 / efficiency
+        "flop_s": compute_tokens * per_token / (probe * gpus),
+    }
+    return TimeEstimate(sum(parts.values()), steps, rate, device.name, basis, parts, inputs)
 
 
 def measured_throughput(
@@ -330,10 +456,8 @@ def measured_throughput(
 
 
 def time_estimate_text(config: TrainConfig, workspace: str | Path | None = None) -> str:
-    """The estimate as one line (the Train tab, `main.py train`): from the dataset's lengths when one is chosen."""
+    """The estimate as one line (the Train tab, `main.py train`); without a dataset, what it needs instead."""
+    if not str(config.dataset.source).strip():
+        return NO_DATASET + "."
     path = resolve_model_path(config.model.name_or_path, workspace, download=False)  # a view: never downloads
-    report = dataset_report_for(config, workspace) if str(config.dataset.source).strip() else None
-    text = estimate_time(config, path, report, workspace).summary()
-    if report is None:
-        text += "; no dataset chosen yet, so every row is counted at max_seq_length"
-    return text + "; model loading and data preparation come on top."
+    return estimate_time(config, path, dataset_report_for(config, workspace), workspace).summary()

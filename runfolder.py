@@ -12,6 +12,7 @@ it, so no stage needs the supervisor. Files of a run folder (docs/ARCHITECTURE.m
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import enum
 import fcntl
@@ -439,7 +440,9 @@ def _numeric(value: Any) -> bool:
 class Reporter:
     """How a stage reports: events.jsonl and progress.json in one shape for every kind of job.
 
-    ETA comes from the pace since `start`. Under DDP only the main process writes (`writes=False` elsewhere).
+    ETA comes from the recent pace: the steps after the first quarter of those done since `start` (the first steps
+    pay for compilation and warm-up, so the mean since `start` overstates what is left). Under DDP only the main
+    process writes (`writes=False` elsewhere).
     """
 
     def __init__(self, run_dir: Path | None, writes: bool = True, clock=time.monotonic) -> None:
@@ -451,9 +454,12 @@ class Reporter:
         self.total: int | None = None
         self.latest = Progress()
         self.written = float("-inf")
+        self.pace_times: list[float] = []  # the clock at each new step reported since `start`
+        self.pace_steps: list[int] = []
 
     def start(self, step: int = 0, total: int | None = None, message: str = "", **metrics: Any) -> None:
         self.started, self.first_step, self.total = self.clock(), step, total
+        self.pace_times, self.pace_steps = [], []
         self._emit(EventKind.START, step, total, message, metrics, force=True)
 
     def progress(
@@ -477,7 +483,15 @@ class Reporter:
         done = (step or 0) - self.first_step
         if step is None or not total or done <= 0:
             return None
-        return round((self.clock() - self.started) / done * max(total - step, 0), 1)
+        now = self.clock()
+        if not self.pace_steps or self.pace_steps[-1] < step:
+            self.pace_times.append(now)
+            self.pace_steps.append(step)
+        since, since_step = self.started, self.first_step
+        index = bisect.bisect_left(self.pace_steps, self.first_step + max(1, done // 4))
+        if self.pace_steps[index] < step:  # a point past the skipped steps: the pace from there on
+            since, since_step = self.pace_times[index], self.pace_steps[index]
+        return round((now - since) / (step - since_step) * max(total - step, 0), 1)
 
     def _emit(
         self, kind: EventKind, step, total, message: str, metrics: dict, force: bool = False, progress: bool = True

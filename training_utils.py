@@ -554,6 +554,7 @@ def train(config: TrainConfig, ctx: JobContext) -> str:
         model, tokenizer = preference_utils.start_model(config, model_path, backend, workspace)
     else:
         model, tokenizer = load_for_training(config, model_path, backend)
+    ctx.reporter.progress(None, message="model loaded")
     if config.stage != "sft":  # DPO, ORPO, KTO, GRPO: TRL's own trainer, the same run folder and events
         prepared = preference_utils.prepare_data(config, tokenizer, workspace)
         trainer = preference_utils.build_trainer(config, model, tokenizer, prepared, ctx, backend, events_callback(ctx))
@@ -562,6 +563,7 @@ def train(config: TrainConfig, ctx: JobContext) -> str:
             prepared = prepare_training_data(config, tokenizer, workspace)
         if state.is_main_process:
             log_dataset_report(config, tokenizer, workspace)
+        ctx.reporter.progress(None, message="data prepared")
         trainer = build_trainer(config, model, tokenizer, prepared, ctx, backend)
     checkpoint = last_checkpoint(run_dir) if ctx.resume else None
     if ctx.resume and checkpoint is None:

@@ -55,19 +55,41 @@ def test_no_usable_rows_gives_no_suggestions(demo_model, tmp_path):
         planning.suggest(config, report(0), str(demo_model), CPU)
 
 
-def test_time_estimate_scales_with_steps_and_names_the_device(demo_model, tmp_path, workspace):
+def test_time_estimate_covers_start_to_done_and_scales_with_steps(demo_model, tmp_path, workspace):
     config = demo_train_config(tmp_path / "data.jsonl", max_steps=30)
     short = planning.estimate_time(config, str(demo_model), report(50), workspace, CPU)
     long = planning.estimate_time(
         dataclasses.replace(config, max_steps=300), str(demo_model), report(50), workspace, CPU
     )
-    assert short.seconds > 0 and short.basis == "calibrated model"
-    assert long.seconds == pytest.approx(10 * short.seconds, rel=0.05)
-    assert "for 300 steps on CPU" in long.summary()
+    assert short.basis.startswith("calibrated model") and set(short.parts) == {"start", "load", "data", "steps", "save"}
+    assert short.seconds == pytest.approx(sum(short.parts.values()))
+    fixed = short.seconds - short.parts["steps"]
+    assert long.seconds - fixed == pytest.approx(
+        10 * (short.parts["steps"] - planning.TIME_MODEL["cpu"]["warmup_s"]) + planning.TIME_MODEL["cpu"]["warmup_s"],
+        rel=0.01,
+    )
+    assert "start and model load" in long.summary() and "300 steps" in long.summary() and "on CPU" in long.summary()
     epochs = planning.estimate_time(
         dataclasses.replace(config, max_steps=None, num_train_epochs=2), str(demo_model), report(40), workspace, CPU
     )
     assert epochs.steps == 20  # 2 epochs × 40 rows ÷ 4 rows per step
+
+
+def test_padded_batches_cost_their_longest_row_and_cuts_apply():
+    lengths = {"p50": 40, "p95": 90, "p99": 100, "max": 300}
+    mean, longest = planning.row_tokens(lengths, 2048, 4)
+    assert 30 < mean < 60 and mean < longest < 300
+    assert planning.row_tokens(lengths, 2048, 1)[1] == pytest.approx(mean)
+    cut_mean, cut_longest = planning.row_tokens(lengths, 64, 4)
+    assert cut_mean < mean and cut_longest <= 64
+    assert planning.row_tokens({"p50": 256, "p95": 256, "p99": 256, "max": 256}, 1024, 8) == pytest.approx((256, 256))
+
+
+def test_no_dataset_gives_no_time_figure_but_says_what_is_missing(demo_workspace):
+    config = demo_train_config("", max_steps=60)
+    text = planning.time_estimate_text(config, demo_workspace)
+    assert text == "choose a dataset to get a time estimate: the time depends on its token count."
+    assert not any(character.isdigit() for character in text)
 
 
 def test_cli_suggest_prints_reasons_and_starts_nothing(demo_workspace, capsys):
@@ -143,3 +165,4 @@ def test_a_finished_run_calibrates_the_next_estimate(early_stopped_run, demo_mod
     config = training_utils.train_config_from_dict(config)
     estimate = planning.estimate_time(config, str(demo_model), report(6), ws, CPU)
     assert estimate.basis == "measured in run early"
+    assert estimate.parts["start"] == planning.TIME_MODEL["cpu"]["start_s"]  # the overheads stay in

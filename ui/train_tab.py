@@ -249,7 +249,8 @@ def _wire_planning(tab: TrainTab, form: forms.Form, app: gr.Blocks, workspace: P
     def estimate(data: dict) -> str:
         # Runs by itself whenever a setting changes, so a problem is shown in place instead of as a pop-up.
         try:
-            return f"**Time estimate:** {planning.time_estimate_text(forms.values_to_config(form.values(data)), workspace)}"
+            config = forms.values_to_config(form.values(data))
+            return f"**Time estimate, Start to done:** {planning.time_estimate_text(config, workspace)}"
         except (UserError, TypeError, ValueError, OSError) as exc:  # a half-typed number reaches here as None
             return f"**Time estimate unavailable:** {exc}"
 
