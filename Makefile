@@ -4,13 +4,15 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
+# The package set this machine gets (scripts/setup_plan.py): rewritten only when it changes, e.g. after a driver update.
+PLAN := $(VENV)/.setup-plan
 CONVERTER := vendor/llama.cpp/convert_hf_to_gguf.py
 # Unpacked with the converter; a checkout set up before the vocabularies were added gets them on its next `make`.
 VOCAB := vendor/llama.cpp/models/ggml-vocab-llama-bpe.gguf
 BROWSER := /usr/bin/chromium
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: run test setup lint audit clean
+.PHONY: run test setup lint audit clean FORCE
 
 run: setup
 	HF_HUB_OFFLINE=1 $(PY) main.py demo-model
@@ -22,11 +24,16 @@ test: lint $(BROWSER)
 
 setup: $(INSTALLED) $(CONVERTER) $(VOCAB)
 
-$(INSTALLED): requirements.txt
+# A CUDA GPU gets requirements-gpu.txt (Unsloth, bitsandbytes) and llama.cpp with CUDA when nvcc is on PATH; any
+# other machine, or FINETUNER_SETUP=cpu, gets requirements.txt. The script prints each decision and why.
+$(INSTALLED): requirements.txt requirements-gpu.txt scripts/setup_plan.py $(PLAN)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -r requirements.txt
+	$(PYTHON) scripts/setup_plan.py --install $(PY)
 	touch $@
+
+$(PLAN): FORCE
+	@$(PYTHON) scripts/setup_plan.py --record $@
 
 # llama.cpp's converter is not a PyPI module: take it from the sdist of the installed llama-cpp-python.
 $(CONVERTER) $(VOCAB) &: $(INSTALLED)
