@@ -294,8 +294,9 @@ def batch_layout(config: TrainConfig, device: Device) -> str:
 
 def row_tokens(lengths: dict[str, int], max_seq_length: int, batch: int) -> tuple[float, float]:
     """(mean tokens of a row, mean tokens of a batch's longest row) once cut at max_seq_length, from the report's
-    length percentiles (p50, p95, p99, max; p5, p25, p75 or min where present), read as a piecewise-linear
-    quantile function; below p50 without lower percentiles it mirrors p95 geometrically (p50² ÷ p95)."""
+    length percentiles (p50, p95, p99, max; p5, p25, p75 or min where present), read as a quantile function
+    interpolated geometrically between them (exact for log-uniform lengths, the usual long tail); below p50
+    without lower percentiles it mirrors p95 (p50² ÷ p95)."""
     known = {0.5: "p50", 0.95: "p95", 0.99: "p99", 1.0: "max", 0.05: "p5", 0.25: "p25", 0.75: "p75", 0.0: "min"}
     points = {q: float(lengths[key]) for q, key in known.items() if key in lengths}
     if 0.5 not in points:
@@ -310,7 +311,8 @@ def row_tokens(lengths: dict[str, int], max_seq_length: int, batch: int) -> tupl
         after = next(q for q in qs if q >= u)
         before = max(q for q in qs if q <= u) if any(q <= u for q in qs) else after
         span = after - before
-        value = points[before] + (points[after] - points[before]) * ((u - before) / span if span else 0.0)
+        low, high = math.log(max(points[before], 1.0)), math.log(max(points[after], 1.0))
+        value = math.exp(low + (high - low) * ((u - before) / span if span else 0.0))
         value = min(value, max_seq_length)
         mean += value / grid
         longest += value * (((index + 1) / grid) ** batch - (index / grid) ** batch)  # E[max of `batch` rows]
