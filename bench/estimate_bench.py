@@ -3,8 +3,8 @@
 Each case starts a real training run the way the app does (submit.submit_train), after asking planning for its
 estimate the way the Train tab does, and reads the run's phases from its events: Start (the call), model loaded,
 data prepared, the first step begins (the trainer's start event), the last step, done. Prints one JSON line per case
-(real_s, estimate_s, error, each phase measured and estimated, the run's own ETA error after the first tenth of its
-steps); a failed or timed-out case prints an error line and the bench goes on.
+(real_s, estimate_s, error, each phase measured and estimated, the run's own ETA error against the time left to done
+after the first tenth of its steps, and at least two); a failed or timed-out case prints an error line and the bench goes on.
 
     python bench/estimate_bench.py --cases cpu --fit               # the demo model on this machine
     python bench/estimate_bench.py --cases gpu --fit --out r.jsonl # 1B / 3B shapes of bench/gpu_models.py
@@ -44,7 +44,7 @@ from training_utils import TrainConfig  # noqa: E402
 # fixed costs, fixed vs varied rows and 1B vs 3B separate the per-step overhead from the arithmetic.
 CASES = {
     "gpu": ["1b-fixed-20", "1b-fixed-60", "1b-varied-40", "3b-fixed-20", "3b-varied-30"],
-    "cpu": ["demo-fixed-8", "demo-fixed-24", "demo-varied-16"],
+    "cpu": ["demo-fixed-10", "demo-fixed-30", "demo-varied-20"],
 }
 SETTINGS = {  # per shape: micro-batch, max_seq_length, (min, max) answer words of the varied rows
     "demo": {"batch": 2, "seq": 256, "words": (5, 150)},
@@ -125,7 +125,9 @@ def run_case(name: str, models: Path, root: Path, timeout: float) -> dict:
         "steps": last - begin,
         "save": done - last,
     }
-    tenth = next((e for e in logs if e.step >= math.ceil(steps / 10) and e.eta_s is not None and e.time < last), None)
+    tenth = next(
+        (e for e in logs if e.step >= max(2, math.ceil(steps / 10)) and e.eta_s is not None and e.time < last), None
+    )
     eta_error = (tenth.eta_s - (done - tenth.time)) / (done - tenth.time) if tenth else None
     real = done - started
     parts = estimate.parts
