@@ -156,6 +156,7 @@ def _print_memory_estimate(config, workspace) -> None:
     # The model's config is enough (a Hub id not downloaded yet is fetched by the training job).
     path = model_utils.model_reference(config.model.name_or_path, workspace)
     print(f"memory estimate: {model_utils.estimate_memory(config, path).summary()}")
+    print(f"backend: {model_utils.backend_plan()[1]}")
     warning = gguf_utils.conversion_warning(model_utils.model_architectures(path))
     if warning:  # training works; the user should know before it that the GGUF export will not
         print(f"warning: {warning}")

@@ -148,18 +148,29 @@ def detect_device() -> Device:
     )
 
 
+def backend_plan() -> tuple[str, str]:
+    """The backend that will train ('unsloth' or 'transformers') and a line saying why, without importing Unsloth."""
+    if os.environ.get("FINETUNER_BACKEND") == "transformers":
+        return "transformers", "transformers + PEFT: FINETUNER_BACKEND=transformers chose it"
+    device = detect_device()
+    if not device.cuda:
+        return "transformers", "transformers + PEFT on the CPU: no CUDA GPU found"
+    if importlib.util.find_spec("unsloth") is None:
+        return "transformers", (
+            "transformers + PEFT: Unsloth is not installed — `make setup` on this GPU machine installs it"
+        )
+    return "unsloth", f"Unsloth on {device.name}"
+
+
 def select_backend() -> str:
-    """'unsloth' when a CUDA GPU and unsloth are present, else 'transformers'.
+    """'unsloth' when a CUDA GPU and unsloth are present, else 'transformers' (backend_plan says why).
 
     Unsloth patches transformers/trl/peft when imported, so this imports it here, before the caller imports them.
     """
-    if os.environ.get("FINETUNER_BACKEND") == "transformers":
-        return "transformers"
-    if not detect_device().cuda or importlib.util.find_spec("unsloth") is None:
-        return "transformers"
-    import unsloth  # noqa: F401  (import for its patches)
-
-    return "unsloth"
+    backend, _ = backend_plan()
+    if backend == "unsloth":
+        import unsloth  # noqa: F401  (import for its patches)
+    return backend
 
 
 # ---------------------------------------------------------------- the demo model

@@ -6,7 +6,9 @@ from dataclasses import replace
 
 import pytest
 
+import main
 import model_utils
+from conftest import capital_rows, write_jsonl
 from training_utils import TrainConfig
 from workspace import UserError
 
@@ -96,3 +98,40 @@ def test_the_device_is_detected_once(monkeypatch):
         assert len(calls) == 1
     finally:
         model_utils.detect_device.cache_clear()
+
+
+H200 = model_utils.Device(cuda=True, gpu_count=1, names=("NVIDIA H200",), bf16=True)
+
+
+@pytest.mark.parametrize(
+    ("env", "device", "unsloth_installed", "expected"),
+    [
+        ("", model_utils.Device(False, 0, (), False), True, ("transformers", "on the CPU: no CUDA GPU found")),
+        ("", H200, True, ("unsloth", "Unsloth on NVIDIA H200")),
+        ("", H200, False, ("transformers", "Unsloth is not installed — `make setup` on this GPU machine installs it")),
+        ("transformers", H200, True, ("transformers", "FINETUNER_BACKEND=transformers chose it")),
+    ],
+)
+def test_the_backend_plan_says_which_backend_trains_and_why(monkeypatch, env, device, unsloth_installed, expected):
+    monkeypatch.setenv("FINETUNER_BACKEND", env)
+    monkeypatch.setattr(model_utils, "detect_device", lambda: device)
+    find_spec = model_utils.importlib.util.find_spec
+    monkeypatch.setattr(
+        model_utils.importlib.util,
+        "find_spec",
+        lambda name, *args: (find_spec("os") if unsloth_installed else None) if name == "unsloth" else find_spec(name),
+    )
+    backend, reason = model_utils.backend_plan()
+    assert backend == expected[0] and reason.endswith(expected[1])
+    if backend == "transformers":  # select_backend follows the plan (an Unsloth import needs a real GPU)
+        assert model_utils.select_backend() == "transformers"
+
+
+def test_main_train_names_the_backend_beside_the_memory_estimate(demo_workspace, capsys):
+    data = write_jsonl(demo_workspace / "data.jsonl", capital_rows(8))
+    config = demo_workspace / "train.yaml"
+    config.write_text(f"model: {{name_or_path: demo}}\ndataset: {{source: {data}}}\n")
+    assert main.main(["--workspace", str(demo_workspace), "train", str(config), "--suggest"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    memory = next(index for index, line in enumerate(lines) if line.startswith("memory estimate:"))
+    assert lines[memory + 1] == f"backend: {model_utils.backend_plan()[1]}"  # the machine's own, CPU or GPU

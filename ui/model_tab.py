@@ -74,6 +74,7 @@ def build(form: forms.Form, workspace: Path) -> ModelTab:
     timer = gr.Timer(POLL_S, active=False)
     info = gr.Markdown(elem_id="model-info")
     memory = gr.Markdown(elem_id="model-memory")
+    gr.Markdown(f"**Training backend:** {model_utils.backend_plan()[1]}", elem_id="model-backend")
     with gr.Accordion("Presets: save or load these model and training settings", open=True):
         with gr.Row():
             preset_name = gr.Textbox(label="Preset name", placeholder="e.g. small-lora", scale=2, elem_id="preset-name")
