@@ -40,18 +40,20 @@ from workspace import UserError, workspace_root
 # step's extra: compilation, allocator), step_s (per-step overhead), efficiency (achieved training FLOP/s ÷ the
 # matmul probe), save_s (after the last step: the adapter).
 TIME_MODEL = {
-    # CPU: the transformers backend; fitted from `--cases cpu` (demo model) on this project's shared 2-core machine,
-    # 2026-12-05, see bench/RESULTS.md §11.
+    # CPU: the transformers backend. Not fitted by `--cases cpu` yet: the shared 2-core machine ran a demo step in
+    # 5-42 s (2 × 256 tokens) on 2026-12-04. start_s, prep_s and save_s from that run's phases (7.3 s to the model
+    # loaded with 0.54 GB of weights, 2.1 s to the first step, 0.1 s to save); efficiency 0.54 from the idle runs of
+    # bench/RESULTS.md §10; warmup_s and step_s are guesses.
     "cpu": {
-        "start_s": 9.0,
+        "start_s": 5.0,
         "load_s": 0.0,
         "load_s_per_gb": 4.0,
-        "prep_s": 3.0,
+        "prep_s": 2.0,
         "prep_s_per_row": 0.002,
         "warmup_s": 1.0,
         "step_s": 0.05,
         "efficiency": 0.54,
-        "save_s": 0.5,
+        "save_s": 0.2,
     },
     # GPU: the Unsloth backend (its import alone takes tens of seconds). Not fitted yet: a guess from the H200 runs
     # of 2026-12-04 (1B, 40 steps of 8 short rows: 0.3 s a step, overhead more than arithmetic; 120 steps: 43 s of
