@@ -1,14 +1,16 @@
 """The chat worker: the Test tab's model lives in a child process of its own, not in the web server.
 
-The server starts it on first use (`ChatWorker`), one at a time; it imports Unsloth first (CUDA), loads the model
-through `inference_utils` and streams the reply's new text back as JSON lines. It ends itself after an idle time,
+The server starts it on first use (`ChatWorker`), one at a time; it loads the model through
+`inference_utils.load_for_chat` (on CUDA: bf16, a static KV cache and a compiled decoding step, warmed up while
+loading) and streams the reply's new text back as JSON lines. It ends itself after an idle time,
 when the server goes away (its stdin closes), or when a GPU job takes the workspace's GPU lock; the server ends it
 before it starts a GPU job (`jobs.before_gpu_job`). A crash in generation ends only this process: the tab shows
 the error and the next message starts a new worker.
 
 Protocol (one JSON object per line): requests on stdin — {"op": "load", ...}, {"op": "chat", ...},
-{"op": "compare", ...}, {"op": "cancel"}; replies on the worker's own copy of stdout — {"type": "loaded"},
-{"type": "piece", "rows": [...]}, {"type": "done"}, {"type": "error", "message": ..., "user": bool}.
+{"op": "compare", ...}, {"op": "cancel"}; replies on the worker's own copy of stdout — {"type": "status",
+"message": ...} (loading, warming up), {"type": "loaded"}, {"type": "piece", "rows": [...]}, {"type": "done"},
+{"type": "error", "message": ..., "user": bool}.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class ChatWorker:
         self._info: dict[str, Any] = {}
         self._ended_because = ""  # why the last worker was ended by us (a GPU job), told once
         self.notice = ""  # what the tab says about the last reload ("" when nothing happened)
+        self.activity = ""  # what the worker is busy with, for a request that waits ("warming up …")
 
     @property
     def log_path(self) -> Path:
@@ -67,8 +70,29 @@ class ChatWorker:
 
     def load(self, model: str = "", run: str = "", gguf: str = "") -> dict[str, Any]:
         """Make sure the worker holds this model (starting the worker or reloading); returns what it loaded."""
-        with self._lock:
-            return self._ensure((model.strip(), run or "", gguf or ""))
+        for _ in self.prepare(model, run, gguf):
+            pass
+        return self._info
+
+    def prepare(self, model: str = "", run: str = "", gguf: str = "") -> Iterator[str]:
+        """Make sure the worker holds this model, yielding what happens meanwhile as lines for the tab (waiting for
+        another request, loading, warming up); `info` is what is loaded afterwards."""
+        key = (model.strip(), run or "", gguf or "")
+        while not self._lock.acquire(timeout=0.5):
+            busy = (
+                f"another request is loading the model ({self.activity})"
+                if self.activity
+                else "another reply is being generated"
+            )
+            yield f"Waiting: {busy}…"
+        try:
+            yield from self._ensure_steps(key)
+        finally:
+            self._lock.release()
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self._info
 
     def chat(self, key: tuple[str, str, str], messages: list[dict], config, use_adapter: bool) -> Iterator[str]:
         """The reply so far, token by token, from the model `key` = (model, run, gguf)."""
@@ -120,17 +144,37 @@ class ChatWorker:
     # ------------------------------------------------------------ inside
 
     def _ensure(self, key: tuple[str, str, str]) -> dict[str, Any]:
+        for _ in self._ensure_steps(key):
+            pass
+        return self._info
+
+    def _ensure_steps(self, key: tuple[str, str, str]) -> Iterator[str]:
+        """Load `key` if it is not loaded (called under the lock), yielding the worker's status lines."""
+        if self.alive and self._key != key and self._info.get("compiled"):
+            # Compiled code and CUDA graphs keep memory that only the process's end gives back.
+            self.end()
+            self._ended_because, self._process = "", None
         if not self.alive:
             self._note_exit()
             self._start()
-        if self._key != key:
-            self._key = None
-            self._send({"op": "load", "model": key[0], "run": key[1], "gguf": key[2]})
-            reply = self._read()
-            if reply.get("type") != "loaded":
-                self._raise(reply)
-            self._key, self._info = key, reply["info"]
-        return self._info
+        if self._key == key:
+            return
+        self._key = None
+        self._send({"op": "load", "model": key[0], "run": key[1], "gguf": key[2]})
+        finished = False
+        try:
+            while (reply := self._read()).get("type") == "status":
+                self.activity = reply["message"].rstrip("…")
+                yield reply["message"]
+            finished = True
+        finally:
+            self.activity = ""
+            if not finished and self.alive:  # the page stopped listening: let the load finish unseen
+                while (reply := self._read()).get("type") == "status":
+                    pass
+        if reply.get("type") != "loaded":
+            self._raise(reply)
+        self._key, self._info = key, reply["info"]
 
     def _note_exit(self) -> None:
         """Say why the previous worker is gone, when it did not just idle out."""
@@ -242,9 +286,7 @@ def serve(workspace: Path, idle_s: float) -> int:
     replies = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
     os.dup2(2, 1)  # libraries that print (Unsloth's banner) write to the log, not into the protocol
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    import model_utils
-
-    model_utils.select_backend()  # Unsloth before transformers, so that its patches apply
+    # No Unsloth here: chat decodes fastest through transformers' compiled static-cache step (load_for_chat).
     import inference_utils
 
     requests: queue.Queue[dict | None] = queue.Queue()
@@ -284,8 +326,12 @@ def serve(workspace: Path, idle_s: float) -> int:
         try:
             if request["op"] == "load":
                 chat_model = None  # the old model's memory goes before the next one loads
-                chat_model = inference_utils.load_chat_model(
-                    request["model"] or None, request["run"] or None, workspace, gguf=request["gguf"] or None
+                chat_model = inference_utils.load_for_chat(
+                    request["model"] or None,
+                    request["run"] or None,
+                    workspace,
+                    gguf=request["gguf"] or None,
+                    status=lambda line: reply(type="status", message=line),
                 )
                 reply(type="loaded", info=describe(chat_model))
             else:
@@ -322,6 +368,8 @@ def describe(chat_model) -> dict[str, Any]:
         "kind": chat_model.kind,
         "backend": chat_model.backend,
         "static_cache": chat_model.static_cache,
+        # A compiled decoding step on the GPU: its memory is freed only with the process (ChatWorker restarts it).
+        "compiled": bool(chat_model.static_cache and chat_model.cache_tokens),
         "pid": os.getpid(),
     }
 

@@ -10,7 +10,8 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,10 +76,24 @@ class ChatModel:
     merged: bool = False  # whether the LoRA is merged into the base weights now (the tuned side)
     # The LoRA-wrapped layers' own weights, kept on the host from the first merge on, to take the merge out again.
     base_weights: dict[str, Any] | None = field(default=None, repr=False)
+    # The adapter's LoRA layers once PEFT's wrappers are out of the model (load_for_chat on CUDA): the forward is the
+    # plain transformers model, which compiles whole, and a side is switched by merging or restoring weights only.
+    lora_layers: list[tuple[str, Any]] | None = field(default=None, repr=False)
+    cache_tokens: int = 0  # the static KV cache's length: one size for every reply, so the compiled step is reused
+    # Every generate runs on this one thread: the compiled step's CUDA graphs are recorded per thread, so a new
+    # thread per reply would record them again.
+    executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="generate"), repr=False
+    )
 
     @property
     def has_adapter(self) -> bool:
         return self.kind == "adapter"
+
+    @property
+    def wrapped(self) -> bool:
+        """Whether the adapter is a PEFT wrapper in the forward (switched off with disable_adapter for the base)."""
+        return self.has_adapter and self.lora_layers is None
 
 
 # ---------------------------------------------------------------- runs
@@ -101,18 +116,21 @@ def load_chat_model(
     workspace: str | Path | None = None,
     gguf: str | None = None,
     static_cache: bool | None = None,
+    backend: str | None = None,
 ) -> ChatModel:
     """Load a model for chat: `model` ("demo", a Hub id or a local folder) plus the adapter or merged model of `run`,
     or (gguf: a file name in the run's gguf/ folder, or a path) the GGUF file the run exported, through llama.cpp.
 
     model: None or "" means the run's base model (from its train config), or the demo model when no run is given.
     static_cache: None picks it where it pays (CUDA, transformers backend); True / False force it (the bench).
+    backend: None picks Unsloth where it is installed on CUDA (select_backend); "transformers" keeps Unsloth out,
+    "transformers-4bit" loads the base through bitsandbytes' 4-bit quantization (a model too large for bf16).
     """
     import model_utils
 
     if gguf:
         return _load_gguf(gguf, run, workspace)
-    backend = model_utils.select_backend()  # first: Unsloth must be imported before transformers/peft
+    backend = backend or model_utils.select_backend()  # first: Unsloth must be imported before transformers/peft
     run_dir = output_dir = None
     trust_remote_code = load_in_4bit = False
     if run:
@@ -130,7 +148,10 @@ def load_chat_model(
     if backend == "unsloth":
         loaded = _load_unsloth(weights_path, output_dir if kind == "adapter" else None, load_in_4bit, trust_remote_code)
     else:
-        loaded = model_utils.load_model(weights_path, trust_remote_code)
+        if backend == "transformers-4bit":
+            loaded = _load_4bit(weights_path, trust_remote_code)
+        else:
+            loaded = model_utils.load_model(weights_path, trust_remote_code)
         if kind == "adapter":
             loaded = _attach_adapter(loaded, output_dir, model, train_config.model.name_or_path, run_dir.name)
     tokenizer = model_utils.load_tokenizer(str(output_dir or model_path), trust_remote_code)
@@ -150,6 +171,23 @@ def load_chat_model(
     return chat_model
 
 
+def _load_4bit(weights_path: str, trust_remote_code: bool):
+    """The base in NF4 through bitsandbytes (as QLoRA trains it), for a model whose bf16 weights do not fit the card."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        weights_path, quantization_config=quantization, trust_remote_code=trust_remote_code, device_map="cuda"
+    )
+    return model.eval()
+
+
 def _static_cache_supported(model) -> bool:
     """A static KV cache (and the compiled decoding step transformers builds over it) needs CUDA and a model class
     that supports it; Unsloth's own fast decoding path keeps its dynamic cache."""
@@ -161,6 +199,107 @@ def _static_cache_supported(model) -> bool:
         and model.device.type == "cuda"
         and bool(getattr(inner, "_can_compile_fullgraph", False) or getattr(inner, "_supports_static_cache", False))
     )
+
+
+# The static KV cache's length for chat: one size for every reply (a longer conversation grows it once, and the
+# decoding step is compiled again). 4,096 tokens of an 8B model's cache take 0.5 GiB.
+CHAT_CACHE_TOKENS = 4096
+# Of the card's free memory, what the bf16 weights may take: the rest holds the KV cache and the activations.
+BF16_SHARE = 0.85
+
+
+def load_for_chat(
+    model: str | None = None,
+    run: str | None = None,
+    workspace: str | Path | None = None,
+    gguf: str | None = None,
+    status: Callable[[str], None] | None = None,
+    compile_step: bool = True,
+) -> ChatModel:
+    """The model for chatting (the Test tab's worker, `main.py chat`), loaded for the fastest decoding here.
+
+    On CUDA: transformers in bf16 with the run's LoRA taken out of PEFT's wrappers (the tuned side merges it into the
+    weights, the base side restores them bit for bit), a static KV cache and the decoding step that transformers
+    compiles over it, warmed up here so that compiling never happens inside a reply. Unsloth's own decoding path and
+    PEFT's wrappers measured a fifth of that speed (bench/chat_bench.py). Elsewhere load_chat_model as it is.
+    status: called with a line the tab shows while loading and warming up.
+    compile_step: False skips the static cache and its compilation (tens of seconds), for a single short reply."""
+    import model_utils
+
+    status = status or (lambda message: None)
+    if gguf or not model_utils.detect_device().cuda:
+        status("Loading the model…")
+        return load_chat_model(model, run, workspace, gguf=gguf, backend="transformers" if not gguf else None)
+    status("Loading the model onto the GPU…")
+    four_bit = _bf16_too_large(model, run, workspace)
+    if four_bit:
+        log.info("chat: %s", four_bit)
+    chat_model = load_chat_model(model, run, workspace, backend="transformers-4bit" if four_bit else "transformers")
+    if chat_model.kind == "adapter" and _can_unwrap(chat_model):
+        _unwrap_adapter(chat_model)
+    chat_model.static_cache = chat_model.static_cache and compile_step
+    if chat_model.static_cache:
+        status(f"Warming up: compiling the decoding step for {model_utils.detect_device().name} (once per load)…")
+        _warm_up(chat_model)
+    return chat_model
+
+
+def _bf16_too_large(model: str | None, run: str | None, workspace: str | Path | None) -> str:
+    """Why the base must load in 4-bit (its bf16 weights do not fit the card's free memory), or ""."""
+    import torch
+
+    import model_utils
+
+    try:
+        if run:
+            trained, train_config = trained_run(run, workspace)
+            if trained.path.name == "merged":
+                return ""
+            model = model or train_config.model.name_or_path
+            workspace = runfolder.run_workspace(trained.run_dir)
+        path = Path(model_utils.resolve_model_path(model or model_utils.DEMO_MODEL, workspace))
+        parameters, _ = model_utils.count_parameters(str(path))
+    except (UserError, OSError, ValueError):
+        return ""  # the load itself reports what is wrong
+    free, _ = torch.cuda.mem_get_info()
+    needed = 2 * parameters
+    if needed <= BF16_SHARE * free:
+        return ""
+    return f"bf16 weights {needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free on the GPU: loading the base in 4-bit"
+
+
+def _can_unwrap(chat_model: ChatModel) -> bool:
+    """LoRA layers whose delta can be merged into float weights (not DoRA, not a 4-bit base)."""
+    layers = list(_lora_layers(chat_model.model))
+    return bool(layers) and all(
+        module.get_base_layer().weight.dtype.is_floating_point and not any(getattr(module, "use_dora", {}).values())
+        for _, module in layers
+    )
+
+
+def _unwrap_adapter(chat_model: ChatModel) -> None:
+    """Take PEFT's wrappers out of the model, keeping its LoRA layers aside for merging."""
+    chat_model.lora_layers = list(_lora_layers(chat_model.model))
+    chat_model.model = chat_model.model.unload()  # the base layers back in place, nothing merged
+    chat_model.merge_lora = True
+
+
+def _warm_up(chat_model: ChatModel) -> None:
+    """Compile the decoding step and record its CUDA graphs (the first two calls) before any reply; a model the
+    installed stack cannot compile decodes with its dynamic cache instead."""
+    chat_model.cache_tokens = min(CHAT_CACHE_TOKENS, chat_model.max_length)
+    config = GenerationConfig(temperature=0, max_new_tokens=8)
+    prompt = _prompt_ids(chat_model, [{"role": "user", "content": "Hello"}], config)
+    started = time.monotonic()
+    try:
+        for _ in range(2):
+            for _ in _stream_rows(chat_model, prompt, config, ["tuned" if chat_model.has_adapter else "base"]):
+                pass
+    except Exception:  # noqa: BLE001 (torch.compile raises many types; decoding still works without it)
+        log.exception("compiling the decoding step failed: decoding with a dynamic cache")
+        chat_model.static_cache = False
+        return
+    log.info("decoding step compiled and warmed up in %.1f s", time.monotonic() - started)
 
 
 def gguf_files(run: str | None, workspace: str | Path | None = None) -> list[str]:
@@ -380,13 +519,14 @@ def _set_side(chat_model: ChatModel, side: str) -> None:
     if not chat_model.has_adapter:
         return
     want_merged = side == "tuned" and _merges(chat_model)
+    layers = _adapter_layers(chat_model)
     if want_merged and not chat_model.merged:
         if chat_model.base_weights is None:
-            chat_model.base_weights = _host_copy(chat_model.model)
-        _merge_in_place(chat_model.model)
+            chat_model.base_weights = _host_copy(layers)
+        _merge_in_place(layers)
         chat_model.merged = True
     elif not want_merged and chat_model.merged:
-        _restore(chat_model.model, chat_model.base_weights)
+        _restore(layers, chat_model.base_weights)
         chat_model.merged = False
 
 
@@ -398,49 +538,55 @@ def _lora_layers(model) -> Iterator[tuple[str, Any]]:
             yield name, module
 
 
+def _adapter_layers(chat_model: ChatModel) -> list[tuple[str, Any]]:
+    """The adapter's LoRA layers: kept aside once unwrapped, else found in the model."""
+    return chat_model.lora_layers if chat_model.lora_layers is not None else list(_lora_layers(chat_model.model))
+
+
 def _merges(chat_model: ChatModel) -> bool:
     """Whether the tuned side merges the adapter in place: asked for, and every wrapped weight is a float tensor
     (a 4-bit base cannot take the merge)."""
     return chat_model.merge_lora and all(
-        module.get_base_layer().weight.dtype.is_floating_point for _, module in _lora_layers(chat_model.model)
+        module.get_base_layer().weight.dtype.is_floating_point for _, module in _adapter_layers(chat_model)
     )
 
 
-def _host_copy(model) -> dict[str, Any]:
+def _host_copy(layers: list[tuple[str, Any]]) -> dict[str, Any]:
     """The wrapped layers' base weights on the host (pinned on CUDA, for fast copies back), so that taking the merge
     out restores them bit for bit instead of subtracting the delta again (bf16 would drift with every switch)."""
     import torch
 
     saved = {}
-    for name, module in _lora_layers(model):
+    for name, module in layers:
         weight = module.get_base_layer().weight.detach()
         copy = torch.empty(weight.shape, dtype=weight.dtype, pin_memory=weight.is_cuda)
         saved[name] = copy.copy_(weight)
     return saved
 
 
-def _merge_in_place(model) -> None:
-    """Add each layer's LoRA delta to its base weight (on the weight's own device)."""
+def _merge_in_place(layers: list[tuple[str, Any]]) -> None:
+    """Add each layer's LoRA delta to its base weight (on the weight's own device), rounded as PEFT's merge rounds
+    it (the delta in its own precision, one rounding to the weight's): the weights equal merge_and_unload()'s."""
     import torch
 
     with torch.no_grad():
-        for _, module in _lora_layers(model):
-            weight = module.get_base_layer().weight
-            weight.add_(module.get_delta_weight(TUNED_ADAPTER).to(weight.dtype))
+        for _, module in layers:
+            module.get_base_layer().weight.add_(module.get_delta_weight(TUNED_ADAPTER))
 
 
-def _restore(model, saved: dict[str, Any]) -> None:
+def _restore(layers: list[tuple[str, Any]], saved: dict[str, Any]) -> None:
     import torch
 
     with torch.no_grad():
-        for name, module in _lora_layers(model):
+        for name, module in layers:
             module.get_base_layer().weight.copy_(saved[name], non_blocking=True)
 
 
 def _stream_rows(
     chat_model: ChatModel, prompt_ids: list[int], config: GenerationConfig, sides: list[str]
 ) -> Iterator[list[str]]:
-    """Run `generate` in a thread over one copy of the prompt per side; yield each row's new text per token.
+    """Run `generate` on the model's generate thread over one copy of the prompt per side; yield each row's new
+    text per token.
 
     sides: "base" / "tuned" (one row; the LoRA out of or merged into the weights, the adapter's own matmuls off),
     or "lora-base" + "lora-tuned" (two rows; PEFT applies the adapter to the second row only).
@@ -465,16 +611,20 @@ def _stream_rows(
         def end(self) -> None:
             self.steps.put(None)
 
-    class StopWhenAsked(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
-
     model, tokenizer = chat_model.model, chat_model.tokenizer
     rows = len(sides)
     stop = threading.Event()
     streamer = TokenQueue()
     failure: list[BaseException] = []
     input_ids = torch.tensor([prompt_ids] * rows, device=model.device)
+    # The answers, made once: a new tensor each step would cost a kernel launch per token.
+    go_on, halt = (torch.full((rows,), flag, dtype=torch.bool, device=model.device) for flag in (False, True))
+
+    class StopWhenAsked(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return halt if stop.is_set() else go_on
+
+    stop_ids = _stop_token_ids(model, tokenizer)
     kwargs: dict[str, Any] = dict(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
@@ -482,14 +632,20 @@ def _stream_rows(
         stopping_criteria=StoppingCriteriaList([StopWhenAsked()]),
         max_new_tokens=min(config.max_new_tokens, chat_model.max_length - len(prompt_ids)),
         pad_token_id=tokenizer.pad_token_id,
+        # Generation ends at any token that ends the reply, the tokenizer's end of turn included: a model whose
+        # generation config names another EOS would otherwise decode on, unseen, to max_new_tokens.
+        eos_token_id=sorted(stop_ids),
         **_sampling(config),
     )
     if chat_model.static_cache and rows == 1:
         kwargs["cache_implementation"] = "static"  # transformers compiles the decoding step over it on CUDA
+        if chat_model.cache_tokens:
+            kwargs["max_cache_len"] = chat_model.cache_tokens  # the size it was compiled for (load_for_chat)
     if sides[0].startswith("lora-"):
         kwargs["adapter_names"] = [BASE_ADAPTER if side == "lora-base" else TUNED_ADAPTER for side in sides]
     # Merged or base weights answer with the adapter's own matmuls switched off; "tuned" on a 4-bit base keeps them.
-    disable = chat_model.has_adapter and (sides == ["base"] or (sides == ["tuned"] and _merges(chat_model)))
+    # Unwrapped (load_for_chat on CUDA), the model has no adapter matmuls to switch off.
+    disable = chat_model.wrapped and (sides == ["base"] or (sides == ["tuned"] and _merges(chat_model)))
 
     def generate() -> None:
         try:
@@ -502,11 +658,9 @@ def _stream_rows(
         finally:
             streamer.end()
 
-    stop_ids = _stop_token_ids(model, tokenizer)
     decoders = [Detokenizer(tokenizer) for _ in range(rows)]
     finished = [False] * rows
-    worker = threading.Thread(target=generate, name="generate", daemon=True)
-    worker.start()
+    done = chat_model.executor.submit(generate)
     try:
         while (step := streamer.steps.get()) is not None:
             pieces = [""] * rows
@@ -524,7 +678,7 @@ def _stream_rows(
             yield pieces
     finally:
         stop.set()
-        worker.join()
+        done.result()
 
 
 def _gguf_deltas(chat_model: ChatModel, messages: list[dict], config: GenerationConfig) -> Iterator[str]:

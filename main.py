@@ -313,7 +313,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     config.validate()
     if not args.prompt.strip():
         raise UserError('The prompt is empty; pass --prompt "your message".')
-    chat_model = inference_utils.load_chat_model(args.model, args.run, args.workspace, gguf=args.gguf)
+    # One reply (two with --compare) does not repay compiling the decoding step; the rest is the Test tab's fast path.
+    chat_model = inference_utils.load_for_chat(args.model, args.run, args.workspace, gguf=args.gguf, compile_step=False)
     messages = [{"role": "user", "content": args.prompt}]
     if not args.compare:
         _print_stream(inference_utils.stream_chat(chat_model, messages, config))

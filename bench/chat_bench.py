@@ -8,17 +8,20 @@ line.
 Each shape gets a LoRA run trained for a few steps by the app's own training code (so the adapter is not zero).
 Sides, each in a fresh process so that one side's imports (Unsloth patches transformers) cannot change another's:
 
-- app_worker: what the Test tab does: `chat_worker.ChatWorker` (its own process, the reply streamed back as JSON
-  lines), tuned side (LoRA merged in place); tokens counted by re-encoding the reply.
-- app_stream / app_stream_base: `inference_utils.stream_chat` in the process, tuned / base side.
-- app_stream_static (CUDA): the same with the static KV cache (transformers compiles the decoding step over it).
+- app_worker / app_worker_base: what the Test tab does: `chat_worker.ChatWorker` (its own process, the reply
+  streamed back as JSON lines), tuned side (LoRA merged in place) and base side (weights restored); tokens counted
+  by re-encoding the reply; `load_s` includes the warm-up (compiling the decoding step on CUDA).
+- app_stream / app_stream_base: `inference_utils.load_for_chat` + `stream_chat` in the process, tuned / base side.
+- app_unsloth / app_unsloth_base (CUDA, Unsloth installed): the path the tab used before, Unsloth's
+  `for_inference` model with the adapter switched off for the base side (`load_chat_model`).
 - plain_generate / plain_generate_static: `AutoModelForCausalLM` (bf16 on CUDA, float32 on the CPU as the app
   loads it there) + the adapter merged (`merge_and_unload`), `generate` without a streamer; exactly as many new
-  tokens as the app's reply had (min_new_tokens = max_new_tokens).
+  tokens as the app's reply had (min_new_tokens = max_new_tokens); _static with the static KV cache, whose step
+  transformers compiles.
 - llama_cpp (CPU): the run's q8_0 GGUF exported by the app, llama-cpp-python's streamed chat completion.
 
-Ratios: app_stream / plain_generate (target ≥ 1.0 on the GPU), app_stream_static / plain_generate (target ≥ 2.0),
-and the time to the first token (target ≤ 0.5 s once the model is loaded).
+Targets on the GPU: app_worker and app_worker_base ≥ 0.9 × plain_generate_static, both with all the new tokens, and
+the time to the first token ≤ 0.3 s after the warm-up; on the CPU app_worker ≥ 0.9 × plain_generate.
 """
 
 from __future__ import annotations
@@ -54,9 +57,10 @@ def device_name() -> str:
 # ---------------------------------------------------------------- setting up a run
 
 
-def make_run(workspace: Path, shape: str, steps: int) -> tuple[str, str]:
+def make_run(workspace: Path, shape: str, steps: int, new_tokens: int) -> tuple[str, str]:
     """(model name or path, run name): a short LoRA run of the demo model or of a random-init GPU shape."""
     import jobs
+    import model_utils
     import runfolder
     import training_utils
     from bench import gpu_models
@@ -91,6 +95,8 @@ def make_run(workspace: Path, shape: str, steps: int) -> tuple[str, str]:
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints; stdout carries only JSON lines
         training_utils.train(config, runfolder.JobContext.for_run(run_dir))
     runfolder.write_status(run_dir, state="done")
+    # Every side's reply is new_tokens of text long (the tokenizer the chat loads: the run's).
+    gpu_models.fix_reply_length(Path(model_utils.resolve_model_path(model, workspace)), run_dir / "adapter", new_tokens)
     emit({"measurement": "chat_bench_setup", "shape": shape, "steps": steps, "seconds": elapsed(started)})
     return model, run_dir.name
 
@@ -146,12 +152,27 @@ def summary(side: str, shape: str, runs: list[dict], **extra) -> dict:
 
 
 def side_app(args) -> list[dict]:
+    import inference_utils
+
+    started = time.monotonic()
+    chat_model = inference_utils.load_for_chat(run=args.run, workspace=args.workspace)
+    load_s = elapsed(started)
+    return decode_sides(args, inference_utils, chat_model, "app_stream", load_s=load_s)
+
+
+def side_unsloth(args) -> list[dict]:
     import model_utils
 
-    model_utils.select_backend()  # first, as the worker does
+    if model_utils.select_backend() != "unsloth":  # first, before transformers is imported
+        return []
     import inference_utils
 
     chat_model = inference_utils.load_chat_model(run=args.run, workspace=args.workspace)
+    return decode_sides(args, inference_utils, chat_model, "app_unsloth")
+
+
+def decode_sides(args, inference_utils, chat_model, name: str, **extra) -> list[dict]:
+    """The tuned and the base side of one loaded chat model, greedy, each reply exactly args.new_tokens long."""
     config = inference_utils.GenerationConfig(temperature=0, max_new_tokens=args.new_tokens)
     messages = [{"role": "user", "content": PROMPT}]
     # The reply must have the same length on every side: EOS is suppressed until max_new_tokens (generate reads the
@@ -162,12 +183,8 @@ def side_app(args) -> list[dict]:
     def count(text: str) -> int:
         return len(chat_model.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    variants = [("app_stream", True, False), ("app_stream_base", False, False)]
-    if inference_utils._static_cache_supported(chat_model.model) or chat_model.static_cache:
-        variants.append(("app_stream_static", True, True))
     results = []
-    for side, use_adapter, static in variants:
-        chat_model.static_cache = static
+    for side, use_adapter in ((name, True), (f"{name}_base", False)):
         try:
             runs = [
                 timed_stream(inference_utils.chat_deltas(chat_model, messages, config, use_adapter), count)
@@ -176,7 +193,17 @@ def side_app(args) -> list[dict]:
         except Exception as exc:  # e.g. the installed stack cannot compile this model: say what blocks it
             results.append({"measurement": "chat_decode", "shape": args.shape, "side": side, "error": repr(exc)[:400]})
             continue
-        results.append(summary(side, args.shape, runs, backend=chat_model.backend, reply=runs[-1]["text"][:80]))
+        results.append(
+            summary(
+                side,
+                args.shape,
+                runs,
+                backend=chat_model.backend,
+                static_cache=chat_model.static_cache,
+                reply=runs[-1]["text"][:80],
+                **extra,
+            )
+        )
     return results
 
 
@@ -195,19 +222,25 @@ def side_worker(args) -> list[dict]:
         config = GenerationConfig(temperature=0, max_new_tokens=args.new_tokens)
         messages = [{"role": "user", "content": PROMPT}]
 
-        def pieces():
-            shown = ""
-            for text in worker.chat(key, messages, config, True):
-                yield text[len(shown) :]
-                shown = text
+        results = []
+        for side, use_adapter in (("app_worker", True), ("app_worker_base", False)):
 
-        runs = [
-            timed_stream(pieces(), lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]))
-            for _ in range(args.repeat + 1)
-        ][1:]
+            def pieces(use_adapter=use_adapter):
+                shown = ""
+                for text in worker.chat(key, messages, config, use_adapter):
+                    yield text[len(shown) :]
+                    shown = text
+
+            runs = [
+                timed_stream(pieces(), lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+                for _ in range(args.repeat + 1)
+            ][1:]
+            results.append(
+                summary(side, args.shape, runs, backend=info["backend"], compiled=info.get("compiled"), load_s=load_s)
+            )
     finally:
         worker.end()
-    return [summary("app_worker", args.shape, runs, backend=info["backend"], load_s=load_s)]
+    return results
 
 
 def side_plain(args) -> list[dict]:
@@ -282,14 +315,20 @@ def side_llama_cpp(args) -> list[dict]:
     return [summary("llama_cpp", args.shape, runs, file=args.gguf, threads=llm.n_threads)]
 
 
-SIDES = {"app": side_app, "worker": side_worker, "plain": side_plain, "llama_cpp": side_llama_cpp}
+SIDES = {
+    "app": side_app,
+    "unsloth": side_unsloth,
+    "worker": side_worker,
+    "plain": side_plain,
+    "llama_cpp": side_llama_cpp,
+}
 
 
 def run_side(name: str, args, **values) -> list[dict]:
     """One side in a fresh process; its JSON lines are printed as they come and returned."""
     command = [sys.executable, str(Path(__file__).resolve()), "--side", name, "--shape", args.shape]
     for key, value in {**vars(args), **values}.items():
-        if key not in ("side", "shape", "shapes") and value is not None:
+        if key not in ("side", "shape", "shapes", "sides") and value is not None:
             command += [f"--{key.replace('_', '-')}", str(value)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
@@ -316,7 +355,15 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per side after one warm-up")
     parser.add_argument("--steps", type=int, default=3, help="training steps of the LoRA run")
-    parser.add_argument("--workspace", type=Path, default=None)
+    parser.add_argument(
+        "--workspace",
+        type=Path,
+        default=None,
+        help="a scratch workspace (its models' generation configs are rewritten)",
+    )
+    parser.add_argument(
+        "--sides", default="unsloth,llama_cpp", help="optional sides to add: unsloth (CUDA), llama_cpp (CPU)"
+    )
     # Internal: one side in its own process.
     for name in ("side", "shape", "run", "model", "gguf", "tokenizer"):
         parser.add_argument(f"--{name}", default=None, help=argparse.SUPPRESS)
@@ -341,22 +388,30 @@ def main() -> None:
         args.workspace = workspace
         for shape in shapes:
             args.shape = shape
-            model, run = make_run(workspace, shape, args.steps)
+            model, run = make_run(workspace, shape, args.steps, args.new_tokens)
             args.run, args.model = run, model
             app = {record.get("side"): record for record in run_side("app", args)}
             tokens = (app.get("app_stream") or {}).get("new_tokens") or args.new_tokens
             plain = {record.get("side"): record for record in run_side("plain", args, tokens=tokens)}
             tokenizer = str(workspace / "runs" / run / "adapter")
             worker = {record.get("side"): record for record in run_side("worker", args, tokenizer=tokenizer)}
-            ratio("app_stream/plain_generate", shape, app.get("app_stream"), plain.get("plain_generate"), 1.0)
-            ratio("app_stream_base/plain_generate", shape, app.get("app_stream_base"), plain.get("plain_generate"), 1.0)
-            ratio("app_worker/plain_generate", shape, worker.get("app_worker"), plain.get("plain_generate"), 1.0)
+            if cuda and "unsloth" in args.sides.split(","):
+                app |= {record.get("side"): record for record in run_side("unsloth", args)}
+            # What the tab decodes with, against the fastest plain transformers decoding of the same merged model.
+            best = plain.get("plain_generate_static") if cuda else plain.get("plain_generate")
+            name = "plain_generate_static" if cuda else "plain_generate"
+            for side in ("app_worker", "app_worker_base"):
+                ratio(f"{side}/{name}", shape, worker.get(side), best, 0.9)
+                first = worker.get(side) or {}
+                if cuda and "ttft_s" in first:
+                    emit({"measurement": "chat_ttft", "shape": shape, "side": side, "value": first["ttft_s"],
+                          "target": 0.3, "met": first["ttft_s"] <= 0.3})  # fmt: skip
+            for side in ("app_stream", "app_stream_base", "app_unsloth", "app_unsloth_base"):
+                ratio(f"{side}/{name}", shape, app.get(side), best, None)
             if cuda:
-                static = app.get("app_stream_static")
-                ratio("app_stream_static/plain_generate", shape, static, plain.get("plain_generate"), 2.0)
                 ratio("plain_generate_static/plain_generate", shape, plain.get("plain_generate_static"),
                       plain.get("plain_generate"), None)  # fmt: skip
-            else:
+            elif "llama_cpp" in args.sides.split(","):
                 gguf = export_q8_0(workspace, run)
                 llama = {record.get("side"): record for record in run_side("llama_cpp", args, gguf=gguf, tokens=tokens)}
                 ratio("llama_cpp/app_stream", shape, llama.get("llama_cpp"), app.get("app_stream"), None)

@@ -160,6 +160,26 @@ def build_model(shape: str, folder: Path, tokenizer_folder: Path, device: str = 
     return folder
 
 
+def fix_reply_length(model_folder: Path, tokenizer_folder: Path, new_tokens: int) -> None:
+    """Make every greedy reply of the random model in `model_folder` exactly `new_tokens` text tokens long, through
+    its generation config: no token that ends a chat reply (its EOS and the tokenizer's) before then, and no token
+    that decodes to no text (the special tokens, and the ids past the small tokenizer's vocabulary: a Llama-3.2
+    shape has 128,256 rows, the tokenizer 4,096, so a random model picks text-less ids 97 % of the time)."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder))
+    vocab = AutoConfig.from_pretrained(str(model_folder)).vocab_size
+    saved = (Path(model_folder) / "generation_config.json").exists()
+    generation = GenerationConfig.from_pretrained(str(model_folder)) if saved else GenerationConfig()
+    configured = generation.eos_token_id
+    ends = set(configured if isinstance(configured, list) else [configured]) | {tokenizer.eos_token_id}
+    generation.eos_token_id = sorted(ends - {None})
+    generation.min_new_tokens = new_tokens
+    textless = set(tokenizer.all_special_ids) | set(range(len(tokenizer), vocab))
+    generation.suppress_tokens = sorted(textless - set(generation.eos_token_id)) or None
+    generation.save_pretrained(str(model_folder))
+
+
 def alpaca_rows(count: int, min_words: int, max_words: int, seed: int = 0) -> list[dict]:
     """Alpaca-style rows (instruction, input, output) whose answers have min_words..max_words words, log-uniform."""
     import math

@@ -119,3 +119,22 @@ def test_an_idle_worker_ends_itself(own_workspace):
     wait_for(lambda: not worker.alive, timeout=30, what="the idle worker to end")
     assert worker._process.returncode == 0
     assert "unloaded after a while unused" in worker.state_line()
+
+
+def test_loading_says_what_it_does_and_a_second_request_waits_and_says_why(worker):
+    import threading
+
+    lines = list(worker.prepare(*TUNED))
+    assert lines == ["Loading the model…"]  # the CPU: no decoding step to compile, so no warming up
+    assert worker.info["kind"] == "adapter" and not worker.info["compiled"]
+    assert list(worker.prepare(*TUNED)) == []  # loaded already: nothing to wait for
+    worker.end()
+    first = threading.Thread(target=worker.load, args=TUNED)
+    first.start()  # another tab's message loads the model
+    try:
+        wait_for(lambda: worker.activity, timeout=60, what="the first load to start")
+        waiting = next(worker.prepare(*TUNED))
+        assert waiting == "Waiting: another request is loading the model (Loading the model)…"
+    finally:
+        first.join()
+    assert "Zebra" in ask(worker)[-1]

@@ -255,6 +255,54 @@ def test_tuned_side_merges_the_adapter_in_place_and_base_restores_the_weights_bi
         tuned.merge_lora = False
 
 
+def test_the_cuda_chat_path_without_compiling_decodes_exactly_as_merge_and_unload_and_the_base(trained_run):
+    """load_for_chat's CUDA path on the CPU, where float32 makes it exact: PEFT's wrappers out of the model, the LoRA
+    merged in place for the tuned side and the weights restored for the base side, one static KV cache size. Greedy
+    replies equal those of merge_and_unload() and of the model loaded without the adapter (the GPU test checks the
+    compiled step the same way, within bf16's rounding)."""
+    import torch
+    from peft import PeftModel
+
+    import model_utils
+
+    chat_model = inference_utils.load_chat_model(run=str(trained_run), backend="transformers")
+    inference_utils._unwrap_adapter(chat_model)
+    chat_model.static_cache, chat_model.cache_tokens = True, 256
+    assert not chat_model.wrapped and not hasattr(chat_model.model, "disable_adapter")  # a plain transformers model
+    config = GenerationConfig(temperature=0, max_new_tokens=24)
+    messages = [{"role": "user", "content": PROMPT}]
+    prompt = inference_utils._prompt_ids(chat_model, messages, config)
+    tuned = list(inference_utils.stream_chat(chat_model, messages, config, use_adapter=True))[-1]
+    base = list(inference_utils.stream_chat(chat_model, messages, config, use_adapter=False))[-1]
+    path = model_utils.resolve_model_path("demo", runfolder.run_workspace(trained_run))
+
+    def reference(model) -> str:
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            output = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=24,
+                do_sample=False,
+                cache_implementation="static",
+                eos_token_id=sorted(inference_utils._stop_token_ids(model, chat_model.tokenizer)),
+                pad_token_id=chat_model.tokenizer.pad_token_id,
+            )
+        return chat_model.tokenizer.decode(output[0, len(prompt) :], skip_special_tokens=True)
+
+    plain = model_utils.load_model(path)
+    assert base == reference(plain)
+    merged = PeftModel.from_pretrained(plain, str(trained_run / "adapter")).merge_and_unload()
+    assert tuned == reference(merged) and "Zebra" in tuned and "Zebra" not in base
+
+
+def test_load_for_chat_on_the_cpu_says_it_loads_and_compiles_nothing(trained_run):
+    lines = []
+    chat_model = inference_utils.load_for_chat(run=str(trained_run), status=lines.append)
+    assert lines == ["Loading the model…"]
+    assert chat_model.backend == "transformers" and chat_model.wrapped and not chat_model.static_cache
+
+
 def test_static_cache_is_off_on_the_cpu(tuned):
     assert tuned.static_cache is False  # a static cache and torch.compile pay off on CUDA only
 

@@ -3,6 +3,7 @@ side by side, held-out evaluation. The model lives in the chat worker's process 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,23 +167,25 @@ def wire(tab: TestTab, tab_container: gr.Tab, workspace: Path) -> None:
         files = inference_utils.gguf_files(run, workspace)
         return gr.Dropdown(choices=[PYTORCH, *[(f"GGUF: {name}", name) for name in files]], value="")
 
-    def load(model: str, run: str, gguf: str) -> tuple[tuple[str, str, str], str]:
-        key = (model.strip(), run or "", gguf or "")
+    def load(key: tuple[str, str, str]) -> Iterator[str]:
+        """Lines while the worker loads (waiting, loading, warming up), then what it loaded."""
         try:
-            info = worker.load(*key)
+            for line in worker.prepare(*key):
+                yield f"_{line}_"
         finally:
             notice, worker.notice = worker.notice, ""
-        return key, (f"{notice} " if notice else "") + loaded_line(info)
+        yield (f"{notice} " if notice else "") + loaded_line(worker.info)
 
     @guarded
     def send(message: str, history: list, run: str, model: str, gguf: str, use_adapter: bool, *values: Any):
         if not message.strip():
             raise gr.Error("Type a message first.")
         config = generation(*values)
-        key, line = load(model, run, gguf)
+        key = (model.strip(), run or "", gguf or "")
         history = [*history, {"role": "user", "content": message}]
         reply = ""
-        yield "", history + [{"role": "assistant", "content": "…"}], history, line
+        for line in load(key):
+            yield "", history + [{"role": "assistant", "content": "…"}], history, line
         for reply in worker.chat(key, history, config, use_adapter):
             yield "", history + [{"role": "assistant", "content": reply}], history, gr.skip()
         history = [*history, {"role": "assistant", "content": reply}]
@@ -193,8 +196,9 @@ def wire(tab: TestTab, tab_container: gr.Tab, workspace: Path) -> None:
         if not prompt.strip():
             raise gr.Error("Type a prompt first.")
         config = generation(*values)
-        key, line = load(model, run, gguf)
-        yield "", "", line
+        key = (model.strip(), run or "", gguf or "")
+        for line in load(key):
+            yield "", "", line
         for base, tuned in worker.compare(key, prompt, config):
             yield base, tuned, gr.skip()
 
@@ -238,7 +242,8 @@ def loaded_line(info: dict[str, Any]) -> str:
         "merged": "full fine-tune",
         "gguf": "exported GGUF",
     }[info["kind"]]
-    return f"Loaded **{info['name']}** ({kind}, {info['backend']})."
+    decoding = ", static KV cache with a compiled decoding step" if info.get("compiled") else ""
+    return f"Loaded **{info['name']}** ({kind}, {info['backend']}{decoding})."
 
 
 def evaluation_view(run: str | None, workspace: Path) -> tuple[str, str, gr.Timer]:
