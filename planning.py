@@ -37,8 +37,9 @@ from workspace import UserError, workspace_root
 # The wall-time model's constants per device kind, each fitted by `bench/estimate_bench.py --fit` (its JSON line
 # {"fit": {...}} pastes here): start_s (job process start and imports), load_s + load_s_per_gb (model load by the
 # weights' size on disk), prep_s + prep_s_per_row (data preparation and the trainer's set-up), warmup_s (the first
-# step's extra: compilation, allocator), step_s (per-step overhead), efficiency (achieved training FLOP/s ÷ the
-# matmul probe), save_s (after the last step: the adapter).
+# step's extra: compilation, allocator), step_s (per-step overhead), varied_step_s (the extra per step when the
+# rows' lengths vary: every new batch shape costs the compiled kernels a new specialisation, so the host sets the
+# pace), efficiency (achieved training FLOP/s ÷ the matmul probe), save_s (after the last step: the adapter).
 TIME_MODEL = {
     # CPU: the transformers backend. Not fitted by `--cases cpu` yet: the shared 2-core machine ran a demo step in
     # 5-42 s (2 × 256 tokens) on 2026-12-04. start_s, prep_s and save_s from that run's phases (7.3 s to the model
@@ -52,22 +53,26 @@ TIME_MODEL = {
         "prep_s_per_row": 0.002,
         "warmup_s": 1.0,
         "step_s": 0.05,
+        "varied_step_s": 0.0,
         "efficiency": 0.54,
         "save_s": 0.2,
     },
-    # GPU: the Unsloth backend (its import alone takes tens of seconds). Not fitted yet: a guess from the H200 runs
-    # of 2026-12-04 (1B, 40 steps of 8 short rows: 0.3 s a step, overhead more than arithmetic; 120 steps: 43 s of
-    # steps in 103 s from Start to done) and efficiency 0.35 (the 3B's MFU 37.6 %); `--cases gpu --fit` replaces it.
+    # GPU: the Unsloth backend, fitted on one NVIDIA H200 (2026-12-04, `--cases 1b-fixed-20,1b-varied-40,
+    # 3b-fixed-20`): Start to the model loaded 31-36 s whatever the size (Unsloth's import and patching dominate;
+    # 2.5 and 6.4 GB loaded alike), data 4-9 s, first step 3.5-9 s, then 0.22 s a step on fixed 1B rows, 0.36 s on
+    # fixed 3B rows (the difference is the arithmetic: efficiency 1.0 of the 4096² probe) and 0.31 s on varied 1B
+    # rows (the extra varied_step_s), save 0.8 s.
     "gpu": {
-        "start_s": 35.0,
-        "load_s": 5.0,
-        "load_s_per_gb": 2.0,
-        "prep_s": 8.0,
-        "prep_s_per_row": 0.001,
-        "warmup_s": 3.0,
-        "step_s": 0.25,
-        "efficiency": 0.35,
-        "save_s": 1.0,
+        "start_s": 32.8,
+        "load_s": 0.0,
+        "load_s_per_gb": 0.0,
+        "prep_s": 7.25,
+        "prep_s_per_row": 0.0,
+        "warmup_s": 5.5,
+        "step_s": 0.127,
+        "varied_step_s": 0.15,
+        "efficiency": 1.0,
+        "save_s": 0.81,
     },
 }
 NO_DATASET = "choose a dataset to get a time estimate: the time depends on its token count"
@@ -396,6 +401,8 @@ def estimate_time(
             (longest if layout == "padded" else mean),
         )
     real_tokens, compute_tokens = steps * per_step * real, steps * per_step * computed
+    # Rows of one length (all cut at max_seq_length, or packed) give every step the same shape.
+    varied = layout != "packed" and mean < 0.95 * config.max_seq_length
     gpus = max(1, device.gpu_count if config.num_gpus == 0 else config.num_gpus) if device.cuda else 1
     parameters, shape = count_parameters(model_path)
     per_token = flops_per_token(config, parameters, shape, round(seq))
@@ -409,7 +416,7 @@ def estimate_time(
     else:
         rate = probe * constants["efficiency"] / per_token * gpus
         basis = f"calibrated model, {layout.replace('_', '-')} batches"
-        stepping = steps * constants["step_s"] + compute_tokens / rate
+        stepping = steps * (constants["step_s"] + constants["varied_step_s"] * varied) + compute_tokens / rate
         rate = real_tokens / stepping
     parts = {
         "start": constants["start_s"],
@@ -424,6 +431,7 @@ def estimate_time(
         "steps": steps,
         "real_tokens": round(real_tokens),
         "compute_tokens": round(compute_tokens),
+        "varied_steps": steps if varied else 0,
         # the steps' arithmetic in seconds at efficiency 1: the fit's regressor for 1 / efficiency
         "flop_s": compute_tokens * per_token / (probe * gpus),
     }

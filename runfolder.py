@@ -12,7 +12,6 @@ it, so no stage needs the supervisor. Files of a run folder (docs/ARCHITECTURE.m
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import enum
 import fcntl
@@ -22,6 +21,7 @@ import math
 import os
 import re
 import signal
+import statistics
 import threading
 import time
 import typing
@@ -48,6 +48,7 @@ RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,79}")
 LOG_TAIL_LINES = 20
 # progress.json is rewritten at most this often: the write can sit between two GPU steps, and the UI polls each second.
 PROGRESS_EVERY_S = 1.0
+RECENT_PACES = 20  # the ETA's pace: the median over this many recent steps
 # config.yaml's key for the SHA-256 of the local files a run reads ({absolute path: hash}), checked when the job starts.
 INPUTS_KEY = "inputs_sha256"
 BOOKKEEPING = frozenset({"config.yaml", "status.json", "events.jsonl", "log.txt", "progress.json", ".status.lock"})
@@ -480,6 +481,10 @@ class Reporter:
         self._emit(EventKind.END, self.latest.step, self.latest.total, message, {"state": str(state)}, force=True)
 
     def eta(self, step: int | None, total: int | None) -> float | None:
+        """Seconds left: the steps to go at the median pace of the recent steps, past the first one. The first
+        steps pay for compilation and warm-up (and, on varied lengths, a compile per new shape), so neither the
+        mean since Start nor the first step's pace holds for the rest of the run; a median shrugs off the odd slow
+        step (a checkpoint save, an eval)."""
         done = (step or 0) - self.first_step
         if step is None or not total or done <= 0:
             return None
@@ -487,11 +492,10 @@ class Reporter:
         if not self.pace_steps or self.pace_steps[-1] < step:
             self.pace_times.append(now)
             self.pace_steps.append(step)
-        since, since_step = self.started, self.first_step
-        index = bisect.bisect_left(self.pace_steps, self.first_step + max(1, done // 4))
-        if self.pace_steps[index] < step:  # a point past the skipped steps: the pace from there on
-            since, since_step = self.pace_times[index], self.pace_steps[index]
-        return round((now - since) / (step - since_step) * max(total - step, 0), 1)
+        times, steps = [self.started, *self.pace_times], [self.first_step, *self.pace_steps]
+        first = max(1, len(times) - 1 - RECENT_PACES) if len(times) > 2 else 0  # past the first step's pace
+        paces = [(times[i + 1] - times[i]) / (steps[i + 1] - steps[i]) for i in range(first, len(times) - 1)]
+        return round(statistics.median(paces) * max(total - step, 0), 1)
 
     def _emit(
         self, kind: EventKind, step, total, message: str, metrics: dict, force: bool = False, progress: bool = True

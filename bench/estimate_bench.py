@@ -194,9 +194,9 @@ def fit(results: list[dict], kind: str) -> dict[str, float]:
             )
         )
     found = nonnegative_fit(
-        [[1, r["steps"], r["inputs"]["flop_s"]] for r in results],
+        [[1, r["steps"], r["inputs"].get("varied_steps", 0), r["inputs"]["flop_s"]] for r in results],
         [r["measured"]["steps"] for r in results],
-        ["warmup_s", "step_s", "inverse_efficiency"],
+        ["warmup_s", "step_s", "varied_step_s", "inverse_efficiency"],
     )
     inverse = found.pop("inverse_efficiency")
     constants.update(found, efficiency=1 / inverse if inverse > 0 else constants["efficiency"])
