@@ -41,21 +41,20 @@ from workspace import UserError, workspace_root
 # rows' lengths vary: every new batch shape costs the compiled kernels a new specialisation, so the host sets the
 # pace), efficiency (achieved training FLOP/s ÷ the matmul probe), save_s (after the last step: the adapter).
 TIME_MODEL = {
-    # CPU: the transformers backend. Not fitted by `--cases cpu` yet: the shared 2-core machine ran a demo step in
-    # 5-42 s (2 × 256 tokens) on 2026-12-04. start_s, prep_s and save_s from that run's phases (7.3 s to the model
-    # loaded with 0.54 GB of weights, 2.1 s to the first step, 0.1 s to save); efficiency 0.54 from the idle runs of
-    # bench/RESULTS.md §10; warmup_s and step_s are guesses.
+    # CPU: the transformers backend, fitted on this project's 2-core machine, idle (2026-12-04, `--cases cpu --fit`:
+    # demo-fixed-10, demo-fixed-30, demo-varied-20): 4.6-6.2 s to the model loaded, 1.5-2.2 s of data and set-up,
+    # then the arithmetic alone (efficiency 0.73 of the 1024² probe; no per-step overhead left to fit), 0.3 s to save.
     "cpu": {
-        "start_s": 5.0,
+        "start_s": 3.12,
         "load_s": 0.0,
         "load_s_per_gb": 4.0,
         "prep_s": 2.0,
         "prep_s_per_row": 0.002,
-        "warmup_s": 1.0,
-        "step_s": 0.05,
+        "warmup_s": 0.0,
+        "step_s": 0.0,
         "varied_step_s": 0.0,
-        "efficiency": 0.54,
-        "save_s": 0.2,
+        "efficiency": 0.7343,
+        "save_s": 0.28,
     },
     # GPU: the Unsloth backend, fitted on one NVIDIA H200 (2026-12-04, `--cases 1b-fixed-20,1b-varied-40,
     # 3b-fixed-20`): Start to the model loaded 31-36 s whatever the size (Unsloth's import and patching dominate;

@@ -21,7 +21,6 @@ import math
 import os
 import re
 import signal
-import statistics
 import threading
 import time
 import typing
@@ -48,7 +47,7 @@ RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,79}")
 LOG_TAIL_LINES = 20
 # progress.json is rewritten at most this often: the write can sit between two GPU steps, and the UI polls each second.
 PROGRESS_EVERY_S = 1.0
-RECENT_PACES = 20  # the ETA's pace: the median over this many recent steps
+RECENT_PACES = 50  # the ETA's pace: the mean over at most this many recent steps
 # config.yaml's key for the SHA-256 of the local files a run reads ({absolute path: hash}), checked when the job starts.
 INPUTS_KEY = "inputs_sha256"
 BOOKKEEPING = frozenset({"config.yaml", "status.json", "events.jsonl", "log.txt", "progress.json", ".status.lock"})
@@ -481,10 +480,10 @@ class Reporter:
         self._emit(EventKind.END, self.latest.step, self.latest.total, message, {"state": str(state)}, force=True)
 
     def eta(self, step: int | None, total: int | None) -> float | None:
-        """Seconds left: the steps to go at the median pace of the recent steps, past the first one. The first
-        steps pay for compilation and warm-up (and, on varied lengths, a compile per new shape), so neither the
-        mean since Start nor the first step's pace holds for the rest of the run; a median shrugs off the odd slow
-        step (a checkpoint save, an eval)."""
+        """Seconds left: the steps to go at the mean pace of the recent steps, leaving out the first quarter of the
+        steps so far (at least the first step). The first steps pay for compilation and warm-up, so the mean since
+        Start overstates the rest of the run; a mean, not a median, because on varied lengths the steps' times
+        have a long tail, and the remaining steps have it too."""
         done = (step or 0) - self.first_step
         if step is None or not total or done <= 0:
             return None
@@ -493,9 +492,13 @@ class Reporter:
             self.pace_times.append(now)
             self.pace_steps.append(step)
         times, steps = [self.started, *self.pace_times], [self.first_step, *self.pace_steps]
-        first = max(1, len(times) - 1 - RECENT_PACES) if len(times) > 2 else 0  # past the first step's pace
-        paces = [(times[i + 1] - times[i]) / (steps[i + 1] - steps[i]) for i in range(first, len(times) - 1)]
-        return round(statistics.median(paces) * max(total - step, 0), 1)
+        if len(times) > 2:  # past the warm-up, and no further back than the recent steps
+            skip = max(1, (len(times) - 1) // 4)
+            first = max(skip, len(times) - 1 - RECENT_PACES)
+        else:
+            first = 0
+        seconds, counted = times[-1] - times[first], steps[-1] - steps[first]
+        return round(seconds / counted * max(total - step, 0), 1)
 
     def _emit(
         self, kind: EventKind, step, total, message: str, metrics: dict, force: bool = False, progress: bool = True

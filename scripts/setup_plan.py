@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     for reason in plan.reasons:
         print(f"setup: {reason}")
     if args.install:  # absolute, since pip runs in the checkout's root; not resolved: a venv's python is a link
-        return install(plan, os.path.abspath(args.install), args.dry_run)
+        python = args.install if os.sep in args.install else shutil.which(args.install) or args.install
+        return install(plan, os.path.abspath(python), args.dry_run)
     return 0
 
 
