@@ -153,7 +153,7 @@ class ChatWorker:
         if self.alive and self._key != key and self._info.get("compiled"):
             # Compiled code and CUDA graphs keep memory that only the process's end gives back.
             self.end()
-            self._ended_because, self._process = "", None
+            self._process = None  # a restart of our own: nothing to tell
         if not self.alive:
             self._note_exit()
             self._start()

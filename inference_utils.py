@@ -123,8 +123,8 @@ def load_chat_model(
 
     model: None or "" means the run's base model (from its train config), or the demo model when no run is given.
     static_cache: None picks it where it pays (CUDA, transformers backend); True / False force it (the bench).
-    backend: None picks Unsloth where it is installed on CUDA (select_backend); "transformers" keeps Unsloth out,
-    "transformers-4bit" loads the base through bitsandbytes' 4-bit quantization (a model too large for bf16).
+    backend: None picks Unsloth where it is installed on CUDA (select_backend); "transformers" keeps Unsloth out
+    (on CUDA a model whose bf16 weights do not fit the card's free memory loads in 4-bit through bitsandbytes).
     """
     import model_utils
 
@@ -148,7 +148,9 @@ def load_chat_model(
     if backend == "unsloth":
         loaded = _load_unsloth(weights_path, output_dir if kind == "adapter" else None, load_in_4bit, trust_remote_code)
     else:
-        if backend == "transformers-4bit":
+        too_large = _bf16_too_large(weights_path)
+        if too_large:
+            log.info("chat: %s", too_large)
             loaded = _load_4bit(weights_path, trust_remote_code)
         else:
             loaded = model_utils.load_model(weights_path, trust_remote_code)
@@ -231,10 +233,7 @@ def load_for_chat(
         status("Loading the model…")
         return load_chat_model(model, run, workspace, gguf=gguf, backend="transformers" if not gguf else None)
     status("Loading the model onto the GPU…")
-    four_bit = _bf16_too_large(model, run, workspace)
-    if four_bit:
-        log.info("chat: %s", four_bit)
-    chat_model = load_chat_model(model, run, workspace, backend="transformers-4bit" if four_bit else "transformers")
+    chat_model = load_chat_model(model, run, workspace, backend="transformers")
     if chat_model.kind == "adapter" and _can_unwrap(chat_model):
         _unwrap_adapter(chat_model)
     chat_model.static_cache = chat_model.static_cache and compile_step
@@ -244,37 +243,28 @@ def load_for_chat(
     return chat_model
 
 
-def _bf16_too_large(model: str | None, run: str | None, workspace: str | Path | None) -> str:
-    """Why the base must load in 4-bit (its bf16 weights do not fit the card's free memory), or ""."""
+def _bf16_too_large(weights_path: str) -> str:
+    """Why the weights must load in 4-bit on CUDA (their bf16 size does not fit the card's free memory), or ""."""
     import torch
 
     import model_utils
 
+    if not model_utils.detect_device().cuda:
+        return ""
     try:
-        if run:
-            trained, train_config = trained_run(run, workspace)
-            if trained.path.name == "merged":
-                return ""
-            model = model or train_config.model.name_or_path
-            workspace = runfolder.run_workspace(trained.run_dir)
-        path = Path(model_utils.resolve_model_path(model or model_utils.DEMO_MODEL, workspace))
-        parameters, _ = model_utils.count_parameters(str(path))
+        parameters, _ = model_utils.count_parameters(weights_path)
     except (UserError, OSError, ValueError):
         return ""  # the load itself reports what is wrong
     free, _ = torch.cuda.mem_get_info()
     needed = 2 * parameters
     if needed <= BF16_SHARE * free:
         return ""
-    return f"bf16 weights {needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free on the GPU: loading the base in 4-bit"
+    return f"bf16 weights {needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free on the GPU: loading in 4-bit"
 
 
 def _can_unwrap(chat_model: ChatModel) -> bool:
-    """LoRA layers whose delta can be merged into float weights (not DoRA, not a 4-bit base)."""
     layers = list(_lora_layers(chat_model.model))
-    return bool(layers) and all(
-        module.get_base_layer().weight.dtype.is_floating_point and not any(getattr(module, "use_dora", {}).values())
-        for _, module in layers
-    )
+    return bool(layers) and _mergeable(layers)
 
 
 def _unwrap_adapter(chat_model: ChatModel) -> None:
@@ -544,10 +534,16 @@ def _adapter_layers(chat_model: ChatModel) -> list[tuple[str, Any]]:
 
 
 def _merges(chat_model: ChatModel) -> bool:
-    """Whether the tuned side merges the adapter in place: asked for, and every wrapped weight is a float tensor
-    (a 4-bit base cannot take the merge)."""
-    return chat_model.merge_lora and all(
-        module.get_base_layer().weight.dtype.is_floating_point for _, module in _adapter_layers(chat_model)
+    """Whether the tuned side merges the adapter in place: asked for, and the layers can take it."""
+    return chat_model.merge_lora and _mergeable(_adapter_layers(chat_model))
+
+
+def _mergeable(layers: list[tuple[str, Any]]) -> bool:
+    """Whether each layer's delta adds to its weight: a float weight (a 4-bit base cannot take the merge) and plain
+    LoRA (DoRA's delta is not a sum)."""
+    return all(
+        module.get_base_layer().weight.dtype.is_floating_point and not any(getattr(module, "use_dora", {}).values())
+        for _, module in layers
     )
 
 

@@ -15,8 +15,8 @@ Sides, each in a fresh process so that one side's imports (Unsloth patches trans
 - app_unsloth / app_unsloth_base (CUDA, Unsloth installed): the path the tab used before, Unsloth's
   `for_inference` model with the adapter switched off for the base side (`load_chat_model`).
 - plain_generate / plain_generate_static: `AutoModelForCausalLM` (bf16 on CUDA, float32 on the CPU as the app
-  loads it there) + the adapter merged (`merge_and_unload`), `generate` without a streamer; exactly as many new
-  tokens as the app's reply had (min_new_tokens = max_new_tokens); _static with the static KV cache, whose step
+  loads it there) + the adapter merged (`merge_and_unload`), `generate` without a streamer; exactly --new-tokens
+  new tokens, as every side (min_new_tokens = max_new_tokens); _static with the static KV cache, whose step
   transformers compiles.
 - llama_cpp (CPU): the run's q8_0 GGUF exported by the app, llama-cpp-python's streamed chat completion.
 
@@ -175,10 +175,6 @@ def decode_sides(args, inference_utils, chat_model, name: str, **extra) -> list[
     """The tuned and the base side of one loaded chat model, greedy, each reply exactly args.new_tokens long."""
     config = inference_utils.GenerationConfig(temperature=0, max_new_tokens=args.new_tokens)
     messages = [{"role": "user", "content": PROMPT}]
-    # The reply must have the same length on every side: EOS is suppressed until max_new_tokens (generate reads the
-    # model's generation config for what the call does not pass).
-    chat_model.model.generation_config.min_new_tokens = args.new_tokens
-    chat_model.model.generation_config.suppress_tokens = None
 
     def count(text: str) -> int:
         return len(chat_model.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -391,7 +387,7 @@ def main() -> None:
             model, run = make_run(workspace, shape, args.steps, args.new_tokens)
             args.run, args.model = run, model
             app = {record.get("side"): record for record in run_side("app", args)}
-            tokens = (app.get("app_stream") or {}).get("new_tokens") or args.new_tokens
+            tokens = args.new_tokens  # every side's reply is that long (make_run: gpu_models.fix_reply_length)
             plain = {record.get("side"): record for record in run_side("plain", args, tokens=tokens)}
             tokenizer = str(workspace / "runs" / run / "adapter")
             worker = {record.get("side"): record for record in run_side("worker", args, tokenizer=tokenizer)}
