@@ -189,8 +189,12 @@ def start_training(client, data: Path, name: str, **overrides: Any) -> str:
 
 
 def train_tab_button(client, verb: str, run: str) -> None:
-    api_name, _ = endpoint(client, {"Run"}, prefix=f"/{verb}")
-    client.predict(run, api_name=api_name)
+    """Press a Train tab button for `run`; any other input (Resume's Judge API key box) as the page leaves it."""
+    api_name, parameters = endpoint(client, {"Run"}, prefix=f"/{verb}")
+    args = [
+        run if parameter["label"] == "Run" else parameter.get("parameter_default") or "" for parameter in parameters
+    ]
+    client.predict(*args, api_name=api_name)
 
 
 @pytest.fixture(scope="module")
