@@ -36,6 +36,8 @@ STAGE_METRICS = {
     "reward": "mean reward",
     "kl": "KL",
     "completion_length": "completion length",
+    "completions_per_s": "completions/s",
+    "generation_share": "share of time generating",
 }
 NOT_PER_REWARD = ("reward_chosen", "reward_rejected", "reward_std")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -314,8 +315,8 @@ def trainer_arguments(config, run_dir: Path, backend: str, has_eval: bool) -> di
     )
 
 
-def build_trainer(config, model, tokenizer, data, ctx: JobContext, backend: str, callback):
-    """TRL's trainer of `config.stage` over `data`, reporting through `callback` (training_utils.events_callback)."""
+def build_trainer(config, model, tokenizer, data, ctx: JobContext, backend: str):
+    """TRL's trainer of `config.stage` over `data` (training_utils adds its events callback)."""
     common = {**trainer_arguments(config, ctx.run_dir, backend, data.eval is not None), "beta": config.beta}
     datasets = {"train_dataset": data.train, "eval_dataset": data.eval}
     if config.stage == "dpo":
@@ -349,5 +350,39 @@ def build_trainer(config, model, tokenizer, data, ctx: JobContext, backend: str,
         )
     else:
         raise UserError(f"Unknown stage '{config.stage}'; one of: {', '.join(STAGES)}.")
-    trainer.add_callback(callback)
     return trainer
+
+
+class GenerationClock:
+    """Seconds a GRPO trainer spends generating completions, and how many it generated, since the last read: where
+    an RL step's time goes (generation, not the gradient step, is usually most of it)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.completions = 0
+
+    def attach(self, trainer) -> GenerationClock:
+        generate = getattr(trainer, "_generate_single_turn", None)
+        if generate is None:  # a TRL without this method: no figure rather than a wrong one
+            return self
+
+        def timed(prompt_ids, *args, **kwargs):
+            started = time.perf_counter()
+            result = generate(prompt_ids, *args, **kwargs)  # ends in .tolist() / .cpu(): the GPU is done
+            self.seconds += time.perf_counter() - started
+            self.completions += len(result[0]) if isinstance(result, tuple) else len(prompt_ids)
+            return result
+
+        trainer._generate_single_turn = timed
+        return self
+
+    def read(self, interval_s: float) -> dict[str, float]:
+        """{"generation_share": …, "completions_per_s": …} over the last `interval_s` seconds; restarts the count."""
+        metrics = {}
+        if self.completions and interval_s > 0:
+            metrics = {
+                "generation_share": round(min(self.seconds / interval_s, 1.0), 3),
+                "completions_per_s": round(self.completions / interval_s, 2),
+            }
+        self.seconds, self.completions = 0.0, 0
+        return metrics

@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,15 @@ class TrainConfig:
         False,
         help="Pack several short examples into one sequence (faster on short rows).",
         label="Packing",
+        advanced=True,
+    )
+    # Measured on an H200 (bench/RESULTS.md §2): with Unsloth a micro-batch costs about 0.35 s of host time whether it
+    # holds 4,700 or 9,400 tokens, so rows much shorter than max_seq_length leave the GPU idle; packed, 2× tokens/s.
+    auto_packing: bool = option(
+        True,
+        help="On a GPU (Unsloth), pack rows into max_seq_length sequences when they average at most half of it: "
+        "about 2× faster on varied lengths; each step then trains on more rows.",
+        label="Pack short rows on a GPU",
         advanced=True,
     )
     train_on_responses_only: bool = option(
@@ -557,12 +567,18 @@ def train(config: TrainConfig, ctx: JobContext) -> str:
     ctx.reporter.progress(None, message="model loaded")
     if config.stage != "sft":  # DPO, ORPO, KTO, GRPO: TRL's own trainer, the same run folder and events
         prepared = preference_utils.prepare_data(config, tokenizer, workspace)
-        trainer = preference_utils.build_trainer(config, model, tokenizer, prepared, ctx, backend, events_callback(ctx))
+        trainer = preference_utils.build_trainer(config, model, tokenizer, prepared, ctx, backend)
+        # ORPO's trainer logs no token count: the collator's count gives its tokens/s (DPO / KTO keep TRL's).
+        counter = trainer.data_collator = TokenCounter(trainer.data_collator)
+        clock = preference_utils.GenerationClock().attach(trainer) if config.stage == "grpo" else None
+        trainer.add_callback(events_callback(ctx, counter, clock))
     else:
         with state.main_process_first():  # rank 0 prepares and caches the dataset, the other ranks read the cache
             prepared = prepare_training_data(config, tokenizer, workspace)
         if state.is_main_process:
             log_dataset_report(config, tokenizer, workspace)
+        check_untrained_tokens(config, model, tokenizer, prepared.train)
+        config = choose_packing(config, backend, prepared.train)
         ctx.reporter.progress(None, message="data prepared")
         trainer = build_trainer(config, model, tokenizer, prepared, ctx, backend)
     checkpoint = last_checkpoint(run_dir) if ctx.resume else None
@@ -582,6 +598,47 @@ def train(config: TrainConfig, ctx: JobContext) -> str:
     if trainer.is_world_process_zero():
         save_final(trainer, tokenizer, config, run_dir)
     return "done"
+
+
+# Packing pays when two or more rows fit in a sequence on average.
+PACK_AT_MOST = 0.5
+
+
+def auto_packs(config: TrainConfig, unsloth_on_gpu: bool, mean_row_tokens: float) -> bool:
+    """Whether auto_packing packs an SFT run that did not ask for packing: Unsloth on a GPU (the host-bound case
+    measured; the CPU's steps are bound by arithmetic) and rows averaging at most PACK_AT_MOST of max_seq_length."""
+    return (
+        config.auto_packing
+        and not config.packing
+        and config.stage == "sft"
+        and unsloth_on_gpu
+        and mean_row_tokens <= PACK_AT_MOST * config.max_seq_length
+    )
+
+
+def mean_row_tokens(rows, sample: int = 2000) -> float:
+    """The mean length of the prepared rows, from up to `sample` rows spread over the dataset."""
+    if not len(rows):
+        return 0.0
+    every = max(1, len(rows) // sample)
+    lengths = [len(ids) for ids in rows.select(range(0, len(rows), every))["input_ids"]]
+    return sum(lengths) / len(lengths)
+
+
+def choose_packing(config: TrainConfig, backend: str, rows) -> TrainConfig:
+    """The config with packing on when auto_packing chooses it for these rows (said in the run's log); a resumed run
+    chooses the same from the same rows."""
+    mean = mean_row_tokens(rows)
+    if not auto_packs(config, backend == "unsloth", mean):
+        return config
+    log.info(
+        "packing rows into %d-token sequences: they average %.0f tokens (auto_packing; turn it off to train %d rows "
+        "a step)",
+        config.max_seq_length,
+        mean,
+        config.per_device_train_batch_size * config.gradient_accumulation_steps,
+    )
+    return dataclasses.replace(config, packing=True)
 
 
 def fit_micro_batch(config: TrainConfig, model_path: str, headroom: float = 0.85) -> TrainConfig:
@@ -739,6 +796,60 @@ def prepare_training_data(config: TrainConfig, tokenizer, workspace: Path):
     return prepared
 
 
+# Special tokens may be all zeros on purpose (a padding row); Unsloth's check leaves them out too.
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+ZERO = 1e-16
+
+
+def untrained_token_ids(model, tokenizer) -> set[int]:
+    """Token ids the model never trained: an input embedding of zeros whose output row is zeros too or the same as
+    another such token's (Unsloth's rule: a base model's reserved chat tokens look like this, and Llama 3's output
+    rows for them are equal, not zero)."""
+    import torch
+
+    with torch.no_grad():
+        embedding = model.get_input_embeddings().weight
+        zero = (embedding.abs().amax(dim=1) <= ZERO).nonzero().flatten()
+        if not len(zero):
+            return set()
+        output = model.get_output_embeddings()
+        rows = output.weight[zero.to(output.weight.device)] if output is not None else embedding[zero]
+        _, inverse, counts = torch.unique(
+            rows.float().round(decimals=3), dim=0, return_inverse=True, return_counts=True
+        )
+        untrained = (rows.abs().amax(dim=1) <= ZERO) | (counts[inverse] > 1)
+        ids = set(zero[untrained.to(zero.device)].tolist())
+    return ids - {getattr(tokenizer, f"{name}_id", None) for name in SPECIAL_TOKEN_NAMES}
+
+
+def check_untrained_tokens(config: TrainConfig, model, tokenizer, rows) -> None:
+    """UserError before the first step when the rows use tokens the model never trained (untrained_token_ids): LoRA
+    keeps the embeddings frozen, so they would stay zeros and the loss turns NaN (Unsloth stops such a run)."""
+    if config.full_finetuning:  # a full fine-tune trains the embeddings too
+        return
+    untrained = untrained_token_ids(model, tokenizer)
+    if not untrained:
+        return
+    found: set[int] = set()
+    examples: list[int] = []
+    for index, ids in enumerate(rows["input_ids"]):
+        used = untrained.intersection(ids)
+        if used:
+            found |= used
+            examples.append(index + 1)
+    if not found:
+        return
+    tokens = ", ".join(repr(token) for token in tokenizer.convert_ids_to_tokens(sorted(found))[:8])
+    shown = ", ".join(map(str, examples[:5])) + (" …" if len(examples) > 5 else "")
+    raise UserError(
+        f"This model never trained the token(s) {tokens} that {len(examples)} of your rows use (rows {shown}): their "
+        "embeddings are all zeros, as in a base model whose chat-template tokens were only reserved. LoRA keeps the "
+        "embeddings frozen, so the model cannot learn them and the loss would turn NaN. Start from the instruct "
+        "version of this model, pick a chat template made of tokens this model knows (Dataset tab, Chat template), "
+        "or turn on full fine-tuning, which trains the embeddings."
+    )
+
+
 def log_dataset_report(config: TrainConfig, tokenizer, workspace: Path) -> None:
     """The dataset quality report, into the run's log before training (see dataset_report)."""
     import dataset_report
@@ -806,14 +917,28 @@ class TokenCounter:
 
     def __call__(self, examples):
         batch = self.collate(examples)
-        mask = batch.get("attention_mask")
-        self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        self.tokens += batch_tokens(batch)
         return batch
 
     def __getattr__(self, name: str):  # the Trainer and Unsloth read the collator's own settings (padding_free, …)
         if name == "collate":
             raise AttributeError(name)
         return getattr(self.collate, name)
+
+
+def batch_tokens(batch) -> int:
+    """The tokens a collated batch runs through the model: its attention mask's, both sides' of a preference pair
+    (ORPO: prompt + chosen, prompt + rejected), or every id of a padding-free batch (no mask); 0 for a batch of
+    raw rows (GRPO collates prompts, not tokens)."""
+    if not isinstance(batch, Mapping):
+        return 0
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    pair = [batch[key] for key in ("chosen_attention_mask", "rejected_attention_mask") if key in batch]
+    if pair:
+        return int(sum(mask.sum() for mask in pair))
+    ids = batch.get("input_ids")
+    return int(ids.numel()) if hasattr(ids, "numel") else 0
 
 
 def save_final(trainer, tokenizer, config: TrainConfig, run_dir: Path) -> Path:
@@ -832,7 +957,7 @@ def save_final(trainer, tokenizer, config: TrainConfig, run_dir: Path) -> Path:
 # ---------------------------------------------------------------- events
 
 
-def events_callback(ctx: JobContext, counter: TokenCounter | None = None):
+def events_callback(ctx: JobContext, counter: TokenCounter | None = None, clock=None):
     """A TrainerCallback reporting start, logs and checkpoints, and stopping (with a checkpoint) when asked.
 
     Under DDP every rank runs it: rank 0 alone writes (its reporter writes, the others' do not), and the ranks agree
@@ -904,7 +1029,10 @@ def events_callback(ctx: JobContext, counter: TokenCounter | None = None):
                 if key in logs:
                     metrics[key] = logs[key]
             metrics.update(preference_utils.stage_metrics(logs))  # DPO margins, GRPO rewards, KL, …
+            interval = time.monotonic() - self.last_time
             metrics.update(self.rate(logs, state.global_step))
+            if clock is not None and "loss" in logs:  # GRPO: the share of the interval spent generating
+                metrics.update(clock.read(interval))
             metrics["memory_gib"] = _memory_gib()
             if self.stop_group is not None and _cuda():
                 metrics["gpu_memory_gib"] = _gpu_memory_used_gib()

@@ -7,7 +7,11 @@ from measurements of the same invocation, next to the card's measured bf16 matmu
 (4 · parameters · tokens/s: forward and input-gradient matmuls of a LoRA step).
 
     python bench/train_bench.py run --shapes 1b,3b --modes lora,qlora --sides app,unsloth,hf
-    python bench/train_bench.py run --shapes 1b --modes lora --defaults      # app defaults vs HF, varied lengths
+    python bench/train_bench.py run --shapes 1b,3b --modes lora --sides "" --defaults --repeat 2
+        # varied lengths: the app's defaults vs bare Unsloth's notebook defaults vs HF + PEFT, and the app's
+        # defaults on fixed rows (the same model's speed without length variation)
+    python bench/train_bench.py run --shapes 1b --modes lora --sides "" --variants 'packed={"packing": true}'
+        # the app's defaults with some settings (and environment variables, "env": {...}) changed, varied lengths
     python bench/train_bench.py run --shapes 1b --modes lora --scaling 2     # the app on 1 and on 2 GPUs
 
 The app side is a real job (jobs.create_run + jobs.start_job → `python main.py run`), exactly what the UI starts;
@@ -38,11 +42,14 @@ LEARNING_RATE = 2e-4
 WARMUP_STEPS = 5  # as the app's TrainConfig default, on every side
 STEPS = {"1b": 30, "3b": 20}
 SKIP = 5  # optimizer steps left out of the timing (compilation, allocator warm-up)
+PROCESS_TIMEOUT_S = 300
 TARGETS = {
     "app_vs_unsloth_speed": 0.97,
     "app_vs_unsloth_memory": 1.02,
-    "defaults_vs_hf_speed": 2.0,
+    "defaults_vs_hf_speed": 5.0,
     "defaults_vs_hf_memory": 0.6,
+    "defaults_vs_unsloth_defaults": 4.0,
+    "varied_vs_fixed": 0.6,
     "scaling_2_gpus": 1.8,
 }
 
@@ -59,8 +66,11 @@ def prepare(work: Path, shapes: list[str]) -> None:
     tokenizer = work / "tokenizer"
     if not (tokenizer / "tokenizer.json").exists():
         gpu_models.build_tokenizer(tokenizer)
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU: a quick check of this script (tiny shape)
     for shape in shapes:
-        gpu_models.build_model(shape, input_paths(work, shape)["model"], tokenizer)
+        gpu_models.build_model(shape, input_paths(work, shape)["model"], tokenizer, device=device)
     paths = input_paths(work, shapes[0])
     # Every row longer than SEQ tokens (≈1.4 tokens a word), so each step trains exactly BATCH × SEQ tokens.
     if not paths["fixed"].exists():
@@ -143,7 +153,14 @@ class StepClock:
         self.callback = Callback()
 
 
-def measure_bare(side: str, model_path: Path, data: Path, mode: str, steps: int, batch: int, work: Path) -> dict:
+# Unsloth's notebooks: per-device batch 2, gradient accumulation 4, Unsloth's own batching (padding-free, chosen by
+# its SFTTrainer when padding_free is left unset).
+NOTEBOOK_BATCH, NOTEBOOK_ACCUMULATION = 2, 4
+
+
+def measure_bare(
+    side: str, model_path: Path, data: Path, mode: str, steps: int, batch: int, work: Path, accumulation: int = 1
+) -> dict:
     """A bare Unsloth or HF + PEFT + TRL script, as their docs write it."""
     import torch
 
@@ -200,7 +217,7 @@ def measure_bare(side: str, model_path: Path, data: Path, mode: str, steps: int,
         model=model,
         processing_class=tokenizer,
         train_dataset=prompt_completion_rows(data),
-        args=bare_trainer_args(work / f"out-{side}", steps, batch, 1, checkpointing),
+        args=bare_trainer_args(work / f"out-{side}", steps, batch, accumulation, checkpointing),
         peft_config=peft_config,
     )
     from training_utils import TokenCounter
@@ -210,7 +227,15 @@ def measure_bare(side: str, model_path: Path, data: Path, mode: str, steps: int,
     trainer.train()
     # As the app's events: the process's peak since it started, read at the last log.
     peak = clock.marks[-1]["memory"] / 1024**3
-    return {**window(clock.marks, batch, 1), "peak_memory_gib": round(peak, 3), "card": torch.cuda.get_device_name(0)}
+    return {
+        **window(clock.marks, batch, accumulation),
+        "peak_memory_gib": round(peak, 3),
+        "batch": batch,
+        "gradient_accumulation_steps": accumulation,
+        "padding_free": bool(getattr(trainer.args, "padding_free", False)),
+        "packing": bool(getattr(trainer.args, "packing", False)),
+        "card": torch.cuda.get_device_name(0),
+    }
 
 
 def window(marks: list[dict], batch: int, accumulation: int, processes: int = 1) -> dict:
@@ -236,9 +261,17 @@ def window(marks: list[dict], batch: int, accumulation: int, processes: int = 1)
 
 
 def measure_app(
-    model_path: Path, data: Path, mode: str, steps: int, batch: int | None, work: Path, num_gpus: int = 1
+    model_path: Path,
+    data: Path,
+    mode: str,
+    steps: int,
+    batch: int | None,
+    work: Path,
+    num_gpus: int = 1,
+    overrides: dict | None = None,
 ) -> dict:
-    """The app's training job; batch None keeps the app's own defaults (batch size, accumulation, packing)."""
+    """The app's training job; batch None keeps the app's own defaults (batch size, accumulation, packing), and
+    `overrides` changes some TrainConfig fields (a variant of the defaults)."""
     import jobs
     import runfolder
     import training_utils
@@ -268,7 +301,7 @@ def measure_app(
         max_seq_length=SEQ,
         save_steps=steps + 1000,
         num_gpus=num_gpus,
-        **settings,
+        **{**settings, **(overrides or {})},
     )
     workspace = work / "workspace"
     run_dir = jobs.create_run("train", config_to_dict(config), workspace, f"bench-{mode}-{int(time.time())}")
@@ -306,7 +339,8 @@ def measure_app(
         "batch": config.per_device_train_batch_size,
         "gradient_accumulation_steps": accumulation,
         "packing": config.packing,
-        "card": torch.cuda.get_device_name(0),
+        "settings": overrides or {},
+        "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "job_log": str(run_dir / "log.txt"),
     }
 
@@ -338,14 +372,20 @@ def matmul_peak() -> dict:
 
 def one(args: argparse.Namespace) -> None:
     """Child process: one measurement, printed as a JSON line prefixed with RESULT."""
-    if args.side == "unsloth":
+    if args.side.startswith("unsloth"):
         import unsloth  # noqa: F401  (before transformers, trl and peft: it patches them)
     work = Path(args.work)
     paths = input_paths(work, args.shape)
     model, data = paths["model"], paths[args.data]
     steps = args.steps or STEPS[args.shape]
     if args.side == "app":
-        result = measure_app(model, data, args.mode, steps, None if args.defaults else BATCH, work, args.num_gpus)
+        overrides = json.loads(args.settings) if args.settings else None
+        batch = None if args.defaults else BATCH
+        result = measure_app(model, data, args.mode, steps, batch, work, args.num_gpus, overrides)
+    elif args.side == "unsloth-defaults":
+        result = measure_bare(
+            "unsloth", model, data, args.mode, steps, NOTEBOOK_BATCH, work, accumulation=NOTEBOOK_ACCUMULATION
+        )
     else:
         result = measure_bare(args.side, model, data, args.mode, steps, BATCH, work)
     print("RESULT " + json.dumps(result), flush=True)
@@ -354,7 +394,7 @@ def one(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- the whole comparison
 
 
-def spawn(work: Path, log_dir: Path, label: str, **options) -> dict:
+def spawn(work: Path, log_dir: Path, label: str, env: dict | None = None, **options) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "one", "--work", str(work)]
     for key, value in options.items():
         if value is True:
@@ -362,8 +402,13 @@ def spawn(work: Path, log_dir: Path, label: str, **options) -> dict:
         elif value not in (None, False):
             command += [f"--{key.replace('_', '-')}", str(value)]
     started = time.monotonic()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    try:
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S)
+    except subprocess.TimeoutExpired as expired:  # one stuck side must not take the whole invocation's time
+        output = (expired.stdout or b"").decode(errors="replace") + (expired.stderr or b"").decode(errors="replace")
+        (log_dir / f"{label}.log").write_text(output)
+        return {"error": f"no result in {PROCESS_TIMEOUT_S} s", "log_tail": "\n".join(output.splitlines()[-40:])}
     (log_dir / f"{label}.log").write_text(done.stdout + done.stderr)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
@@ -410,8 +455,9 @@ def run(args: argparse.Namespace) -> None:
     emit({**peak, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}, out)
     torch.cuda.empty_cache()
 
-    def measured(shape: str, mode: str, side: str, data: str, label: str, **options) -> dict:
-        result = spawn(work, log_dir, label, shape=shape, mode=mode, side=side, data=data, steps=args.steps, **options)
+    def measured(shape: str, mode: str, side: str, data: str, label: str, env=None, **options) -> dict:
+        steps = args.steps
+        result = spawn(work, log_dir, label, env, shape=shape, mode=mode, side=side, data=data, steps=steps, **options)
         record = {"measurement": label, "shape": shape, "mode": mode, "side": side, "data": data, "seq": SEQ, **result}
         if "tokens_per_s" in result:
             params = gpu_models.parameter_count(input_paths(work, shape)["model"])
@@ -420,9 +466,36 @@ def run(args: argparse.Namespace) -> None:
         emit(record, out)
         return record
 
-    def compare(name: str, numerator: list[dict], denominator: list[dict], speed: float, memory: float) -> None:
+    def compare(name: str, numerator: list[dict], denominator: list[dict], speed: float, memory: float | None) -> None:
         emit(ratio(name, mean(numerator), mean(denominator), speed, True, "tokens_per_s"), out)
-        emit(ratio(name, mean(numerator), mean(denominator), memory, False, "peak_memory_gib"), out)
+        if memory is not None:
+            emit(ratio(name, mean(numerator), mean(denominator), memory, False, "peak_memory_gib"), out)
+
+    def defaults(shape: str, mode: str, measured, compare) -> None:
+        """Varied lengths, what a user gets without tuning anything: the app's defaults, bare Unsloth's notebook
+        defaults and HF + PEFT at batch 4, alternating (each repeat starts with the next side); then the app's
+        defaults on fixed rows, the same model's speed when lengths do not vary."""
+        order = ["app", "unsloth-defaults", "hf"]
+        runs: dict[str, list[dict]] = {side: [] for side in order}
+        for repeat in range(args.repeat):
+            for side in order[repeat % 3 :] + order[: repeat % 3]:
+                label = f"{shape}-{mode}-{side}-varied-r{repeat}"
+                runs[side].append(measured(shape, mode, side, "varied", label, defaults=side == "app"))
+        fixed = measured(shape, mode, "app", "fixed", f"{shape}-{mode}-app-defaults-fixed", defaults=True)
+        name = f"{shape}-{mode} varied lengths, app defaults"
+        compare(
+            f"{name} / hf", runs["app"], runs["hf"], TARGETS["defaults_vs_hf_speed"], TARGETS["defaults_vs_hf_memory"]
+        )
+        compare(
+            f"{name} / unsloth notebook defaults",
+            runs["app"],
+            runs["unsloth-defaults"],
+            TARGETS["defaults_vs_unsloth_defaults"],
+            None,
+        )
+        compare(f"{name} / app defaults on fixed rows", runs["app"], [fixed], TARGETS["varied_vs_fixed"], None)
+
+    variants = [variant.split("=", 1) for variant in args.variants]
 
     for shape in shapes:
         for mode in modes:
@@ -443,15 +516,12 @@ def run(args: argparse.Namespace) -> None:
                 if runs.get(side) and runs.get("hf"):
                     compare(f"{shape}-{mode} {side}/hf", runs[side], runs["hf"], 0, 1)
             if args.defaults:
-                hf = measured(shape, mode, "hf", "varied", f"{shape}-{mode}-hf-varied")
-                app = measured(shape, mode, "app", "varied", f"{shape}-{mode}-app-defaults-varied", defaults=True)
-                compare(
-                    f"{shape}-{mode} app defaults/hf (varied lengths)",
-                    [app],
-                    [hf],
-                    TARGETS["defaults_vs_hf_speed"],
-                    TARGETS["defaults_vs_hf_memory"],
-                )
+                defaults(shape, mode, measured, compare)
+            for name, spec in variants:  # the defaults with some settings changed, on varied lengths
+                settings = json.loads(spec)
+                env = settings.pop("env", None)
+                label = f"{shape}-{mode}-app-{name}-varied"
+                measured(shape, mode, "app", "varied", label, env=env, defaults=True, settings=json.dumps(settings))
             if args.scaling > 1:
                 single = measured(shape, mode, "app", "fixed", f"{shape}-{mode}-app-1gpu", num_gpus=1)
                 several = measured(
@@ -481,7 +551,18 @@ def main() -> None:
     whole.add_argument("--shapes", default="1b,3b")
     whole.add_argument("--modes", default="lora,qlora")
     whole.add_argument("--sides", default="app,unsloth,hf", help="any of app, unsloth, hf; empty for none")
-    whole.add_argument("--defaults", action="store_true", help="also the app's defaults vs HF on varied lengths")
+    whole.add_argument(
+        "--defaults",
+        action="store_true",
+        help="also, on varied lengths, the app's defaults vs bare Unsloth's notebook defaults vs HF + PEFT",
+    )
+    whole.add_argument(
+        "--variants",
+        action="append",
+        default=[],
+        metavar='NAME={"setting": value, "env": {...}}',
+        help="also the app's defaults with these TrainConfig settings (and environment) changed, varied lengths",
+    )
     whole.add_argument("--scaling", type=int, default=0, help="also the app on 1 and on this many GPUs")
     whole.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default per shape)")
     whole.add_argument("--repeat", type=int, default=1, help="measure each side this many times, alternating")
@@ -492,9 +573,10 @@ def main() -> None:
     single.add_argument("--work", required=True)
     single.add_argument("--shape", choices=sorted(gpu_models.SHAPES), required=True)
     single.add_argument("--mode", choices=["lora", "qlora"], required=True)
-    single.add_argument("--side", choices=["app", "unsloth", "hf"], required=True)
+    single.add_argument("--side", choices=["app", "unsloth", "unsloth-defaults", "hf"], required=True)
     single.add_argument("--data", choices=["fixed", "varied"], default="fixed")
     single.add_argument("--defaults", action="store_true")
+    single.add_argument("--settings", default=None, help="JSON: TrainConfig fields the app side changes")
     single.add_argument("--num-gpus", type=int, default=1)
     single.add_argument("--steps", type=int, default=None)
     args = parser.parse_args()

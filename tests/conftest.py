@@ -207,7 +207,9 @@ def family_model(tmp_path_factory):
                 bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id,
                 tie_word_embeddings=True,
-                **extra,
+                # As a real checkpoint's config names its tokenizer's pad: the architectures zero that embedding row
+                # (Gemma 3's default, 0, would zero an ordinary token's row, which a real Gemma 3 never has).
+                **{"pad_token_id": tokenizer.pad_token_id, **extra},
             )
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -21,7 +21,7 @@ from dataset_utils import DatasetConfig
 from gguf_utils import modelfile
 from model_utils import ModelConfig
 from training_utils import TrainConfig
-from workspace import config_to_dict
+from workspace import UserError, config_to_dict
 
 # Special tokens, digits, spaces and newlines in runs, accents and a CJK word: where pre-tokenizers differ.
 TOKENIZER_TEXT = "Hello, world! It's 12345 and  3.14\n\n\tüñï — 日本語  x <unk>"
@@ -152,3 +152,38 @@ def test_memory_estimate_warns_before_training_that_an_architecture_cannot_be_ex
     text = model_tab.memory_estimate(config, tmp_path)
     assert text.startswith("**Memory estimate:**")
     assert "**Export:** llama.cpp's converter (llama-cpp-python" in text and "cannot convert OPTForCausalLM" in text
+
+
+def test_a_model_that_never_trained_its_chat_tokens_is_refused_before_the_first_step(family_model, workspace, tmp_path):
+    """Llama 3's header tokens with all-zero embeddings, as in Llama 3 base, whose chat tokens were only reserved: the
+    run stops before training with one message naming the tokens and what to do, and writes no checkpoint."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder, template = family_model("llama")
+    base = tmp_path / "base-model"
+    shutil.copytree(folder, base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    headers = model_utils.load_tokenizer(str(base)).convert_tokens_to_ids(["<|start_header_id|>", "<|end_header_id|>"])
+    with torch.no_grad():
+        model.get_input_embeddings().weight[headers] = 0  # tied: the output rows are zero too
+    model.save_pretrained(base)
+    data = write_jsonl(workspace / "capitals.jsonl", capital_rows(8))
+    config = family_config(base, data, template)
+    run_dir = jobs.create_run("train", config_to_dict(config), workspace, "base-run")
+    with pytest.raises(
+        UserError,
+        match=r"never trained the token\(s\) '<\|start_header_id\|>', '<\|end_header_id\|>' that 8 of your rows",
+    ) as error:
+        training_utils.train(config, runfolder.JobContext.for_run(run_dir))
+    assert "instruct version" in str(error.value) and "full fine-tuning" in str(error.value)
+    assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
+
+    # A full fine-tune trains the embeddings: the same rows are not refused.
+    tokenizer = model_utils.load_tokenizer(str(base))
+    prepared = dataset_utils.prepare_dataset(config.dataset, tokenizer, config.max_seq_length, workspace=workspace)
+    full = family_config(base, data, template)
+    full.full_finetuning = True
+    training_utils.check_untrained_tokens(full, model, tokenizer, prepared.train)

@@ -207,20 +207,31 @@ def test_grpo_settings_that_cannot_work_are_refused(workspace):
 # ---------------------------------------------------------------- on a CUDA GPU with Unsloth
 
 
+@pytest.fixture(scope="module")
+def llama_1b(tmp_path_factory):
+    """The random-weight Llama-3.2-1B shape, built once for this module's GPU tests."""
+    from bench import gpu_models
+
+    folder = tmp_path_factory.mktemp("llama-1b")
+    tokenizer = gpu_models.build_tokenizer(folder / "tokenizer")
+    return gpu_models.build_model("1b", folder / "model", tokenizer)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("stage", ["dpo", "grpo"])
-def test_unsloth_trains_dpo_and_grpo_on_the_1b_shape(workspace, tmp_path, stage):
+def test_unsloth_trains_dpo_and_grpo_on_the_1b_shape(workspace, llama_1b, stage):
     import json
 
-    from bench import gpu_models, preference_bench
+    from bench import preference_bench
 
-    tokenizer = gpu_models.build_tokenizer(tmp_path / "tokenizer")
-    model = gpu_models.build_model("1b", tmp_path / "llama-1b", tokenizer)
-    result = preference_bench.measure(stage, model, workspace)
+    # Enough steps to train and log past the warm-up; short completions: this checks that it runs, the bench times it.
+    result = preference_bench.measure(stage, llama_1b, workspace, steps=8, completion_tokens=64)
     print(json.dumps(result))
     assert "error" not in result, result
     assert result["backend"] == "unsloth"
     assert result["samples_per_s"] > 0 and result["peak_memory_gib"] > 0
+    if stage == "grpo":  # where a step's time goes, in the run's own events
+        assert 0 < result["generation_share"] <= 1 and result["completions_per_s"] > 0
 
 
 # ---------------------------------------------------------------- the UI's views
