@@ -31,7 +31,7 @@ from typing import Any
 from dataset_report import DatasetReport, report_for_training
 from model_utils import Device, count_parameters, detect_device, estimate_memory, resolve_model_path
 from runfolder import read_config, read_events, read_status
-from training_utils import MAX_SEQ_LENGTH_LIMIT, TrainConfig, auto_packs
+from training_utils import MAX_SEQ_LENGTH_LIMIT, TrainConfig, auto_packs, fit_micro_batch
 from workspace import UserError, workspace_root
 
 # The wall-time model's constants per device kind, each fitted by `bench/estimate_bench.py --fit` (its JSON line
@@ -378,6 +378,8 @@ def estimate_time(
     if report is None:
         raise UserError(NO_DATASET[0].upper() + NO_DATASET[1:] + ".")
     device = device or detect_device()
+    if device.cuda and config.fit_micro_batch and config.stage == "sft":  # the job's own choice, made the same way
+        config = fit_micro_batch(config, model_path)
     kind = "gpu" if device.cuda else "cpu"
     constants = TIME_MODEL[kind]
     rows = report.usable_rows

@@ -121,8 +121,8 @@ class TrainConfig:
     # Folding accumulation into the micro-batch keeps the effective batch (per_device × accumulation) and the GPU busier.
     fit_micro_batch: bool = option(
         True,
-        help="On a GPU, run the accumulation steps as one larger batch while the memory estimate fits "
-        "(same effective batch, faster).",
+        help="On a GPU, run the accumulation steps as one larger batch while the memory estimate fits (same "
+        "effective batch, faster), and skip gradient checkpointing when the step fits without it.",
         label="Fit micro-batch to GPU memory",
         advanced=True,
     )
@@ -643,19 +643,21 @@ def choose_packing(config: TrainConfig, backend: str, rows) -> TrainConfig:
 
 def fit_micro_batch(config: TrainConfig, model_path: str, headroom: float = 0.85) -> TrainConfig:
     """The config with the largest micro-batch that divides the effective batch and whose memory estimate fits in
-    `headroom` of the free GPU memory (never smaller than the configured one)."""
+    `headroom` of the free GPU memory (never smaller than the configured one), and gradient checkpointing off when
+    that micro-batch fits without it too (recomputing activations costs about a third of a step's time)."""
     import model_utils
 
     effective = config.per_device_train_batch_size * config.gradient_accumulation_steps
     estimate = model_utils.estimate_memory(dataclasses.replace(config, per_device_train_batch_size=1), model_path)
     if estimate.available_gib is None:
         return config
+    budget = headroom * estimate.available_gib
     fixed = estimate.weights_gib + estimate.trainable_gib
     for micro in sorted((size for size in range(1, effective + 1) if effective % size == 0), reverse=True):
         if micro <= config.per_device_train_batch_size:
-            return config
+            break
         needed = fixed + estimate.activations_gib * micro  # activations grow with the tokens of a micro-batch
-        if needed <= headroom * estimate.available_gib:
+        if needed <= budget:
             log.info(
                 "micro-batch %d × accumulation %d (estimate %.1f GiB of %.1f GiB free)",
                 micro,
@@ -663,9 +665,15 @@ def fit_micro_batch(config: TrainConfig, model_path: str, headroom: float = 0.85
                 needed,
                 estimate.available_gib,
             )
-            return dataclasses.replace(
+            config = dataclasses.replace(
                 config, per_device_train_batch_size=micro, gradient_accumulation_steps=effective // micro
             )
+            break
+    if config.gradient_checkpointing:
+        without = model_utils.estimate_memory(dataclasses.replace(config, gradient_checkpointing=False), model_path)
+        if without.total_gib <= budget:
+            log.info("gradient checkpointing off: the step fits without it (estimate %.1f GiB)", without.total_gib)
+            config = dataclasses.replace(config, gradient_checkpointing=False)
     return config
 
 

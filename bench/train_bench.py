@@ -517,11 +517,12 @@ def run(args: argparse.Namespace) -> None:
                     compare(f"{shape}-{mode} {side}/hf", runs[side], runs["hf"], 0, 1)
             if args.defaults:
                 defaults(shape, mode, measured, compare)
-            for name, spec in variants:  # the defaults with some settings changed, on varied lengths
+            for name, spec in variants:  # the defaults with some settings changed
                 settings = json.loads(spec)
                 env = settings.pop("env", None)
-                label = f"{shape}-{mode}-app-{name}-varied"
-                measured(shape, mode, "app", "varied", label, env=env, defaults=True, settings=json.dumps(settings))
+                label = f"{shape}-{mode}-app-{name}-{args.variant_data}"
+                options = dict(env=env, defaults=True, settings=json.dumps(settings))
+                measured(shape, mode, "app", args.variant_data, label, **options)
             if args.scaling > 1:
                 single = measured(shape, mode, "app", "fixed", f"{shape}-{mode}-app-1gpu", num_gpus=1)
                 several = measured(
@@ -561,8 +562,9 @@ def main() -> None:
         action="append",
         default=[],
         metavar='NAME={"setting": value, "env": {...}}',
-        help="also the app's defaults with these TrainConfig settings (and environment) changed, varied lengths",
+        help="also the app's defaults with these TrainConfig settings (and environment) changed",
     )
+    whole.add_argument("--variant-data", choices=["fixed", "varied"], default="varied", help="the variants' data")
     whole.add_argument("--scaling", type=int, default=0, help="also the app on 1 and on this many GPUs")
     whole.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default per shape)")
     whole.add_argument("--repeat", type=int, default=1, help="measure each side this many times, alternating")
