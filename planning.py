@@ -31,7 +31,7 @@ from typing import Any
 from dataset_report import DatasetReport, report_for_training
 from model_utils import Device, count_parameters, detect_device, estimate_memory, resolve_model_path
 from runfolder import read_config, read_events, read_status
-from training_utils import MAX_SEQ_LENGTH_LIMIT, TrainConfig, auto_packs, fit_micro_batch
+from training_utils import MAX_SEQ_LENGTH_LIMIT, TrainConfig, fit_micro_batch
 from workspace import UserError, workspace_root
 
 # The wall-time model's constants per device kind, each fitted by `bench/estimate_bench.py --fit` (its JSON line
@@ -289,13 +289,12 @@ def planned_steps(config: TrainConfig, train_rows: int) -> int:
     return max(1, math.ceil(config.num_train_epochs * train_rows / per_step))
 
 
-def batch_layout(config: TrainConfig, device: Device, mean_row_tokens: float) -> str:
-    """How the SFT trainer batches rows: "packed" (packing on, or chosen by auto_packing for rows of this mean
-    length), "padding_free" (Unsloth's default on a CUDA GPU: the batch is the rows' real tokens) or "padded" (TRL's
-    collator: every row padded to the batch's longest)."""
-    unsloth = importlib.util.find_spec("unsloth") is not None and os.environ.get("FINETUNER_BACKEND") != "transformers"
-    if config.packing or auto_packs(config, device.cuda and unsloth, mean_row_tokens):
+def batch_layout(config: TrainConfig, device: Device) -> str:
+    """How the SFT trainer batches rows: "packed" (packing on), "padding_free" (Unsloth's default on a CUDA GPU:
+    the batch is the rows' real tokens) or "padded" (TRL's collator: every row padded to the batch's longest)."""
+    if config.packing:
         return "packed"
+    unsloth = importlib.util.find_spec("unsloth") is not None and os.environ.get("FINETUNER_BACKEND") != "transformers"
     return "padding_free" if device.cuda and unsloth else "padded"
 
 
@@ -386,8 +385,8 @@ def estimate_time(
     train_rows = rows - round(rows * config.eval_split) if config.eval_split and rows >= 2 else rows
     batch = config.per_device_train_batch_size
     per_step = batch * config.gradient_accumulation_steps
+    layout = batch_layout(config, device)
     mean, longest = row_tokens(report.lengths, config.max_seq_length, batch)
-    layout = batch_layout(config, device, mean)
     if layout == "packed":
         real = computed = seq = float(config.max_seq_length)
         steps = config.max_steps or max(

@@ -153,19 +153,14 @@ class TrainConfig:
         maximum=MAX_SEQ_LENGTH_LIMIT,
         label="Max sequence length",
     )
+    # Measured (bench/RESULTS.md §2, §12): on an H200 with Unsloth, packed varied-length rows trained 2-3× the tokens/s
+    # of 8-row padding-free steps (a micro-batch costs ~0.35 s on the host whatever its tokens); at the same tokens the
+    # packed run's fewer, larger updates lowered the held-out loss 40 % less (the demo model, CPU). So it stays opt-in.
     packing: bool = option(
         False,
-        help="Pack several short examples into one sequence (faster on short rows).",
+        help="Pack several short rows into each max_seq_length sequence: 2-3× faster on a GPU when rows are short, "
+        "but each step then trains more rows, so the same tokens make fewer updates (raise the steps to match).",
         label="Packing",
-        advanced=True,
-    )
-    # Measured on an H200 (bench/RESULTS.md §2): with Unsloth a micro-batch costs about 0.35 s of host time whether it
-    # holds 4,700 or 9,400 tokens, so rows much shorter than max_seq_length leave the GPU idle; packed, 2× tokens/s.
-    auto_packing: bool = option(
-        True,
-        help="On a GPU (Unsloth), pack rows into max_seq_length sequences when they average at most half of it: "
-        "about 2× faster on varied lengths; each step then trains on more rows.",
-        label="Pack short rows on a GPU",
         advanced=True,
     )
     train_on_responses_only: bool = option(
@@ -568,8 +563,10 @@ def train(config: TrainConfig, ctx: JobContext) -> str:
     if config.stage != "sft":  # DPO, ORPO, KTO, GRPO: TRL's own trainer, the same run folder and events
         prepared = preference_utils.prepare_data(config, tokenizer, workspace)
         trainer = preference_utils.build_trainer(config, model, tokenizer, prepared, ctx, backend)
-        # ORPO's trainer logs no token count: the collator's count gives its tokens/s (DPO / KTO keep TRL's).
-        counter = trainer.data_collator = TokenCounter(trainer.data_collator)
+        # ORPO's trainer logs no token count: the collator's count gives its tokens/s (DPO / KTO log TRL's).
+        counter = None
+        if config.stage == "orpo":
+            counter = trainer.data_collator = TokenCounter(trainer.data_collator)
         clock = preference_utils.GenerationClock().attach(trainer) if config.stage == "grpo" else None
         trainer.add_callback(events_callback(ctx, counter, clock))
     else:
@@ -578,7 +575,6 @@ def train(config: TrainConfig, ctx: JobContext) -> str:
         if state.is_main_process:
             log_dataset_report(config, tokenizer, workspace)
         check_untrained_tokens(config, model, tokenizer, prepared.train)
-        config = choose_packing(config, backend, prepared.train)
         ctx.reporter.progress(None, message="data prepared")
         trainer = build_trainer(config, model, tokenizer, prepared, ctx, backend)
     checkpoint = last_checkpoint(run_dir) if ctx.resume else None
@@ -598,47 +594,6 @@ def train(config: TrainConfig, ctx: JobContext) -> str:
     if trainer.is_world_process_zero():
         save_final(trainer, tokenizer, config, run_dir)
     return "done"
-
-
-# Packing pays when two or more rows fit in a sequence on average.
-PACK_AT_MOST = 0.5
-
-
-def auto_packs(config: TrainConfig, unsloth_on_gpu: bool, mean_row_tokens: float) -> bool:
-    """Whether auto_packing packs an SFT run that did not ask for packing: Unsloth on a GPU (the host-bound case
-    measured; the CPU's steps are bound by arithmetic) and rows averaging at most PACK_AT_MOST of max_seq_length."""
-    return (
-        config.auto_packing
-        and not config.packing
-        and config.stage == "sft"
-        and unsloth_on_gpu
-        and mean_row_tokens <= PACK_AT_MOST * config.max_seq_length
-    )
-
-
-def mean_row_tokens(rows, sample: int = 2000) -> float:
-    """The mean length of the prepared rows, from up to `sample` rows spread over the dataset."""
-    if not len(rows):
-        return 0.0
-    every = max(1, len(rows) // sample)
-    lengths = [len(ids) for ids in rows.select(range(0, len(rows), every))["input_ids"]]
-    return sum(lengths) / len(lengths)
-
-
-def choose_packing(config: TrainConfig, backend: str, rows) -> TrainConfig:
-    """The config with packing on when auto_packing chooses it for these rows (said in the run's log); a resumed run
-    chooses the same from the same rows."""
-    mean = mean_row_tokens(rows)
-    if not auto_packs(config, backend == "unsloth", mean):
-        return config
-    log.info(
-        "packing rows into %d-token sequences: they average %.0f tokens (auto_packing; turn it off to train %d rows "
-        "a step)",
-        config.max_seq_length,
-        mean,
-        config.per_device_train_batch_size * config.gradient_accumulation_steps,
-    )
-    return dataclasses.replace(config, packing=True)
 
 
 def fit_micro_batch(config: TrainConfig, model_path: str, headroom: float = 0.85) -> TrainConfig:

@@ -74,7 +74,13 @@ def stage_config(stage: str, model: Path, data: Path, steps: int = STEPS, comple
 
 
 def measure(
-    stage: str, model: Path, workspace: Path, steps: int = STEPS, completion_tokens: int = 256, **overrides
+    stage: str,
+    model: Path,
+    workspace: Path,
+    steps: int = STEPS,
+    completion_tokens: int = 256,
+    timeout_s: float | None = None,
+    **overrides,
 ) -> dict:
     import jobs
     import runfolder
@@ -85,7 +91,12 @@ def measure(
     config = stage_config(stage, model, data, steps, completion_tokens, **overrides)
     run_dir = jobs.create_run("train", config_to_dict(config), workspace, f"bench-{stage}-{int(time.time())}")
     jobs.start_job(run_dir)
+    deadline = time.monotonic() + (timeout_s or float("inf"))
     while jobs.job_status(run_dir).active:
+        if time.monotonic() > deadline:  # say where the job was, rather than leave a caller's timeout to kill it
+            log = runfolder.log_tail(run_dir, 60)
+            jobs.stop_job(run_dir)
+            return {"stage": stage, "state": "timed out", "error": f"no result in {timeout_s:.0f} s", "log": log}
         time.sleep(2)
     status = jobs.job_status(run_dir)
     if status.state != "done":

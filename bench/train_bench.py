@@ -47,7 +47,6 @@ TARGETS = {
     "app_vs_unsloth_speed": 0.97,
     "app_vs_unsloth_memory": 1.02,
     "defaults_vs_hf_speed": 5.0,
-    "defaults_vs_hf_memory": 0.6,
     "defaults_vs_unsloth_defaults": 4.0,
     "varied_vs_fixed": 0.6,
     "scaling_2_gpus": 1.8,

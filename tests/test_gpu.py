@@ -143,12 +143,12 @@ def greedy_under(model, prompt_ids: list[int], reply_ids: list[int]) -> list[flo
     import torch
 
     ids = torch.tensor([prompt_ids + reply_ids], device="cuda")
-    with torch.inference_mode():
+    with torch.inference_mode():  # the in-place masking below needs the logits made inside it too
         logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()
-    suppressed = model.generation_config.suppress_tokens or []
-    logits[:, suppressed] = -math.inf  # what the generation config rules out is no one's choice
-    chosen = logits.gather(1, torch.tensor(reply_ids, device="cuda")[:, None])[:, 0]
-    return (logits.max(dim=1).values - chosen).tolist()
+        suppressed = model.generation_config.suppress_tokens or []
+        logits[:, suppressed] = -math.inf  # what the generation config rules out is no one's choice
+        chosen = logits.gather(1, torch.tensor(reply_ids, device="cuda")[:, None])[:, 0]
+        return (logits.max(dim=1).values - chosen).tolist()
 
 
 def test_chat_on_cuda_decodes_base_and_tuned_as_the_unmerged_and_merged_models(adapter_run, llama_1b, monkeypatch):

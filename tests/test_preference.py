@@ -112,8 +112,9 @@ def _margins(model, tokenizer, pairs) -> float:
 @pytest.mark.parametrize(
     "stage, changes, metrics",
     [
-        ("dpo", {}, {"reward_margin", "reward_accuracy"}),
-        ("orpo", {"learning_rate": 1e-3, "beta": 1.0}, {"reward_margin", "log_odds_ratio", "nll_loss"}),
+        ("dpo", {}, {"reward_margin", "reward_accuracy", "tokens_per_s"}),
+        # TRL's ORPO logs no token count: its tokens/s is the collator's count of the chosen and rejected sequences.
+        ("orpo", {"learning_rate": 1e-3, "beta": 1.0}, {"reward_margin", "log_odds_ratio", "nll_loss", "tokens_per_s"}),
     ],
 )
 def test_a_few_preference_steps_raise_the_margin_on_held_out_pairs(demo_workspace, demo_model, stage, changes, metrics):
@@ -167,6 +168,8 @@ def test_grpo_with_the_format_reward_raises_the_mean_reward(demo_workspace):
     assert len(scores) == 6
     assert sum(scores[-2:]) / 2 > sum(scores[:2]) / 2, scores
     assert {"kl", "completion_length"} <= set(logs[-1])
+    # Where a step's time goes: the share spent generating its 8 completions, and completions per second.
+    assert all(0 < m["generation_share"] <= 1 and m["completions_per_s"] > 0 for m in logs)
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
 
 
@@ -225,7 +228,7 @@ def test_unsloth_trains_dpo_and_grpo_on_the_1b_shape(workspace, llama_1b, stage)
     from bench import preference_bench
 
     # Enough steps to train and log past the warm-up; short completions: this checks that it runs, the bench times it.
-    result = preference_bench.measure(stage, llama_1b, workspace, steps=8, completion_tokens=64)
+    result = preference_bench.measure(stage, llama_1b, workspace, steps=8, completion_tokens=64, timeout_s=150)
     print(json.dumps(result))
     assert "error" not in result, result
     assert result["backend"] == "unsloth"

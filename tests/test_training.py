@@ -218,21 +218,6 @@ def test_a_gpu_run_trains_with_the_micro_batch_it_chose_and_records_it(demo_work
 # ---------------------------------------------------------------- packing
 
 
-def test_auto_packing_packs_short_rows_with_unsloth_on_a_gpu_only(data_file, demo_model, demo_tokenizer, workspace):
-    import dataclasses
-
-    config = demo_train_config(data_file, max_seq_length=128)
-    rows = training_utils.prepare_training_data(config, demo_tokenizer, workspace).train
-    lengths = [len(ids) for ids in rows["input_ids"]]
-    mean = training_utils.mean_row_tokens(rows)
-    assert mean == pytest.approx(sum(lengths) / len(lengths)) and mean < 64  # short rows: two fit in a sequence
-    assert training_utils.choose_packing(config, "unsloth", rows).packing
-    assert not training_utils.choose_packing(config, "transformers", rows).packing  # the CPU's steps are not host-bound
-    assert not training_utils.choose_packing(dataclasses.replace(config, auto_packing=False), "unsloth", rows).packing
-    longer = dataclasses.replace(config, max_seq_length=int(mean * 1.5))  # rows average more than half a sequence
-    assert not training_utils.choose_packing(longer, "unsloth", rows).packing
-
-
 def test_a_packed_run_trains_sequences_of_several_rows(demo_workspace, data_file, demo_tokenizer):
     import json
 
@@ -242,7 +227,7 @@ def test_a_packed_run_trains_sequences_of_several_rows(demo_workspace, data_file
     state = json.loads((run_dir / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
     tokens = [entry["num_tokens"] for entry in state["log_history"] if "num_tokens" in entry]
     rows = training_utils.prepare_training_data(config, demo_tokenizer, demo_workspace).train
-    two_rows = 2 * training_utils.mean_row_tokens(rows)
+    two_rows = 2 * sum(len(ids) for ids in rows["input_ids"]) / len(rows)
     # A step's 2 sequences of at most 128 tokens hold several rows each (rows of ~50 tokens: two or more), not 2 rows.
     assert 1.5 * two_rows <= tokens[0] <= 2 * config.max_seq_length
     assert (run_dir / "adapter" / "adapter_config.json").exists()

@@ -149,7 +149,6 @@ def _settings(form: forms.Form) -> gr.Textbox:
             forms.setting(form, "gradient_checkpointing", elem_id="train-gc")
             forms.setting(form, "train_on_responses_only")
             forms.setting(form, "packing")
-            forms.setting(form, "auto_packing")
             forms.setting(form, "fit_micro_batch")
         with gr.Row():
             forms.setting(form, "warmup_steps", elem_id="train-warmup")
