@@ -202,6 +202,19 @@ def test_accumulation_is_folded_into_the_micro_batch_while_the_estimate_fits(dat
     assert odd.per_device_train_batch_size * odd.gradient_accumulation_steps == 6  # the effective batch is kept
 
 
+def test_gradient_checkpointing_is_turned_off_only_when_the_step_fits_without_it(data_file, demo_model):
+    import dataclasses
+
+    import model_utils
+
+    config = demo_train_config(data_file, gradient_checkpointing=True)
+    without = model_utils.estimate_memory(dataclasses.replace(config, gradient_checkpointing=False), str(demo_model))
+    assert not training_utils.fit_checkpointing(config, str(demo_model)).gradient_checkpointing  # gigabytes free
+    just_short = 0.9 * without.total_gib / without.available_gib  # a headroom below what it needs
+    assert training_utils.fit_checkpointing(config, str(demo_model), headroom=just_short).gradient_checkpointing
+    assert not training_utils.fit_micro_batch(config, str(demo_model)).gradient_checkpointing
+
+
 def test_a_gpu_run_trains_with_the_micro_batch_it_chose_and_records_it(demo_workspace, data_file, monkeypatch):
     monkeypatch.setattr(training_utils, "_cuda", lambda: True)  # the choice is made on CUDA only; it runs on CPU here
     config = demo_train_config(
