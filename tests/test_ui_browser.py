@@ -334,6 +334,7 @@ def test_a_person_trains_tests_and_exports_the_demo_model(page, app, tmp_path):
     wait_text(page, "runs-config", "max_steps: 8")
     screenshot(page, "runs")
     choose(page, "runs-run", f"export-{run_name}")
+    wait_text(page, "runs-config", "quants")  # the export run's details, as a person sees them before deleting
     page.click("#runs-delete")
     page.click("#runs-cancel")
     assert (app.workspace / "runs" / f"export-{run_name}").exists()

@@ -163,10 +163,12 @@ def wire(tab: RunsTab, tab_container: gr.Tab, workspace: Path) -> None:
 
     for trigger in (tab.refresh.click, tab_container.select):
         trigger(listing, inputs=tab.run, outputs=[tab.table, tab.run]).then(show, inputs=tab.run, outputs=details)
-    tab.table.select(pick_row, outputs=tab.run).then(show, inputs=tab.run, outputs=details).then(
-        hide, outputs=tab.confirm_row
+    # Another run chosen: its details, and no confirmation of the last one's deletion. The confirmation hides first:
+    # hidden after the details load, it also hid a Delete clicked while they loaded (seen in the browser test).
+    tab.table.select(pick_row, outputs=tab.run).then(hide, outputs=tab.confirm_row).then(
+        show, inputs=tab.run, outputs=details
     )
-    tab.run.input(show, inputs=tab.run, outputs=details).then(hide, outputs=tab.confirm_row)
+    tab.run.input(hide, outputs=tab.confirm_row).then(show, inputs=tab.run, outputs=details)
     tab.delete.click(ask, inputs=tab.run, outputs=[tab.confirm_row, tab.confirm_text])
     tab.cancel.click(hide, outputs=tab.confirm_row)
     tab.confirm.click(delete, inputs=tab.run, outputs=[tab.confirm_row, tab.status]).success(
