@@ -30,6 +30,7 @@ LAYERS = {
     "submit": 4,
     "ui": 5,
     "main": 6,
+    "__main__": 6,  # the installed package's entry point (the llm-finetuner command): runs main
 }
 
 
