@@ -14,20 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dataset_utils import (
-    DEFAULT_MAX_SEQ_LENGTH,
-    DEFAULT_SEED,
-    DatasetConfig,
-    control_pattern,
-    detect_format,
-    encode_rows,
-    ensure_chat_template,
-    load_rows,
-    render_row,
-    resolve_columns,
-    row_to_messages,
-    split_train_eval,
-)
+from dataset_files import DatasetConfig, load_rows, read_rows
+from dataset_formats import detect_format, row_to_messages
+from dataset_render import ensure_chat_template
+from dataset_utils import DEFAULT_MAX_SEQ_LENGTH, DEFAULT_SEED, PreparedDataset, encode_source, split_train_eval
 from workspace import UserError, atomic_write_text, workspace_root
 
 log = logging.getLogger(__name__)
@@ -36,8 +26,6 @@ NEAR_DUPLICATE_THRESHOLD = 0.8  # word-trigram Jaccard similarity, as the synthe
 LSH_MARGIN = 0.7  # the index's threshold as a share of the real one: see DuplicateIndex
 NUM_PERM = 128  # MinHash permutations: Jaccard estimates within about ±0.09 (1/sqrt(128))
 SHOWN_ROWS = 20  # row numbers printed per line of the text form; the JSON form has them all
-# Longer than any row: the report tokenizes whole rows to see what a cut at max_seq_length loses.
-UNCUT = 1 << 30
 
 
 # ---------------------------------------------------------------- near duplicates
@@ -198,6 +186,23 @@ def report_for_training(config, tokenizer, workspace: str | Path | None = None) 
     return build_report(config.dataset, tokenizer, workspace=workspace, **preparation_settings(config))
 
 
+def report_of_preparation(config, prepared: PreparedDataset) -> DatasetReport:
+    """The report of a training job's dataset from the job's own preparation (prepare_dataset with
+    preparation_settings(config)): its rendered and tokenized rows are counted, not prepared a second time."""
+    source = prepared.source if prepared.source is not None else read_rows(config.dataset, prepared.local)
+    prepared.source = None  # only the report reads the rows as read: the job trains on the prepared ones
+    return _report(
+        config.dataset,
+        source,
+        prepared.format,
+        prepared.fields,
+        prepared.outcomes,
+        config.max_seq_length,
+        config.eval_split,
+        config.seed,
+    )
+
+
 def build_report(
     config: DatasetConfig,
     tokenizer,
@@ -207,20 +212,32 @@ def build_report(
     seed: int = DEFAULT_SEED,
     workspace: str | Path | None = None,
 ) -> DatasetReport:
-    """The report for the rows prepare_dataset would read, rendered with the same template and tokenizer."""
+    """The report for the rows prepare_dataset would read, rendered and tokenized as it does (dataset_utils.
+    encode_source) but neither filtered, split nor cached: a dataset whose every row is dropped gets its report."""
     raw = load_rows(config, workspace)
-    fmt = config.format if config.format != "auto" else detect_format(raw.column_names, config.column_map)
-    fields = resolve_columns(raw.column_names, fmt, config.column_map)
+    if config.chat_template:
+        ensure_chat_template(tokenizer, config.chat_template)
+    rows = encode_source(config, tokenizer, raw, max_seq_length, train_on_responses_only)
+    return _report(config, raw, rows.format, rows.fields, rows.encoded, max_seq_length, eval_split, seed)
+
+
+def _report(
+    config: DatasetConfig,
+    raw,
+    fmt: str,
+    fields: dict[str, str],
+    outcomes,
+    max_seq_length: int,
+    eval_split: float,
+    seed: int,
+) -> DatasetReport:
+    """The figures of the rows as read (`raw`) and what became of each when it was rendered and tokenized
+    (`outcomes`: dataset_utils.OUTCOMES, one per row)."""
     report = DatasetReport(str(config.source), fmt, len(raw), max_seq_length, eval_split=eval_split)
     if len(raw) < 2:
         report.notes.append(f"only {len(raw)} row: too few for duplicates, an eval split or a useful run.")
-    if config.chat_template:
-        ensure_chat_template(tokenizer, config.chat_template)
-    elif fmt != "text":
-        ensure_chat_template(tokenizer)
-    pattern = control_pattern(tokenizer)
+    errors = list(outcomes["error"])
     index = DuplicateIndex()
-    rendered: dict[int, tuple[str, Any, Any]] = {}
     prompts: dict[int, str] = {}
     for number, row in enumerate(raw, start=1):
         _mix(report, number, row, config.column_map)
@@ -235,18 +252,14 @@ def build_report(
                 report.duplicate_of[number] = first
             else:
                 index.add(number, text)
-        try:
-            rendered[number] = render_row(
-                row, fmt, fields, tokenizer, train_on_responses_only, config.system_prompt, pattern=pattern
-            )
-        except UserError as exc:
+        if errors[number - 1]:  # the template refuses the row
             if number not in report.empty_replies:
-                report.dropped[number] = str(exc)
+                report.dropped[number] = errors[number - 1]
             continue
         prompts[number] = normalize_text(prompt or "")
-    _measure_tokens(report, rendered, tokenizer)
+    _measure_tokens(report, sorted(prompts), outcomes)
     if eval_split and report.usable_rows >= 2:
-        _leakage(report, sorted(prompts), prompts, eval_split, seed, rendered)
+        _leakage(report, sorted(prompts), prompts, eval_split, seed)
     elif eval_split:
         report.notes.append("eval_split needs at least 2 usable rows; leakage not measured.")
     return report
@@ -291,28 +304,20 @@ def _lenient_messages(row: dict, fmt: str, fields: dict[str, str]) -> list[dict]
     return messages
 
 
-def _measure_tokens(report: DatasetReport, rendered: dict[int, tuple], tokenizer) -> None:
+def _measure_tokens(report: DatasetReport, numbers: list[int], outcomes) -> None:
+    """Token figures of the rendered rows (`numbers`), from their token counts whole and before the cut."""
     import numpy as np
 
-    numbers = sorted(rendered)
-    encoded = encode_rows(
-        [rendered[n][0] for n in numbers],
-        [rendered[n][1] for n in numbers],
-        tokenizer,
-        UNCUT,
-        [rendered[n][2] for n in numbers],
-    )
+    tokens, trained, kept = list(outcomes["tokens"]), list(outcomes["trained"]), list(outcomes["kept"])
     lengths = []
-    for number, row in zip(numbers, encoded, strict=True):
-        labels = row["labels"]
-        trained = [label != -100 for label in labels]
-        kept = sum(trained[: report.max_seq_length])
-        report.reply_tokens += sum(trained)
-        report.reply_tokens_lost += sum(trained) - kept
-        lengths.append(len(labels))
-        if len(labels) > report.max_seq_length:
+    for number in numbers:
+        row = number - 1
+        report.reply_tokens += trained[row]
+        report.reply_tokens_lost += trained[row] - kept[row]
+        lengths.append(tokens[row])
+        if tokens[row] > report.max_seq_length:
             report.truncated.append(number)
-        if kept == 0:
+        if kept[row] == 0:
             report.dropped[number] = "every trained token is past max_seq_length"
         else:
             report.usable_rows += 1
@@ -327,12 +332,12 @@ def _measure_tokens(report: DatasetReport, rendered: dict[int, tuple], tokenizer
         report.longest_row = numbers[int(np.argmax(lengths))]
 
 
-def _leakage(report, numbers, prompts, eval_split, seed, rendered) -> None:
+def _leakage(report, numbers, prompts, eval_split, seed) -> None:
     """The eval rows prepare_dataset would hold out (the same split of the same usable rows) whose prompt a
     train row also has."""
     import datasets
 
-    usable = [n for n in numbers if n not in report.dropped and n in rendered]
+    usable = [n for n in numbers if n not in report.dropped]
     train, evaluation = split_train_eval(datasets.Dataset.from_dict({"row": usable}), eval_split, seed)
     train_prompts = {prompts[n] for n in train["row"] if prompts[n]}
     report.leaked = sorted(n for n in evaluation["row"] if prompts[n] and prompts[n] in train_prompts)

@@ -574,7 +574,7 @@ def train(config: TrainConfig, ctx: JobContext) -> str:
         with state.main_process_first():  # rank 0 prepares and caches the dataset, the other ranks read the cache
             prepared = prepare_training_data(config, tokenizer, workspace)
         if state.is_main_process:
-            log_dataset_report(config, tokenizer, workspace)
+            log_dataset_report(config, prepared)
         check_untrained_tokens(config, model, tokenizer, prepared.train)
         ctx.reporter.progress(None, message="data prepared")
         trainer = build_trainer(config, model, tokenizer, prepared, ctx, backend)
@@ -823,11 +823,11 @@ def check_untrained_tokens(config: TrainConfig, model, tokenizer, rows) -> None:
     )
 
 
-def log_dataset_report(config: TrainConfig, tokenizer, workspace: Path) -> None:
-    """The dataset quality report, into the run's log before training (see dataset_report)."""
+def log_dataset_report(config: TrainConfig, prepared) -> None:
+    """The dataset quality report of the job's prepared rows, into the run's log before training (see dataset_report)."""
     import dataset_report
 
-    for line in dataset_report.report_for_training(config, tokenizer, workspace).lines():
+    for line in dataset_report.report_of_preparation(config, prepared).lines():
         log.info(line)
 
 

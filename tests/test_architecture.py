@@ -12,6 +12,9 @@ LAYERS = {
     "settings": 0,
     "runfolder": 1,
     "dataset_utils": 2,
+    "dataset_files": 2,  # reading a dataset's rows (dataset_utils prepares them)
+    "dataset_formats": 2,  # formats, column maps, rows as chat messages
+    "dataset_render": 2,  # chat templates, reply spans, tokens with loss masks
     "model_utils": 2,
     "training_utils": 2,
     "inference_utils": 2,

@@ -7,6 +7,7 @@ import json
 import pytest
 
 import dataset_report
+import dataset_utils
 import main
 from conftest import write_jsonl
 from dataset_utils import DatasetConfig
@@ -143,3 +144,35 @@ def test_cli_prints_the_report_and_writes_the_cleaned_copy(demo_workspace, capsy
     assert code == 0
     assert "exact duplicates: 2 (rows 2, 3)" in out
     assert f"cleaned copy: {demo_workspace / 'data' / 'known.cleaned.jsonl'} (4 of 8 rows)" in out
+
+
+@pytest.mark.parametrize("options", [{}, {"eval_split": 0.25, "train_on_responses_only": False}])
+def test_a_jobs_report_is_counted_from_its_preparation_rendering_each_row_once(
+    tmp_path, demo_tokenizer, monkeypatch, options
+):
+    """A training job prepares its rows and logs their report: every row is rendered once (the report counts the
+    preparation's own rows), and the report is the one `dataset --report` prints; a cached preparation renders none
+    and gives the same report."""
+    from training_utils import TrainConfig
+
+    source = write_jsonl(tmp_path / "known.jsonl", known_rows())
+    config = TrainConfig(dataset=DatasetConfig(source=str(source)), max_seq_length=64, **options)
+    rendered = []
+    render_row = dataset_utils.render_row
+    monkeypatch.setattr(
+        dataset_utils, "render_row", lambda *args, **kwargs: rendered.append(1) or render_row(*args, **kwargs)
+    )
+    settings = dataset_report.preparation_settings(config)
+
+    def job_report():
+        prepared = dataset_utils.prepare_dataset(config.dataset, demo_tokenizer, workspace=tmp_path / "ws", **settings)
+        return prepared, dataset_report.report_of_preparation(config, prepared)
+
+    first, report = job_report()
+    assert not first.cache_hit and len(rendered) == len(known_rows())
+    assert first.source is None  # the rows as read are let go once counted
+    again, from_cache = job_report()
+    assert again.cache_hit and len(rendered) == len(known_rows())
+    alone = dataset_report.build_report(config.dataset, demo_tokenizer, **settings)
+    assert report.to_dict() == from_cache.to_dict() == alone.to_dict()
+    assert report.duplicates == [2, 3] and sorted(report.dropped) == [8]

@@ -7,9 +7,13 @@ import time
 
 import pytest
 
+import dataset_files
+import dataset_render
 import dataset_utils
 from conftest import capital_rows, write_jsonl
-from dataset_utils import DatasetConfig, detect_format, prepare_dataset, row_to_messages
+from dataset_files import DatasetConfig
+from dataset_formats import detect_format, row_to_messages
+from dataset_utils import prepare_dataset
 from workspace import UserError
 
 
@@ -264,9 +268,9 @@ TRIMMING_TEMPLATE = (
 
 @pytest.mark.parametrize("messages", SHORTCUT_CONVERSATIONS)
 def test_template_pieces_give_the_same_text_and_spans_as_rendering(demo_tokenizer, messages):
-    turns = dataset_utils.fast_turns(SHORTCUT_CONVERSATIONS, demo_tokenizer)
+    turns = dataset_render.fast_turns(SHORTCUT_CONVERSATIONS, demo_tokenizer)
     assert turns is not None  # the demo model's ChatML template, with its default system turn
-    assert dataset_utils.spans_from_turns(messages, turns) == dataset_utils.assistant_spans(messages, demo_tokenizer)
+    assert dataset_render.spans_from_turns(messages, turns) == dataset_render.assistant_spans(messages, demo_tokenizer)
 
 
 def test_a_template_the_pieces_cannot_reproduce_is_rendered_per_row(tmp_path, demo_tokenizer):
@@ -274,7 +278,7 @@ def test_a_template_the_pieces_cannot_reproduce_is_rendered_per_row(tmp_path, de
 
     tokenizer = AutoTokenizer.from_pretrained(demo_tokenizer.name_or_path)
     tokenizer.chat_template = TRIMMING_TEMPLATE
-    assert dataset_utils.fast_turns(SHORTCUT_CONVERSATIONS, tokenizer) is None
+    assert dataset_render.fast_turns(SHORTCUT_CONVERSATIONS, tokenizer) is None
     rows = [{"messages": messages} for messages in SHORTCUT_CONVERSATIONS]
     prepared = prepare(tmp_path, tokenizer, "chat.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     assert set(prepared.train["text"]) == {tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in rows}
@@ -282,10 +286,10 @@ def test_a_template_the_pieces_cannot_reproduce_is_rendered_per_row(tmp_path, de
 
 def test_outer_whitespace_in_a_reply_is_left_to_the_template(tmp_path, demo_tokenizer):
     messages = [{"role": "user", "content": "Capital of Peru?"}, {"role": "assistant", "content": " Lima.\n"}]
-    turns = dataset_utils.chat_turns(demo_tokenizer)
-    assert dataset_utils.spans_from_turns(messages, turns) is None
+    turns = dataset_render.chat_turns(demo_tokenizer)
+    assert dataset_render.spans_from_turns(messages, turns) is None
     prepared = prepare(tmp_path, demo_tokenizer, "chat.jsonl", json.dumps({"messages": messages}) + "\n")
-    text, spans = dataset_utils.assistant_spans(messages, demo_tokenizer)
+    text, spans = dataset_render.assistant_spans(messages, demo_tokenizer)
     assert prepared.train[0]["text"] == text
     row = prepared.train[0]
     trained = [
@@ -409,14 +413,14 @@ def wide_csv(path, columns: int, rows: int = 20):
 def test_csv_with_ten_thousand_columns_is_refused(tmp_path, demo_tokenizer):
     path = wide_csv(tmp_path / "wide.csv", 10_000)
     with pytest.raises(UserError, match="'wide.csv' has 10000 columns; at most 1000 are read"):
-        dataset_utils.load_rows(DatasetConfig(source=str(path)))
+        dataset_files.load_rows(DatasetConfig(source=str(path)))
     with pytest.raises(UserError, match="has 10000 columns"):
         prepare_dataset(DatasetConfig(source=str(path)), demo_tokenizer, workspace=tmp_path / "ws")
 
 
 def test_wide_csv_within_the_limit_prepares(tmp_path, demo_tokenizer):
     path = wide_csv(tmp_path / "wide.csv", 300)
-    rows = dataset_utils.load_rows(DatasetConfig(source=str(path)))
+    rows = dataset_files.load_rows(DatasetConfig(source=str(path)))
     assert len(rows.column_names) == 300
     prepared = prepare_dataset(DatasetConfig(source=str(path)), demo_tokenizer, workspace=tmp_path / "ws")
     assert prepared.format == "alpaca" and len(prepared.train) == 20
