@@ -4,7 +4,8 @@ and Ollama, for the synthetic-data stage, the GRPO judge and the arena's judge.
 One call, `Client.complete(prompt, system, schema)`, asks for one reply with the same guards for every provider: a
 whole-reply timeout, a response-size cap, no cross-origin redirects, JSON checked before the SDK reads it, retries
 on 429 / 5xx / timeouts / dropped connections with backoff and Retry-After, errors a user can act on, and the API
-key cut out of every server message. Adding a provider is one Client subclass and one entry in CLIENTS.
+key cut out of every server message. Adding a provider is one Client subclass (its SDK's client, check and send),
+its name in PROVIDERS and CLIENTS, and its default URL (and key variable) in DEFAULT_URLS (and KEY_ENV).
 """
 
 from __future__ import annotations
@@ -403,7 +404,9 @@ class Client:
         too_slow = f"sent no complete reply within timeout_s = {config.timeout_s:g} s"
         for attempt in range(config.max_retries + 1):
             try:
-                return await _within(config.timeout_s, self.send(prompt, system, schema, schema_name), too_slow, True)
+                return await _within(
+                    config.timeout_s, self.send(prompt, system, schema, schema_name), too_slow, retry=True
+                )
             except Exception as exc:
                 bad = _bad_reply(exc)
                 if bad is not None and not bad.retry:
