@@ -14,15 +14,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import llm_clients
 import rewards
-import synthetic_utils
 from runfolder import JobContext, run_path, trained_model
 from workspace import UserError, paths_confined, resolve_user_path
 
 log = logging.getLogger(__name__)
 
 STAGES = ("sft", "dpo", "orpo", "kto", "grpo")
-JUDGE_PROVIDERS = synthetic_utils.PROVIDERS
+JUDGE_PROVIDERS = llm_clients.PROVIDERS
 # A score is a few characters; the room is for a model that writes a word or two before it.
 JUDGE_MAX_TOKENS = 64
 # TRL's log keys → the run's event metrics (a flat name the live view and the Runs tab read).
@@ -150,15 +150,14 @@ def parse_weights(text: str | list | None) -> list[float]:
 
 
 def judge_settings(config) -> rewards.JudgeSettings:
-    """The judge reward's settings: the synthetic-data client (provider, model, URL; temperature 0), the rubric and
-    the score range; UserError for a judge that cannot be asked."""
+    """The judge reward's settings: the LLM client (provider, model, URL; temperature 0), the rubric and the score
+    range; UserError for a judge that cannot be asked."""
     if not str(config.judge_model).strip():
         raise UserError("The judge reward needs a judge model (judge_model), e.g. gpt-4o-mini or llama3.2.")
-    client = synthetic_utils.SyntheticConfig(
+    client = llm_clients.ClientConfig(
         provider=config.judge_provider,
         model=config.judge_model,
         base_url=config.judge_base_url,
-        topic="scoring answers",
         response_format="none",
         temperature=0.0,
         max_tokens=JUDGE_MAX_TOKENS,
@@ -173,7 +172,7 @@ def uses_judge(config) -> bool:
 
 def job_env(config, api_key: str | None = None) -> dict[str, str]:
     """Environment for jobs.start_job carrying the judge's API key to the job's process (never to its folder)."""
-    return synthetic_utils.job_env(judge_settings(config).client, api_key) if uses_judge(config) else {}
+    return llm_clients.job_env(judge_settings(config).client, api_key) if uses_judge(config) else {}
 
 
 def check_judge(config, api_key: str | None = None) -> None:

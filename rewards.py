@@ -1,8 +1,8 @@
 """Reward functions for GRPO, in TRL's shape: `reward(prompts, completions, **columns) -> list[float]`, one score
 per completion, named so TRL logs each one's mean as `rewards/<name>/mean`.
 
-Built in: format, equals, contains, json, length, and judge (an LLM scores each completion by a rubric, through the
-synthetic-data stage's provider clients). A user's own functions come from a Python file (`file_rewards`): found by
+Built in: format, equals, contains, json, length, and judge (an LLM scores each completion by a rubric, through
+llm_clients). A user's own functions come from a Python file (`file_rewards`): found by
 reading the file's syntax tree when the run is checked, imported (run) only inside the job.
 """
 
@@ -18,10 +18,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-import synthetic_utils
+import llm_clients
 from workspace import UserError
 
 log = logging.getLogger(__name__)
@@ -49,12 +48,13 @@ class RewardSettings:
 
 @dataclass
 class JudgeSettings:
-    """The judge reward: who scores (the synthetic-data stage's client settings), by what rubric, on what scale."""
+    """The judge reward: who scores (the LLM client's settings), by what rubric, on what scale, how many at once."""
 
-    client: synthetic_utils.SyntheticConfig
+    client: llm_clients.ClientConfig
     rubric: str
     min_score: float = 0.0
     max_score: float = 10.0
+    concurrency: int = 8
 
 
 def completion_text(completion: Any) -> str:
@@ -200,89 +200,22 @@ def score_to_reward(score: float, low: float, high: float) -> float:
     return min(1.0, max(0.0, (score - low) / (high - low)))
 
 
-def _judge_client(client: synthetic_utils.SyntheticConfig, api_key: str | None = None):
-    """The synthetic-data client of the judge's provider, asking with the grader's system prompt, in plain text.
-
-    Only complete() differs from synthetic_utils' clients, so the connection, size caps, redirect checks, error
-    classification and retries stay theirs; the key is `api_key` (the submit check) or, in the job, its
-    environment's (OPENAI_API_KEY, …)."""
-    base = synthetic_utils.PROVIDER_CLASSES[client.provider]
-
-    class Judge(base):
-        async def complete(self, prompt: str) -> synthetic_utils.Reply:
-            return await _ASK[self.config.provider](self, prompt)
-
-    return Judge(client, synthetic_utils.resolve_api_key(client, api_key))
-
-
-async def _ask_openai(judge: Any, prompt: str) -> synthetic_utils.Reply:
-    config = judge.config
-    tokens = "max_completion_tokens" if synthetic_utils.is_official(config) else "max_tokens"
-    response = await judge.client.chat.completions.create(
-        model=config.model,
-        temperature=config.temperature,
-        messages=[{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": prompt}],
-        **{tokens: config.max_tokens},
-    )
-    return synthetic_utils.openai_reply(response)
-
-
-async def _ask_anthropic(judge: Any, prompt: str) -> synthetic_utils.Reply:
-    config = judge.config
-    response = await judge.client.messages.create(
-        model=config.model,
-        max_tokens=config.max_tokens,
-        system=JUDGE_SYSTEM,
-        messages=[{"role": "user", "content": prompt}],
-    )
-    return synthetic_utils.anthropic_reply(response)
-
-
-async def _ask_ollama(judge: Any, prompt: str) -> synthetic_utils.Reply:
-    import pydantic
-
-    config = judge.config
-    try:
-        response = await judge.client.chat(
-            model=config.model,
-            stream=False,
-            messages=[{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": prompt}],
-            options={"temperature": config.temperature, "num_predict": config.max_tokens},
-        )
-    except pydantic.ValidationError:
-        raise synthetic_utils.not_a_chat_reply("message") from None
-    return synthetic_utils.Reply(response.message.content or "", 0, 0)
-
-
-_ASK = {"openai": _ask_openai, "anthropic": _ask_anthropic, "ollama": _ask_ollama}
-
-
 def check_judge(settings: JudgeSettings, api_key: str | None = None) -> None:
-    """UserError now when the judge cannot answer (nothing listening, a refused key, an unknown model)."""
-
-    async def check() -> None:
-        judge = _judge_client(settings.client, api_key)
-        try:
-            await judge.check()
-        finally:
-            await judge.close()
-
-    asyncio.run(check())
+    """UserError now when the judge cannot answer (nothing listening, a refused key, an unknown model); the key is
+    `api_key` (the submit check) or, in the job, its environment's (OPENAI_API_KEY, …)."""
+    llm_clients.check_server(settings.client, llm_clients.resolve_api_key(settings.client, api_key))
 
 
 async def _scores(settings: JudgeSettings, prompts: list[str]) -> list[str]:
-    judge = _judge_client(settings.client)
-    retries = SimpleNamespace(summary=SimpleNamespace(retries=0))  # what synthetic_utils' retry loop counts into
-    limit = asyncio.Semaphore(settings.client.concurrency)
+    """The judge's replies to `prompts`, asked with the grader's system prompt, in plain text."""
+    limit = asyncio.Semaphore(settings.concurrency)
+    async with llm_clients.open_client(settings.client, llm_clients.resolve_api_key(settings.client)) as judge:
 
-    async def ask(prompt: str) -> str:
-        async with limit:
-            return (await synthetic_utils.request(judge, prompt, retries)).text
+        async def ask(prompt: str) -> str:
+            async with limit:
+                return (await judge.complete(prompt, JUDGE_SYSTEM)).text
 
-    try:
         return await asyncio.gather(*(ask(prompt) for prompt in prompts))
-    finally:
-        await judge.close()
 
 
 def judge_reward(settings: JudgeSettings) -> Reward:
@@ -304,7 +237,7 @@ def judge_reward(settings: JudgeSettings) -> Reward:
         for reply in asyncio.run(_scores(settings, asks)):
             score = parse_score(reply)
             if score is None:
-                log.warning("the judge's reply held no score: %r", synthetic_utils.shorten(reply, JUDGE_REPLY_CHARS))
+                log.warning("the judge's reply held no score: %r", llm_clients.shorten(reply, JUDGE_REPLY_CHARS))
             scores.append(0.0 if score is None else score_to_reward(score, low, high))
         return scores
 

@@ -106,6 +106,7 @@ class FakeLLMServer:
         self.redirect_to = redirect_to  # every request answered 307 to this origin (+ the same path)
         self.requests = 0  # every request, chat or not
         self.prompts: list[str] = []
+        self.bodies: list[dict] = []  # every chat request's JSON body, as the SDK sent it
         self.statuses: list[int] = []
         self.chat_requests = 0
         self.lock = threading.Lock()
@@ -185,10 +186,11 @@ class FakeLLMServer:
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
-    def _next(self, prompt: str) -> tuple[int, Fault | None]:
+    def _next(self, prompt: str, body: dict) -> tuple[int, Fault | None]:
         with self.lock:
             self.chat_requests += 1
             self.prompts.append(prompt)
+            self.bodies.append(body)
             return self.chat_requests, self.faults.popleft() if self.faults else None
 
 
@@ -301,7 +303,7 @@ class _Handler(BaseHTTPRequestHandler):
         prompt = "\n".join(
             _text(message.get("content")) for message in body.get("messages", []) if message.get("role") == "user"
         )
-        number, fault = self.fake._next(prompt)
+        number, fault = self.fake._next(prompt, body)
         if self.fake.latency_s:
             time.sleep(self.fake.latency_s)
         if fault is not None:

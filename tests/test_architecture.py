@@ -11,6 +11,7 @@ LAYERS = {
     "workspace": 0,
     "settings": 0,
     "runfolder": 1,
+    "llm_clients": 1,  # the LLM provider clients: synthetic data and both judges
     "dataset_utils": 2,
     "dataset_files": 2,  # reading a dataset's rows (dataset_utils prepares them)
     "dataset_formats": 2,  # formats, column maps, rows as chat messages
@@ -19,8 +20,12 @@ LAYERS = {
     "training_utils": 2,
     "inference_utils": 2,
     "synthetic_utils": 2,
+    "synthetic_rows": 2,  # SyntheticConfig, the prompts and the reply's validation into a row
     "gguf_utils": 2,
     "arena_utils": 2,
+    "arena_config": 2,  # ArenaConfig, contestants and prompts
+    "arena_judge": 2,  # what the arena's judge reads and how its verdict is read
+    "arena_report": 2,  # the arena's statistics and report
     "compare_utils": 2,
     "preference_utils": 2,  # DPO and GRPO trainers, called by training_utils.train
     "preference_data": 2,

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 from fake_llm_servers import FakeLLMServer
-from test_synthetic_utils import llama_server  # noqa: F401 - the session's llama_cpp.server judge
+from test_llm_clients import llama_server  # noqa: F401 - the session's llama_cpp.server judge
 
+import arena_judge
+import arena_report
 import arena_utils
 import jobs
 import runfolder
@@ -93,18 +95,18 @@ IMPERFECT = [
 
 @pytest.mark.parametrize("text, verdict", IMPERFECT)
 def test_the_verdict_parser_reads_what_it_can_and_counts_the_rest_as_unparsed(text, verdict):
-    assert arena_utils.parse_verdict(text)[0] == verdict
+    assert arena_judge.parse_verdict(text)[0] == verdict
 
 
 def test_a_verdict_that_flips_with_the_order_is_a_tie_and_the_wilson_interval_has_known_values():
     flipped = [{"winner": "x"}, {"winner": "y"}]
-    assert arena_utils.prompt_outcome(flipped, "x") == 0.5
-    assert arena_utils.prompt_outcome([{"winner": None}, {"winner": "x"}], "x") == 1.0
-    assert arena_utils.prompt_outcome([{"winner": None}], "x") is None
-    low, high = arena_utils.wilson_interval(5, 10)
+    assert arena_report.prompt_outcome(flipped, "x") == 0.5
+    assert arena_report.prompt_outcome([{"winner": None}, {"winner": "x"}], "x") == 1.0
+    assert arena_report.prompt_outcome([{"winner": None}], "x") is None
+    low, high = arena_report.wilson_interval(5, 10)
     assert (round(low, 4), round(high, 4)) == (0.2366, 0.7634)
-    assert arena_utils.wilson_interval(0, 0) == (0.0, 1.0)
-    assert arena_utils.wilson_interval(3, 3)[1] == 1.0
+    assert arena_report.wilson_interval(0, 0) == (0.0, 1.0)
+    assert arena_report.wilson_interval(3, 3)[1] == 1.0
 
 
 def test_prompts_come_from_text_lines_a_prompt_column_or_conversations(tmp_path):

@@ -8,15 +8,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from fake_llm_servers import FakeLLMServer, Fault
+from test_llm_clients import llama_server  # noqa: F401 - the session's llama_cpp.server
 
 import jobs
 import runfolder
+import synthetic_rows
 import synthetic_utils
 from conftest import wait_for
 from synthetic_utils import SyntheticConfig, generate
@@ -79,54 +79,6 @@ def fake():
         yield server
 
 
-@pytest.fixture(scope="session")
-def llama_server(tmp_path_factory):
-    """`python -m llama_cpp.server` serving the demo GGUF on the CPU, once per session."""
-    import model_utils
-
-    port = jobs.free_port()
-    log_path = tmp_path_factory.mktemp("llama-server") / "server.log"
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "llama_cpp.server",
-                "--model",
-                str(model_utils.demo_gguf_path()),
-                "--model_alias",
-                "smollm2-demo",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--n_ctx",
-                "1024",
-                "--n_threads",
-                "2",
-                "--verbose",
-                "False",
-            ],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}/v1"
-
-    def ready() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"llama_cpp.server exited:\n{log_path.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url + "/models", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
-
-    wait_for(ready, timeout=120, interval=0.5)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
-
-
 # ---------------------------------------------------------------- configuration and keys
 
 BAD_CONFIGS = [
@@ -159,23 +111,13 @@ def test_unknown_option_in_yaml_is_refused():
         synthetic_utils.synthetic_config_from_dict({"model": "m", "topic": "t", "api_key": "sk-nope"})
 
 
-@pytest.mark.parametrize("provider, variable", [("openai", "OPENAI_API_KEY"), ("anthropic", "ANTHROPIC_API_KEY")])
-def test_missing_key_for_the_providers_own_api_is_refused(monkeypatch, provider, variable):
-    monkeypatch.delenv(variable, raising=False)
-    config = SyntheticConfig(provider=provider, model="m", topic="tea")
-    with pytest.raises(UserError, match=f"No API key for {provider}.*{variable}"):
-        synthetic_utils.resolve_api_key(config)
-    monkeypatch.setenv(variable, KEY)
-    assert synthetic_utils.resolve_api_key(config) == KEY
-    assert synthetic_utils.job_env(config) == {variable: KEY}
-
-
-def test_local_servers_and_ollama_need_no_key(monkeypatch):
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    local = SyntheticConfig(model="m", topic="t", base_url="http://127.0.0.1:8000/v1")
-    assert synthetic_utils.resolve_api_key(local) == synthetic_utils.NO_KEY
-    assert synthetic_utils.job_env(local) == {}
-    assert synthetic_utils.resolve_api_key(SyntheticConfig(provider="ollama", model="m", topic="t")) is None
+def test_the_providers_key_travels_in_the_job_environment(monkeypatch):
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    config = SyntheticConfig(provider="anthropic", model="m", topic="tea")
+    assert synthetic_utils.job_env(config, KEY) == {"ANTHROPIC_API_KEY": KEY}
+    with pytest.raises(UserError, match="No API key for anthropic"):
+        synthetic_utils.job_env(config)
+    assert synthetic_utils.job_env(SyntheticConfig(provider="ollama", model="m", topic="tea"), KEY) == {}
 
 
 # ---------------------------------------------------------------- generation through each protocol
@@ -231,50 +173,30 @@ def test_documents_task_asks_about_chunks_of_txt_md_and_pdf(tmp_path, fake):
 def test_unreadable_documents_are_refused(tmp_path):
     empty = write_pdf(tmp_path / "scan.pdf", "")
     with pytest.raises(UserError, match="has no text.*OCR"):
-        synthetic_utils.load_document_chunks([str(empty)], 500)
+        synthetic_rows.load_document_chunks([str(empty)], 500)
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     with pytest.raises(UserError, match="not UTF-8"):
-        synthetic_utils.load_document_chunks([str(tmp_path / "latin1.txt")], 500)
+        synthetic_rows.load_document_chunks([str(tmp_path / "latin1.txt")], 500)
     with pytest.raises(UserError, match="not a TXT, MD or PDF"):
         SyntheticConfig(model="m", task="documents", documents=[str(tmp_path / "a.docx")]).validate()
 
 
 def test_chunks_respect_the_size_and_keep_paragraphs():
     text = "\n\n".join(f"Paragraph {n} " + "word " * 30 for n in range(10))
-    chunks = synthetic_utils.chunk_text(text, 400)
+    chunks = synthetic_rows.chunk_text(text, 400)
     assert all(len(chunk) <= 400 for chunk in chunks)
     assert " ".join(" ".join(chunks).split()) == " ".join(text.split())
-    assert synthetic_utils.chunk_text("x" * 1000, 300) == ["x" * 300] * 3 + ["x" * 100]
+    assert synthetic_rows.chunk_text("x" * 1000, 300) == ["x" * 300] * 3 + ["x" * 100]
 
 
 # ---------------------------------------------------------------- faults, retries, bad servers
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-def test_429_500_dropped_and_slow_replies_are_retried(tmp_path, fake, provider):
-    fake.inject(Fault("429", retry_after=0.1), Fault("500"), Fault("drop"), Fault("slow", seconds=1.5), Fault("529"))
-    config = fake_config(fake, provider, num_rows=10, concurrency=1, timeout_s=0.5)
-    summary = generate(config, tmp_path, api_key=KEY)
-    assert summary.rows_done == 10 and summary.retries == 5 and summary.rejected == 0
-    assert {429, 500, 529} <= set(fake.statuses)
-
-
-def test_retry_after_is_honoured(tmp_path, fake):
-    fake.inject(Fault("429", retry_after=1.0))
-    started = time.monotonic()
-    summary = generate(fake_config(fake, num_rows=1, concurrency=1, backoff_s=0.01), tmp_path, api_key=KEY)
-    assert summary.retries == 1 and summary.rows_done == 1
-    assert time.monotonic() - started >= 1.0
-
-
-def test_backoff_doubles_with_jitter():
-    delays = [synthetic_utils.backoff_delay(attempt, 1.0, None) for attempt in range(4)]
-    for attempt, delay in enumerate(delays):
-        assert 0.5 * 2**attempt <= delay <= 2**attempt
-    assert 3.0 <= synthetic_utils.backoff_delay(0, 1.0, retry_after=3.0) <= 3.5
-    assert synthetic_utils.retry_after_seconds({"retry-after-ms": "250"}) == 0.25
-    assert synthetic_utils.retry_after_seconds({"retry-after": "7"}) == 7.0
-    assert synthetic_utils.retry_after_seconds({}) is None
+def test_retries_are_counted_in_the_summary_and_the_progress(tmp_path, fake):
+    fake.inject(Fault("429", retry_after=0.1), Fault("500"))
+    summary = generate(fake_config(fake, num_rows=3, concurrency=1), tmp_path, api_key=KEY)
+    assert summary.rows_done == 3 and summary.retries == 2 and summary.rejected == 0
+    assert runfolder.read_progress(tmp_path).metrics["retries"] == 2
 
 
 def test_a_server_that_keeps_failing_ends_the_run_with_rows_kept(tmp_path, fake):
@@ -284,36 +206,6 @@ def test_a_server_that_keeps_failing_ends_the_run_with_rows_kept(tmp_path, fake)
         generate(config, tmp_path, api_key=KEY)
     assert runfolder.read_progress(tmp_path).metrics["state"] == "failed"
     assert generate(config, tmp_path, api_key=KEY).rows_done == 5  # the server recovered: resume finishes
-
-
-@pytest.mark.parametrize("provider", PROVIDERS)
-def test_connection_refused_is_a_clear_error_within_seconds(tmp_path, provider):
-    url = f"http://127.0.0.1:{jobs.free_port()}" + ("/v1" if provider == "openai" else "")
-    config = SyntheticConfig(provider=provider, model="m", topic="t", base_url=url, max_retries=5)
-    started = time.monotonic()
-    with pytest.raises(UserError, match=f"Cannot reach the {provider} server at {url}.*base_url"):
-        generate(config, tmp_path, api_key=KEY)
-    assert time.monotonic() - started < 5
-
-
-@pytest.mark.parametrize(
-    "provider, hint",
-    [
-        ("openai", "it serves: fake-model"),
-        ("anthropic", "Check the model name"),
-        ("ollama", "ollama pull no-such-model"),
-    ],
-)
-def test_unknown_model_is_named(tmp_path, fake, provider, hint):
-    with pytest.raises(UserError, match=f"'no-such-model'.*{hint}"):
-        generate(fake_config(fake, provider, model="no-such-model"), tmp_path, api_key=KEY)
-    assert fake.chat_requests == 0
-
-
-@pytest.mark.parametrize("provider", ["openai", "anthropic"])
-def test_wrong_key_is_refused_without_retrying(tmp_path, fake, provider):
-    with pytest.raises(UserError, match=f"refused the request \\(401.*{provider.upper()}_API_KEY"):
-        generate(fake_config(fake, provider), tmp_path, api_key="sk-wrong")
 
 
 def test_a_model_that_never_returns_json_stops_with_a_summary(tmp_path):
@@ -366,7 +258,7 @@ def test_exact_only_threshold_keeps_near_duplicates():
 
 def test_replies_are_validated_and_length_filtered():
     config = SyntheticConfig(model="m", topic="t", min_chars=5, max_chars=40)
-    good = synthetic_utils.parse_reply('```json\n{"instruction": "Name a herb", "response": "Basil."}\n```', config)
+    good = synthetic_rows.parse_reply('```json\n{"instruction": "Name a herb", "response": "Basil."}\n```', config)
     assert good == [{"role": "user", "content": "Name a herb"}, {"role": "assistant", "content": "Basil."}]
     cases = [
         ("no json here", "invalid_json"),
@@ -376,17 +268,17 @@ def test_replies_are_validated_and_length_filtered():
         ('{"instruction": "Name a herb", "response": "' + "long " * 20 + '"}', "too_long"),
     ]
     for text, reason in cases:
-        with pytest.raises(synthetic_utils.Rejected, match=reason):
-            synthetic_utils.parse_reply(text, config)
+        with pytest.raises(synthetic_rows.Rejected, match=reason):
+            synthetic_rows.parse_reply(text, config)
     conversation = SyntheticConfig(model="m", topic="t", task="conversations", turns=1)
     turns = [
         {"role": "user", "content": "Hello"},
         {"role": "assistant", "content": "Hi there"},
         {"role": "user", "content": "More?"},
     ]
-    assert len(synthetic_utils.parse_reply(json.dumps({"messages": turns}), conversation)) == 2
-    with pytest.raises(synthetic_utils.Rejected, match="wrong_shape"):
-        synthetic_utils.parse_reply(json.dumps({"messages": turns[1:]}), conversation)
+    assert len(synthetic_rows.parse_reply(json.dumps({"messages": turns}), conversation)) == 2
+    with pytest.raises(synthetic_rows.Rejected, match="wrong_shape"):
+        synthetic_rows.parse_reply(json.dumps({"messages": turns[1:]}), conversation)
 
 
 def test_length_filters_reject_rows_from_the_server(tmp_path):
@@ -560,7 +452,7 @@ def test_generated_rows_train_with_the_training_job(workspace, demo_model, fake)
 
 
 @pytest.mark.slow
-def test_llama_cpp_server_generates_rows(tmp_path, llama_server):
+def test_llama_cpp_server_generates_rows(tmp_path, llama_server):  # noqa: F811
     # One short row: the schema grammar makes the 135M model write valid JSON, at about 4 tokens/s on 2 busy cores.
     config = SyntheticConfig(
         provider="openai",
@@ -584,37 +476,7 @@ def test_llama_cpp_server_generates_rows(tmp_path, llama_server):
     assert summary.tokens_in > 0 and summary.tokens_out > 0
 
 
-@pytest.mark.slow
-def test_llama_cpp_server_names_an_unknown_model(tmp_path, llama_server):
-    config = SyntheticConfig(model="gpt-4o", base_url=llama_server, topic="pasta")
-    with pytest.raises(UserError, match="'gpt-4o' is not served .*it serves: smollm2-demo"):
-        generate(config, tmp_path)
-
-
 # ---------------------------------------------------------------- misbehaving servers (issue 13, item 8)
-
-
-@pytest.mark.parametrize("provider", PROVIDERS)
-def test_a_trickling_reply_is_cut_at_timeout_s_and_retried(tmp_path, fake, provider):
-    # One byte every 20 ms: each read is far inside the timeout, the whole reply takes ~15 s.
-    fake.inject(Fault("trickle", seconds=0.02))
-    config = fake_config(fake, provider, num_rows=1, concurrency=1, timeout_s=0.5, max_retries=0)
-    with pytest.raises(UserError, match=r"kept failing .*no complete reply within timeout_s = 0.5 s"):
-        generate(config, tmp_path, api_key=KEY)
-    fake.inject(Fault("trickle", seconds=0.02))
-    config.max_retries = 1
-    summary = generate(config, tmp_path, api_key=KEY)
-    assert summary.rows_done == 1 and summary.retries == 1
-
-
-@pytest.mark.parametrize("provider", PROVIDERS)
-def test_an_endless_body_is_cut_at_the_size_cap(tmp_path, fake, provider, monkeypatch):
-    monkeypatch.setattr(synthetic_utils, "MAX_RESPONSE_BYTES", 2**20)
-    fake.inject(Fault("endless", size=64 * 2**20))
-    config = fake_config(fake, provider, num_rows=1, concurrency=1, max_retries=3)
-    with pytest.raises(UserError, match=r"sent a reply larger than 1 MiB"):
-        generate(config, tmp_path, api_key=KEY)
-    assert fake.chat_requests == 1  # the same request would only do it again
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -629,43 +491,6 @@ def test_a_huge_error_message_is_cut_everywhere_it_goes(tmp_path, fake, provider
     assert len(str(raised.value)) < 1000 and "more characters)" in str(raised.value)
     assert "retry 1/2" in caplog.text and max(len(record.getMessage()) for record in caplog.records) < 1000
     assert (tmp_path / "progress.json").stat().st_size < 10_000
-
-
-@pytest.mark.parametrize("provider", PROVIDERS)
-def test_a_200_with_a_web_page_is_named_not_a_traceback(tmp_path, fake, provider):
-    fake.inject(Fault("html"))
-    config = fake_config(fake, provider, num_rows=1, concurrency=1, max_retries=3)
-    with pytest.raises(UserError, match=r"answered 200 with text/html, not JSON.*is base_url the API endpoint"):
-        generate(config, tmp_path, api_key=KEY)
-    assert fake.chat_requests == 1  # a web page stays a web page: no retries
-
-
-@pytest.mark.parametrize("provider", PROVIDERS)
-def test_a_web_page_at_base_url_is_named_at_the_model_check(tmp_path, provider):
-    with FakeLLMServer(html_pages=True) as server:
-        with pytest.raises(UserError, match=r"answered 200 with text/html, not JSON"):
-            generate(fake_config(server, provider), tmp_path, api_key=KEY)
-
-
-@pytest.mark.parametrize("provider", PROVIDERS)
-def test_a_cut_off_json_200_is_retried_then_named(tmp_path, fake, provider):
-    fake.inject(Fault("truncated"))
-    config = fake_config(fake, provider, num_rows=1, concurrency=1, max_retries=0)
-    with pytest.raises(UserError, match=r"kept failing .*answered 200 with invalid JSON \(began: '\{\"id\""):
-        generate(config, tmp_path, api_key=KEY)
-    fake.inject(Fault("truncated"))
-    config.max_retries = 1
-    summary = generate(config, tmp_path, api_key=KEY)
-    assert summary.rows_done == 1 and summary.retries == 1
-
-
-@pytest.mark.parametrize("provider", PROVIDERS)
-def test_json_of_another_shape_is_named_not_a_traceback(tmp_path, fake, provider):
-    fake.inject(Fault("wrong_shape"))
-    config = fake_config(fake, provider, num_rows=1, concurrency=1, max_retries=3)
-    with pytest.raises(UserError, match=r"answered 200 with JSON that is not a chat reply"):
-        generate(config, tmp_path, api_key=KEY)
-    assert fake.chat_requests == 1
 
 
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
@@ -697,12 +522,3 @@ def test_a_yaml_alias_bomb_in_seed_examples_is_refused_at_validation():
         "  - {instruction: a, response: &r long answer}\n  - {instruction: b, response: *r}\n"
     )
     synthetic_utils.synthetic_config_from_dict(parse_yaml(shared)).validate()
-
-
-@pytest.mark.parametrize("provider", PROVIDERS)
-def test_a_cross_origin_redirect_is_refused_before_it_is_followed(tmp_path, fake, provider):
-    with FakeLLMServer(redirect_to=fake.url) as redirector:
-        url = redirector.openai_url if provider == "openai" else redirector.url
-        with pytest.raises(UserError, match=f"redirected to {fake.url}/.*set base_url to the final address"):
-            generate(fake_config(redirector, provider, base_url=url), tmp_path, api_key=KEY)
-    assert fake.requests == 0

@@ -17,6 +17,7 @@ import dataset_utils
 import jobs
 import runfolder
 import submit
+import synthetic_rows
 import synthetic_utils
 from synthetic_utils import SyntheticConfig
 from ui import forms
@@ -107,7 +108,7 @@ def build() -> SyntheticTab:
         documents = gr.File(
             label="Documents (TXT, MD, PDF) for the documents task",
             file_count="multiple",
-            file_types=list(synthetic_utils.DOCUMENT_SUFFIXES),
+            file_types=list(synthetic_rows.DOCUMENT_SUFFIXES),
             elem_id="synth-documents",
         )
     with gr.Accordion("Advanced", open=False):
