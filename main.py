@@ -658,11 +658,12 @@ def _add_keyed_job_flags(parser: argparse.ArgumentParser, kind: str, resume_help
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    if args.workspace:
-        os.environ[WORKSPACE_ENV] = args.workspace
     try:
+        # A setting flag outside its field's bounds is a UserError while parsing, worded as for the value in YAML.
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+        if args.workspace:
+            os.environ[WORKSPACE_ENV] = args.workspace
         return args.handler(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

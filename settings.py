@@ -312,7 +312,7 @@ def _flag_help(cls: type, key: str, meta: Option) -> str:
 
 
 def _converter(cls: type, key: str, hint: Any) -> Callable[[str], Any]:
-    """argparse's `type` for a number or text field: the value, or an error naming the field's bounds."""
+    """argparse's `type` for a number or text field: the value, or a UserError naming the field's bounds."""
     base = _plain(hint)[0]
     head, _, name = key.rpartition(".")
     owner = _hint(cls, head) if head else cls
@@ -322,10 +322,9 @@ def _converter(cls: type, key: str, hint: Any) -> Callable[[str], Any]:
         if fits(None, hint) and text.lower() == "none":
             return None
         value = base(text)  # ValueError: argparse says "invalid int value: '2.5'"
-        try:  # choices are argparse's, or (read from an ML library) left to check(): a flag imports nothing
-            check_bounds(item, value, key)
-        except UserError as exc:  # argparse says which flag, then the field's bounds and a value to try
-            raise argparse.ArgumentTypeError(str(exc)) from None
+        # A UserError passes through argparse: the CLI prints it as one line, worded as for the same value in YAML.
+        # Choices are argparse's, or (read from an ML library) left to check(): a flag imports nothing.
+        check_bounds(item, value, key)
         return value
 
     convert.__name__ = base.__name__
