@@ -116,9 +116,7 @@ def default_of(cls: type, name: str) -> Any:
 
 def field_type(cls: type, name: str) -> type:
     """The plain type of field `name` of `cls` (dotted for nested ones), `| None` dropped: `int | None` → int."""
-    head, _, rest = name.partition(".")
-    hint = typing.get_type_hints(cls)[head]
-    return field_type(hint, rest) if rest else _plain(hint)[0]
+    return _plain(_hint(cls, name))[0]
 
 
 class Keys:
@@ -234,9 +232,10 @@ def add_config_flags(
         if key in excluded or key.partition(".")[0] in excluded:
             continue
         meta = describe(cls, key)
-        title = "advanced options" if meta.advanced else f"{key.rpartition('.')[0]} options".lstrip()
+        nested_in = key.rpartition(".")[0]
+        title = "advanced options" if meta.advanced else f"{nested_in} options" if nested_in else ""
         if title not in groups:
-            groups[title] = parser if title == "options" else parser.add_argument_group(title)
+            groups[title] = parser.add_argument_group(title) if title else parser
         dest = FLAG_DEST + (f"{section}.{key}" if section else key)
         kwargs = {"dest": dest, "default": argparse.SUPPRESS, **_flag_kind(cls, key, meta)}
         spellings = [f"--{key}", *([aliases[key]] if aliases and key in aliases else [])]
@@ -285,7 +284,7 @@ def _flag_kind(cls: type, key: str, meta: Option) -> dict[str, Any]:
         return {"type": _items(item), "action": _Extend, "metavar": "A,B"}
     if base is list and _plain(item)[0] is dict:
         return {"type": _json_object, "action": _Extend, "metavar": "JSON"}
-    if base is dict:
+    if base is dict and args in ((), (str, str)):
         return {"type": _pairs, "action": _Merge, "metavar": "K=V,…"}
     raise TypeError(f"{cls.__name__}.{key}: no command-line flag for type {hint!r}")
 
@@ -294,6 +293,7 @@ _METAVARS = {int: "N", float: "X", str: "TEXT"}
 
 
 def _hint(cls: type, key: str) -> Any:
+    """The type hint of field `key` of `cls` (dotted for nested ones), as declared: `int | None` stays so."""
     head, _, rest = key.partition(".")
     hint = typing.get_type_hints(cls)[head]
     return _hint(hint, rest) if rest else hint
