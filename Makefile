@@ -1,5 +1,6 @@
 # Two commands set up a fresh machine: `make run` (install + launch the app on the demo model) and
-# `make test` (install + lint + run the tests). Each step leaves a stamp, so a second call reinstalls nothing.
+# `make test` (install + lint + run the tests); `make check` is the quick inner loop (lint + the tests that are not
+# marked slow, browser or gpu). Each step leaves a stamp, so a second call reinstalls nothing.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -12,7 +13,7 @@ VOCAB := vendor/llama.cpp/models/ggml-vocab-llama-bpe.gguf
 BROWSER := /usr/bin/chromium
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: run test setup lint audit clean FORCE
+.PHONY: run test check setup lint audit clean FORCE
 
 run: setup
 	HF_HUB_OFFLINE=1 $(PY) main.py demo-model
@@ -21,6 +22,10 @@ run: setup
 # Tests stay off the Hub (they use tests/fake_hub.py); `make run` and `python main.py` reach it.
 test: lint $(BROWSER)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+# The inner loop: lint, then the tests not marked slow, browser or gpu (pytest.ini says what each mark means).
+check: lint
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow and not browser and not gpu"
 
 setup: $(INSTALLED) $(CONVERTER) $(VOCAB)
 

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+import settings
 from workspace import WORKSPACE_ENV, UserError
 
 
@@ -20,14 +21,18 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
+    import download_utils
     import submit
 
-    if not args.resume and not args.repo_id:
+    if not args.resume and not args.repo_id and not args.config:
         raise UserError("Give a Hub id (python main.py download OWNER/NAME) or --resume RUN.")
     if args.resume:
+        _check_no_settings(args)
         run_dir = submit.resume(args.resume, args.workspace)
     else:
-        run_dir = submit.submit_download(args.repo_id, args.workspace)
+        fixed = {"repo_id": args.repo_id} if args.repo_id else {}
+        config = config_from_args(args, download_utils.download_config_from_dict, fixed)
+        run_dir = submit.submit_download(config, args.workspace)
     print(f"run: {run_dir}")
     return 0 if args.detach else follow_download(run_dir)
 
@@ -66,27 +71,47 @@ def follow_download(run_dir) -> int:
     return 0 if status.state in ("done", "stopped") else 1
 
 
-# Flags of `main.py dataset`, `chat` and `eval`: built from the configs' field metadata (help, defaults, bounds).
-DATASET_FLAGS = ("split", "format", "chat_template", "system_prompt", "max_rows")
+# The TrainConfig options `main.py dataset` takes beside the dataset's own: how its rows are prepared for training.
 PREPARE_FLAGS = ("max_seq_length", "eval_split", "train_on_responses_only", "seed")
-EVAL_FLAGS = ("max_rows", "batch_size")
+
+
+def config_from_args(args: argparse.Namespace, from_dict, fixed: dict | None = None):
+    """A command's config: its YAML file (`args.config`, if any), the setting flags over it, then `fixed` (what the
+    command takes as a positional, e.g. the run to export). The YAML is read into its config first, so that its
+    own mistakes are named as the file's and its shorthand (`model: NAME`) is expanded before a flag is merged in."""
+    from workspace import config_to_dict, load_yaml
+
+    data = load_yaml(args.config) if getattr(args, "config", None) else {}
+    given = settings.merge_settings(settings.given_settings(args), fixed or {})
+    if given:
+        data = settings.merge_settings(config_to_dict(from_dict(data)), given)
+    return from_dict(data)
+
+
+def _check_no_settings(args: argparse.Namespace) -> None:
+    """--resume continues a run with the settings saved in its folder: a setting flag beside it would be ignored."""
+    given = settings.given_settings(args)
+    if given:
+        raise UserError(
+            f"--resume continues the run with its own saved settings; leave out {', '.join(sorted(given))}."
+        )
 
 
 def cmd_dataset(args: argparse.Namespace) -> int:
     import dataset_utils
     import model_utils
-    import settings
     import training_utils
     from workspace import config_from_dict
 
-    values = settings.arguments_to_dict(args, dataset_utils.DatasetConfig, DATASET_FLAGS)
+    given = settings.given_settings(args)
     config = config_from_dict(
         dataset_utils.DatasetConfig,
-        {**values, "source": args.source, "column_map": _parse_mapping(args.map)},
+        {**given.get("dataset", {}), "source": args.source, "column_map": _parse_mapping(args.map)},
         "dataset",
     )
     config.validate()
-    prepare = settings.arguments_to_dict(args, training_utils.TrainConfig, PREPARE_FLAGS)
+    # Each flag was checked against its field's bounds when it was read: these go to prepare_dataset, no validate().
+    prepare = {name: given.get(name, settings.default_of(training_utils.TrainConfig, name)) for name in PREPARE_FLAGS}
     tokenizer = model_utils.load_tokenizer(model_utils.resolve_model_path(args.model, args.workspace))
     if args.report or args.clean:
         return _dataset_report(config, tokenizer, prepare, args)
@@ -130,12 +155,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     import submit
 
     if args.resume:
+        _check_no_settings(args)
         run_dir = submit.resume(args.resume, args.workspace)
-    elif args.config:
+    elif args.config or settings.given_settings(args):
         import training_utils
-        from workspace import load_yaml
 
-        config = training_utils.train_config_from_dict(load_yaml(args.config))
+        config = config_from_args(args, training_utils.train_config_from_dict)
         config.validate()
         submit.check_model(config.model.name_or_path, args.workspace)  # before the estimates read its config
         _print_memory_estimate(config, args.workspace)
@@ -144,7 +169,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         _print_time_estimate(config, args.workspace)
         run_dir = submit.submit_train(config, args.workspace, args.name)
     else:
-        raise UserError("Give a config file (python main.py train CONFIG.yaml) or --resume RUN.")
+        raise UserError(
+            "Give a config file (python main.py train CONFIG.yaml), settings as flags (--dataset.source FILE …) "
+            "or --resume RUN."
+        )
     print(f"run: {run_dir}")
     return 0 if args.detach else follow(run_dir)
 
@@ -184,12 +212,11 @@ def _print_time_estimate(config, workspace) -> None:
         print(f"time estimate unavailable: {exc}")
 
 
-def _start_keyed_job(args: argparse.Namespace, kind: str, submit_fn) -> Path:
-    """Start (or `--resume`) a synth or arena run: both take a YAML config and an API key from --api-key-env, which
-    travels in the job's environment only."""
+def _start_keyed_job(args: argparse.Namespace, kind: str, submit_fn, from_dict) -> Path:
+    """Start (or `--resume`) a synth or arena run: both take a YAML config and setting flags, and an API key from
+    --api-key-env, which travels in the job's environment only."""
     import runfolder
     import submit
-    from workspace import load_yaml
 
     api_key = None
     if args.api_key_env:
@@ -197,15 +224,16 @@ def _start_keyed_job(args: argparse.Namespace, kind: str, submit_fn) -> Path:
         if not api_key:
             raise UserError(f"--api-key-env {args.api_key_env}: that environment variable is not set.")
     if args.resume:
+        _check_no_settings(args)
         run_dir = runfolder.run_path(args.resume, args.workspace)
         found = runfolder.read_kind(run_dir)
         if found != kind:
             raise UserError(f"Run '{run_dir.name}' is a {found} run; resume it with `python main.py {found} --resume`.")
         submit.resume(run_dir, args.workspace, api_key=api_key)
         return run_dir
-    if args.config:
-        return submit_fn(load_yaml(args.config), args.workspace, args.name, api_key=api_key)
-    raise UserError(f"Give a config file (python main.py {kind} CONFIG.yaml) or --resume RUN.")
+    if args.config or settings.given_settings(args):
+        return submit_fn(config_from_args(args, from_dict), args.workspace, args.name, api_key=api_key)
+    raise UserError(f"Give a config file (python main.py {kind} CONFIG.yaml), settings as flags or --resume RUN.")
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -213,7 +241,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     import submit
     import synthetic_utils
 
-    run_dir = _start_keyed_job(args, "synth", submit.submit_synth)
+    run_dir = _start_keyed_job(args, "synth", submit.submit_synth, synthetic_utils.synthetic_config_from_dict)
     print(f"run: {run_dir}\nrows: {run_dir / synthetic_utils.DATA_FILE}")
     if args.detach:
         return 0
@@ -225,10 +253,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_arena(args: argparse.Namespace) -> int:
+    import arena_utils
     import jobs
     import submit
 
-    run_dir = _start_keyed_job(args, "arena", submit.submit_arena)
+    run_dir = _start_keyed_job(args, "arena", submit.submit_arena, arena_utils.arena_config_from_dict)
     print(f"run: {run_dir}")
     if args.detach:
         return 0
@@ -287,7 +316,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UserError("--ollama waits for the export to hand it on; leave out --detach.")
     if args.ollama:
         ollama.check_reachable()  # before a long export, not after it
-    config = gguf_utils.ExportConfig(run=args.run, quants=args.quant, lora_gguf=args.lora_gguf)
+    config = config_from_args(args, gguf_utils.export_config_from_dict, {"run": args.run})
     run_dir = submit.submit_export(config, args.workspace)
     print(f"run: {run_dir}")
     if args.detach:
@@ -296,7 +325,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if code != 0 or not args.ollama:
         return code
     gguf_dir = gguf_utils.export_source(args.run, args.workspace).run_dir / "gguf"
-    modelfile = "Modelfile.lora" if args.lora_gguf else "Modelfile"
+    modelfile = "Modelfile.lora" if config.lora_gguf else "Modelfile"
     added = ollama.add_to_ollama(gguf_dir, args.ollama, modelfile, progress=lambda message: print(message, flush=True))
     print(f"created {added['model']} in Ollama at {added['host']}; asked {added['question']!r}, it answered:")
     print(added["reply"])
@@ -305,11 +334,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     import inference_utils
-    import settings
     from workspace import config_from_dict
 
-    values = settings.arguments_to_dict(args, inference_utils.GenerationConfig)
-    config = config_from_dict(inference_utils.GenerationConfig, values, "generation settings")
+    config = config_from_dict(inference_utils.GenerationConfig, settings.given_settings(args), "generation settings")
     config.validate()
     if not args.prompt.strip():
         raise UserError('The prompt is empty; pass --prompt "your message".')
@@ -340,12 +367,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import inference_utils
     import jobs
     import runfolder
-    import settings
     import submit
 
-    config = inference_utils.EvalConfig(
-        run=args.run, **settings.arguments_to_dict(args, inference_utils.EvalConfig, EVAL_FLAGS)
-    )
+    config = config_from_args(args, inference_utils.eval_config_from_dict, {"run": args.run})
     run_dir = submit.submit_eval(config, args.workspace)
     print(f"run: {run_dir}")
     if args.detach:
@@ -414,10 +438,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+CONFIG_HELP = "YAML file of settings; a setting flag (--KEY VALUE) given beside it wins"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    import settings
+    # Every setting flag comes from its config's field metadata (settings.add_config_flags): a field added to a
+    # config is a flag here with its type, bounds, choices and help, and nothing in this function names it.
+    from arena_utils import ArenaConfig
     from dataset_utils import DatasetConfig
+    from download_utils import DownloadConfig
+    from gguf_utils import ExportConfig
     from inference_utils import EvalConfig, GenerationConfig
+    from synthetic_utils import SyntheticConfig
     from training_utils import TrainConfig
 
     # The installed package's console script is the same CLI under its own name.
@@ -466,6 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the token of `hf auth login` for gated and private models.",
     )
     download.add_argument("repo_id", nargs="?", help="the model's Hub id, OWNER/NAME")
+    download.add_argument("--config", metavar="YAML", default=None, help=CONFIG_HELP)
+    settings.add_config_flags(download, DownloadConfig, exclude=["repo_id"])
     download.add_argument("--resume", metavar="RUN", help="resume a stopped or failed download run")
     download.add_argument("--detach", action="store_true", help="start the job and return")
     download.set_defaults(handler=cmd_download)
@@ -479,8 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("source", help="local CSV/JSON/JSONL/Parquet/TXT file or a Hub dataset id")
     data.add_argument("--model", default="demo", help="model whose tokenizer and chat template to use (default demo)")
     data.add_argument("--map", action="append", metavar="FIELD=COLUMN", help="column mapping, repeatable")
-    settings.add_arguments(data, DatasetConfig, DATASET_FLAGS)
-    settings.add_arguments(data, TrainConfig, PREPARE_FLAGS)
+    settings.add_config_flags(data, DatasetConfig, exclude=["source", "column_map"], section="dataset")
+    settings.add_config_flags(data, TrainConfig, names=PREPARE_FLAGS)
     data.add_argument("--examples", type=int, default=2, help="how many rendered examples to print")
     data.add_argument(
         "--report",
@@ -494,51 +528,42 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train",
         help="start (or resume) a training run",
-        description="Start a training job from a YAML config (model, dataset and TrainConfig "
-        "options) in a new run folder and follow its progress; Ctrl+C stops it "
-        "with a checkpoint.",
+        description="Start a training job from a YAML config (model, dataset and TrainConfig options) and/or "
+        "--KEY VALUE settings (the YAML's keys, sections dotted: --dataset.source data.jsonl --lora_r 8; a flag "
+        "wins over the file) in a new run folder and follow its progress; Ctrl+C stops it with a checkpoint.",
     )
-    train.add_argument("config", nargs="?", help="YAML config file")
+    train.add_argument("config", nargs="?", help=CONFIG_HELP)
     train.add_argument("--name", default=None, help="run name (default train-<date>-<time>)")
     train.add_argument("--resume", metavar="RUN", default=None, help="resume this run from its last checkpoint")
     train.add_argument("--detach", action="store_true", help="start the job and return at once")
     train.add_argument(
         "--suggest", action="store_true", help="print suggested settings with their reasons and exit (starts nothing)"
     )
+    settings.add_config_flags(train, TrainConfig)
     train.set_defaults(handler=cmd_train)
 
     synth = commands.add_parser(
         "synth",
         help="generate a synthetic dataset with an LLM (or resume one)",
         description="Start a job that asks an OpenAI-compatible, Anthropic or Ollama model "
-        "for training rows (SyntheticConfig options in YAML) and appends them "
+        "for training rows (SyntheticConfig options in YAML and/or as --KEY VALUE flags) and appends them "
         "to data.jsonl in a new run folder; the API key comes from "
         "OPENAI_API_KEY / ANTHROPIC_API_KEY and is never saved.",
     )
-    synth.add_argument("config", nargs="?", help="YAML config file")
-    synth.add_argument("--name", default=None, help="run name (default synth-<date>-<time>)")
-    synth.add_argument("--resume", metavar="RUN", default=None, help="continue this run up to its num_rows")
-    synth.add_argument("--detach", action="store_true", help="start the job and return at once")
-    synth.add_argument(
-        "--api-key-env", metavar="VAR", default=None, help="read the API key from this environment variable instead"
-    )
+    _add_keyed_job_flags(synth, "synth", "continue this run up to its num_rows", "the API key")
+    settings.add_config_flags(synth, SyntheticConfig)
     synth.set_defaults(handler=cmd_synth)
 
     arena = commands.add_parser(
         "arena",
         help="judge two or more models on the same prompts with an LLM (or resume an arena)",
         description="Start a job that puts the same prompts to every contestant (base:MODEL, run:NAME, "
-        "gguf:PATH; ArenaConfig options in YAML), has an LLM judge every pair in both orders and writes "
-        "report.json and report.md (win rates with 95%% intervals) into a new run folder; the judge's API key "
-        "comes from OPENAI_API_KEY / ANTHROPIC_API_KEY and is never saved.",
+        "gguf:PATH; ArenaConfig options in YAML and/or as --KEY VALUE flags), has an LLM judge every pair in both "
+        "orders and writes report.json and report.md (win rates with 95%% intervals) into a new run folder; the "
+        "judge's API key comes from OPENAI_API_KEY / ANTHROPIC_API_KEY and is never saved.",
     )
-    arena.add_argument("config", nargs="?", help="YAML config file")
-    arena.add_argument("--name", default=None, help="run name (default arena-<date>-<time>)")
-    arena.add_argument("--resume", metavar="RUN", default=None, help="continue this arena; judged prompts are kept")
-    arena.add_argument("--detach", action="store_true", help="start the job and return at once")
-    arena.add_argument(
-        "--api-key-env", metavar="VAR", default=None, help="read the judge's API key from this environment variable"
-    )
+    _add_keyed_job_flags(arena, "arena", "continue this arena; judged prompts are kept", "the judge's API key")
+    settings.add_config_flags(arena, ArenaConfig)
     arena.set_defaults(handler=cmd_arena)
 
     export = commands.add_parser(
@@ -549,17 +574,9 @@ def build_parser() -> argparse.ArgumentParser:
         "runs/RUN/gguf/ (report.json holds the agreement figures).",
     )
     export.add_argument("run", help="training run name or folder")
-    export.add_argument(
-        "--quant",
-        default="q8_0",
-        help="comma-separated types: f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0 (default q8_0)",
-    )
+    export.add_argument("--config", metavar="YAML", default=None, help=CONFIG_HELP)
+    settings.add_config_flags(export, ExportConfig, exclude=["run"], aliases={"quants": "--quant"})
     export.add_argument("--detach", action="store_true", help="start the job and return at once")
-    export.add_argument(
-        "--lora-gguf",
-        action="store_true",
-        help="also write the adapter alone as a LoRA GGUF + the base model's GGUF + Modelfile.lora (ADAPTER)",
-    )
     export.add_argument(
         "--ollama",
         metavar="NAME",
@@ -587,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(e.g. trained-q8_0.gguf) or a path",
     )
     chat.add_argument("--prompt", required=True, help="the user message")
-    settings.add_arguments(chat, GenerationConfig)
+    settings.add_config_flags(chat, GenerationConfig)
     chat.add_argument("--compare", action="store_true", help="answer with the base model, then with the tuned one")
     chat.set_defaults(handler=cmd_chat)
 
@@ -599,7 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
         "eval.md into the run folder.",
     )
     evaluate.add_argument("run", help="training run name or folder")
-    settings.add_arguments(evaluate, EvalConfig, EVAL_FLAGS)
+    evaluate.add_argument("--config", metavar="YAML", default=None, help=CONFIG_HELP)
+    settings.add_config_flags(evaluate, EvalConfig, exclude=["run"])
     evaluate.add_argument("--detach", action="store_true", help="start the job and return at once")
     evaluate.set_defaults(handler=cmd_eval)
 
@@ -628,12 +646,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_keyed_job_flags(parser: argparse.ArgumentParser, kind: str, resume_help: str, key_help: str) -> None:
+    """The flags synth and arena share beside their settings: the config file, run name, resume, detach, key."""
+    parser.add_argument("config", nargs="?", help=CONFIG_HELP)
+    parser.add_argument("--name", default=None, help=f"run name (default {kind}-<date>-<time>)")
+    parser.add_argument("--resume", metavar="RUN", default=None, help=resume_help)
+    parser.add_argument("--detach", action="store_true", help="start the job and return at once")
+    parser.add_argument(
+        "--api-key-env", metavar="VAR", default=None, help=f"read {key_help} from this environment variable instead"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    if args.workspace:
-        os.environ[WORKSPACE_ENV] = args.workspace
     try:
+        # A setting flag outside its field's bounds is a UserError while parsing, worded as for the value in YAML.
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+        if args.workspace:
+            os.environ[WORKSPACE_ENV] = args.workspace
         return args.handler(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -31,6 +31,7 @@ from typing import Any
 from dataset_report import DatasetReport, report_for_training
 from model_utils import Device, count_parameters, detect_device, estimate_memory, resolve_model_path
 from runfolder import read_config, read_events, read_status
+from settings import keys
 from training_utils import MAX_SEQ_LENGTH_LIMIT, TrainConfig, fit_micro_batch
 from workspace import UserError, workspace_root
 
@@ -76,16 +77,17 @@ TIME_MODEL = {
 }
 NO_DATASET = "choose a dataset to get a time estimate: the time depends on its token count"
 PASSES = {"small": 3, "medium": 2, "large": 1}  # epochs by dataset size (rows: < 1000, < 10000, more)
+_FIELDS = keys(TrainConfig)  # TrainConfig's option keys, named through its fields
 # The TrainConfig fields suggest() can change (the Train tab fills these widgets when a suggestion is accepted).
 SUGGESTED_FIELDS = (
-    "max_seq_length",
-    "eval_split",
-    "lora_r",
-    "lora_alpha",
-    "learning_rate",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "max_steps",
+    _FIELDS.max_seq_length,
+    _FIELDS.eval_split,
+    _FIELDS.lora_r,
+    _FIELDS.lora_alpha,
+    _FIELDS.learning_rate,
+    _FIELDS.per_device_train_batch_size,
+    _FIELDS.gradient_accumulation_steps,
+    _FIELDS.max_steps,
 )
 MIN_EVAL_ROWS = 200  # below this, an eval split costs training rows and its loss is too noisy to act on
 

@@ -46,6 +46,7 @@ def worker(own_workspace):
     handle.end()
 
 
+@pytest.mark.slow
 def test_worker_streams_the_reply_and_keeps_the_model_between_messages(worker):
     chunks = ask(worker)
     assert len(chunks) > 1
@@ -64,6 +65,7 @@ def test_worker_streams_the_reply_and_keeps_the_model_between_messages(worker):
     assert worker.pid == pid  # a refused message leaves the worker as it was
 
 
+@pytest.mark.slow
 def test_a_stream_the_page_stopped_reading_leaves_the_worker_in_step(worker):
     stream = worker.chat(TUNED, [{"role": "user", "content": PROMPT}], GREEDY, True)
     assert next(stream)
@@ -71,6 +73,7 @@ def test_a_stream_the_page_stopped_reading_leaves_the_worker_in_step(worker):
     assert "Zebra" in ask(worker)[-1]
 
 
+@pytest.mark.slow
 def test_starting_a_gpu_job_ends_the_worker_and_the_next_message_reloads(worker, own_workspace):
     import submit
     from inference_utils import EvalConfig
@@ -90,6 +93,7 @@ def test_starting_a_gpu_job_ends_the_worker_and_the_next_message_reloads(worker,
     assert "unloaded because run 'eval-trained' started" in worker.notice
 
 
+@pytest.mark.slow
 def test_a_gpu_job_started_elsewhere_ends_the_worker(worker, own_workspace):
     worker.load(*TUNED)
     lock = jobs.gpu_lock(own_workspace, StopFlag())  # what a job started from the CLI holds while it runs
@@ -103,6 +107,7 @@ def test_a_gpu_job_started_elsewhere_ends_the_worker(worker, own_workspace):
     assert "a GPU job started; it was loaded again" in worker.notice
 
 
+@pytest.mark.slow
 def test_a_crash_in_the_worker_is_an_error_and_the_next_message_works(worker):
     stream = worker.chat(TUNED, [{"role": "user", "content": PROMPT}], GREEDY, True)
     next(stream)
@@ -113,6 +118,7 @@ def test_a_crash_in_the_worker_is_an_error_and_the_next_message_works(worker):
     assert "Zebra" in ask(worker)[-1]
 
 
+@pytest.mark.slow
 def test_an_idle_worker_ends_itself(own_workspace):
     worker = chat_worker.ChatWorker(own_workspace, idle_s=1)
     worker.load(*TUNED)
@@ -121,6 +127,7 @@ def test_an_idle_worker_ends_itself(own_workspace):
     assert "unloaded after a while unused" in worker.state_line()
 
 
+@pytest.mark.slow
 def test_loading_says_what_it_does_and_a_second_request_waits_and_says_why(worker):
     import threading
 

@@ -1,4 +1,5 @@
-"""Field metadata as the one home of a setting: strict types from YAML, bounds, choices and the CLI's flags."""
+"""Field metadata as the one home of a setting: strict types from YAML, bounds, choices, the CLI's flags and the
+keys code names settings by."""
 
 from __future__ import annotations
 
@@ -107,45 +108,90 @@ def test_choices_read_from_transformers_are_read_on_first_use_only():
 
 def test_the_argparse_flags_come_from_the_metadata():
     parser = argparse.ArgumentParser()
-    settings.add_arguments(parser, Sample, ["count", "ratio", "colour", "shape", "limit", "verbose", "tags"])
+    settings.add_config_flags(parser, Sample)
     args = parser.parse_args([])
-    assert settings.arguments_to_dict(args, Sample, ["count", "limit", "verbose", "tags"]) == {
-        "count": 2,
+    assert settings.given_settings(args) == {}  # a flag not given leaves the YAML's value or the config's default
+    args = parser.parse_args(
+        ["--count", "5", "--colour", "green", "--limit", "3", "--verbose", "--tags", "a,b", "--inner.depth", "4"]
+    )
+    assert settings.given_settings(args) == {
+        "count": 5,
+        "colour": "green",
+        "limit": 3,
+        "verbose": True,
+        "tags": ["a", "b"],
+        "inner": {"depth": 4},
+    }
+    assert settings.given_settings(parser.parse_args(["--limit", "none", "--no-verbose"])) == {
         "limit": None,
         "verbose": False,
-        "tags": [],
     }
-    args = parser.parse_args(["--count", "5", "--colour", "green", "--limit", "3", "--verbose", "--tags", "a", "b"])
-    assert (args.count, args.colour, args.limit, args.verbose, args.tags) == (5, "green", 3, True, ["a", "b"])
-    assert "How many; 100% of them. (default: 2)" in " ".join(parser.format_help().split())
-    assert "advanced options" in parser.format_help()
+    text = " ".join(parser.format_help().split())
+    assert "How many; 100% of them. (at least 1; default: 2)" in text
+    assert "advanced options" in text and "inner options" in text
 
 
-def test_the_argparse_flags_refuse_wrong_types_and_fixed_choices():
+def test_the_argparse_flags_refuse_wrong_types_bounds_and_fixed_choices():
     parser = argparse.ArgumentParser(exit_on_error=False)
-    settings.add_arguments(parser, Sample, ["count", "colour", "shape"])
+    settings.add_config_flags(parser, Sample)
     with pytest.raises(argparse.ArgumentError, match="invalid int value"):
         parser.parse_args(["--count", "2.5"])
     with pytest.raises(argparse.ArgumentError, match="invalid choice"):
         parser.parse_args(["--colour", "blue"])
-    assert parser.parse_args(["--shape", "oval"]).shape == "oval"  # lazy choices: check() refuses it later
+    # Bounds: the UserError the same value in YAML gets, which the CLI prints as one line.
+    with pytest.raises(UserError, match=r"count must be at least 1 \(got 0\); try 2 \(the default\)"):
+        parser.parse_args(["--count", "0"])
+    with pytest.raises(UserError, match=r"inner\.depth must be at least 1 and at most 10 \(got 11\)"):
+        parser.parse_args(["--inner.depth", "11"])
+    with pytest.raises(UserError, match=r"rate must be a finite number \(got nan\)"):
+        parser.parse_args(["--rate", "nan"])
+    assert settings.given_settings(parser.parse_args(["--shape", "oval"])) == {"shape": "oval"}  # lazy: check() later
 
 
 def test_the_dataset_command_reads_the_sequence_length_default_from_the_train_config():
     parser = argparse.ArgumentParser()
-    settings.add_arguments(parser, DatasetConfig, ["split", "format", "max_rows"])
-    settings.add_arguments(parser, TrainConfig, ["max_seq_length", "eval_split", "train_on_responses_only"])
-    args = parser.parse_args(["--no-train-on-responses-only"])
-    assert args.max_seq_length == TrainConfig().max_seq_length
-    assert args.train_on_responses_only is False
-    assert config_from_dict(DatasetConfig, settings.arguments_to_dict(args, DatasetConfig, ["split", "format"]))
+    settings.add_config_flags(parser, DatasetConfig, exclude=["source", "column_map"], section="dataset")
+    settings.add_config_flags(parser, TrainConfig, names=["max_seq_length", "eval_split", "train_on_responses_only"])
+    args = parser.parse_args(["--no-train-on-responses-only", "--split", "test", "--format", "alpaca"])
+    given = settings.given_settings(args)
+    assert given == {"train_on_responses_only": False, "dataset": {"split": "test", "format": "alpaca"}}
+    assert f"default: {TrainConfig().max_seq_length})" in parser.format_help()
+    assert config_from_dict(DatasetConfig, given["dataset"])
 
 
-def test_prefixed_flags_keep_two_configs_apart():
+def test_sections_keep_two_configs_apart():
     parser = argparse.ArgumentParser()
-    settings.add_arguments(parser, Sample, ["count"], prefix="sample-")
-    args = parser.parse_args(["--sample-count", "7"])
-    assert settings.arguments_to_dict(args, Sample, ["count"], prefix="sample-") == {"count": 7}
+    settings.add_config_flags(parser, Sample, names=["count"], section="sample")
+    args = parser.parse_args(["--count", "7"])
+    assert settings.given_settings(args) == {"sample": {"count": 7}}
+
+
+def test_flags_merge_over_a_config_section_by_section():
+    base = {"lora_r": 16, "dataset": {"source": "a.jsonl", "max_rows": 10}, "target_modules": ["q_proj"]}
+    given = {"dataset": {"max_rows": 5}, "target_modules": ["v_proj"]}
+    assert settings.merge_settings(base, given) == {
+        "lora_r": 16,
+        "dataset": {"source": "a.jsonl", "max_rows": 5},
+        "target_modules": ["v_proj"],
+    }
+    assert base["dataset"]["max_rows"] == 10  # the base is left as it was
+
+
+def test_every_option_has_a_key_nested_ones_dotted():
+    keys = settings.option_keys(TrainConfig)
+    assert "lora_r" in keys and "model.name_or_path" in keys and "dataset.source" in keys
+    assert "model" not in keys and "dataset" not in keys
+
+
+def test_keys_name_a_setting_through_its_dataclass():
+    fields = settings.keys(TrainConfig)
+    assert fields.dataset.source == "dataset.source"
+    assert fields.model.name_or_path == "model.name_or_path"
+    assert fields.lora_r == "lora_r" and str(fields.dataset) == "dataset"
+    with pytest.raises(AttributeError, match="TrainConfig has no option 'lora_rank'"):
+        fields.lora_rank  # noqa: B018
+    with pytest.raises(AttributeError, match="DatasetConfig has no option 'path'"):
+        fields.dataset.path  # noqa: B018
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])

@@ -15,7 +15,9 @@ import dataset_utils
 import model_utils
 import planning
 import preference_data
+import settings
 import training_utils
+from training_utils import TrainConfig
 from ui import forms
 from ui.common import guarded, save_upload
 from workspace import UserError
@@ -23,6 +25,7 @@ from workspace import UserError
 PREVIEW_EXAMPLES = 3
 RAW_ROWS = 5
 NOT_MAPPED = ("(same name)", "")
+FIELDS = settings.keys(TrainConfig)  # the form's keys, named through the config's fields
 
 
 @dataclass
@@ -50,20 +53,20 @@ def build(form: forms.Form) -> DatasetTab:
         label="Upload a data file", file_types=list(dataset_utils.LOCAL_SUFFIXES), elem_id="dataset-upload"
     )
     with gr.Row():
-        forms.setting(form, "dataset.source", scale=3, elem_id="dataset-source")
-        forms.setting(form, "dataset.subset", scale=1, elem_id="dataset-subset")
-        forms.setting(form, "dataset.split", scale=1)
-        forms.setting(form, "dataset.format", scale=1, elem_id="dataset-format")
+        forms.setting(form, FIELDS.dataset.source, scale=3, elem_id="dataset-source")
+        forms.setting(form, FIELDS.dataset.subset, scale=1, elem_id="dataset-subset")
+        forms.setting(form, FIELDS.dataset.split, scale=1)
+        forms.setting(form, FIELDS.dataset.format, scale=1, elem_id="dataset-format")
     with gr.Row():
         forms.setting(
             form,
-            "dataset.chat_template",
+            FIELDS.dataset.chat_template,
             component=gr.Dropdown,
             choices=[("The model's own", ""), *[(name, name) for name in dataset_utils.BUILTIN_TEMPLATES]],
             allow_custom_value=True,
         )
-        forms.setting(form, "dataset.system_prompt")
-        forms.setting(form, "dataset.max_rows")
+        forms.setting(form, FIELDS.dataset.system_prompt)
+        forms.setting(form, FIELDS.dataset.max_rows)
     with gr.Accordion("Column mapping (when your columns have other names)", open=False):
         with gr.Row():
             for name in forms.MAP_FIELDS:
@@ -106,7 +109,7 @@ def build(form: forms.Form) -> DatasetTab:
 
 
 def wire(tab: DatasetTab, form: forms.Form, workspace: Path) -> None:
-    source = form.widgets["dataset.source"]
+    source = form.widgets[FIELDS.dataset.source]
     map_widgets = [form.widgets[f"map.{name}"] for name in forms.MAP_FIELDS]
 
     @guarded

@@ -12,12 +12,16 @@ import gguf_utils
 import jobs
 import model_utils
 import runfolder
+import settings
 import submit
+from download_utils import DownloadConfig
+from training_utils import TrainConfig
 from ui import forms
 from ui.common import guarded, job_html
 from workspace import UserError
 
 POLL_S = 1.0
+FIELDS = settings.keys(TrainConfig)  # the form's keys, named through the config's fields
 
 
 @dataclass
@@ -47,7 +51,7 @@ def build(form: forms.Form, workspace: Path) -> ModelTab:
     with gr.Row():
         forms.setting(
             form,
-            "model.name_or_path",
+            FIELDS.model.name_or_path,
             component=gr.Dropdown,
             choices=catalogue_choices(),
             allow_custom_value=True,
@@ -65,7 +69,7 @@ def build(form: forms.Form, workspace: Path) -> ModelTab:
                 elem_id="model-mode",
             ),
         )
-    forms.setting(form, "model.trust_remote_code")
+    forms.setting(form, FIELDS.model.trust_remote_code)
     with gr.Row():
         check = gr.Button("Check model and estimate memory", elem_id="model-check")
         download = gr.Button("Download", elem_id="model-download")
@@ -115,7 +119,7 @@ def wire(tab: ModelTab, form: forms.Form, memory_outputs: list[gr.Markdown], app
 
     tab.check.click(check_model, inputs=form.inputs(), outputs=[tab.info, *memory_outputs])
 
-    name_widget = form.widgets["model.name_or_path"]
+    name_widget = form.widgets[FIELDS.model.name_or_path]
     view = [tab.download_status, tab.download, tab.stop_download, tab.timer]
 
     @guarded
@@ -158,13 +162,13 @@ def wire(tab: ModelTab, form: forms.Form, memory_outputs: list[gr.Markdown], app
         return text, text
 
     triggers = [
-        "model.name_or_path",
-        "mode",
-        "lora_r",
-        "target_modules",
-        "per_device_train_batch_size",
-        "max_seq_length",
-        "gradient_checkpointing",
+        FIELDS.model.name_or_path,
+        "mode",  # the form's radio for load_in_4bit and full_finetuning
+        FIELDS.lora_r,
+        FIELDS.target_modules,
+        FIELDS.per_device_train_batch_size,
+        FIELDS.max_seq_length,
+        FIELDS.gradient_checkpointing,
     ]
     gr.on(
         [app.load, *[form.widgets[key].change for key in triggers]],
@@ -194,7 +198,7 @@ def latest_download(name: str | None, workspace: Path) -> jobs.RunInfo | None:
     name = str(name or "").strip()
     for info in jobs.list_runs(workspace, kinds=("download",)):
         try:
-            if runfolder.stage_settings(info.path).get("repo_id") == name:
+            if runfolder.stage_settings(info.path).get(settings.keys(DownloadConfig).repo_id) == name:
                 return info
         except UserError:
             continue
