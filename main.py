@@ -27,7 +27,7 @@ def cmd_download(args: argparse.Namespace) -> int:
     if args.resume:
         run_dir = submit.resume(args.resume, args.workspace)
     else:
-        run_dir = submit.submit_download(args.repo_id, args.workspace)
+        run_dir = submit.submit("download", {"repo_id": args.repo_id}, args.workspace)
     print(f"run: {run_dir}")
     return 0 if args.detach else follow_download(run_dir)
 
@@ -132,17 +132,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         run_dir = submit.resume(args.resume, args.workspace)
     elif args.config:
+        import job_checks
         import training_utils
         from workspace import load_yaml
 
         config = training_utils.train_config_from_dict(load_yaml(args.config))
         config.validate()
-        submit.check_model(config.model.name_or_path, args.workspace)  # before the estimates read its config
+        job_checks.check_model(config.model.name_or_path, args.workspace)  # before the estimates read its config
         _print_memory_estimate(config, args.workspace)
         if args.suggest:
             return _print_suggestions(config, args.workspace)
         _print_time_estimate(config, args.workspace)
-        run_dir = submit.submit_train(config, args.workspace, args.name)
+        run_dir = submit.submit("train", config, args.workspace, args.name)
     else:
         raise UserError("Give a config file (python main.py train CONFIG.yaml) or --resume RUN.")
     print(f"run: {run_dir}")
@@ -184,7 +185,7 @@ def _print_time_estimate(config, workspace) -> None:
         print(f"time estimate unavailable: {exc}")
 
 
-def _start_keyed_job(args: argparse.Namespace, kind: str, submit_fn) -> Path:
+def _start_keyed_job(args: argparse.Namespace, kind: str) -> Path:
     """Start (or `--resume`) a synth or arena run: both take a YAML config and an API key from --api-key-env, which
     travels in the job's environment only."""
     import runfolder
@@ -204,16 +205,15 @@ def _start_keyed_job(args: argparse.Namespace, kind: str, submit_fn) -> Path:
         submit.resume(run_dir, args.workspace, api_key=api_key)
         return run_dir
     if args.config:
-        return submit_fn(load_yaml(args.config), args.workspace, args.name, api_key=api_key)
+        return submit.submit(kind, load_yaml(args.config), args.workspace, args.name, api_key=api_key)
     raise UserError(f"Give a config file (python main.py {kind} CONFIG.yaml) or --resume RUN.")
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
     import runfolder
-    import submit
     import synthetic_utils
 
-    run_dir = _start_keyed_job(args, "synth", submit.submit_synth)
+    run_dir = _start_keyed_job(args, "synth")
     print(f"run: {run_dir}\nrows: {run_dir / synthetic_utils.DATA_FILE}")
     if args.detach:
         return 0
@@ -226,9 +226,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_arena(args: argparse.Namespace) -> int:
     import jobs
-    import submit
 
-    run_dir = _start_keyed_job(args, "arena", submit.submit_arena)
+    run_dir = _start_keyed_job(args, "arena")
     print(f"run: {run_dir}")
     if args.detach:
         return 0
@@ -288,7 +287,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.ollama:
         ollama.check_reachable()  # before a long export, not after it
     config = gguf_utils.ExportConfig(run=args.run, quants=args.quant, lora_gguf=args.lora_gguf)
-    run_dir = submit.submit_export(config, args.workspace)
+    run_dir = submit.submit("export", config, args.workspace)
     print(f"run: {run_dir}")
     if args.detach:
         return 0
@@ -346,7 +345,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config = inference_utils.EvalConfig(
         run=args.run, **settings.arguments_to_dict(args, inference_utils.EvalConfig, EVAL_FLAGS)
     )
-    run_dir = submit.submit_eval(config, args.workspace)
+    run_dir = submit.submit("eval", config, args.workspace)
     print(f"run: {run_dir}")
     if args.detach:
         return 0
