@@ -35,7 +35,7 @@ def submit(
     env = job_kind.resolve(job_kind.env)(settings, api_key) if job_kind.env else {}
     files = job_kind.resolve(job_kind.inputs)(config) if job_kind.inputs else []
     inputs = {str(path): runfolder.file_sha256(path) for path in files}
-    if not (name.strip() if isinstance(name, str) else name) and job_kind.run_name:
+    if not (name or "").strip() and job_kind.run_name:
         name = job_kind.resolve(job_kind.run_name)(config)
     run_dir = jobs.create_run(kind, settings, workspace, name, inputs=inputs)
     jobs.start_job(run_dir, env=env)

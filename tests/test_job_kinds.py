@@ -190,3 +190,20 @@ def test_an_export_config_that_names_no_target_is_gguf():
     assert isinstance(export_targets.config_from_dict(settings), gguf_utils.ExportConfig)
     with pytest.raises(UserError, match="Unknown export target 'hub'; one of: gguf"):
         export_targets.target_of({"target": "hub"})
+
+
+def test_every_function_an_entry_names_exists():
+    """Entries name their functions as text (imported when called): a misspelt one must fail here, not in a job."""
+    names = [
+        (kind, getattr(kind, field))
+        for kind in jobs.KINDS.values()
+        for field in ("config", "check", "entry", "env", "inputs", "run_name", "launch")
+        if getattr(kind, field)
+    ]
+    names += [
+        (target, getattr(target, field))
+        for target in export_targets.TARGETS.values()
+        for field in ("config", "check", "run")
+    ]
+    for entry, name in names:
+        assert callable(entry.resolve(name)), name  # a missing module or function raises here
