@@ -2,8 +2,9 @@
 
 A job runs as `python main.py run <run_dir>` in its own process group, so the web server never trains and a page
 reload or server restart loses nothing: everything the UI shows is read back from the run folder (`runfolder`).
-Stages are named in one registry, `STAGES`; their modules are imported only inside the job's process, and they
-never import this module: they receive a `runfolder.JobContext`.
+Every kind of job is one `JobKind` in `KINDS`: its config, its checks before a run exists, its environment, the
+files and runs it reads and how its process starts. Its job function is imported only inside the job's process, and
+stage modules never import this module: they receive a `runfolder.JobContext`.
 """
 
 from __future__ import annotations
@@ -36,13 +37,22 @@ ROOT = Path(__file__).resolve().parent
 
 
 @dataclass(frozen=True)
-class Stage:
-    """One kind of job. `entry` and `config` name `module:function`, imported only in the job's process."""
+class JobKind:
+    """One kind of job: everything submit and the supervisor need to start, run and resume it.
 
-    kind: str
+    Functions are named `module:function` and imported only where they are called (the job's own function only in
+    the job's process), so looking a kind up imports none of its code.
+    """
+
+    name: str  # the run folder's `kind` and the default run name's prefix
+    config: str  # function(settings: dict) -> the kind's config dataclass
+    check: str  # function(config, workspace, api_key) -> the config to save; refuses (UserError) before a run exists
     entry: str  # function(config, ctx: JobContext) -> "done" | "stopped"
-    config: str  # function(settings: dict) -> the stage's config dataclass
     gpu: bool  # needs the accelerator: such jobs take turns (the workspace's GPU lock)
+    env: str = ""  # function(settings, api_key) -> the job's environment (secrets: never in its folder); "" for none
+    inputs: str = ""  # function(config) -> local files the job reads (their SHA-256 is checked before it runs)
+    run_name: str = ""  # function(config) -> the run's default name; "" for <kind>-<date>-<time>
+    reads: tuple[str, ...] = ()  # settings naming training runs it reads (a run, or a list's `run:NAME` items)
     launch: str = ""  # function(settings) -> (processes, environment); "" for one process
 
     def resolve(self, name: str) -> Callable:
@@ -50,21 +60,62 @@ class Stage:
         return getattr(importlib.import_module(module), function)
 
 
-STAGES = {
-    stage.kind: stage
-    for stage in (
-        Stage(
+KINDS = {
+    kind.name: kind
+    for kind in (
+        JobKind(
             "train",
-            "training_utils:train_job",
             "training_utils:train_config_from_dict",
+            "job_checks:check_train",
+            "training_utils:train_job",
             True,
-            "training_utils:launch_plan",
+            env="job_checks:train_env",
+            inputs="job_checks:train_inputs",
+            launch="training_utils:launch_plan",
         ),
-        Stage("export", "gguf_utils:export_job", "gguf_utils:export_config_from_dict", True),
-        Stage("eval", "inference_utils:eval_job", "inference_utils:eval_config_from_dict", True),
-        Stage("synth", "synthetic_utils:synth_job", "synthetic_utils:synthetic_config_from_dict", False),
-        Stage("arena", "arena_utils:arena_job", "arena_utils:arena_config_from_dict", True),
-        Stage("download", "download_utils:download_job", "download_utils:download_config_from_dict", False),
+        JobKind(
+            "export",
+            "export_targets:config_from_dict",
+            "job_checks:check_export",
+            "export_targets:export_job",
+            True,
+            run_name="job_checks:export_run_name",
+            reads=("run",),
+        ),
+        JobKind(
+            "eval",
+            "inference_utils:eval_config_from_dict",
+            "job_checks:check_eval",
+            "inference_utils:eval_job",
+            True,
+            run_name="job_checks:eval_run_name",
+            reads=("run",),
+        ),
+        JobKind(
+            "synth",
+            "synthetic_utils:synthetic_config_from_dict",
+            "job_checks:check_synth",
+            "synthetic_utils:synth_job",
+            False,
+            env="job_checks:synth_env",
+        ),
+        JobKind(
+            "arena",
+            "arena_utils:arena_config_from_dict",
+            "job_checks:check_arena",
+            "arena_utils:arena_job",
+            True,
+            env="job_checks:arena_env",
+            inputs="job_checks:arena_inputs",
+            reads=("prompts_run", "contestants"),
+        ),
+        JobKind(
+            "download",
+            "download_utils:download_config_from_dict",
+            "job_checks:check_download",
+            "download_utils:download_job",
+            False,
+        ),
     )
 }
 
@@ -80,10 +131,10 @@ def before_gpu_job(hook: Callable[[Path], None]) -> None:
         GPU_JOB_HOOKS.append(hook)
 
 
-def stage(kind: str) -> Stage:
-    if kind not in STAGES:
-        raise UserError(f"Unknown job kind '{kind}'; one of: {', '.join(STAGES)}.")
-    return STAGES[kind]
+def job_kind(kind: str) -> JobKind:
+    if kind not in KINDS:
+        raise UserError(f"Unknown job kind '{kind}'; one of: {', '.join(KINDS)}.")
+    return KINDS[kind]
 
 
 # ---------------------------------------------------------------- creating and starting
@@ -99,7 +150,7 @@ def create_run(
     """A new run folder holding config.yaml and a queued status; the config must hold no secrets.
 
     inputs: {absolute path: SHA-256} of local files the job reads; the job refuses to run if one changed."""
-    stage(kind)
+    job_kind(kind)
     # A blank name (or none: an API call can send null for the textbox) means the dated default.
     name = name.strip() if isinstance(name, str) else name
     name = runfolder.check_run_name(name) if name else f"{kind}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
@@ -124,7 +175,7 @@ def start_job(
     """Start the job's child process (detached from this one); returns its pid.
 
     A training run on several GPUs starts torchrun, which starts one `main.py run` per GPU (DDP); `processes`
-    overrides the count from the stage's launch plan (several CPU processes train over gloo).
+    overrides the count from the kind's launch plan (several CPU processes train over gloo).
     """
     run_dir = Path(run_dir)
     with runfolder.status_lock(run_dir):  # two starts at once must not launch two processes on one folder
@@ -139,7 +190,7 @@ def start_job(
         except UserError as exc:
             runfolder.write_status(run_dir, state=State.FAILED, ended=runfolder.now(), error=str(exc))
             raise
-    if stage(runfolder.read_kind(run_dir)).gpu:
+    if job_kind(runfolder.read_kind(run_dir)).gpu:
         for hook in list(GPU_JOB_HOOKS):
             try:
                 hook(run_dir)
@@ -171,11 +222,11 @@ def start_job(
 
 
 def launch_plan(run_dir: Path) -> tuple[int, dict[str, str]]:
-    """(processes, environment) for a job, from its stage's launch plan (one process unless it says otherwise)."""
-    job_stage = stage(runfolder.read_kind(run_dir))
-    if not job_stage.launch:
+    """(processes, environment) for a job, from its kind's launch plan (one process unless it says otherwise)."""
+    kind = job_kind(runfolder.read_kind(run_dir))
+    if not kind.launch:
         return 1, {}
-    return job_stage.resolve(job_stage.launch)(runfolder.stage_settings(run_dir))
+    return kind.resolve(kind.launch)(runfolder.stage_settings(run_dir))
 
 
 def launch_command(run_dir: Path, resume: bool, processes: int) -> list[str]:
@@ -213,8 +264,6 @@ class Actions:
     stop_reason: str
     can_resume: bool
     resume_reason: str
-    can_export: bool
-    export_reason: str
     can_delete: bool
     delete_reason: str
 
@@ -235,11 +284,6 @@ def actions(run_dir: Path, status: Status | None = None) -> Actions:
         resume_reason = f"Run '{name}' has no checkpoint to resume from; start a new run instead."
     else:
         resume_reason = ""
-    try:
-        runfolder.trained_model(run_dir)
-        export_reason = ""
-    except UserError as exc:
-        export_reason = str(exc)
     if status.active:
         delete_reason = f"Run '{name}' is still active; stop it before deleting it."
     else:
@@ -250,31 +294,27 @@ def actions(run_dir: Path, status: Status | None = None) -> Actions:
             if user
             else ""
         )
-    return Actions(
-        can_stop,
-        stop_reason,
-        not resume_reason,
-        resume_reason,
-        not export_reason,
-        export_reason,
-        not delete_reason,
-        delete_reason,
-    )
-
-
-# Kinds of job that read a training run while they run (its adapter, merged model or eval split).
-READER_KINDS = ("export", "eval", "arena")
+    return Actions(can_stop, stop_reason, not resume_reason, resume_reason, not delete_reason, delete_reason)
 
 
 def reads_run(job_dir: Path, run_dir: Path) -> bool:
-    """Whether an export, evaluation or arena job's config names this training run (by name or by full path):
-    `run` for export and eval; `prompts_run` and `run:NAME` contestants for an arena."""
+    """Whether a job's config names this training run (by name or by full path) in one of its kind's `reads`
+    settings: a run (export and eval's `run`, an arena's `prompts_run`) or a list's `run:NAME` items (an arena's
+    contestants)."""
+    kind = KINDS.get(runfolder.read_kind(job_dir))
+    if kind is None or not kind.reads:
+        return False
     try:
         settings = runfolder.stage_settings(job_dir)
     except UserError:
         return False
-    references = [settings.get("run"), settings.get("prompts_run")]
-    references += [item[len("run:") :] for item in settings.get("contestants") or [] if str(item).startswith("run:")]
+    references = []
+    for key in kind.reads:
+        value = settings.get(key)
+        if isinstance(value, list):
+            references += [item[len("run:") :] for item in value if str(item).startswith("run:")]
+        else:
+            references.append(value)
     return any(_names_run(str(reference or ""), run_dir) for reference in references)
 
 
@@ -287,11 +327,11 @@ def _names_run(reference: str, run_dir: Path) -> bool:
 
 
 def active_user(run_dir: Path) -> RunInfo | None:
-    """An active job of READER_KINDS that reads this training run."""
+    """An active job that reads this training run (its adapter, merged model or eval split)."""
     run_dir = Path(run_dir)
     for config in run_dir.parent.glob("*/config.yaml"):
         job = config.parent
-        if job == run_dir or runfolder.read_kind(job) not in READER_KINDS or not reads_run(job, run_dir):
+        if job == run_dir or not reads_run(job, run_dir):
             continue
         status = job_status(job)
         if status.active:
@@ -429,15 +469,15 @@ def gpu_lock(workspace: Path, stop: StopFlag, wait: Callable[[float], None] = ti
 
 
 def run_job(run_dir: Path, resume: bool = False) -> int:
-    """The child's entry point: wait for the GPU if needed, run the stage, record how it ended."""
+    """The child's entry point: wait for the GPU if needed, run the job's kind, record how it ended."""
     run_dir = Path(run_dir).resolve()
     stop = StopFlag().install()
-    job_stage = stage(runfolder.read_kind(run_dir))
+    kind = job_kind(runfolder.read_kind(run_dir))
     settings = runfolder.stage_settings(run_dir)
     rank, processes = int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
     if rank > 0:
-        return _run_other_rank(run_dir, job_stage, settings, resume, rank, stop)
-    lock = gpu_lock(runfolder.run_workspace(run_dir), stop) if job_stage.gpu else None
+        return _run_other_rank(run_dir, kind, settings, resume, rank, stop)
+    lock = gpu_lock(runfolder.run_workspace(run_dir), stop) if kind.gpu else None
     if stop.requested:
         runfolder.write_status(run_dir, state=State.STOPPED, ended=runfolder.now())
         return 0
@@ -446,7 +486,7 @@ def run_job(run_dir: Path, resume: bool = False) -> int:
     runfolder.write_status(run_dir, state=State.RUNNING, started=runfolder.now(), error="", **own_pid)
     reporter = Reporter(run_dir)
     try:
-        outcome = _run_stage(job_stage, settings, JobContext(run_dir, reporter, stop, resume))
+        outcome = _run_kind(kind, settings, JobContext(run_dir, reporter, stop, resume))
     except UserError as exc:
         _write_end(run_dir, reporter, State.FAILED, str(exc))
         log.error("error: %s", exc)
@@ -462,14 +502,14 @@ def run_job(run_dir: Path, resume: bool = False) -> int:
     return 0 if _write_end(run_dir, reporter, state) else 1
 
 
-def _run_stage(job_stage: Stage, settings: dict[str, Any], ctx: JobContext) -> str:
+def _run_kind(kind: JobKind, settings: dict[str, Any], ctx: JobContext) -> str:
     runfolder.check_inputs(ctx.run_dir, ctx.resume)
-    config = job_stage.resolve(job_stage.config)(settings)
-    return job_stage.resolve(job_stage.entry)(config, ctx)
+    config = kind.resolve(kind.config)(settings)
+    return kind.resolve(kind.entry)(config, ctx)
 
 
 def _run_other_rank(
-    run_dir: Path, job_stage: Stage, settings: dict[str, Any], resume: bool, rank: int, stop: StopFlag
+    run_dir: Path, kind: JobKind, settings: dict[str, Any], resume: bool, rank: int, stop: StopFlag
 ) -> int:
     """A DDP rank other than 0: waits until rank 0 holds the GPU lock, then trains; it records only its failure."""
     logging.getLogger().setLevel(logging.WARNING)  # log.txt shows rank 0's progress once
@@ -478,7 +518,7 @@ def _run_other_rank(
             return 0
         time.sleep(0.5)
     try:
-        _run_stage(job_stage, settings, JobContext(run_dir, Reporter(run_dir, writes=False), stop, resume))
+        _run_kind(kind, settings, JobContext(run_dir, Reporter(run_dir, writes=False), stop, resume))
     except UserError:
         return 2  # every rank meets the same bad input; rank 0 records it
     except BaseException as exc:

@@ -32,7 +32,7 @@ def cmd_download(args: argparse.Namespace) -> int:
     else:
         fixed = {"repo_id": args.repo_id} if args.repo_id else {}
         config = config_from_args(args, download_utils.download_config_from_dict, fixed)
-        run_dir = submit.submit_download(config, args.workspace)
+        run_dir = submit.submit("download", config, args.workspace)
     print(f"run: {run_dir}")
     return 0 if args.detach else follow_download(run_dir)
 
@@ -158,16 +158,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         _check_no_settings(args)
         run_dir = submit.resume(args.resume, args.workspace)
     elif args.config or settings.given_settings(args):
+        import job_checks
         import training_utils
 
         config = config_from_args(args, training_utils.train_config_from_dict)
         config.validate()
-        submit.check_model(config.model.name_or_path, args.workspace)  # before the estimates read its config
+        job_checks.check_model(config.model.name_or_path, args.workspace)  # before the estimates read its config
         _print_memory_estimate(config, args.workspace)
         if args.suggest:
             return _print_suggestions(config, args.workspace)
         _print_time_estimate(config, args.workspace)
-        run_dir = submit.submit_train(config, args.workspace, args.name)
+        run_dir = submit.submit("train", config, args.workspace, args.name)
     else:
         raise UserError(
             "Give a config file (python main.py train CONFIG.yaml), settings as flags (--dataset.source FILE …) "
@@ -212,7 +213,7 @@ def _print_time_estimate(config, workspace) -> None:
         print(f"time estimate unavailable: {exc}")
 
 
-def _start_keyed_job(args: argparse.Namespace, kind: str, submit_fn, from_dict) -> Path:
+def _start_keyed_job(args: argparse.Namespace, kind: str, from_dict) -> Path:
     """Start (or `--resume`) a synth or arena run: both take a YAML config and setting flags, and an API key from
     --api-key-env, which travels in the job's environment only."""
     import runfolder
@@ -232,16 +233,15 @@ def _start_keyed_job(args: argparse.Namespace, kind: str, submit_fn, from_dict) 
         submit.resume(run_dir, args.workspace, api_key=api_key)
         return run_dir
     if args.config or settings.given_settings(args):
-        return submit_fn(config_from_args(args, from_dict), args.workspace, args.name, api_key=api_key)
+        return submit.submit(kind, config_from_args(args, from_dict), args.workspace, args.name, api_key=api_key)
     raise UserError(f"Give a config file (python main.py {kind} CONFIG.yaml), settings as flags or --resume RUN.")
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
     import runfolder
-    import submit
     import synthetic_utils
 
-    run_dir = _start_keyed_job(args, "synth", submit.submit_synth, synthetic_utils.synthetic_config_from_dict)
+    run_dir = _start_keyed_job(args, "synth", synthetic_utils.synthetic_config_from_dict)
     print(f"run: {run_dir}\nrows: {run_dir / synthetic_utils.DATA_FILE}")
     if args.detach:
         return 0
@@ -255,9 +255,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_arena(args: argparse.Namespace) -> int:
     import arena_utils
     import jobs
-    import submit
 
-    run_dir = _start_keyed_job(args, "arena", submit.submit_arena, arena_utils.arena_config_from_dict)
+    run_dir = _start_keyed_job(args, "arena", arena_utils.arena_config_from_dict)
     print(f"run: {run_dir}")
     if args.detach:
         return 0
@@ -317,7 +316,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.ollama:
         ollama.check_reachable()  # before a long export, not after it
     config = config_from_args(args, gguf_utils.export_config_from_dict, {"run": args.run})
-    run_dir = submit.submit_export(config, args.workspace)
+    run_dir = submit.submit("export", config, args.workspace)
     print(f"run: {run_dir}")
     if args.detach:
         return 0
@@ -370,7 +369,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import submit
 
     config = config_from_args(args, inference_utils.eval_config_from_dict, {"run": args.run})
-    run_dir = submit.submit_eval(config, args.workspace)
+    run_dir = submit.submit("eval", config, args.workspace)
     print(f"run: {run_dir}")
     if args.detach:
         return 0

@@ -1,6 +1,6 @@
 """The time estimate against the real wall time from Start to done, and the fitter of planning.TIME_MODEL.
 
-Each case starts a real training run the way the app does (submit.submit_train), after asking planning for its
+Each case starts a real training run the way the app does (submit.submit("train", …)), after asking planning for its
 estimate the way the Train tab does, and reads the run's phases from its events: Start (the call), model loaded,
 data prepared, the first step begins (the trainer's start event), the last step, done. Prints one JSON line per case
 (real_s, estimate_s, error, each phase measured and estimated, the run's own ETA error against the time left to done
@@ -100,7 +100,7 @@ def run_case(name: str, models: Path, root: Path, timeout: float) -> dict:
     report = planning.dataset_report_for(config, workspace)  # as the Train tab does, before Start
     estimate = planning.estimate_time(config, path, report, workspace)
     started = time.time()
-    run_dir = submit.submit_train(config, workspace, "bench")
+    run_dir = submit.submit("train", config, workspace, "bench")
     while jobs.job_status(run_dir).active:
         if time.time() - started > timeout:
             jobs.stop_job(run_dir)

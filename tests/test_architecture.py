@@ -33,6 +33,8 @@ LAYERS = {
     "dataset_report": 2,  # the dataset quality report (datasketch duplicates)
     "planning": 2,  # suggested settings and the time estimate, over training_utils and dataset_report
     "download_utils": 2,
+    "export_targets": 2,  # export targets (GGUF): the export job kind's config and job function
+    "job_checks": 2,  # what submit checks per job kind before a run exists, named by jobs.KINDS
     "jobs": 3,
     "chat_worker": 3,  # the Test tab's model process: started by the UI, runs inference_utils
     "submit": 4,

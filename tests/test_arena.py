@@ -134,11 +134,11 @@ def test_bad_arena_configs_are_refused_before_a_job_exists(demo_workspace):
     ]
     for changes, message in cases:
         with pytest.raises(UserError, match=message):
-            submit.submit_arena(arena_config(demo_workspace, judge, **changes), demo_workspace)
+            submit.submit("arena", arena_config(demo_workspace, judge, **changes), demo_workspace)
     not_gguf = demo_workspace / "fake.gguf"
     not_gguf.write_bytes(b"PK\x03\x04 not a gguf")
     with pytest.raises(UserError, match="not a GGUF file"):
-        submit.submit_arena(arena_config(demo_workspace, judge, contestants=["base:demo", f"gguf:{not_gguf}"]))
+        submit.submit("arena", arena_config(demo_workspace, judge, contestants=["base:demo", f"gguf:{not_gguf}"]))
     assert not (demo_workspace / "runs").exists() or not list((demo_workspace / "runs").iterdir())
 
 
@@ -225,7 +225,7 @@ def test_a_contestant_that_fails_to_load_is_a_clear_message(demo_workspace):
 def test_kill_9_mid_arena_then_resume_judges_no_prompt_twice(demo_workspace):
     with FakeLLMServer(reply=lambda prompt, number: VERDICT, latency_s=0.7) as judge:
         config = arena_config(demo_workspace, judge.openai_url, count=3, judge_model="fake-model")
-        run_dir = submit.submit_arena(config, demo_workspace)
+        run_dir = submit.submit("arena", config, demo_workspace)
         wait_for(lambda: len(judgments(run_dir)) >= 2, timeout=300, what="two judgements")
         os.killpg(runfolder.read_status(run_dir).pid, signal.SIGKILL)
         wait_for(lambda: jobs.job_status(run_dir).state == "failed", timeout=30, what="the job to be seen dead")

@@ -99,7 +99,7 @@ def call_preset(args: dict, ctx: dict) -> None:
 
 
 def call_export(args: dict, ctx: dict) -> None:
-    submit.submit_export(args, ctx["ws"])
+    submit.submit("export", args, ctx["ws"])
 
 
 def call_synth_config(args: dict, ctx: dict) -> None:

@@ -82,7 +82,7 @@ def test_starting_a_gpu_job_ends_the_worker_and_the_next_message_reloads(worker,
     first = worker.pid
     jobs.before_gpu_job(worker.end_for_job)
     try:
-        job = submit.submit_eval(EvalConfig(run="trained", max_rows=1), own_workspace)
+        job = submit.submit("eval", EvalConfig(run="trained", max_rows=1), own_workspace)
     finally:
         jobs.GPU_JOB_HOOKS.remove(worker.end_for_job)
     assert not worker.alive  # ended before the job's process was started

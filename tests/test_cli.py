@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import gguf_utils
+import job_checks
 import main
 import settings
 import submit
@@ -38,19 +39,15 @@ COMMANDS = [
 
 @pytest.fixture
 def submitted(monkeypatch, tmp_path) -> dict:
-    """Every submit_* records the config it gets (nothing starts); train's estimates are skipped."""
+    """submit.submit records the config each kind gets (nothing starts); train's estimates are skipped."""
     seen: dict = {}
 
-    def record(kind):
-        def fake(config, workspace=None, *args, **kwargs):
-            seen[kind] = config
-            return tmp_path / f"{kind}-run"
+    def fake(kind, config, workspace=None, *args, **kwargs):
+        seen[kind] = config
+        return tmp_path / f"{kind}-run"
 
-        return fake
-
-    for kind in ("train", "synth", "arena", "export", "eval", "download"):
-        monkeypatch.setattr(submit, f"submit_{kind}", record(kind))
-    monkeypatch.setattr(submit, "check_model", lambda *args: None)
+    monkeypatch.setattr(submit, "submit", fake)
+    monkeypatch.setattr(job_checks, "check_model", lambda *args: None)
     monkeypatch.setattr(main, "_print_memory_estimate", lambda *args: None)
     monkeypatch.setattr(main, "_print_time_estimate", lambda *args: None)
     return seen

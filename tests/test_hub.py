@@ -357,7 +357,7 @@ def test_train_refuses_a_hub_id_no_job_could_fetch_before_a_run_exists(tiny_repo
     assert "is gated" in gated and f"{hub.url}/meta-llama/Gated-1B" in gated and "HF_TOKEN" in gated
     # This test's own process is offline (conftest), like a user's HF_HUB_OFFLINE=1, and its cache lacks the id.
     with pytest.raises(UserError, match="HF_HUB_OFFLINE=1 keeps this app off the Hub. Unset HF_HUB_OFFLINE"):
-        submit.submit_train({"model": "tester/not-cached", "dataset": str(data)}, workspace)
+        submit.submit("train", {"model": "tester/not-cached", "dataset": str(data)}, workspace)
     assert not (workspace / "runs").exists() or not list((workspace / "runs").iterdir())
 
 

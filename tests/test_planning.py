@@ -124,7 +124,7 @@ def early_stopped_run(tmp_path_factory, demo_model):
         early_stopping_patience=2,
         early_stopping_threshold=0.02,
     )
-    run_dir = submit.submit_train(config, ws, "early")
+    run_dir = submit.submit("train", config, ws, "early")
     wait_for(lambda: jobs.job_status(run_dir).state in ("done", "failed", "stopped"), timeout=900)
     return run_dir
 

@@ -179,7 +179,7 @@ def test_grpo_with_the_format_reward_raises_the_mean_reward(demo_workspace):
 @pytest.mark.slow
 def test_a_dpo_run_stops_and_resumes_from_its_checkpoint(demo_workspace):
     data = write_jsonl(demo_workspace / "pairs.jsonl", pair_rows(COUNTRIES[:8]))
-    run_dir = submit.submit_train(preference_config(data, max_steps=4, save_steps=1), demo_workspace, "dpo-stop")
+    run_dir = submit.submit("train", preference_config(data, max_steps=4, save_steps=1), demo_workspace, "dpo-stop")
     wait_for(lambda: len(logged_steps(run_dir)) >= 1)
     jobs.stop_job(run_dir)
     wait_for(lambda: jobs.job_status(run_dir).state == "stopped", timeout=300)

@@ -122,7 +122,7 @@ def test_a_judge_at_a_closed_port_is_refused_before_a_run_exists(tmp_path):
     url = f"http://127.0.0.1:{jobs.free_port()}/v1"
     config = grpo_config(tmp_path, reward_funcs=["judge"], judge_model="fake-model", judge_base_url=url)
     with pytest.raises(UserError, match=r"Cannot reach the openai server at .*Is it running"):
-        submit.submit_train(config, tmp_path, "judged")
+        submit.submit("train", config, tmp_path, "judged")
     assert not (tmp_path / "runs" / "judged").exists()
 
 
@@ -154,7 +154,7 @@ def test_the_key_typed_in_the_train_tab_opens_a_judge_that_asks_for_one(tmp_path
             tmp_path, reward_funcs=["judge"], judge_model="fake-model", judge_base_url=server.openai_url
         )
         with pytest.raises(UserError, match="401"):
-            submit.submit_train(config, tmp_path, "no-key")
+            submit.submit("train", config, tmp_path, "no-key")
         assert not (tmp_path / "runs" / "no-key").exists()
         preference_utils.check_judge(config, "sk-typed")  # answers: the key the job will get is the one checked
 

@@ -276,7 +276,7 @@ def test_a_relative_dataset_path_is_read_from_the_submitting_folder(workspace, t
     data = write_jsonl(project / "examples" / "x.jsonl", capital_rows(4))
     monkeypatch.chdir(project)
     config = config_to_dict(demo_train_config(Path("examples/x.jsonl")))
-    run_dir = submit.submit_train(config, workspace, "relative")
+    run_dir = submit.submit("train", config, workspace, "relative")
 
     settings = runfolder.stage_settings(run_dir)
     assert settings["dataset"]["source"] == str(data.resolve())
@@ -287,7 +287,7 @@ def test_a_relative_dataset_path_is_read_from_the_submitting_folder(workspace, t
 def test_a_hub_dataset_id_stays_as_it_is(workspace, no_launch):
     import submit
 
-    run_dir = submit.submit_train(config_to_dict(demo_train_config(Path("owner/name"))), workspace, "hub")
+    run_dir = submit.submit("train", config_to_dict(demo_train_config(Path("owner/name"))), workspace, "hub")
     assert runfolder.stage_settings(run_dir)["dataset"]["source"] == "owner/name"
     assert runfolder.INPUTS_KEY not in runfolder.read_config(run_dir)
 
@@ -296,11 +296,11 @@ def test_a_hub_dataset_id_stays_as_it_is(workspace, no_launch):
 def test_a_dataset_edited_after_the_run_was_created_fails_the_job(workspace, data_file, no_launch, resume, said):
     import submit
 
-    run_dir = submit.submit_train(config_to_dict(demo_train_config(data_file)), workspace, "edited")
+    run_dir = submit.submit("train", config_to_dict(demo_train_config(data_file)), workspace, "edited")
     runfolder.check_inputs(run_dir, resume)  # unchanged: the job may run
     with open(data_file, "a", encoding="utf-8") as handle:
         handle.write('{"instruction": "extra", "output": "row"}\n')
     settings = runfolder.stage_settings(run_dir)
     ctx = runfolder.JobContext.for_run(run_dir, resume)
     with pytest.raises(UserError, match=f"changed since this run was created \\({said}"):
-        jobs._run_stage(jobs.STAGES["train"], settings, ctx)
+        jobs._run_kind(jobs.KINDS["train"], settings, ctx)

@@ -144,7 +144,7 @@ def wire(tab: ArenaTab, tab_container: gr.Tab, app: gr.Blocks, workspace: Path) 
         data["contestants"] = list(contestants or [])
         data["prompts_file"] = str(save_upload(upload, workspace)) if upload else (prompts_file or "").strip()
         config = arena_utils.arena_config_from_dict(data)
-        run_dir = submit.submit_arena(config, workspace, run_name, api_key=api_key or None)
+        run_dir = submit.submit("arena", config, workspace, run_name, api_key=api_key or None)
         return gr.Dropdown(choices=run_names(workspace, KINDS), value=run_dir.name)
 
     @guarded

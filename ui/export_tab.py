@@ -143,7 +143,7 @@ def wire(tab: ExportTab, tab_container: gr.Tab, workspace: Path) -> None:
     @guarded
     def start(run: str, quants: list[str], *settings: Any) -> None:
         config = ExportConfig(run=run or "", quants=list(quants or []), **dict(zip(SETTINGS, settings, strict=True)))
-        submit.submit_export(config, workspace)
+        submit.submit("export", config, workspace)
 
     @guarded
     def add(run: str, name: str, modelfile: str) -> str:

@@ -124,7 +124,7 @@ def wire(tab: ModelTab, form: forms.Form, memory_outputs: list[gr.Markdown], app
 
     @guarded
     def start_download(name: str | None) -> None:
-        submit.submit_download(str(name or "").strip(), workspace)
+        submit.submit("download", {"repo_id": str(name or "").strip()}, workspace)
 
     @guarded
     def stop(name: str | None) -> None:

@@ -184,7 +184,7 @@ def wire(
     @guarded
     def start(run_name: str, api_key: str, seeds: str, documents: list[str] | None, *values: Any) -> gr.Dropdown:
         config = config_from(values, seeds, documents)
-        run_dir = submit.submit_synth(config, workspace, run_name, api_key=api_key or None)
+        run_dir = submit.submit("synth", config, workspace, run_name, api_key=api_key or None)
         return gr.Dropdown(choices=run_names(workspace, KINDS), value=run_dir.name)
 
     @guarded

@@ -204,7 +204,7 @@ def wire(tab: TestTab, tab_container: gr.Tab, workspace: Path) -> None:
 
     @guarded
     def evaluate(run: str, max_rows: int, batch_size: int) -> None:
-        submit.submit_eval(EvalConfig(run=run, max_rows=max_rows, batch_size=batch_size), workspace)
+        submit.submit("eval", EvalConfig(run=run, max_rows=max_rows, batch_size=batch_size), workspace)
 
     @guarded
     def eval_view(run: str) -> tuple[str, str, gr.Timer]:

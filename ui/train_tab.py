@@ -179,7 +179,7 @@ def wire(tab: TrainTab, form: forms.Form, app: gr.Blocks, workspace: Path) -> No
     @guarded
     def start(data: dict) -> gr.Dropdown:
         config = forms.values_to_config(form.values(data))
-        run_dir = submit.submit_train(config, workspace, data[tab.run_name], api_key=data[tab.judge_api_key] or None)
+        run_dir = submit.submit("train", config, workspace, data[tab.run_name], api_key=data[tab.judge_api_key] or None)
         return gr.Dropdown(choices=run_names(workspace, KINDS), value=run_dir.name)
 
     @guarded

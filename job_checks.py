@@ -1,0 +1,154 @@
+"""What submit asks of each built-in job kind before its run folder exists, named by the kinds in `jobs.KINDS`.
+
+For every kind: `check_<kind>(config, workspace, api_key)` refuses what can be refused now and returns the config
+as it is saved (user paths resolved to their meaning, a training run named as the job will find it); where the kind
+has them, the local files it reads (`<kind>_inputs`), its environment from its saved settings (`<kind>_env`, also
+called on resume) and its default run name (`<kind>_run_name`). Stage modules are imported inside each function:
+looking a kind up imports none of them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import runfolder
+from workspace import resolve_user_path
+
+# ---------------------------------------------------------------- train
+
+
+def check_train(config, workspace: str | Path | None = None, api_key: str | None = None):
+    """A training run's settings, its model (a download the job would need) and a GRPO judge, checked now."""
+    import preference_utils
+
+    config.validate()
+    check_model(config.model.name_or_path, workspace)
+    preference_utils.check_judge(
+        config, api_key
+    )  # a judge that cannot answer is refused now, not after the model loads
+    source = Path(str(config.dataset.source).strip()).expanduser()
+    # The CLI and Preview read a relative path from the user's folder, the job runs from the app's: fix its meaning
+    # once, here. A Hub id (owner/name) that is no local path stays as it is.
+    if source.exists():
+        config.dataset.source = str(resolve_user_path(source, workspace))
+    return config
+
+
+def train_inputs(config) -> list[str]:
+    """The reward file and a local dataset file: the job refuses to run if either changed since the start."""
+    files = [config.reward_file] if config.reward_file else []
+    if Path(str(config.dataset.source)).is_file():  # check_train made a local file's path absolute
+        files.append(str(config.dataset.source))
+    return files
+
+
+def train_env(settings: dict[str, Any], api_key: str | None = None) -> dict[str, str]:
+    """A GRPO judge's API key; other training runs need no environment (and old ones keep resuming even when their
+    settings predate an option, so their config is not rebuilt)."""
+    import preference_utils
+    import training_utils
+
+    if settings.get("stage") == "grpo" and "judge" in (settings.get("reward_funcs") or []):
+        return preference_utils.job_env(training_utils.train_config_from_dict(settings), api_key)
+    return {}
+
+
+def check_model(name: str, workspace: str | Path | None = None) -> None:
+    """A model a training job would have to download, checked before the job exists: a malformed id,
+    HF_HUB_OFFLINE=1 with the model not cached, a missing or gated repo, a disk too small. The demo model and local
+    folders are read by the job itself. The CLI calls it before its estimates, which read the model's config."""
+    import download_utils
+    import model_utils
+
+    name = str(name).strip()
+    if name == model_utils.DEMO_MODEL or model_utils.is_local_reference(name):
+        return
+    if model_utils.local_or_cached(name, workspace) is None:
+        download_utils.check_download(name)
+
+
+# ---------------------------------------------------------------- synthetic data and arena
+
+
+def check_synth(config, workspace: str | Path | None = None, api_key: str | None = None):
+    # The job runs from the app's folder: relative document paths must keep their meaning on the way.
+    config.documents = [str(resolve_user_path(path, workspace)) for path in config.documents]
+    config.validate(workspace)
+    return config
+
+
+def synth_env(settings: dict[str, Any], api_key: str | None = None) -> dict[str, str]:
+    """The provider's API key, in the job's environment only."""
+    import synthetic_utils
+
+    return synthetic_utils.job_env(synthetic_utils.synthetic_config_from_dict(settings), api_key)
+
+
+def check_arena(config, workspace: str | Path | None = None, api_key: str | None = None):
+    import arena_utils
+
+    return arena_utils.check_arena(config, workspace)
+
+
+def arena_inputs(config) -> list[str]:
+    return [config.prompts_file] if config.prompt_source == "file" else []
+
+
+def arena_env(settings: dict[str, Any], api_key: str | None = None) -> dict[str, str]:
+    """The judge's API key, in the job's environment only."""
+    import arena_utils
+
+    return arena_utils.job_env(arena_utils.arena_config_from_dict(settings), api_key)
+
+
+# ---------------------------------------------------------------- jobs on a finished training run
+
+
+def check_export(config, workspace: str | Path | None = None, api_key: str | None = None):
+    """Everything the config's export target refuses before a job exists; `run` then names the run as the job finds
+    it."""
+    import export_targets
+
+    target = export_targets.target_of(config)
+    model = target.resolve(target.check)(config, workspace)
+    config.run = run_reference(model.run_dir, workspace)
+    return config
+
+
+def export_run_name(config) -> str:
+    """export-RUN, whatever the target (jobs adds -2, -3 … when it exists)."""
+    import gguf_utils
+
+    return gguf_utils.export_run_name(config.run)
+
+
+def check_eval(config, workspace: str | Path | None = None, api_key: str | None = None):
+    import inference_utils
+
+    config.run = run_reference(inference_utils.check_evaluable(config, workspace), workspace)
+    return config
+
+
+def eval_run_name(config) -> str:
+    import inference_utils
+
+    return inference_utils.eval_run_name(config.run)
+
+
+def run_reference(run_dir: Path, workspace: str | Path | None) -> str:
+    """How a job's config names its training run: by name inside this workspace, else by its full path (the job
+    resolves names in its own folder's workspace)."""
+    return run_dir.name if run_dir.parent == runfolder.runs_dir(workspace) else str(run_dir)
+
+
+# ---------------------------------------------------------------- model download
+
+
+def check_download(config, workspace: str | Path | None = None, api_key: str | None = None):
+    """A missing or gated repo and a disk too small are refused here, from the Hub's metadata."""
+    import download_utils
+
+    config.validate()
+    download_utils.check_download(config.repo_id, config.revision)
+    return config
