@@ -27,6 +27,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import runfolder
+import stages
 import synthetic_utils
 from settings import check, option
 from workspace import UserError, atomic_write_text, config_from_dict, resolve_user_path, write_json
@@ -178,7 +179,7 @@ def check_contestants(config: ArenaConfig, workspace: str | Path | None = None) 
         kind, what = parse_contestant(contestant)
         if kind == "run":
             run_dir = runfolder.run_path(what, workspace)
-            runfolder.trained_model(run_dir)  # UserError for a run without an adapter / merged model
+            stages.causal_lm(run_dir)  # UserError for a run without an adapter / merged model that generates text
             what = str(run_dir.resolve())
         elif kind == "gguf":
             path = resolve_user_path(what, workspace)

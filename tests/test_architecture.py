@@ -11,6 +11,7 @@ LAYERS = {
     "workspace": 0,
     "settings": 0,
     "runfolder": 1,
+    "stages": 2,  # the training stages' records: read by training, planning, the comparison, chat, export and the UI
     "dataset_utils": 2,
     "model_utils": 2,
     "training_utils": 2,
