@@ -26,6 +26,7 @@ from typing import Any
 
 import llm_clients
 import runfolder
+import stages
 import synthetic_utils
 from arena_config import ArenaConfig, Prompt, contestant_label, parse_contestant
 from arena_judge import JUDGE_SYSTEM, RAW_KEPT_CHARS, UNPARSED, VERDICT_SCHEMA, judge_prompt, parse_verdict
@@ -57,7 +58,7 @@ def check_contestants(config: ArenaConfig, workspace: str | Path | None = None) 
         kind, what = parse_contestant(contestant)
         if kind == "run":
             run_dir = runfolder.run_path(what, workspace)
-            runfolder.trained_model(run_dir)  # UserError for a run without an adapter / merged model
+            stages.causal_lm(run_dir)  # UserError for a run without an adapter / merged model that generates text
             what = str(run_dir.resolve())
         elif kind == "gguf":
             path = resolve_user_path(what, workspace)

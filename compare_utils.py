@@ -1,6 +1,7 @@
 """Training runs side by side: their loss and eval-loss curves, final and best metrics, speed, time, memory, each
-run's stage (SFT, DPO, ORPO, KTO, GRPO) with the last values of its own metrics, and the settings that differ. Everything is read from the run folders (config.yaml, status.json,
-events.jsonl); nothing is loaded or computed on a model."""
+run's stage (SFT, DPO, ORPO, KTO, GRPO) with the last values of its own metrics (named by the stages' records), and
+the settings that differ. Everything is read from the run folders (config.yaml, status.json, events.jsonl); nothing
+is loaded or computed on a model."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import runfolder
+import stages
 from workspace import UserError
 
 MAX_RUNS = 12
@@ -27,19 +29,6 @@ METRIC_COLUMNS = [
     "time",
     "peak memory GiB",
 ]
-# A stage's own metrics (preference_utils.stage_metrics), in the order and with the names the table shows; each
-# GRPO reward function's mean (reward_<name>) follows them as "<name> reward".
-STAGE_METRICS = {
-    "reward_margin": "reward margin",
-    "reward_accuracy": "reward accuracy",
-    "log_odds_ratio": "log-odds ratio",
-    "reward": "mean reward",
-    "kl": "KL",
-    "completion_length": "completion length",
-    "completions_per_s": "completions/s",
-    "generation_share": "share of time generating",
-}
-NOT_PER_REWARD = ("reward_chosen", "reward_rejected", "reward_std")
 
 
 @dataclass(frozen=True)
@@ -106,7 +95,7 @@ def run_metrics(run_dir: Path) -> tuple[RunMetrics, list[tuple[str, str, int, fl
                 memory.append(float(value))
                 break
         for key, value in event.metrics.items():
-            if _is_stage_metric(key) and _finite(value) and event.step >= stage_values.get(key, (-1, 0.0))[0]:
+            if stages.is_metric(key) and _finite(value) and event.step >= stage_values.get(key, (-1, 0.0))[0]:
                 stage_values[key] = (event.step, float(value))
 
     def final(series: str) -> float | None:
@@ -127,25 +116,11 @@ def run_metrics(run_dir: Path) -> tuple[RunMetrics, list[tuple[str, str, int, fl
         round(sum(speeds) / len(speeds), 1) if speeds else None,
         _seconds(status),
         round(max(memory), 2) if memory else None,
-        str(runfolder.stage_settings(run_dir).get("stage") or "sft"),
-        {key: value for key, (_, value) in sorted(stage_values.items(), key=lambda item: _stage_order(item[0]))},
+        runfolder.run_stage(run_dir),
+        {key: value for key, (_, value) in sorted(stage_values.items(), key=lambda item: stages.metric_order(item[0]))},
     )
     curves = [(run_dir.name, series, step, loss) for series in losses for step, loss in sorted(losses[series].items())]
     return metrics, curves
-
-
-def _is_stage_metric(key: str) -> bool:
-    return key in STAGE_METRICS or (key.startswith("reward_") and key not in NOT_PER_REWARD)
-
-
-def _stage_order(key: str) -> tuple[int, str]:
-    names = list(STAGE_METRICS)
-    return (names.index(key), "") if key in STAGE_METRICS else (len(names), key)
-
-
-def stage_metric_label(key: str) -> str:
-    """'reward_margin' → 'reward margin'; a reward function's mean 'reward_format' → 'format reward'."""
-    return STAGE_METRICS.get(key) or f"{key.removeprefix('reward_')} reward"
 
 
 def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -206,12 +181,12 @@ def _duration(seconds: float | None) -> str:
 def stage_metric_keys(comparison: Comparison) -> list[str]:
     """The stage metrics any of the runs logged, in the table's order."""
     keys = {key for run in comparison.runs for key in run.stage_metrics}
-    return sorted(keys, key=_stage_order)
+    return sorted(keys, key=stages.metric_order)
 
 
 def metric_columns(comparison: Comparison) -> list[str]:
     """METRIC_COLUMNS, then one column per stage metric that any of the runs logged."""
-    return [*METRIC_COLUMNS, *(stage_metric_label(key) for key in stage_metric_keys(comparison))]
+    return [*METRIC_COLUMNS, *(stages.metric_label(key) for key in stage_metric_keys(comparison))]
 
 
 def metric_rows(comparison: Comparison) -> list[list[str]]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import runfolder
+import stages
 from settings import check, option
 from workspace import UserError, atomic_write_text, write_json
 
@@ -103,7 +104,7 @@ def trained_run(run: str | Path, workspace: str | Path | None = None):
     """(the run's TrainedModel, the TrainConfig it was trained with); UserError for a run without a trained model."""
     import training_utils
 
-    trained = runfolder.trained_model(runfolder.run_path(run, workspace))
+    trained = stages.causal_lm(runfolder.run_path(run, workspace))
     return trained, training_utils.train_config_from_dict(trained.train_config)
 
 
@@ -397,16 +398,9 @@ def chat_deltas(
         yield pieces[0]
 
 
-def stream_compare(chat_model: ChatModel, prompt: str, config: GenerationConfig) -> Iterator[tuple[str, str]]:
-    """The same prompt through the base model (adapter off) and the tuned one; yields (base_so_far, tuned_so_far)."""
-    base = tuned = ""
-    for base_piece, tuned_piece in compare_deltas(chat_model, prompt, config):
-        base, tuned = base + base_piece, tuned + tuned_piece
-        yield base, tuned
-
-
 def compare_deltas(chat_model: ChatModel, prompt: str, config: GenerationConfig) -> Iterator[tuple[str, str]]:
-    """compare's new text as (base piece, tuned piece) pairs, one side or both non-empty."""
+    """The same prompt through the base model (adapter off) and the tuned one: the new text as (base piece, tuned
+    piece) pairs, one side or both non-empty."""
     config.validate()
     check_can_compare(chat_model)
     messages = [{"role": "user", "content": prompt}]

@@ -47,7 +47,6 @@ CATALOGUE_ARCHITECTURES = {
     "unsloth/Mistral-Small-3.2-24B-Instruct-2506": ("mistral3", "Mistral3ForConditionalGeneration"),
     "unsloth/SmolLM2-135M-Instruct": ("llama", "LlamaForCausalLM"),
 }
-UNSLOTH_CATALOGUE = tuple(CATALOGUE_ARCHITECTURES)
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
@@ -572,7 +571,7 @@ def _meta_model_counts(model_path: str, lora_r: int, target_modules: list[str]) 
 
 def estimate_memory(config: Any, model_path: str) -> MemoryEstimate:
     """Memory for one training step on the model at `model_path`: weights + trainable state + activations, against
-    the free device memory.
+    the free device memory. It is an SFT step's: a stage whose record has memory_estimate is fitted by it.
 
     config: the run's TrainConfig (not imported here: training_utils imports this module).
     """

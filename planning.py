@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import stages
 from dataset_report import DatasetReport, report_for_training
 from model_utils import Device, count_parameters, detect_device, estimate_memory, resolve_model_path
 from runfolder import read_config, read_events, read_status
@@ -379,7 +380,8 @@ def estimate_time(
     if report is None:
         raise UserError(NO_DATASET[0].upper() + NO_DATASET[1:] + ".")
     device = device or detect_device()
-    if device.cuda and config.fit_micro_batch and config.stage == "sft":  # the job's own choice, made the same way
+    # The job's own choice, made the same way: the micro-batch of a stage the memory estimate describes.
+    if device.cuda and config.fit_micro_batch and stages.get(config.stage).memory_estimate:
         config = fit_micro_batch(config, model_path)
     kind = "gpu" if device.cuda else "cpu"
     constants = TIME_MODEL[kind]

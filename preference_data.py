@@ -13,19 +13,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import dataset_utils
+import stages
 from dataset_utils import DatasetConfig
 from workspace import UserError
 
 log = logging.getLogger(__name__)
 
-# The columns each format reads; prompt is optional for pairs whose sides are whole conversations.
-PREFERENCE_FIELDS: dict[str, tuple[str, ...]] = {
-    "pairs": ("prompt", "chosen", "rejected"),
-    "unpaired": ("prompt", "completion", "label"),
+# The formats a stage may train on (its record's data_formats), with the columns each reads: prompt is optional for
+# pairs whose sides are whole conversations; prompts come from any SFT format's rows.
+NEEDED_COLUMNS = {
+    "pairs": "prompt / chosen / rejected",
+    "unpaired": "prompt / completion / label",
+    "prompts": "prompt (or any SFT format's)",
 }
-# Which formats each stage reads; KTO splits a pair into a desirable and an undesirable row.
-STAGE_FORMATS = {"dpo": ("pairs",), "orpo": ("pairs",), "kto": ("unpaired", "pairs"), "grpo": ("prompts",)}
-NEEDED_COLUMNS = {"pairs": "prompt / chosen / rejected", "unpaired": "prompt / completion / label"}
 # Column names a reference answer for GRPO is looked for under when none is named.
 REFERENCE_COLUMNS = ("answer", "reference", "solution")
 
@@ -160,32 +160,37 @@ def _prompt_fields(columns: list[str], config: DatasetConfig) -> tuple[str, dict
 
 
 def convert_rows(rows: list[dict], columns: list[str], stage: str, config: DatasetConfig, reference_column: str = ""):
-    """(format, converted rows) of `rows` for `stage`; a broken row is a UserError naming it."""
+    """(format, converted rows) of `rows` for `stage`; a broken row is a UserError naming it.
+
+    The stage's first data format is the one its trainer takes; pairs for a stage of unpaired rows (KTO) become a
+    desirable and an undesirable row each."""
     column_map = dict(config.column_map)
-    if stage == "grpo":
+    record = stages.get(stage)
+    formats = record.data_formats
+    if formats[0] == "prompts":
         fmt, fields = _prompt_fields(columns, config)
         reference = reference_column or next((name for name in REFERENCE_COLUMNS if name in columns), "")
         if reference and reference not in columns:
             raise UserError(f"Reference column '{reference}' not found; columns are: {', '.join(columns)}.")
         return "prompts", [prompt_row(row, fmt, fields, reference, config.system_prompt) for row in rows]
     fmt = detect_preference_format(columns, column_map)
-    if fmt not in STAGE_FORMATS[stage]:
-        needed = " columns, or ".join(NEEDED_COLUMNS[name] for name in STAGE_FORMATS[stage])
+    if fmt not in formats:
+        needed = " columns, or ".join(NEEDED_COLUMNS[name] for name in formats)
         raise UserError(
-            f"{stage.upper()} needs {needed} columns; this dataset has: {', '.join(columns)}. "
+            f"{record.title} needs {needed} columns; this dataset has: {', '.join(columns)}. "
             "Map them in the Dataset tab (column_map)."
         )
     if fmt == "unpaired":
         converted = [unpaired_row(row, column_map, n, config.system_prompt) for n, row in enumerate(rows, start=1)]
     else:
         converted = [pair_row(row, column_map, n, config.system_prompt) for n, row in enumerate(rows, start=1)]
-    if stage == "kto":
+    if formats[0] == "unpaired":
         converted = unpair(converted) if fmt == "pairs" else converted
         labels = {row["label"] for row in converted}
         if len(labels) < 2:
             kind = "desirable (true)" if True in labels else "undesirable (false)"
             raise UserError(
-                f"Every row is labelled {kind}: KTO learns from both desirable (label true) and undesirable "
+                f"Every row is labelled {kind}: {record.title} learns from both desirable (label true) and undesirable "
                 "(label false) completions; add rows of the other kind."
             )
     return fmt, converted

@@ -1,9 +1,10 @@
 """Preference tuning (DPO, ORPO, KTO) and RL (GRPO) through TRL's own trainers, as stages of a training run.
 
 training_utils.train stays the one recipe (config → model → data → trainer → callbacks → save); for a stage other
-than SFT it asks this module for the starting model (`start_model`, e.g. an SFT run's adapter), the data
-(preference_data) and the trainer (`build_trainer`). The run folder, stop / resume, events and export are the SFT
-run's own. This module imports no ML library at module level (Unsloth must come first) and not training_utils.
+than SFT it asks this module for the starting model (`start_model`, e.g. an SFT run's adapter), and the stage's
+record (stages) names this module's checks and trainers (`dpo_trainer`, …: the data from preference_data, then TRL's
+trainer). The run folder, stop / resume, events and export are the SFT run's own. This module imports no ML library
+at module level (Unsloth must come first) and not training_utils.
 """
 
 from __future__ import annotations
@@ -16,46 +17,26 @@ from typing import Any
 
 import llm_clients
 import rewards
-from runfolder import JobContext, run_path, trained_model
+import stages
+from runfolder import JobContext, run_path
 from workspace import UserError, paths_confined, resolve_user_path
 
 log = logging.getLogger(__name__)
 
-STAGES = ("sft", "dpo", "orpo", "kto", "grpo")
 JUDGE_PROVIDERS = llm_clients.PROVIDERS
 # A score is a few characters; the room is for a model that writes a word or two before it.
 JUDGE_MAX_TOKENS = 64
-# TRL's log keys → the run's event metrics (a flat name the live view and the Runs tab read).
-METRIC_NAMES = {
-    "rewards/margins": "reward_margin",
-    "rewards/accuracies": "reward_accuracy",
-    "rewards/chosen": "reward_chosen",
-    "rewards/rejected": "reward_rejected",
-    "reward": "reward",
-    "reward_std": "reward_std",
-    "kl": "kl",
-    "completions/mean_length": "completion_length",
-    "log_odds_ratio": "log_odds_ratio",
-    "nll_loss": "nll_loss",
-}
 
 
-def stage_metrics(logs: dict[str, Any]) -> dict[str, float]:
-    """The stage's own metrics of one TRL log: margins and accuracy (DPO, ORPO, KTO), ORPO's log-odds ratio and
-    NLL loss, KL (KTO, GRPO), mean reward per reward function and completion length (GRPO)."""
-    metrics = {name: logs[key] for key, name in METRIC_NAMES.items() if isinstance(logs.get(key), (int, float))}
-    for key, value in logs.items():
-        if key.startswith("rewards/") and key.endswith("/mean") and isinstance(value, (int, float)):
-            metrics[f"reward_{key.split('/')[1]}"] = value
-    return metrics
+def check_sft(config) -> None:
+    """SFT's check: start_from_run belongs to the stages that continue an SFT run's adapter."""
+    if config.start_from_run:
+        starting = [stage for stage in stages.all_stages() if "start_from_run" in stage.settings]
+        raise UserError(f"start_from_run is for {stages.titles(starting)} runs; clear it for SFT.")
 
 
-def check_stage(config) -> None:
-    """UserError for a stage setting that cannot work (a TrainConfig whose stage is not sft)."""
-    if config.stage == "sft":
-        if config.start_from_run:
-            raise UserError("start_from_run is for DPO, ORPO, KTO and GRPO runs; clear it for SFT.")
-        return
+def check_trl_stage(config) -> None:
+    """What a stage on TRL's own trainers refuses: packing, several GPUs, a start from a run without a LoRA adapter."""
     if config.packing:
         raise UserError(f"Packing is for SFT only; turn it off for {config.stage.upper()}.")
     if config.num_gpus > 1:
@@ -66,12 +47,28 @@ def check_stage(config) -> None:
         raise UserError("start_from_run continues an SFT run's LoRA adapter; turn off full fine-tuning.")
     if config.start_from_run:
         start_adapter(config, None)
-    if config.stage == "kto" and config.per_device_train_batch_size < 2:
+
+
+def check_preference(config) -> None:
+    """DPO's and ORPO's check: the settings, then a local file's pairs."""
+    check_trl_stage(config)
+    check_data(config)
+
+
+def check_kto(config) -> None:
+    """KTO's check: the settings (a batch of two rows at least), then a local file's rows."""
+    check_trl_stage(config)
+    if config.per_device_train_batch_size < 2:
         raise UserError(
             "KTO estimates its KL term from other rows of the same batch: set per_device_train_batch_size to 2 or more."
         )
-    if config.stage == "grpo":
-        check_grpo(config)
+    check_data(config)
+
+
+def check_grpo(config) -> None:
+    """GRPO's check: the settings, its rewards and generation, then a local file's prompts."""
+    check_trl_stage(config)
+    check_rewards(config)
     check_data(config)
 
 
@@ -85,7 +82,8 @@ def check_data(config) -> None:
         preference_data.check_rows(config.dataset, config.stage, config.reference_column)
 
 
-def check_grpo(config) -> None:
+def check_rewards(config) -> None:
+    """UserError for GRPO rewards or generation settings that cannot work (before a job exists)."""
     unknown = [name for name in config.reward_funcs if name not in rewards.BUILTIN_REWARDS]
     if unknown:
         raise UserError(f"Unknown reward '{unknown[0]}'; choose from: {', '.join(rewards.BUILTIN_REWARDS)}.")
@@ -167,7 +165,7 @@ def judge_settings(config) -> rewards.JudgeSettings:
 
 
 def uses_judge(config) -> bool:
-    return config.stage == "grpo" and "judge" in config.reward_funcs
+    return stages.get(config.stage).reward_functions and "judge" in config.reward_funcs
 
 
 def job_env(config, api_key: str | None = None) -> dict[str, str]:
@@ -208,7 +206,7 @@ def reward_functions(config) -> list:
 
 def start_adapter(config, workspace: Path | None) -> Path:
     """The adapter/ folder of the SFT run named in start_from_run (checked: a finished LoRA training run)."""
-    trained = trained_model(run_path(config.start_from_run, workspace))
+    trained = stages.causal_lm(run_path(config.start_from_run, workspace))
     if trained.kind != "adapter":
         raise UserError(
             f"Run '{trained.run_dir.name}' is a full fine-tune; start from its merged model as the base model instead."
@@ -314,42 +312,56 @@ def trainer_arguments(config, run_dir: Path, backend: str, has_eval: bool) -> di
     )
 
 
-def build_trainer(config, model, tokenizer, data, ctx: JobContext, backend: str):
-    """TRL's trainer of `config.stage` over `data` (training_utils adds its events callback)."""
+def _trl_setup(config, tokenizer, ctx: JobContext, backend: str):
+    """(the arguments every TRL stage's config shares, the trainer's datasets): the run's data prepared for its stage."""
+    data = prepare_data(config, tokenizer, ctx.workspace)
     common = {**trainer_arguments(config, ctx.run_dir, backend, data.eval is not None), "beta": config.beta}
-    datasets = {"train_dataset": data.train, "eval_dataset": data.eval}
-    if config.stage == "dpo":
-        from trl import DPOConfig, DPOTrainer
+    return common, {"train_dataset": data.train, "eval_dataset": data.eval}
 
-        args = DPOConfig(**common, max_length=config.max_seq_length)
-        trainer = DPOTrainer(model=model, args=args, processing_class=tokenizer, **datasets)
-    elif config.stage == "orpo":
-        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-        args = ORPOConfig(**common, max_length=config.max_seq_length)
-        trainer = ORPOTrainer(model=model, args=args, processing_class=tokenizer, **datasets)
-    elif config.stage == "kto":
-        from trl import KTOConfig, KTOTrainer
+def dpo_trainer(config, model, tokenizer, ctx: JobContext, backend: str):
+    """DPO's trainer over the run's pairs (training_utils adds its events callback)."""
+    from trl import DPOConfig, DPOTrainer
 
-        # A LoRA model is its own reference (the adapter switched off); a full fine-tune gets a frozen copy.
-        args = KTOConfig(**common, max_length=config.max_seq_length)
-        trainer = KTOTrainer(model=model, args=args, processing_class=tokenizer, **datasets)
-    elif config.stage == "grpo":
-        from trl import GRPOConfig, GRPOTrainer
+    common, datasets = _trl_setup(config, tokenizer, ctx, backend)
+    args = DPOConfig(**common, max_length=config.max_seq_length)
+    return DPOTrainer(model=model, args=args, processing_class=tokenizer, **datasets)
 
-        args = GRPOConfig(
-            **common,
-            num_generations=config.num_generations,
-            max_completion_length=config.max_completion_length,
-            temperature=config.temperature,
-            reward_weights=list(config.reward_weights) or None,
-        )
-        trainer = GRPOTrainer(
-            model=model, reward_funcs=reward_functions(config), args=args, processing_class=tokenizer, **datasets
-        )
-    else:
-        raise UserError(f"Unknown stage '{config.stage}'; one of: {', '.join(STAGES)}.")
-    return trainer
+
+def orpo_trainer(config, model, tokenizer, ctx: JobContext, backend: str):
+    """ORPO's trainer over the run's pairs."""
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    common, datasets = _trl_setup(config, tokenizer, ctx, backend)
+    args = ORPOConfig(**common, max_length=config.max_seq_length)
+    return ORPOTrainer(model=model, args=args, processing_class=tokenizer, **datasets)
+
+
+def kto_trainer(config, model, tokenizer, ctx: JobContext, backend: str):
+    """KTO's trainer over the run's unpaired rows (pairs split in two)."""
+    from trl import KTOConfig, KTOTrainer
+
+    common, datasets = _trl_setup(config, tokenizer, ctx, backend)
+    # A LoRA model is its own reference (the adapter switched off); a full fine-tune gets a frozen copy.
+    args = KTOConfig(**common, max_length=config.max_seq_length)
+    return KTOTrainer(model=model, args=args, processing_class=tokenizer, **datasets)
+
+
+def grpo_trainer(config, model, tokenizer, ctx: JobContext, backend: str):
+    """GRPO's trainer over the run's prompts, scored by its reward functions."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    common, datasets = _trl_setup(config, tokenizer, ctx, backend)
+    args = GRPOConfig(
+        **common,
+        num_generations=config.num_generations,
+        max_completion_length=config.max_completion_length,
+        temperature=config.temperature,
+        reward_weights=list(config.reward_weights) or None,
+    )
+    return GRPOTrainer(
+        model=model, reward_funcs=reward_functions(config), args=args, processing_class=tokenizer, **datasets
+    )
 
 
 class GenerationClock:

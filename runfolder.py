@@ -115,6 +115,14 @@ def stage_settings(run_dir: Path) -> dict[str, Any]:
     return config
 
 
+def run_stage(run_dir: Path) -> str:
+    """The training stage of a training run (config.yaml's `stage`, sft when unset)."""
+    try:
+        return str(stage_settings(run_dir).get("stage") or "sft")
+    except UserError:  # an unreadable config.yaml: the run is listed, its own view says what is wrong
+        return "sft"
+
+
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -605,6 +613,7 @@ class TrainedModel:
     base_model: str | None  # the base model's name or folder (adapters only)
     trust_remote_code: bool
     train_config: dict[str, Any]  # the settings it was trained with (saved beside it, else the run's config.yaml)
+    stage: str = "sft"  # the training stage that made it: its record (stages) says what the model is
 
 
 def _check_safetensors(folder: Path, run_name: str) -> None:
@@ -639,7 +648,8 @@ def trained_model(run_dir: Path) -> TrainedModel:
                 base = model.get("name_or_path") or (read_json(folder / "adapter_config.json", {}) or {}).get(
                     "base_model_name_or_path"
                 )
-            return TrainedModel(run_dir, folder, name, base, bool(model.get("trust_remote_code")), settings)
+            stage = str(settings.get("stage") or "sft")
+            return TrainedModel(run_dir, folder, name, base, bool(model.get("trust_remote_code")), settings, stage)
     state = read_status(run_dir).state
     raise UserError(
         f"Run '{run_dir.name}' has no trained model yet (no adapter/ or merged/ folder; the run is {state}). "

@@ -1,5 +1,6 @@
-"""Training: TrainConfig → model (Unsloth on CUDA, transformers + PEFT otherwise) → prepared data → TRL SFTTrainer,
-with a callback that writes the run's events and honours stop requests. Reads top to bottom in `train`."""
+"""Training: TrainConfig → model (Unsloth on CUDA, transformers + PEFT otherwise) → the stage's trainer over its
+prepared data (TRL's SFTTrainer for SFT: `sft_trainer`; the others' in preference_utils, named by their records in
+`stages`) → a callback that writes the run's events and honours stop requests → save. Reads top to bottom in `train`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import preference_utils
+import stages
 from dataset_utils import DEFAULT_MAX_SEQ_LENGTH, DEFAULT_SEED, DatasetConfig
 from model_utils import Device, ModelConfig, detect_device
 from runfolder import JobContext, last_checkpoint, read_status
@@ -244,13 +246,11 @@ class TrainConfig:
         label="GPUs",
         advanced=True,
     )
-    # preference tuning and RL (preference_utils): every field below is read only when stage is not sft
+    # The training stage (stages): every field below is read only by the stages that name it in their settings.
     stage: str = option(
         "sft",
-        help="sft: supervised fine-tuning; dpo / orpo: preference tuning on chosen vs rejected replies (ORPO needs "
-        "no reference model); kto: on completions labelled desirable or not (or pairs); grpo: reinforcement "
-        "learning from reward functions on prompts.",
-        choices=preference_utils.STAGES,
+        help=stages.help_text(),
+        choices=stages.names,  # read on use: a stage registered later is a choice too
         label="Stage",
     )
     start_from_run: str = option(
@@ -368,14 +368,14 @@ class TrainConfig:
         check_early_stopping(self)
         if self.num_gpus:
             check_num_gpus(self.num_gpus)
-        preference_utils.check_stage(self)
+        stages.get(self.stage).check(self)
 
 
 def check_early_stopping(config: TrainConfig) -> None:
     """Early stopping watches the eval loss, and the best evaluation must land on a checkpoint to be kept."""
     if not config.early_stopping:
         return
-    if config.stage != "sft":
+    if not stages.get(config.stage).eval_loss:
         raise UserError(f"Early stopping is for SFT runs; the {config.stage} stage has no eval loss to watch here.")
     if not config.eval_split:
         raise UserError(
@@ -541,8 +541,9 @@ def train(config: TrainConfig, ctx: JobContext) -> str:
     state = _distributed_state()
     ctx.note(backend=backend, processes=state.num_processes, device="GPU" if _cuda() else "CPU")
 
+    stage = stages.get(config.stage)
     # The memory estimate is SFT's: DPO holds two sequences per row and GRPO generates, so they keep theirs.
-    if config.fit_micro_batch and _cuda() and config.stage == "sft":
+    if config.fit_micro_batch and _cuda() and stage.memory_estimate:
         earlier = read_status(run_dir) if ctx.resume else None
         if earlier and earlier.micro_batch:  # a resumed run keeps its micro-batch: the Trainer skips batches by count
             config = dataclasses.replace(
@@ -561,23 +562,12 @@ def train(config: TrainConfig, ctx: JobContext) -> str:
     else:
         model, tokenizer = load_for_training(config, model_path, backend)
     ctx.reporter.progress(None, message="model loaded")
-    if config.stage != "sft":  # DPO, ORPO, KTO, GRPO: TRL's own trainer, the same run folder and events
-        prepared = preference_utils.prepare_data(config, tokenizer, workspace)
-        trainer = preference_utils.build_trainer(config, model, tokenizer, prepared, ctx, backend)
-        # ORPO's trainer logs no token count: the collator's count gives its tokens/s (DPO / KTO log TRL's).
-        counter = None
-        if config.stage == "orpo":
-            counter = trainer.data_collator = TokenCounter(trainer.data_collator)
-        clock = preference_utils.GenerationClock().attach(trainer) if config.stage == "grpo" else None
-        trainer.add_callback(events_callback(ctx, counter, clock))
-    else:
-        with state.main_process_first():  # rank 0 prepares and caches the dataset, the other ranks read the cache
-            prepared = prepare_training_data(config, tokenizer, workspace)
-        if state.is_main_process:
-            log_dataset_report(config, prepared)
-        check_untrained_tokens(config, model, tokenizer, prepared.train)
-        ctx.reporter.progress(None, message="data prepared")
-        trainer = build_trainer(config, model, tokenizer, prepared, ctx, backend)
+    trainer = stage.trainer(config, model, tokenizer, ctx, backend)  # over the stage's own prepared data
+    counter = None
+    if stage.counts_tokens:  # its trainer logs no token count (Unsloth's SFT, ORPO): the collator's gives its tokens/s
+        counter = trainer.data_collator = TokenCounter(trainer.data_collator)
+    clock = preference_utils.GenerationClock().attach(trainer) if stage.generates else None
+    trainer.add_callback(events_callback(ctx, counter, clock))
     checkpoint = last_checkpoint(run_dir) if ctx.resume else None
     if ctx.resume and checkpoint is None:
         raise UserError("This run has no checkpoint to resume from; start a new run instead.")
@@ -831,7 +821,23 @@ def log_dataset_report(config: TrainConfig, prepared) -> None:
         log.info(line)
 
 
+def sft_trainer(config: TrainConfig, model, tokenizer, ctx: JobContext, backend: str):
+    """SFT's trainer (its stage record names it): the dataset prepared by rank 0 first (the other ranks read its
+    cache), its quality report in the log, rows with untrained tokens refused, then TRL's SFTTrainer."""
+    from accelerate import PartialState
+
+    state = PartialState()  # train() set it up before the model loaded
+    with state.main_process_first():
+        prepared = prepare_training_data(config, tokenizer, ctx.workspace)
+    if state.is_main_process:
+        log_dataset_report(config, prepared)
+    check_untrained_tokens(config, model, tokenizer, prepared.train)
+    ctx.reporter.progress(None, message="data prepared")
+    return build_trainer(config, model, tokenizer, prepared, ctx, backend)
+
+
 def build_trainer(config: TrainConfig, model, tokenizer, prepared, ctx: JobContext, backend: str):
+    """TRL's SFTTrainer over prepared rows (train() adds the token count and the events callback)."""
     from trl import SFTConfig, SFTTrainer
 
     has_eval = prepared.eval is not None
@@ -853,9 +859,6 @@ def build_trainer(config: TrainConfig, model, tokenizer, prepared, ctx: JobConte
         train_dataset=prepared.train.select_columns(columns),
         eval_dataset=prepared.eval.select_columns(columns) if has_eval else None,
     )
-    counter = TokenCounter(trainer.data_collator)
-    trainer.data_collator = counter
-    trainer.add_callback(events_callback(ctx, counter))
     if config.early_stopping and has_eval:
         from transformers import EarlyStoppingCallback
 
@@ -1001,7 +1004,7 @@ def events_callback(ctx: JobContext, counter: TokenCounter | None = None, clock=
             for key in ("loss", "eval_loss", "learning_rate", "grad_norm"):
                 if key in logs:
                     metrics[key] = logs[key]
-            metrics.update(preference_utils.stage_metrics(logs))  # DPO margins, GRPO rewards, KL, …
+            metrics.update(stages.log_metrics(logs))  # DPO margins, GRPO rewards, KL, …
             interval = time.monotonic() - self.last_time
             metrics.update(self.rate(logs, state.global_step))
             if clock is not None and "loss" in logs:  # GRPO: the share of the interval spent generating

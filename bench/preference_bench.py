@@ -135,8 +135,8 @@ def probe_generation(model: Path, workspace: Path, completion_tokens: int, repea
     import torch
 
     import jobs
-    import preference_utils
     import runfolder
+    import stages
     import training_utils
     from workspace import config_to_dict
 
@@ -145,8 +145,7 @@ def probe_generation(model: Path, workspace: Path, completion_tokens: int, repea
     run_dir = jobs.create_run("train", config_to_dict(config), workspace, f"probe-{int(time.time())}")
     ctx = runfolder.JobContext.for_run(run_dir)
     loaded, tokenizer = training_utils.load_for_training(config, str(model), backend)
-    prepared = preference_utils.prepare_data(config, tokenizer, workspace)
-    trainer = preference_utils.build_trainer(config, loaded, tokenizer, prepared, ctx, backend)
+    trainer = stages.get("grpo").trainer(config, loaded, tokenizer, ctx, backend)
     prompts = [
         tokenizer(row["prompt"] if isinstance(row["prompt"], str) else "")["input_ids"] for row in prompt_rows(32)
     ]

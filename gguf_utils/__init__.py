@@ -22,6 +22,7 @@ from typing import Any
 import model_utils
 import runfolder
 import settings
+import stages
 from gguf_utils.check import CHECK_PROMPTS, MIN_CHECK_PROMPTS, REFERENCE_CACHE, Reference, check_gguf, hf_side
 from gguf_utils.convert import (
     CONVERTER,
@@ -171,7 +172,7 @@ def export_source(run: str | Path, workspace: str | Path | None = None) -> Train
     """The trained model of a finished training run, an adapter's base model resolved to its folder; UserError when
     the run has none."""
     run_dir = runfolder.run_path(run, workspace)
-    model = runfolder.trained_model(run_dir)
+    model = stages.causal_lm(run_dir)
     if model.kind != "adapter":
         return model
     if not model.base_model:

@@ -199,7 +199,8 @@ def check_gguf(path: Path, reference: Reference, lora_path: Path | None = None) 
         matches += agree
     reply = llm.create_completion(reference.prompt_ids[0], max_tokens=len(reference.continuation[0]), temperature=0.0)
     total = sum(len(cont) for cont in reference.continuation)
-    # llama.cpp's tokenizer type and pre-tokenizer: gpt2/smollm for the demo model (DESIGN.md §4).
+    # llama.cpp's tokenizer type and pre-tokenizer (gpt2/smollm for the demo model), in the report: a converter that
+    # picked the wrong pre-tokenizer splits text unlike the HF tokenizer, which is what a low tokenizer_match means.
     vocab = f"{llm.metadata.get('tokenizer.ggml.model')}/{llm.metadata.get('tokenizer.ggml.pre')}"
     llm.close()
     return {

@@ -12,6 +12,7 @@ LAYERS = {
     "settings": 0,
     "runfolder": 1,
     "llm_clients": 1,  # the LLM provider clients: synthetic data and both judges
+    "stages": 2,  # the training stages' records: read by training, planning, the comparison, chat, export and the UI
     "dataset_utils": 2,
     "dataset_files": 2,  # reading a dataset's rows (dataset_utils prepares them)
     "dataset_formats": 2,  # formats, column maps, rows as chat messages

@@ -131,7 +131,7 @@ def test_eval_and_download_take_a_yaml_file_too(submitted, tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["train", "--stage", "ppo"], "argument --stage: invalid choice: 'ppo'"),
+        (["train", "--stage", "ppo"], r"stage must be one of: sft, dpo, orpo, kto, grpo \(got 'ppo'\)"),
         (["train", "--lora_r", "0"], r"lora_r must be at least 1 \(got 0\); try 16 \(the default\)"),
         (["train", "--dataset.max_rows", "-1"], r"dataset\.max_rows must be at least 0 \(got -1\)"),
         (["train", "--learning_rate", "nan"], r"learning_rate must be a finite number \(got nan\)"),

@@ -67,7 +67,7 @@ def test_chat_with_empty_prompt_is_refused(tuned):
     with pytest.raises(UserError, match="prompt is empty"):
         list(inference_utils.stream_chat(tuned, [{"role": "user", "content": "  \n"}], GREEDY))
     with pytest.raises(UserError, match="prompt is empty"):
-        list(inference_utils.stream_compare(tuned, "", GREEDY))
+        list(inference_utils.compare_deltas(tuned, "", GREEDY))
 
 
 def test_chat_with_max_new_tokens_0_is_refused(tuned):
@@ -148,17 +148,17 @@ def test_streaming_yields_growing_prefixes(tuned, greedy_replies):
 def test_compare_gives_both_sides_from_one_model(tuned, greedy_replies):
     from peft import PeftModel
 
-    pairs = list(inference_utils.stream_compare(tuned, PROMPT, GREEDY))
+    pairs = list(inference_utils.compare_deltas(tuned, PROMPT, GREEDY))  # as the chat worker streams them
     assert len(pairs) > 1
     assert isinstance(tuned.model, PeftModel) and tuned.has_adapter  # one set of base weights, adapter toggled
-    assert pairs[-1] == greedy_replies
+    assert ("".join(base for base, _ in pairs), "".join(tuned for _, tuned in pairs)) == greedy_replies
 
 
 def test_compare_needs_a_run(demo_model, session_workspace):
     base = inference_utils.load_chat_model("demo", workspace=session_workspace)
     assert base.kind == "base" and final_reply(base)
     with pytest.raises(UserError, match="needs a training run"):
-        list(inference_utils.stream_compare(base, PROMPT, GREEDY))
+        list(inference_utils.compare_deltas(base, PROMPT, GREEDY))
 
 
 @pytest.mark.slow
@@ -337,7 +337,7 @@ def test_chat_with_the_exported_gguf_gives_the_tuned_reply(exported_gguf):
     assert len(chunks) > 1 and all(after.startswith(before) for before, after in itertools.pairwise(chunks))
     assert "Paris" in chunks[-1] and "Zebra" in chunks[-1]
     with pytest.raises(UserError, match="no base side"):
-        list(inference_utils.stream_compare(chat_model, PROMPT, GREEDY))
+        list(inference_utils.compare_deltas(chat_model, PROMPT, GREEDY))
     with pytest.raises(UserError, match="exported GGUF"):
         list(inference_utils.stream_chat(chat_model, [{"role": "user", "content": PROMPT}], GREEDY, False))
 

@@ -11,6 +11,7 @@ import gradio as gr
 
 import gguf_utils
 import runfolder
+import stages
 import submit
 from gguf_utils import ExportConfig, ollama
 from ui import forms
@@ -134,6 +135,8 @@ def wire(tab: ExportTab, tab_container: gr.Tab, workspace: Path) -> None:
 
     def run_choices(current: str | None) -> gr.Dropdown:
         names = run_names(workspace, ("train",), states=("done",))
+        # Runs whose stage made a causal LM, the model a GGUF file holds (its record says).
+        names = [name for name in names if stages.generates_text(runfolder.runs_dir(workspace) / name)]
         return gr.Dropdown(choices=names, value=current if current in names else (names[0] if names else None))
 
     @guarded

@@ -14,6 +14,7 @@ import chat_worker
 import inference_utils
 import jobs
 import runfolder
+import stages
 import submit
 from inference_utils import EvalConfig, GenerationConfig
 from ui import forms
@@ -159,6 +160,8 @@ def wire(tab: TestTab, tab_container: gr.Tab, workspace: Path) -> None:
 
     def run_choices(current: str | None) -> gr.Dropdown:
         names = run_names(workspace, ("train",), states=("done",))
+        # Runs whose stage made a model that writes text (every stage's so far; its record says).
+        names = [name for name in names if stages.generates_text(runfolder.runs_dir(workspace) / name)]
         # First visit: the newest finished run; afterwards the person's choice, "base model only" included.
         chosen = current if current == "" or current in names else (names[0] if names else "")
         return gr.Dropdown(choices=[BASE_ONLY, *names], value=chosen)

@@ -18,8 +18,8 @@ import jobs
 import model_utils
 import planning
 import runfolder
+import stages
 import submit
-from compare_utils import NOT_PER_REWARD, STAGE_METRICS  # the stage metrics' names, as the Runs tab shows them
 from rewards import BUILTIN_REWARDS
 from training_utils import ALL_LINEAR, ALL_LINEAR_LAYERS, FUSED_LINEAR
 from ui import forms
@@ -305,7 +305,8 @@ def live_view(run: str | None, workspace: Path) -> list[Any]:
 
 def _stage_settings(form: forms.Form) -> gr.Textbox:
     """The stage (SFT, DPO, ORPO, KTO, GRPO) and its own options: GRPO's rewards, their weights, the LLM judge and a
-    reward file (its code runs only with the box ticked, never in a shared app)."""
+    reward file (its code runs only with the box ticked, never in a shared app); then any other stage's own settings
+    (its record's `settings`), one widget each."""
     with gr.Accordion("Stage: SFT, DPO / ORPO / KTO preference tuning, GRPO reinforcement learning", open=False):
         with gr.Row():
             forms.setting(form, "stage", elem_id="train-stage")
@@ -344,6 +345,11 @@ def _stage_settings(form: forms.Form) -> gr.Textbox:
             forms.setting(form, "reward_file_functions", allow_custom_value=True, elem_id="train-reward-functions")
             forms.setting(form, "allow_reward_file", elem_id="train-allow-reward-file")
         gr.Markdown(REWARD_FILE_WARNING, elem_id="train-reward-file-warning")
+        others = [name for name in stages.own_settings() if name not in form.widgets]
+        if others:
+            with gr.Row():
+                for name in others:
+                    forms.setting(form, name)
     return judge_api_key
 
 
@@ -355,14 +361,11 @@ REWARD_FILE_WARNING = (
 
 
 def stage_parts(latest: dict[str, Any]) -> list[str]:
-    """DPO / ORPO / KTO: reward margin and accuracy (ORPO: its log-odds ratio; KTO: KL); GRPO: mean reward, each
-    reward function's mean, KL, completion length."""
-    parts = [f"{label} {latest[key]:.3g}" for key, label in STAGE_METRICS.items() if key in latest]
-    per_function = sorted(
-        key for key in latest if key.startswith("reward_") and key not in STAGE_METRICS and key not in NOT_PER_REWARD
-    )
-    parts += [f"{key.removeprefix('reward_')} reward {latest[key]:.3g}" for key in per_function]
-    return parts
+    """The stage's own metrics, named and ordered by the stages' records: DPO / ORPO / KTO: reward margin and
+    accuracy (ORPO: its log-odds ratio; KTO: KL); GRPO: mean reward, KL, completion length, each reward function's
+    mean."""
+    shown = sorted((key for key in latest if stages.is_metric(key)), key=stages.metric_order)
+    return [f"{stages.metric_label(key)} {latest[key]:.3g}" for key in shown]
 
 
 def model_download(run_dir: Path) -> runfolder.Progress | None:
