@@ -56,7 +56,7 @@ STAGES = {
         Stage(
             "train",
             "training_utils:train_job",
-            "training_utils:train_config_from_dict",
+            "train_config:train_config_from_dict",
             True,
             "training_utils:launch_plan",
         ),

@@ -76,7 +76,7 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     import dataset_utils
     import model_utils
     import settings
-    import training_utils
+    from train_config import TrainConfig
     from workspace import config_from_dict
 
     values = settings.arguments_to_dict(args, dataset_utils.DatasetConfig, DATASET_FLAGS)
@@ -86,7 +86,7 @@ def cmd_dataset(args: argparse.Namespace) -> int:
         "dataset",
     )
     config.validate()
-    prepare = settings.arguments_to_dict(args, training_utils.TrainConfig, PREPARE_FLAGS)
+    prepare = settings.arguments_to_dict(args, TrainConfig, PREPARE_FLAGS)
     tokenizer = model_utils.load_tokenizer(model_utils.resolve_model_path(args.model, args.workspace))
     if args.report or args.clean:
         return _dataset_report(config, tokenizer, prepare, args)
@@ -132,10 +132,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         run_dir = submit.resume(args.resume, args.workspace)
     elif args.config:
-        import training_utils
+        from train_config import train_config_from_dict
         from workspace import load_yaml
 
-        config = training_utils.train_config_from_dict(load_yaml(args.config))
+        config = train_config_from_dict(load_yaml(args.config))
         config.validate()
         submit.check_model(config.model.name_or_path, args.workspace)  # before the estimates read its config
         _print_memory_estimate(config, args.workspace)
@@ -418,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     import settings
     from dataset_utils import DatasetConfig
     from inference_utils import EvalConfig, GenerationConfig
-    from training_utils import TrainConfig
+    from train_config import TrainConfig
 
     # The installed package's console script is the same CLI under its own name.
     prog = "llm-finetuner" if os.path.basename(sys.argv[0]) == "llm-finetuner" else "python main.py"

@@ -19,10 +19,10 @@ def submit_train(
     """Start a training run from a TrainConfig (or its settings as a dict); a GRPO judge's API key travels in the
     job's environment only, never into its folder."""
     import preference_utils
-    import training_utils
+    from train_config import train_config_from_dict
 
     if isinstance(config, dict):
-        config = training_utils.train_config_from_dict(config)
+        config = train_config_from_dict(config)
     config.validate()
     check_model(config.model.name_or_path, workspace)
     env = preference_utils.job_env(config, api_key)
@@ -133,13 +133,13 @@ def resume(run: str | Path, workspace: str | Path | None = None, api_key: str | 
         env = arena_utils.job_env(arena_utils.arena_config_from_dict(runfolder.stage_settings(run_dir)), api_key)
     elif runfolder.read_kind(run_dir) == "train":
         import preference_utils
-        import training_utils
+        from train_config import train_config_from_dict
 
         settings = runfolder.stage_settings(run_dir)
         if settings.get("stage") == "grpo" and "judge" in (settings.get("reward_funcs") or []):
             # A GRPO judge's key, as at the start; other training runs need no environment (and old ones keep
             # resuming even when their settings predate an option).
-            env = preference_utils.job_env(training_utils.train_config_from_dict(settings), api_key)
+            env = preference_utils.job_env(train_config_from_dict(settings), api_key)
     jobs.resume_job(run_dir, env=env)
     return run_dir
 

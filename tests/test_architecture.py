@@ -15,6 +15,8 @@ LAYERS = {
     "dataset_utils": 2,
     "model_utils": 2,
     "training_utils": 2,
+    "train_config": 2,  # TrainConfig and its checks: read by the UI, the CLI, planning, chat and evaluation
+    "distributed": 2,  # the GPUs a training run sees, torchrun's processes, the DDP fallback
     "inference_utils": 2,
     "synthetic_utils": 2,
     "gguf_utils": 2,
