@@ -170,7 +170,7 @@ def prompts_from_run(run: str, workspace: str | Path | None = None) -> list[Prom
     import dataset_utils
     import inference_utils
     import model_utils
-    import training_utils
+    from train_config import prepare_training_data
 
     trained, train_config = inference_utils.trained_run(run, workspace)
     if not train_config.eval_split:
@@ -181,7 +181,7 @@ def prompts_from_run(run: str, workspace: str | Path | None = None) -> list[Prom
     run_workspace = runfolder.run_workspace(trained.run_dir)
     model_path = model_utils.resolve_model_path(train_config.model.name_or_path, run_workspace)
     tokenizer = model_utils.load_tokenizer(model_path, train_config.model.trust_remote_code)
-    prepared = training_utils.prepare_training_data(train_config, tokenizer, run_workspace)
+    prepared = prepare_training_data(train_config, tokenizer, run_workspace)
     # The prepared split holds token ids only: find each held-out row's source conversation by its rendered text.
     raw = dataset_utils.load_rows(train_config.dataset, run_workspace)
     fmt = prepared.format

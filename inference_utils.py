@@ -102,10 +102,10 @@ class ChatModel:
 
 def trained_run(run: str | Path, workspace: str | Path | None = None):
     """(the run's TrainedModel, the TrainConfig it was trained with); UserError for a run without a trained model."""
-    import training_utils
+    from train_config import train_config_from_dict
 
     trained = stages.causal_lm(runfolder.run_path(run, workspace))
-    return trained, training_utils.train_config_from_dict(trained.train_config)
+    return trained, train_config_from_dict(trained.train_config)
 
 
 # ---------------------------------------------------------------- loading
@@ -774,7 +774,7 @@ def evaluate(
     is asked to stop before the end (nothing is written then).
     """
     import model_utils
-    import training_utils
+    from train_config import prepare_training_data
 
     reporter = reporter or runfolder.Reporter(None)
     stop = stop or runfolder.StopFlag()
@@ -785,7 +785,7 @@ def evaluate(
     model_path = model_utils.resolve_model_path(train_config.model.name_or_path, run_workspace)
     # The tokenizer training used, so the prepared data comes from the same cache (same rows either way).
     tokenizer = model_utils.load_tokenizer(model_path, train_config.model.trust_remote_code)
-    prepared = training_utils.prepare_training_data(train_config, tokenizer, run_workspace)  # the same split
+    prepared = prepare_training_data(train_config, tokenizer, run_workspace)  # the same split
     rows = prepared.eval
     if config.max_rows:
         rows = rows.select(range(min(config.max_rows, len(rows))))

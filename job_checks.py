@@ -47,10 +47,11 @@ def train_env(settings: dict[str, Any], api_key: str | None = None) -> dict[str,
     """A GRPO judge's API key; other training runs need no environment (and old ones keep resuming even when their
     settings predate an option, so their config is not rebuilt)."""
     import preference_utils
-    import training_utils
+    import stages
+    from train_config import train_config_from_dict
 
-    if settings.get("stage") == "grpo" and "judge" in (settings.get("reward_funcs") or []):
-        return preference_utils.job_env(training_utils.train_config_from_dict(settings), api_key)
+    if stages.get(settings.get("stage", "sft")).reward_functions and "judge" in (settings.get("reward_funcs") or []):
+        return preference_utils.job_env(train_config_from_dict(settings), api_key)
     return {}
 
 

@@ -65,7 +65,7 @@ KINDS = {
     for kind in (
         JobKind(
             "train",
-            "training_utils:train_config_from_dict",
+            "train_config:train_config_from_dict",
             "job_checks:check_train",
             "training_utils:train_job",
             True,

@@ -100,7 +100,7 @@ def _check_no_settings(args: argparse.Namespace) -> None:
 def cmd_dataset(args: argparse.Namespace) -> int:
     import dataset_utils
     import model_utils
-    import training_utils
+    from train_config import TrainConfig
     from workspace import config_from_dict
 
     given = settings.given_settings(args)
@@ -111,7 +111,7 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     )
     config.validate()
     # Each flag was checked against its field's bounds when it was read: these go to prepare_dataset, no validate().
-    prepare = {name: given.get(name, settings.default_of(training_utils.TrainConfig, name)) for name in PREPARE_FLAGS}
+    prepare = {name: given.get(name, settings.default_of(TrainConfig, name)) for name in PREPARE_FLAGS}
     tokenizer = model_utils.load_tokenizer(model_utils.resolve_model_path(args.model, args.workspace))
     if args.report or args.clean:
         return _dataset_report(config, tokenizer, prepare, args)
@@ -159,9 +159,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = submit.resume(args.resume, args.workspace)
     elif args.config or settings.given_settings(args):
         import job_checks
-        import training_utils
+        from train_config import train_config_from_dict
 
-        config = config_from_args(args, training_utils.train_config_from_dict)
+        config = config_from_args(args, train_config_from_dict)
         config.validate()
         job_checks.check_model(config.model.name_or_path, args.workspace)  # before the estimates read its config
         _print_memory_estimate(config, args.workspace)
@@ -449,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     from gguf_utils import ExportConfig
     from inference_utils import EvalConfig, GenerationConfig
     from synthetic_utils import SyntheticConfig
-    from training_utils import TrainConfig
+    from train_config import TrainConfig
 
     # The installed package's console script is the same CLI under its own name.
     prog = "llm-finetuner" if os.path.basename(sys.argv[0]) == "llm-finetuner" else "python main.py"

@@ -573,7 +573,7 @@ def estimate_memory(config: Any, model_path: str) -> MemoryEstimate:
     """Memory for one training step on the model at `model_path`: weights + trainable state + activations, against
     the free device memory. It is an SFT step's: a stage whose record has memory_estimate is fitted by it.
 
-    config: the run's TrainConfig (not imported here: training_utils imports this module).
+    config: the run's TrainConfig (not imported here: train_config imports this module).
     """
     import torch
 

@@ -33,7 +33,8 @@ from dataset_report import DatasetReport, report_for_training
 from model_utils import Device, count_parameters, detect_device, estimate_memory, resolve_model_path
 from runfolder import read_config, read_events, read_status
 from settings import keys
-from training_utils import MAX_SEQ_LENGTH_LIMIT, TrainConfig, fit_micro_batch
+from train_config import MAX_SEQ_LENGTH_LIMIT, TrainConfig
+from training_utils import fit_micro_batch
 from workspace import UserError, workspace_root
 
 # The wall-time model's constants per device kind, each fitted by `bench/estimate_bench.py --fit` (its JSON line

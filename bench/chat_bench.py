@@ -66,6 +66,7 @@ def make_run(workspace: Path, shape: str, steps: int, new_tokens: int) -> tuple[
     from bench import gpu_models
     from dataset_utils import DatasetConfig
     from model_utils import ModelConfig
+    from train_config import TrainConfig
     from workspace import config_to_dict
 
     if shape == "demo":
@@ -76,7 +77,7 @@ def make_run(workspace: Path, shape: str, steps: int, new_tokens: int) -> tuple[
         model = str(gpu_models.build_model(shape, workspace / f"llama-3.2-{shape}-random", tokenizer))
         rows = gpu_models.alpaca_rows(16, 100, 200, seed=1)
     data = gpu_models.write_jsonl(workspace / f"bench-chat-{shape}.jsonl", rows)
-    config = training_utils.TrainConfig(
+    config = TrainConfig(
         model=ModelConfig(model),
         dataset=DatasetConfig(source=str(data)),
         max_steps=steps,

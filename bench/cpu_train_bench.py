@@ -124,12 +124,12 @@ def measure_bare(model_path: Path, data: Path, steps: int, work: Path) -> dict:
 def measure_app(model_path: Path, data: Path, steps: int, work: Path) -> dict:
     import jobs
     import runfolder
-    import training_utils
     from dataset_utils import DatasetConfig
     from model_utils import ModelConfig
+    from train_config import TrainConfig
     from workspace import config_to_dict
 
-    config = training_utils.TrainConfig(
+    config = TrainConfig(
         model=ModelConfig(str(model_path)),
         dataset=DatasetConfig(source=str(data)),
         max_steps=steps,

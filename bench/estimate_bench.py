@@ -37,7 +37,7 @@ import runfolder  # noqa: E402
 import submit  # noqa: E402
 from dataset_utils import DatasetConfig  # noqa: E402
 from model_utils import ModelConfig  # noqa: E402
-from training_utils import TrainConfig  # noqa: E402
+from train_config import TrainConfig  # noqa: E402
 
 # Chosen so that `--cases gpu` takes about 6 minutes on an H200 (each run pays ~30-60 s of imports and loading) and
 # `--cases cpu` about 3 minutes on a 2-core machine; two step counts of one shape separate the per-step cost from the

@@ -50,6 +50,7 @@ def train_demo_run(workspace: Path, steps: int) -> str:
     import training_utils
     from dataset_utils import DatasetConfig
     from model_utils import ModelConfig
+    from train_config import TrainConfig
 
     countries = [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"), ("Peru", "Lima")]
     rows = [
@@ -63,7 +64,7 @@ def train_demo_run(workspace: Path, steps: int) -> str:
     ]
     data = workspace / "bench-capitals.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    config = training_utils.TrainConfig(
+    config = TrainConfig(
         model=ModelConfig("demo"),
         dataset=DatasetConfig(source=str(data)),
         max_steps=steps,

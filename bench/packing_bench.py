@@ -87,12 +87,12 @@ def train_side(model: Path, data: Path, workspace: Path, packing: bool, steps: i
     """One training job and its held-out evaluation; figures from the run folder the UI reads."""
     import jobs
     import runfolder
-    import training_utils
     from dataset_utils import DatasetConfig
     from model_utils import ModelConfig
+    from train_config import TrainConfig
     from workspace import config_to_dict
 
-    config = training_utils.TrainConfig(
+    config = TrainConfig(
         model=ModelConfig(str(model)),
         dataset=DatasetConfig(source=str(data)),
         max_steps=steps,

@@ -52,7 +52,7 @@ def prompt_rows(count: int) -> list[dict]:
 def stage_config(stage: str, model: Path, data: Path, steps: int = STEPS, completion_tokens: int = 256, **overrides):
     from dataset_utils import DatasetConfig
     from model_utils import ModelConfig
-    from training_utils import TrainConfig
+    from train_config import TrainConfig
 
     common = dict(
         model=ModelConfig(str(model)),

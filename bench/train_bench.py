@@ -273,9 +273,9 @@ def measure_app(
     `overrides` changes some TrainConfig fields (a variant of the defaults)."""
     import jobs
     import runfolder
-    import training_utils
     from dataset_utils import DatasetConfig
     from model_utils import ModelConfig
+    from train_config import TrainConfig
     from workspace import config_to_dict
 
     settings = (
@@ -292,7 +292,7 @@ def measure_app(
             "warmup_steps": WARMUP_STEPS,
         }
     )
-    config = training_utils.TrainConfig(
+    config = TrainConfig(
         model=ModelConfig(str(model_path)),
         dataset=DatasetConfig(source=str(data)),
         load_in_4bit=mode == "qlora",

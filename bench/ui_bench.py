@@ -37,7 +37,7 @@ import jobs  # noqa: E402
 import model_utils  # noqa: E402
 import runfolder  # noqa: E402
 from dataset_utils import DatasetConfig  # noqa: E402
-from training_utils import TrainConfig  # noqa: E402
+from train_config import TrainConfig  # noqa: E402
 from workspace import config_to_dict, workspace_root  # noqa: E402
 
 TARGET_S = 1.0

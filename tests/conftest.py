@@ -103,7 +103,7 @@ def demo_train_config(data: Path, **changes):
     """A LoRA run of the demo model that learns something visible in seconds on two CPU cores."""
     from dataset_utils import DatasetConfig
     from model_utils import ModelConfig
-    from training_utils import TrainConfig
+    from train_config import TrainConfig
 
     values = dict(
         model=ModelConfig("demo"),

@@ -19,6 +19,8 @@ LAYERS = {
     "dataset_render": 2,  # chat templates, reply spans, tokens with loss masks
     "model_utils": 2,
     "training_utils": 2,
+    "train_config": 2,  # TrainConfig and its checks: read by the UI, the CLI, planning, chat and evaluation
+    "distributed": 2,  # the GPUs a training run sees, torchrun's processes, the DDP fallback
     "inference_utils": 2,
     "synthetic_utils": 2,
     "synthetic_rows": 2,  # SyntheticConfig, the prompts and the reply's validation into a row

@@ -23,7 +23,7 @@ import model_utils
 import runfolder
 import submit
 import synthetic_utils
-import training_utils
+from train_config import train_config_from_dict
 from workspace import CONFINE_ENV, UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,7 +72,7 @@ def call_upload(args: dict, ctx: dict) -> None:
 
 
 def call_train_config(args: dict, ctx: dict) -> None:
-    training_utils.train_config_from_dict(args).validate(device=CPU)
+    train_config_from_dict(args).validate(device=CPU)
 
 
 def call_model(args: str, ctx: dict) -> None:

@@ -20,7 +20,7 @@ from download_utils import DownloadConfig
 from gguf_utils import ExportConfig
 from inference_utils import EvalConfig, GenerationConfig
 from synthetic_utils import SyntheticConfig
-from training_utils import TrainConfig
+from train_config import TrainConfig
 from workspace import dump_yaml
 
 ERROR_LINE = re.compile(r"(^|: )error: ")

@@ -153,7 +153,7 @@ def test_a_jobs_report_is_counted_from_its_preparation_rendering_each_row_once(
     """A training job prepares its rows and logs their report: every row is rendered once (the report counts the
     preparation's own rows), and the report is the one `dataset --report` prints; a cached preparation renders none
     and gives the same report."""
-    from training_utils import TrainConfig
+    from train_config import TrainConfig
 
     source = write_jsonl(tmp_path / "known.jsonl", known_rows())
     config = TrainConfig(dataset=DatasetConfig(source=str(source)), max_seq_length=64, **options)

@@ -14,7 +14,8 @@ import jobs
 import runfolder
 from conftest import capital_rows, demo_train_config, wait_for, write_jsonl
 from dataset_utils import DatasetConfig
-from training_utils import TrainConfig, gpu_launch
+from distributed import gpu_launch
+from train_config import TrainConfig
 from workspace import UserError, config_to_dict
 
 

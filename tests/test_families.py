@@ -20,7 +20,7 @@ from conftest import MODEL_FAMILIES, capital_rows, demo_train_config, write_json
 from dataset_utils import DatasetConfig
 from gguf_utils import modelfile
 from model_utils import ModelConfig
-from training_utils import TrainConfig
+from train_config import TrainConfig
 from workspace import UserError, config_to_dict
 
 # Special tokens, digits, spaces and newlines in runs, accents and a CJK word: where pre-tokenizers differ.

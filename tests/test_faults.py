@@ -32,7 +32,7 @@ import synthetic_utils
 from conftest import capital_rows, logged_steps, wait_for, write_jsonl
 from dataset_utils import DatasetConfig
 from model_utils import ModelConfig
-from training_utils import TrainConfig
+from train_config import TrainConfig
 from workspace import config_to_dict, dump_yaml
 
 ROOT = Path(__file__).resolve().parent.parent

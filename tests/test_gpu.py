@@ -19,7 +19,7 @@ import runfolder
 from bench import gpu_models
 from dataset_utils import DatasetConfig
 from model_utils import ModelConfig
-from training_utils import TrainConfig
+from train_config import TrainConfig
 from workspace import config_to_dict
 
 pytestmark = pytest.mark.gpu

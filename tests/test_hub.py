@@ -241,14 +241,12 @@ def test_hub_dataset_preview_streams_the_first_rows(tmp_path):
 
 
 def test_first_config_shorthand_is_accepted():
-    import training_utils
+    from train_config import train_config_from_dict
 
-    short = training_utils.train_config_from_dict({"model": "unsloth/Qwen3-0.6B", "dataset": "data.csv"})
-    long = training_utils.train_config_from_dict(
-        {"model": {"name_or_path": "unsloth/Qwen3-0.6B"}, "dataset": {"source": "data.csv"}}
-    )
+    short = train_config_from_dict({"model": "unsloth/Qwen3-0.6B", "dataset": "data.csv"})
+    long = train_config_from_dict({"model": {"name_or_path": "unsloth/Qwen3-0.6B"}, "dataset": {"source": "data.csv"}})
     assert short == long
-    assert training_utils.train_config_from_dict({"model": "demo"}).model.name_or_path == "demo"
+    assert train_config_from_dict({"model": "demo"}).model.name_or_path == "demo"
 
 
 @pytest.mark.parametrize(
@@ -364,7 +362,7 @@ def test_train_refuses_a_hub_id_no_job_could_fetch_before_a_run_exists(tiny_repo
 def test_the_time_estimate_asks_for_a_download_instead_of_downloading(tmp_path, workspace):
     """The Train tab recomputes its time estimate on every change: it must not fetch gigabytes in the UI's thread."""
     import planning
-    from training_utils import train_config_from_dict
+    from train_config import train_config_from_dict
     from workspace import UserError
 
     config = train_config_from_dict({"model": "tester/not-cached", "dataset": str(tmp_path / "data.jsonl")})
@@ -374,7 +372,7 @@ def test_the_time_estimate_asks_for_a_download_instead_of_downloading(tmp_path, 
 
 def test_the_memory_estimate_of_an_id_it_cannot_read_says_why(tmp_path, workspace):
     """Offline (this session) and not cached: the Model tab's estimate names the id and what to do, no traceback."""
-    from training_utils import train_config_from_dict
+    from train_config import train_config_from_dict
     from ui.model_tab import memory_estimate
     from workspace import UserError
 

@@ -16,7 +16,7 @@ import inference_utils
 import jobs
 import runfolder
 from inference_utils import EvalConfig, GenerationConfig
-from training_utils import TrainConfig
+from train_config import TrainConfig
 from workspace import UserError, config_to_dict
 
 ROOT = Path(__file__).resolve().parent.parent

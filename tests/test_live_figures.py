@@ -9,7 +9,8 @@ import pytest
 import jobs
 import runfolder
 import training_utils
-from training_utils import TokenCounter, TrainConfig
+from train_config import TrainConfig
+from training_utils import TokenCounter
 from workspace import config_to_dict
 
 

@@ -9,7 +9,7 @@ import pytest
 import main
 import model_utils
 from conftest import capital_rows, write_jsonl
-from training_utils import TrainConfig
+from train_config import TrainConfig
 from workspace import UserError
 
 

@@ -160,9 +160,9 @@ def test_over_trained_run_stops_by_itself_and_saves_the_best_checkpoint(early_st
 def test_a_finished_run_calibrates_the_next_estimate(early_stopped_run, demo_model):
     ws = early_stopped_run.parent.parent
     config = runfolder.stage_settings(early_stopped_run)
-    import training_utils
+    from train_config import train_config_from_dict
 
-    config = training_utils.train_config_from_dict(config)
+    config = train_config_from_dict(config)
     estimate = planning.estimate_time(config, str(demo_model), report(6), ws, CPU)
     assert estimate.basis == "measured in run early"
     assert estimate.parts["start"] == planning.TIME_MODEL["cpu"]["start_s"]  # the overheads stay in

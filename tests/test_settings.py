@@ -14,7 +14,7 @@ import settings
 from dataset_utils import DatasetConfig
 from inference_utils import GenerationConfig
 from settings import option
-from training_utils import TrainConfig, train_config_from_dict
+from train_config import TrainConfig, train_config_from_dict
 from workspace import UserError, config_from_dict
 
 

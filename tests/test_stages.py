@@ -20,7 +20,7 @@ import settings
 import stages
 from conftest import demo_train_config
 from dataset_utils import DatasetConfig
-from training_utils import TrainConfig, train_config_from_dict
+from train_config import TrainConfig, train_config_from_dict
 from workspace import UserError, config_to_dict, dump_yaml
 
 

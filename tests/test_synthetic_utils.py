@@ -423,12 +423,13 @@ def test_generated_rows_train_with_the_training_job(workspace, demo_model, fake)
     import training_utils
     from dataset_utils import DatasetConfig
     from model_utils import ModelConfig
+    from train_config import TrainConfig
 
     (workspace / "models").mkdir()
     (workspace / "models" / demo_model.name).symlink_to(demo_model)
     out = workspace / "runs" / "synth-for-training"
     generate(fake_config(fake, "ollama", num_rows=200), out)
-    config = training_utils.TrainConfig(
+    config = TrainConfig(
         model=ModelConfig("demo"),
         dataset=DatasetConfig(source=str(out / "data.jsonl")),
         max_steps=3,

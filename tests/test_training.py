@@ -14,6 +14,7 @@ import runfolder
 import training_utils
 from conftest import capital_rows, demo_train_config, logged_steps, wait_for, write_jsonl
 from model_utils import Device
+from train_config import prepare_training_data, train_config_from_dict
 from workspace import UserError, config_to_dict
 
 
@@ -53,7 +54,7 @@ def test_qlora_without_cuda_is_refused(tmp_path):
 
 def test_unknown_yaml_option_is_named():
     with pytest.raises(UserError, match="lora_rank"):
-        training_utils.train_config_from_dict({"lora_rank": 8})
+        train_config_from_dict({"lora_rank": 8})
 
 
 @pytest.mark.parametrize("name", ["a/b", "..", "../up", "x/../y"])
@@ -239,7 +240,7 @@ def test_a_packed_run_trains_sequences_of_several_rows(demo_workspace, data_file
     assert training_utils.train(config, runfolder.JobContext.for_run(run_dir)) == "done"
     state = json.loads((run_dir / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
     tokens = [entry["num_tokens"] for entry in state["log_history"] if "num_tokens" in entry]
-    rows = training_utils.prepare_training_data(config, demo_tokenizer, demo_workspace).train
+    rows = prepare_training_data(config, demo_tokenizer, demo_workspace).train
     two_rows = 2 * sum(len(ids) for ids in rows["input_ids"]) / len(rows)
     # A step's 2 sequences of at most 128 tokens hold several rows each (rows of ~50 tokens: two or more), not 2 rows.
     assert 1.5 * two_rows <= tokens[0] <= 2 * config.max_seq_length

@@ -19,7 +19,7 @@ import settings
 import ui
 from dataset_utils import DatasetConfig
 from model_utils import ModelConfig
-from training_utils import TrainConfig
+from train_config import TrainConfig
 from ui import common, forms, runs_tab, train_tab
 from workspace import UserError, config_to_dict
 

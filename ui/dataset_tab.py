@@ -16,8 +16,7 @@ import model_utils
 import planning
 import preference_data
 import settings
-import training_utils
-from training_utils import TrainConfig
+from train_config import TrainConfig, prepare_training_data
 from ui import forms
 from ui.common import guarded, save_upload
 from workspace import UserError
@@ -181,7 +180,7 @@ def wire(tab: DatasetTab, form: forms.Form, workspace: Path) -> None:
         tokenizer = model_utils.load_tokenizer(
             model_utils.resolve_model_path(config.model.name_or_path, workspace), config.model.trust_remote_code
         )
-        prepared = training_utils.prepare_training_data(config, tokenizer, workspace)
+        prepared = prepare_training_data(config, tokenizer, workspace)
         return (
             _stats(prepared),
             _rendered(prepared.train, tokenizer),

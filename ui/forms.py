@@ -15,8 +15,7 @@ import gradio as gr
 import dataset_utils
 import preference_utils
 import settings
-import training_utils
-from training_utils import TrainConfig
+from train_config import TrainConfig, train_config_from_dict
 from workspace import config_to_dict
 
 MODES = [("16-bit LoRA", "lora"), ("4-bit QLoRA (NVIDIA GPU only)", "qlora"), ("Full fine-tune", "full")]
@@ -91,7 +90,7 @@ def values_to_config(values: dict[str, Any]) -> TrainConfig:
             data[key] = value
     if column_map:
         data["dataset"]["column_map"] = column_map
-    return training_utils.train_config_from_dict(data)
+    return train_config_from_dict(data)
 
 
 def preset_values(config: TrainConfig) -> dict[str, Any]:

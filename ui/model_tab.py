@@ -15,7 +15,7 @@ import runfolder
 import settings
 import submit
 from download_utils import DownloadConfig
-from training_utils import TrainConfig
+from train_config import TrainConfig
 from ui import forms
 from ui.common import guarded, job_html
 from workspace import UserError
@@ -185,7 +185,7 @@ def wire(tab: ModelTab, form: forms.Form, memory_outputs: list[gr.Markdown], app
     def load(name: str | None) -> list[Any]:
         if not name:
             raise gr.Error("Choose a saved preset first.")
-        from training_utils import train_config_from_dict
+        from train_config import train_config_from_dict
 
         values = forms.config_to_values(train_config_from_dict(model_utils.load_preset(name, workspace)))
         return [values[key] for key in keys] + [f"Loaded preset `{name}`."]

@@ -21,7 +21,7 @@ import runfolder
 import stages
 import submit
 from rewards import BUILTIN_REWARDS
-from training_utils import ALL_LINEAR, ALL_LINEAR_LAYERS, FUSED_LINEAR
+from train_config import ALL_LINEAR, ALL_LINEAR_LAYERS, FUSED_LINEAR
 from ui import forms
 from ui.common import active_runs, duration, event_log, guarded, latest_run, progress_html, run_names
 from workspace import UserError

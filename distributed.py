@@ -1,0 +1,109 @@
+"""Training on several processes: which GPUs a run sees, how many processes torchrun starts, the DDP fallback from
+Unsloth to transformers + PEFT, and accelerate's process state that lets the ranks wait for each other."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from workspace import UserError
+
+log = logging.getLogger(__name__)
+
+
+def visible_gpus() -> list[str]:
+    """'index: name' of every CUDA GPU this process may use (CUDA_VISIBLE_DEVICES applies)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [f"{index}: {torch.cuda.get_device_name(index)}" for index in range(torch.cuda.device_count())]
+
+
+def check_num_gpus(num_gpus: int) -> None:
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if num_gpus > count:
+        listing = "; ".join(visible_gpus()) or "none"
+        raise UserError(
+            f"num_gpus is {num_gpus} but this machine has {count} visible GPU(s): {listing}. "
+            "Lower num_gpus, or set it to 0 to use every visible GPU."
+        )
+
+
+def gpu_launch(num_gpus: int) -> tuple[int, dict[str, str]]:
+    """(processes to start, environment to add) for a run on `num_gpus` GPUs (0: all visible).
+
+    A run on fewer GPUs than are visible sees only its own: with two visible GPUs and one process, the HF Trainer
+    would otherwise wrap the model in DataParallel.
+    """
+    import torch
+
+    if num_gpus:
+        check_num_gpus(num_gpus)
+    count = torch.cuda.device_count()  # NVML-based: no CUDA context in the calling (server) process
+    if count == 0:
+        return 1, {}
+    wanted = num_gpus or count
+    env = {}
+    if wanted < count:
+        listed = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        devices = [item.strip() for item in listed.split(",") if item.strip()] or [str(i) for i in range(count)]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(devices[:wanted])
+    return wanted, env
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def ddp_fallback() -> str:
+    """Under DDP, when the installed Unsloth cannot train on several GPUs: switch this process to transformers + PEFT
+    (call it before Unsloth is imported) and return the note for the run's status; else ""."""
+    import importlib.util
+
+    if world_size() <= 1 or importlib.util.find_spec("unsloth") is None or unsloth_supports_ddp():
+        return ""
+    os.environ["FINETUNER_BACKEND"] = "transformers"
+    log.warning("the installed Unsloth does not support multi-GPU training: using transformers + PEFT with DDP")
+    return "The installed Unsloth does not support multi-GPU training; this run uses transformers + PEFT with DDP."
+
+
+def unsloth_supports_ddp() -> bool:
+    """Whether the installed Unsloth places each DDP rank on its own GPU (read from its source, without importing it:
+    importing Unsloth patches transformers, so the choice must come first)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("unsloth.models.loader_utils")
+    except (ImportError, ValueError):
+        return False
+    if spec is None or not spec.origin:
+        return False
+    return "def prepare_device_map" in Path(spec.origin).read_text(encoding="utf-8", errors="replace")
+
+
+def distributed_state():
+    """accelerate's process state, set up before the model loads so that ranks can wait for each other (one process
+    when not launched by torchrun; gloo on CPU, NCCL on CUDA)."""
+    from accelerate import PartialState
+
+    import model_utils
+
+    on_cuda = model_utils.detect_device().cuda
+    if world_size() > 1 and not on_cuda:
+        _restore_indexed_cpu_locations()
+    return PartialState(cpu=not on_cuda)
+
+
+def _restore_indexed_cpu_locations() -> None:
+    """Resuming a DDP run, transformers loads the optimizer state with map_location=args.device, which CPU ranks
+    name 'cpu:N'; torch.load knows only 'cpu' and fails. Teach it that 'cpu:N' is the CPU."""
+    import torch.serialization
+
+    def keep_on_cpu(storage, location: str):
+        return storage if location.startswith("cpu:") else None
+
+    torch.serialization.register_package(100, lambda storage: None, keep_on_cpu)
