@@ -170,7 +170,7 @@ def prompts_from_run(run: str, workspace: str | Path | None = None) -> list[Prom
     import dataset_utils
     import inference_utils
     import model_utils
-    from train_config import prepare_training_data
+    from dataset_utils import prepare_training_data
 
     trained, train_config = inference_utils.trained_run(run, workspace)
     if not train_config.eval_split:

@@ -18,6 +18,9 @@ from workspace import UserError, resolve_user_path
 # More columns than any real dataset of these formats has; see _check_column_count.
 MAX_COLUMNS = 1000
 LOCAL_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet", ".txt")
+# The one default of each, for TrainConfig and for a preview (Dataset tab, `main.py dataset`) that has no config.
+DEFAULT_MAX_SEQ_LENGTH = 2048
+DEFAULT_SEED = 3407
 
 
 @dataclass

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from dataset_files import (
+    DEFAULT_MAX_SEQ_LENGTH,
+    DEFAULT_SEED,
     LOCAL_SUFFIXES,
     DatasetConfig,
     check_data_file,
@@ -94,9 +96,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PREPARE_VERSION = "4"  # bump when the prepared layout changes, so old caches are not reused
-# The one default of each, for TrainConfig and for a preview (Dataset tab, `main.py dataset`) that has no config.
-DEFAULT_MAX_SEQ_LENGTH = 2048
-DEFAULT_SEED = 3407
 # What became of each source row (EncodedRows.encoded): why it cannot be rendered ("" when it can), its tokens and
 # trained tokens whole, and the trained tokens before the cut at max_seq_length. The dataset report reads them.
 OUTCOMES = ("error", "tokens", "trained", "kept")
@@ -426,3 +425,27 @@ def loss_segments(input_ids: list[int], labels: list[int], tokenizer) -> list[tu
 def format_segments(segments: list[tuple[str, bool]]) -> str:
     """Plain-text form for terminals: trained text between ⟦ and ⟧."""
     return "".join(f"⟦{text}⟧" if trained else text for text, trained in segments)
+
+
+def preparation_settings(config) -> dict[str, Any]:
+    """A TrainConfig's dataset preparation settings: training prepares with them, and the report reads the same."""
+    return dict(
+        max_seq_length=config.max_seq_length,
+        train_on_responses_only=config.train_on_responses_only,
+        eval_split=config.eval_split,
+        seed=config.seed,
+    )
+
+
+def prepare_training_data(config, tokenizer, workspace: Path):
+    """The SFT rows of a run, train and eval split, prepared with the settings the dataset report reads too: the
+    training job, the Dataset tab's preview, evaluation and the arena's references get the same rows."""
+    prepared = prepare_dataset(config.dataset, tokenizer, workspace=workspace, **preparation_settings(config))
+    log.info(
+        "dataset: %s, %d train rows, %d eval rows, %d skipped",
+        prepared.format,
+        len(prepared.train),
+        len(prepared.eval) if prepared.eval is not None else 0,
+        prepared.dropped_rows,
+    )
+    return prepared

@@ -85,14 +85,12 @@ def unsloth_supports_ddp() -> bool:
     return "def prepare_device_map" in Path(spec.origin).read_text(encoding="utf-8", errors="replace")
 
 
-def distributed_state():
+def distributed_state(on_cuda: bool):
     """accelerate's process state, set up before the model loads so that ranks can wait for each other (one process
-    when not launched by torchrun; gloo on CPU, NCCL on CUDA)."""
+    when not launched by torchrun; gloo on CPU, NCCL on CUDA). The caller says whether this is a CUDA machine
+    (model_utils.detect_device): this module stays below the model code, which TrainConfig's checks import."""
     from accelerate import PartialState
 
-    import model_utils
-
-    on_cuda = model_utils.detect_device().cuda
     if world_size() > 1 and not on_cuda:
         _restore_indexed_cpu_locations()
     return PartialState(cpu=not on_cuda)

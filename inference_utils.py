@@ -774,7 +774,7 @@ def evaluate(
     is asked to stop before the end (nothing is written then).
     """
     import model_utils
-    from train_config import prepare_training_data
+    from dataset_utils import prepare_training_data
 
     reporter = reporter or runfolder.Reporter(None)
     stop = stop or runfolder.StopFlag()

@@ -30,11 +30,10 @@ from typing import Any
 
 import stages
 from dataset_report import DatasetReport, report_for_training
-from model_utils import Device, count_parameters, detect_device, estimate_memory, resolve_model_path
+from model_utils import Device, count_parameters, detect_device, estimate_memory, fit_micro_batch, resolve_model_path
 from runfolder import read_config, read_events, read_status
 from settings import keys
 from train_config import MAX_SEQ_LENGTH_LIMIT, TrainConfig
-from training_utils import fit_micro_batch
 from workspace import UserError, workspace_root
 
 # The wall-time model's constants per device kind, each fitted by `bench/estimate_bench.py --fit` (its JSON line

@@ -133,20 +133,6 @@ def reward_file_names(config) -> list[str]:
     return rewards.file_reward_names(path, config.reward_file_functions)
 
 
-def parse_weights(text: str | list | None) -> list[float]:
-    """Reward weights typed as comma-separated numbers ("1, 0.5"); UserError naming one that is not a number."""
-    if isinstance(text, list):
-        return [float(value) for value in text]
-    weights = []
-    for part in str(text or "").replace(";", ",").split(","):
-        if part.strip():
-            value = rewards.as_number(part.replace(",", ""))
-            if value is None:
-                raise UserError(f"Reward weight '{part.strip()}' is not a number; type weights like 1, 0.5, 2.")
-            weights.append(value)
-    return weights
-
-
 def judge_settings(config) -> rewards.JudgeSettings:
     """The judge reward's settings: the LLM client (provider, model, URL; temperature 0), the rubric and the score
     range; UserError for a judge that cannot be asked."""

@@ -83,6 +83,20 @@ def as_number(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def parse_weights(text: str | list | None) -> list[float]:
+    """Reward weights typed as comma-separated numbers ("1, 0.5"); UserError naming one that is not a number."""
+    if isinstance(text, list):
+        return [float(value) for value in text]
+    weights = []
+    for part in str(text or "").replace(";", ",").split(","):
+        if part.strip():
+            value = as_number(part.replace(",", ""))
+            if value is None:
+                raise UserError(f"Reward weight '{part.strip()}' is not a number; type weights like 1, 0.5, 2.")
+            weights.append(value)
+    return weights
+
+
 def same_answer(answer: str, reference: str) -> bool:
     """Equal as numbers when both are numbers (3.0 == 3), else equal as trimmed, case-folded text."""
     left, right = as_number(answer), as_number(reference)

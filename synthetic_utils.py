@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import dataset_report
 import llm_clients
 import runfolder
+import text_duplicates
 from synthetic_rows import (
     SYSTEM_PROMPT,
     Rejected,
@@ -102,15 +102,15 @@ def job_env(config: SyntheticConfig, api_key: str | None = None) -> dict[str, st
 # ---------------------------------------------------------------- duplicates
 
 
-normalize_text = dataset_report.normalize_text  # the form two rows are compared in
+normalize_text = text_duplicates.normalize_text  # the form two rows are compared in
 
 
 class DuplicateIndex:
-    """Exact and near duplicates of kept rows, through dataset_report's MinHash LSH index (datasketch): the same
+    """Exact and near duplicates of kept rows, through text_duplicates' MinHash LSH index (datasketch): the same
     test the dataset quality report applies."""
 
     def __init__(self, threshold: float) -> None:
-        self.index = dataset_report.DuplicateIndex(threshold)
+        self.index = text_duplicates.DuplicateIndex(threshold)
         self.kept = 0
 
     def check(self, text: str) -> str | None:

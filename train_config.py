@@ -1,18 +1,17 @@
 """What a training run is: TrainConfig (every option, names from TRL / PEFT, each with its help, bounds and choices),
-the checks `validate()` runs before a job exists, the YAML shorthand (`train_config_from_dict`) and the SFT rows its
-settings prepare (`prepare_training_data`). No ML library is imported here: the UI, the CLI, planning, chat and
-evaluation read a run's config without training_utils."""
+the checks `validate()` runs before a job exists and the YAML shorthand (`train_config_from_dict`); the SFT rows its
+settings prepare are dataset_utils.prepare_training_data's. No ML library is imported here: the UI, the CLI, planning,
+chat and evaluation read a run's config without training_utils."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import preference_utils
+import llm_clients
 import stages
-from dataset_utils import DEFAULT_MAX_SEQ_LENGTH, DEFAULT_SEED, DatasetConfig
+from dataset_files import DEFAULT_MAX_SEQ_LENGTH, DEFAULT_SEED, DatasetConfig
 from distributed import check_num_gpus
 from model_utils import Device, ModelConfig, detect_device
 from settings import check, option
@@ -303,7 +302,7 @@ class TrainConfig:
         "openai",
         help="GRPO judge reward: openai also covers vLLM, llama.cpp server and LM Studio (set the judge's base URL); "
         "the key is the Judge API key typed in the Train tab, else OPENAI_API_KEY / ANTHROPIC_API_KEY.",
-        choices=preference_utils.JUDGE_PROVIDERS,
+        choices=llm_clients.PROVIDERS,
         label="Judge provider",
     )
     judge_model: str = option("", help="GRPO judge reward: the scoring model, e.g. gpt-4o-mini.", label="Judge model")
@@ -406,21 +405,3 @@ def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
         if isinstance(data.get("dataset"), str):
             data["dataset"] = {"source": data["dataset"]}
     return config_from_dict(TrainConfig, data, "train config")
-
-
-def prepare_training_data(config: TrainConfig, tokenizer, workspace: Path):
-    """The SFT rows of a run, train and eval split, prepared with the settings the dataset report reads too: the
-    training job, the Dataset tab's preview, evaluation and the arena's references get the same rows."""
-    import dataset_report
-    import dataset_utils
-
-    settings = dataset_report.preparation_settings(config)
-    prepared = dataset_utils.prepare_dataset(config.dataset, tokenizer, workspace=workspace, **settings)
-    log.info(
-        "dataset: %s, %d train rows, %d eval rows, %d skipped",
-        prepared.format,
-        len(prepared.train),
-        len(prepared.eval) if prepared.eval is not None else 0,
-        prepared.dropped_rows,
-    )
-    return prepared

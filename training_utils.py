@@ -15,9 +15,11 @@ from typing import Any
 
 import preference_utils
 import stages
+from dataset_utils import prepare_training_data
 from distributed import ddp_fallback, distributed_state, gpu_launch, world_size
+from model_utils import fit_checkpointing, fit_micro_batch
 from runfolder import JobContext, last_checkpoint, read_status
-from train_config import ALL_LINEAR_LAYERS, TrainConfig, prepare_training_data
+from train_config import ALL_LINEAR_LAYERS, TrainConfig
 from workspace import UserError, atomic_dir
 
 log = logging.getLogger(__name__)
@@ -72,7 +74,7 @@ def train(config: TrainConfig, ctx: JobContext) -> str:
     if config.max_seq_length > limit:
         raise UserError(f"max_seq_length {config.max_seq_length} is above this model's limit of {limit} tokens.")
     log.info("backend: %s, model: %s, mode: %s, processes: %d", backend, model_path, config.mode, world_size())
-    state = distributed_state()
+    state = distributed_state(_cuda())
     ctx.note(backend=backend, processes=state.num_processes, device="GPU" if _cuda() else "CPU")
 
     stage = stages.get(config.stage)
@@ -119,51 +121,6 @@ def train(config: TrainConfig, ctx: JobContext) -> str:
     if trainer.is_world_process_zero():
         save_final(trainer, tokenizer, config, run_dir)
     return "done"
-
-
-def fit_micro_batch(config: TrainConfig, model_path: str, headroom: float = 0.85) -> TrainConfig:
-    """The config with the largest micro-batch that divides the effective batch and whose memory estimate fits in
-    `headroom` of the free GPU memory (never smaller than the configured one), and gradient checkpointing off when
-    that micro-batch fits without it too (recomputing activations costs about a third of a step's time)."""
-    import model_utils
-
-    effective = config.per_device_train_batch_size * config.gradient_accumulation_steps
-    estimate = model_utils.estimate_memory(dataclasses.replace(config, per_device_train_batch_size=1), model_path)
-    if estimate.available_gib is None:
-        return config
-    budget = headroom * estimate.available_gib
-    fixed = estimate.weights_gib + estimate.trainable_gib
-    for micro in sorted((size for size in range(1, effective + 1) if effective % size == 0), reverse=True):
-        if micro <= config.per_device_train_batch_size:
-            break
-        needed = fixed + estimate.activations_gib * micro  # activations grow with the tokens of a micro-batch
-        if needed <= budget:
-            log.info(
-                "micro-batch %d × accumulation %d (estimate %.1f GiB of %.1f GiB free)",
-                micro,
-                effective // micro,
-                needed,
-                estimate.available_gib,
-            )
-            config = dataclasses.replace(
-                config, per_device_train_batch_size=micro, gradient_accumulation_steps=effective // micro
-            )
-            break
-    return fit_checkpointing(config, model_path, headroom)
-
-
-def fit_checkpointing(config: TrainConfig, model_path: str, headroom: float = 0.85) -> TrainConfig:
-    """The config with gradient checkpointing off when its step's memory estimate fits in `headroom` of the free GPU
-    memory without it: the same computation, without recomputing the activations (1.4× faster on an H200)."""
-    import model_utils
-
-    if not config.gradient_checkpointing:
-        return config
-    without = model_utils.estimate_memory(dataclasses.replace(config, gradient_checkpointing=False), model_path)
-    if without.available_gib is None or without.total_gib > headroom * without.available_gib:
-        return config
-    log.info("gradient checkpointing off: the step fits without it (estimate %.1f GiB)", without.total_gib)
-    return dataclasses.replace(config, gradient_checkpointing=False)
 
 
 def load_for_training(config: TrainConfig, model_path: str, backend: str):

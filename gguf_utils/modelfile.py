@@ -2,7 +2,7 @@
 PARAMETERs.
 
 The TEMPLATE is Go text/template over Ollama's `.Messages`, built from the chat template's per-role pieces
-(`dataset_utils.chat_turns`). It is checked without a Go interpreter: `render_turns` joins the same pieces in the
+(`dataset_render.chat_turns`). It is checked without a Go interpreter: `render_turns` joins the same pieces in the
 order the TEMPLATE does, and must give what the chat template itself renders for sample chats.
 tests/golden/ pins the Go text for ChatML, Llama 3 and Qwen; Gemma's template has no per-role shape.
 """
@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from dataset_utils import ChatTurns, chat_turns
+from dataset_render import ChatTurns, chat_turns
 from workspace import read_json
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""The layers of docs/ARCHITECTURE.md, read from the code: imports run downwards only and form no cycle."""
+"""The layers of docs/ARCHITECTURE.md, read from the code: imports run downwards only, form no cycle and make no\nlong chains."""
 
 from __future__ import annotations
 
@@ -6,45 +6,60 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# Lower number = lower layer. A module may import its own layer or a lower one, never a higher one.
+# The layers, lowest first. A module may import its own layer or a lower one, never a higher one.
+ORDER = (
+    "workspace",  # paths, YAML, UserError
+    "settings",  # the settings' metadata, the run-folder protocol
+    "data",  # datasets and models: files, formats, templates, preparation, the report, downloads, the GPUs
+    "clients",  # the LLM provider clients: synthetic data and both judges
+    "stages",  # the training stages' records, TrainConfig, the preference data, the reward functions
+    "training",  # the recipe and the stages' trainers
+    "tasks",  # chat, evaluation, synthetic data, the arena, export, the comparison, planning
+    "jobs",  # the supervisor, the job kinds and their checks
+    "submit",
+    "entry",  # the UI and the CLI
+)
 LAYERS = {
-    "workspace": 0,
-    "settings": 0,
-    "runfolder": 1,
-    "llm_clients": 1,  # the LLM provider clients: synthetic data and both judges
-    "stages": 2,  # the training stages' records: read by training, planning, the comparison, chat, export and the UI
-    "dataset_utils": 2,
-    "dataset_files": 2,  # reading a dataset's rows (dataset_utils prepares them)
-    "dataset_formats": 2,  # formats, column maps, rows as chat messages
-    "dataset_render": 2,  # chat templates, reply spans, tokens with loss masks
-    "model_utils": 2,
-    "training_utils": 2,
-    "train_config": 2,  # TrainConfig and its checks: read by the UI, the CLI, planning, chat and evaluation
-    "distributed": 2,  # the GPUs a training run sees, torchrun's processes, the DDP fallback
-    "inference_utils": 2,
-    "synthetic_utils": 2,
-    "synthetic_rows": 2,  # SyntheticConfig, the prompts and the reply's validation into a row
-    "gguf_utils": 2,
-    "arena_utils": 2,
-    "arena_config": 2,  # ArenaConfig, contestants and prompts
-    "arena_judge": 2,  # what the arena's judge reads and how its verdict is read
-    "arena_report": 2,  # the arena's statistics and report
-    "compare_utils": 2,
-    "preference_utils": 2,  # DPO and GRPO trainers, called by training_utils.train
-    "preference_data": 2,
-    "rewards": 2,
-    "dataset_report": 2,  # the dataset quality report (datasketch duplicates)
-    "planning": 2,  # suggested settings and the time estimate, over training_utils and dataset_report
-    "download_utils": 2,
-    "export_targets": 2,  # export targets (GGUF): the export job kind's config and job function
-    "job_checks": 2,  # what submit checks per job kind before a run exists, named by jobs.KINDS
-    "jobs": 3,
-    "chat_worker": 3,  # the Test tab's model process: started by the UI, runs inference_utils
-    "submit": 4,
-    "ui": 5,
-    "main": 6,
-    "__main__": 6,  # the installed package's entry point (the llm-finetuner command): runs main
+    "workspace": "workspace",
+    "settings": "settings",
+    "runfolder": "settings",
+    "download_utils": "data",
+    "dataset_files": "data",  # reading a dataset's rows (dataset_utils prepares them)
+    "dataset_formats": "data",  # formats, column maps, rows as chat messages
+    "dataset_render": "data",  # chat templates, reply spans, tokens with loss masks
+    "dataset_utils": "data",  # preparation: the rows a training run, a preview and evaluation read
+    "dataset_report": "data",  # the dataset quality report
+    "text_duplicates": "data",  # exact and near duplicates (datasketch): the report and the synthetic filter
+    "model_utils": "data",  # models, devices, the memory estimate and the micro-batch it fits
+    "distributed": "data",  # the GPUs a training run sees, torchrun's processes, the DDP fallback
+    "llm_clients": "clients",
+    "stages": "stages",  # one record per training stage: read by training, planning, the comparison, chat, export, UI
+    "train_config": "stages",  # TrainConfig and its checks: read by the UI, the CLI, planning, chat and evaluation
+    "preference_data": "stages",  # preference pairs and prompts in each stage's data format
+    "rewards": "stages",  # GRPO's reward functions, the judge among them
+    "training_utils": "training",
+    "preference_utils": "training",  # the DPO / ORPO / KTO / GRPO trainers a stage's record names
+    "inference_utils": "tasks",
+    "chat_worker": "tasks",  # the Test tab's model process: started by the UI, runs inference_utils
+    "synthetic_rows": "tasks",  # SyntheticConfig, the prompts and the reply's validation into a row
+    "synthetic_utils": "tasks",
+    "arena_config": "tasks",  # ArenaConfig, contestants and prompts
+    "arena_judge": "tasks",  # what the arena's judge reads and how its verdict is read
+    "arena_report": "tasks",  # the arena's statistics and report
+    "arena_utils": "tasks",
+    "gguf_utils": "tasks",
+    "export_targets": "tasks",  # export targets (GGUF): the export job kind's config and job function
+    "compare_utils": "tasks",
+    "planning": "tasks",  # suggested settings and the time estimate
+    "jobs": "jobs",
+    "job_checks": "jobs",  # what submit checks per job kind before a run exists, named by jobs.KINDS
+    "submit": "submit",
+    "ui": "entry",
+    "main": "entry",
+    "__main__": "entry",  # the installed package's entry point (the llm-finetuner command): runs main
 }
+# The longest chain of imports from main.py over the app's own modules (tabs included), main counted.
+MAX_CHAIN = 10
 
 
 def project_modules() -> dict[str, Path]:
@@ -90,7 +105,7 @@ def import_graph() -> dict[str, set[str]]:
 
 
 def layer(module: str) -> int:
-    return LAYERS[module.split(".")[0]]
+    return ORDER.index(LAYERS[module.split(".")[0]])
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -124,12 +139,34 @@ def test_the_import_graph_has_no_cycle():
 
 def test_imports_run_downwards_only():
     upward = [
-        f"{module} (layer {layer(module)}) imports {target} (layer {layer(target)})"
+        f"{module} ({ORDER[layer(module)]}) imports {target} ({ORDER[layer(target)]})"
         for module, targets in import_graph().items()
         for target in sorted(targets)
         if layer(target) > layer(module)
     ]
     assert upward == []
+
+
+def longest_chain(graph: dict[str, set[str]], start: str) -> list[str]:
+    """The longest path of imports from `start` (the graph has no cycle: test_the_import_graph_has_no_cycle)."""
+    memo: dict[str, list[str]] = {}
+
+    def walk(node: str) -> list[str]:
+        if node not in memo:
+            memo[node] = [node, *max((walk(target) for target in sorted(graph[node])), key=len, default=[])]
+        return memo[node]
+
+    return walk(start)
+
+
+def test_the_longest_import_chain_from_main_is_short():
+    chain = longest_chain(import_graph(), "main")
+    assert len(chain) <= MAX_CHAIN, " → ".join(chain)
+
+
+def test_the_chain_finder_follows_the_longest_branch():
+    graph = {"main": {"a", "b"}, "a": {"c"}, "b": set(), "c": {"d"}, "d": set()}
+    assert longest_chain(graph, "main") == ["main", "a", "c", "d"]
 
 
 def test_the_run_folder_protocol_imports_only_the_workspace():

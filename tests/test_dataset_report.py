@@ -9,6 +9,7 @@ import pytest
 import dataset_report
 import dataset_utils
 import main
+import text_duplicates
 from conftest import write_jsonl
 from dataset_utils import DatasetConfig
 from workspace import UserError
@@ -124,13 +125,13 @@ def test_cleaned_copy_drops_duplicates_and_empty_replies_and_keeps_the_original(
 
 
 def test_near_duplicate_index_uses_minhash_lsh_and_checks_candidates():
-    index = dataset_report.DuplicateIndex(0.6)
+    index = text_duplicates.DuplicateIndex(0.6)
     index.add("a", "one two three four five six seven eight")
     assert index.find("One, two three four five six seven eight!") == ("duplicate", "a")
     assert index.find("one two three four five six seven nine") == ("near_duplicate", "a")
     assert index.find("alpha beta gamma delta") is None
     assert type(index.lsh).__module__.startswith("datasketch")
-    exact_only = dataset_report.DuplicateIndex(1.0)
+    exact_only = text_duplicates.DuplicateIndex(1.0)
     exact_only.add(1, "one two three four five six seven eight")
     assert exact_only.find("one two three four five six seven nine") is None
 
@@ -162,7 +163,7 @@ def test_a_jobs_report_is_counted_from_its_preparation_rendering_each_row_once(
     monkeypatch.setattr(
         dataset_utils, "render_row", lambda *args, **kwargs: rendered.append(1) or render_row(*args, **kwargs)
     )
-    settings = dataset_report.preparation_settings(config)
+    settings = dataset_utils.preparation_settings(config)
 
     def job_report():
         prepared = dataset_utils.prepare_dataset(config.dataset, demo_tokenizer, workspace=tmp_path / "ws", **settings)

@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 
 import jobs
+import model_utils
 import runfolder
 import training_utils
 from conftest import capital_rows, demo_train_config, logged_steps, wait_for, write_jsonl
+from dataset_utils import prepare_training_data
 from model_utils import Device
-from train_config import prepare_training_data, train_config_from_dict
+from train_config import train_config_from_dict
 from workspace import UserError, config_to_dict
 
 
@@ -193,11 +195,11 @@ def test_second_job_waits_in_the_queue(demo_workspace, data_file):
 
 def test_accumulation_is_folded_into_the_micro_batch_while_the_estimate_fits(data_file, demo_model):
     config = demo_train_config(data_file, per_device_train_batch_size=2, gradient_accumulation_steps=4)
-    roomy = training_utils.fit_micro_batch(config, str(demo_model))  # gigabytes free: the whole batch at once
+    roomy = model_utils.fit_micro_batch(config, str(demo_model))  # gigabytes free: the whole batch at once
     assert (roomy.per_device_train_batch_size, roomy.gradient_accumulation_steps) == (8, 1)
-    tight = training_utils.fit_micro_batch(config, str(demo_model), headroom=1e-6)  # nothing fits: unchanged
+    tight = model_utils.fit_micro_batch(config, str(demo_model), headroom=1e-6)  # nothing fits: unchanged
     assert (tight.per_device_train_batch_size, tight.gradient_accumulation_steps) == (2, 4)
-    odd = training_utils.fit_micro_batch(
+    odd = model_utils.fit_micro_batch(
         demo_train_config(data_file, per_device_train_batch_size=1, gradient_accumulation_steps=6), str(demo_model)
     )
     assert odd.per_device_train_batch_size * odd.gradient_accumulation_steps == 6  # the effective batch is kept
@@ -210,10 +212,10 @@ def test_gradient_checkpointing_is_turned_off_only_when_the_step_fits_without_it
 
     config = demo_train_config(data_file, gradient_checkpointing=True)
     without = model_utils.estimate_memory(dataclasses.replace(config, gradient_checkpointing=False), str(demo_model))
-    assert not training_utils.fit_checkpointing(config, str(demo_model)).gradient_checkpointing  # gigabytes free
+    assert not model_utils.fit_checkpointing(config, str(demo_model)).gradient_checkpointing  # gigabytes free
     just_short = 0.9 * without.total_gib / without.available_gib  # a headroom below what it needs
-    assert training_utils.fit_checkpointing(config, str(demo_model), headroom=just_short).gradient_checkpointing
-    assert not training_utils.fit_micro_batch(config, str(demo_model)).gradient_checkpointing
+    assert model_utils.fit_checkpointing(config, str(demo_model), headroom=just_short).gradient_checkpointing
+    assert not model_utils.fit_micro_batch(config, str(demo_model)).gradient_checkpointing
 
 
 def test_a_gpu_run_trains_with_the_micro_batch_it_chose_and_records_it(demo_workspace, data_file, monkeypatch):

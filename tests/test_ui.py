@@ -284,7 +284,7 @@ def test_the_loss_chart_of_a_long_run_stays_small_and_skips_damaged_values(tmp_p
     lines.insert(10, '{"event": "log", "step": 11, "loss": "NaN?"}\n')
     lines.insert(20, "not json\n")
     (tmp_path / "events.jsonl").write_text("".join(lines), encoding="utf-8")
-    frame = train_tab.loss_frame(runfolder.EventLog(tmp_path).update())
+    frame = common.loss_frame(runfolder.EventLog(tmp_path).update())
     assert 1000 <= len(frame) <= 2001
     assert frame["step"].iloc[0] == 1 and frame["step"].iloc[-1] == 200_000  # the newest step is always shown
     assert frame["loss"].map(lambda value: isinstance(value, float)).all()

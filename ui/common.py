@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import pandas as pd
 from gradio.utils import get_upload_folder
 
 import jobs
@@ -169,3 +170,9 @@ def duration(seconds: float | None) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def loss_frame(events: runfolder.EventLog) -> pd.DataFrame | None:
+    """A run's train and eval loss by step (the Train tab's live plot, the Runs tab's details) (None before the first one), thinned out for a long run."""
+    rows = [{"step": step, "loss": loss, "series": series} for series, step, loss in events.losses()]
+    return pd.DataFrame(rows, columns=["step", "loss", "series"]) if rows else None

@@ -16,7 +16,8 @@ import model_utils
 import planning
 import preference_data
 import settings
-from train_config import TrainConfig, prepare_training_data
+from dataset_utils import prepare_training_data
+from train_config import TrainConfig
 from ui import forms
 from ui.common import guarded, save_upload
 from workspace import UserError

@@ -13,7 +13,7 @@ from typing import Any
 import gradio as gr
 
 import dataset_utils
-import preference_utils
+import rewards
 import settings
 from train_config import TrainConfig, train_config_from_dict
 from workspace import config_to_dict
@@ -85,7 +85,7 @@ def values_to_config(values: dict[str, Any]) -> TrainConfig:
         elif key == "max_steps":
             data[key] = int(value) if value else None
         elif key == "reward_weights":
-            data[key] = preference_utils.parse_weights(value)
+            data[key] = rewards.parse_weights(value)
         else:
             data[key] = value
     if column_map:

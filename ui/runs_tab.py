@@ -14,8 +14,7 @@ import compare_utils
 import jobs
 import runfolder
 import submit
-from ui.common import duration, event_log, guarded
-from ui.train_tab import loss_frame
+from ui.common import duration, event_log, guarded, loss_frame
 from workspace import dump_yaml, read_json
 
 COLUMNS = ["name", "kind", "state", "created", "progress", "last loss", "error"]

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-import pandas as pd
 
 import jobs
 import model_utils
@@ -23,7 +22,7 @@ import submit
 from rewards import BUILTIN_REWARDS
 from train_config import ALL_LINEAR, ALL_LINEAR_LAYERS, FUSED_LINEAR
 from ui import forms
-from ui.common import active_runs, duration, event_log, guarded, latest_run, progress_html, run_names
+from ui.common import active_runs, duration, event_log, guarded, latest_run, loss_frame, progress_html, run_names
 from workspace import UserError
 
 POLL_S = 1.5
@@ -418,9 +417,3 @@ def status_line(
     if status.error:
         line += f"<pre class='run-error'>{html.escape(status.error)}</pre>"
     return line
-
-
-def loss_frame(events: runfolder.EventLog) -> pd.DataFrame | None:
-    """Train and eval loss by step (None before the first one), thinned out for a long run."""
-    rows = [{"step": step, "loss": loss, "series": series} for series, step, loss in events.losses()]
-    return pd.DataFrame(rows, columns=["step", "loss", "series"]) if rows else None
