@@ -22,6 +22,8 @@ LAYERS = {
     "train_config": 2,  # TrainConfig and its checks: read by the UI, the CLI, planning, chat and evaluation
     "distributed": 2,  # the GPUs a training run sees, torchrun's processes, the DDP fallback
     "inference_utils": 2,
+    "lora_weights": 2,  # a chat model's LoRA weights: merged in place for the tuned side, restored for the base
+    "evaluation": 2,  # held-out loss and perplexity of base vs tuned (the eval job kind), over inference_utils
     "synthetic_utils": 2,
     "synthetic_rows": 2,  # SyntheticConfig, the prompts and the reply's validation into a row
     "gguf_utils": 2,
