@@ -125,16 +125,16 @@ def export_run_name(config) -> str:
 
 
 def check_eval(config, workspace: str | Path | None = None, api_key: str | None = None):
-    import inference_utils
+    import evaluation
 
-    config.run = run_reference(inference_utils.check_evaluable(config, workspace), workspace)
+    config.run = run_reference(evaluation.check_evaluable(config, workspace), workspace)
     return config
 
 
 def eval_run_name(config) -> str:
-    import inference_utils
+    import evaluation
 
-    return inference_utils.eval_run_name(config.run)
+    return evaluation.eval_run_name(config.run)
 
 
 def run_reference(run_dir: Path, workspace: str | Path | None) -> str:

@@ -84,9 +84,9 @@ KINDS = {
         ),
         JobKind(
             "eval",
-            "inference_utils:eval_config_from_dict",
+            "evaluation:eval_config_from_dict",
             "job_checks:check_eval",
-            "inference_utils:eval_job",
+            "evaluation:eval_job",
             True,
             run_name="job_checks:eval_run_name",
             reads=("run",),

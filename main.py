@@ -363,12 +363,12 @@ def _print_stream(replies) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import inference_utils
+    import evaluation
     import jobs
     import runfolder
     import submit
 
-    config = config_from_args(args, inference_utils.eval_config_from_dict, {"run": args.run})
+    config = config_from_args(args, evaluation.eval_config_from_dict, {"run": args.run})
     run_dir = submit.submit("eval", config, args.workspace)
     print(f"run: {run_dir}")
     if args.detach:
@@ -446,8 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     from arena_utils import ArenaConfig
     from dataset_utils import DatasetConfig
     from download_utils import DownloadConfig
+    from evaluation import EvalConfig
     from gguf_utils import ExportConfig
-    from inference_utils import EvalConfig, GenerationConfig
+    from inference_utils import GenerationConfig
     from synthetic_utils import SyntheticConfig
     from train_config import TrainConfig
 

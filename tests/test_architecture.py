@@ -40,6 +40,8 @@ LAYERS = {
     "training_utils": "training",
     "preference_utils": "training",  # the DPO / ORPO / KTO / GRPO trainers a stage's record names
     "inference_utils": "tasks",
+    "evaluation": "tasks",  # a run's held-out loss and perplexity, base vs tuned (the eval job)
+    "lora_weights": "tasks",  # merging a LoRA adapter into its layers and restoring them (chat's base vs tuned)
     "chat_worker": "tasks",  # the Test tab's model process: started by the UI, runs inference_utils
     "synthetic_rows": "tasks",  # SyntheticConfig, the prompts and the reply's validation into a row
     "synthetic_utils": "tasks",

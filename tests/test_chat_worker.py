@@ -76,7 +76,7 @@ def test_a_stream_the_page_stopped_reading_leaves_the_worker_in_step(worker):
 @pytest.mark.slow
 def test_starting_a_gpu_job_ends_the_worker_and_the_next_message_reloads(worker, own_workspace):
     import submit
-    from inference_utils import EvalConfig
+    from evaluation import EvalConfig
 
     ask(worker)
     first = worker.pid

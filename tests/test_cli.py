@@ -17,8 +17,9 @@ import submit
 from arena_utils import ArenaConfig
 from dataset_utils import DatasetConfig
 from download_utils import DownloadConfig
+from evaluation import EvalConfig
 from gguf_utils import ExportConfig
-from inference_utils import EvalConfig, GenerationConfig
+from inference_utils import GenerationConfig
 from synthetic_utils import SyntheticConfig
 from train_config import TrainConfig
 from workspace import dump_yaml

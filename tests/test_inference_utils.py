@@ -1,21 +1,20 @@
-"""Chat, base-vs-tuned comparison and held-out evaluation with the demo model and a trained LoRA run."""
+"""Chat and base-vs-tuned comparison with the demo model and a trained LoRA run."""
 
 from __future__ import annotations
 
 import itertools
-import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 import inference_utils
 import jobs
+import lora_weights
 import runfolder
-from inference_utils import EvalConfig, GenerationConfig
+from inference_utils import GenerationConfig
 from train_config import TrainConfig
 from workspace import UserError, config_to_dict
 
@@ -88,8 +87,6 @@ def test_run_without_adapter_is_refused(workspace):
     jobs.create_run("train", config_to_dict(TrainConfig()), workspace, "unfinished")
     with pytest.raises(UserError, match="no trained model yet"):
         inference_utils.load_chat_model(run="unfinished")
-    with pytest.raises(UserError, match="no trained model yet"):
-        inference_utils.evaluate(EvalConfig(run="unfinished"))
 
 
 def test_adapter_on_a_model_of_another_shape_is_refused(trained_run, demo_tokenizer, tmp_path):
@@ -109,16 +106,6 @@ def test_adapter_on_a_model_of_another_shape_is_refused(trained_run, demo_tokeni
     demo_tokenizer.save_pretrained(tiny)
     with pytest.raises(UserError, match="was trained on 'demo' and does not fit model .*size mismatch"):
         inference_utils.load_chat_model(str(tiny), run=str(trained_run))
-
-
-def test_eval_of_a_run_without_eval_split_is_refused(trained_run, workspace):
-    copy = workspace / "runs" / "no-split"
-    shutil.copytree(trained_run / "adapter", copy / "adapter")
-    shutil.copy(trained_run / "config.yaml", copy / "config.yaml")
-    saved = copy / "adapter" / "train_config.yaml"
-    saved.write_text(yaml.safe_dump({**yaml.safe_load(saved.read_text()), "eval_split": 0.0}))
-    with pytest.raises(UserError, match="eval_split 0"):
-        inference_utils.check_evaluable(EvalConfig(run="no-split"))
 
 
 def test_cli_refuses_empty_prompt_and_zero_tokens_before_loading(workspace):
@@ -183,36 +170,6 @@ def test_chat_cli_streams_the_reply(trained_run, session_workspace):
     assert "Zebra" in tuned_part
 
 
-# ---------------------------------------------------------------- held-out evaluation
-
-
-@pytest.mark.slow
-def test_eval_shows_lower_held_out_loss_for_tuned(trained_run, tmp_path):
-    job_dir = tmp_path / "job"
-    job_dir.mkdir()
-    reporter = runfolder.Reporter(job_dir)
-    result = inference_utils.evaluate(EvalConfig(run=str(trained_run), max_rows=4, batch_size=2), reporter)
-    assert result["rows"] == 4 and result["eval_rows_total"] == 12  # 25 % of 48 rows held out
-    assert result["tokens"] > 0
-    assert result["tuned"]["loss"] < result["base"]["loss"]
-    assert result["tuned"]["perplexity"] < result["base"]["perplexity"]
-    assert json.loads((trained_run / "eval.json").read_text()) == result
-    assert "| tuned (adapter) |" in (trained_run / "eval.md").read_text()
-    progress = [event for event in runfolder.read_events(job_dir) if event.kind == "progress"]
-    assert progress[-1].step == progress[-1].total == 4  # 2 batches × (base, tuned)
-    assert runfolder.read_progress(job_dir).fraction == 1.0
-
-
-@pytest.mark.slow
-def test_eval_cli_runs_an_eval_job(trained_run, workspace):
-    done = main_py("--workspace", str(workspace), "eval", str(trained_run), "--max-rows", "2")
-    assert done.returncode == 0, done.stderr + done.stdout
-    assert "| base (demo) |" in done.stdout
-    (job,) = [run for run in jobs.list_runs(workspace) if run.kind == "eval"]
-    assert job.name == "eval-trained" and job.state == "done"
-    assert json.loads((trained_run / "eval.json").read_text())["rows"] == 2
-
-
 # ---------------------------------------------------------------- decoding
 
 
@@ -242,7 +199,7 @@ def test_tuned_side_merges_the_adapter_in_place_and_base_restores_the_weights_bi
     import torch
 
     assert not tuned.merge_lora  # on the CPU the adapter stays unmerged (a merge costs more than it saves)
-    _, layer = next(inference_utils._lora_layers(tuned.model))
+    _, layer = next(lora_weights.lora_layers(tuned.model))
     original = layer.get_base_layer().weight.detach().clone()
     tuned.merge_lora = True  # what load_chat_model sets on CUDA
     try:

@@ -16,7 +16,8 @@ import jobs
 import runfolder
 import stages
 import submit
-from inference_utils import EvalConfig, GenerationConfig
+from evaluation import EvalConfig
+from inference_utils import GenerationConfig
 from ui import forms
 from ui.common import guarded, job_html, run_names
 
