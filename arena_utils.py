@@ -424,7 +424,4 @@ async def _judge_all(
                 )
         return "done"
     finally:
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        await client.close()
+        await llm_clients.cancel_and_close(pending, client)

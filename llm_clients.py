@@ -582,6 +582,15 @@ def open_client(config: ClientConfig, api_key: str | None, on_retry: Callable[[]
     return CLIENTS[config.provider](config, api_key, on_retry)
 
 
+async def cancel_and_close(pending, client: Client) -> None:
+    """The end of a job's request loop (done, stopped or failed): the requests still in flight cancelled and waited
+    for, then the client's connections closed."""
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    await client.close()
+
+
 def check_server(config: ClientConfig, api_key: str | None) -> None:
     """UserError now when the server cannot answer: nothing listening, a refused key, an unknown model."""
 

@@ -255,10 +255,7 @@ async def _generate(
                 run.report()
         return "done"
     finally:
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        await client.close()
+        await llm_clients.cancel_and_close(pending, client)
 
 
 def _rejects_message(run: _Run) -> str:
