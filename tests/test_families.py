@@ -50,6 +50,7 @@ def family_config(folder, data, template: str | None) -> TrainConfig:
     )
 
 
+@pytest.mark.slow  # each family trains, exports and loads a GGUF: 9–40 s apiece on the CPU
 @pytest.mark.parametrize("family", list(MODEL_FAMILIES))
 def test_family_trains_chats_exports_and_loads_in_llama_cpp(family, family_model, workspace):
     import llama_cpp

@@ -143,6 +143,7 @@ def test_a_few_preference_steps_raise_the_margin_on_held_out_pairs(demo_workspac
 # ---------------------------------------------------------------- GRPO learns a format
 
 
+@pytest.mark.slow  # 20–70 s of GRPO steps on the CPU
 def test_grpo_with_the_format_reward_raises_the_mean_reward(demo_workspace):
     # The demo model starts some of its replies with "The capital of X is"; the format reward teaches it to always.
     rows = [{"prompt": f"What is the capital of {country}?", "answer": capital} for country, capital in COUNTRIES]
