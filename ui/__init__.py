@@ -55,7 +55,7 @@ def build_app(workspace: str | Path | None = None) -> gr.Blocks:
                 runs = runs_tab.build()
         model_tab.wire(model, form, [model.memory, train.memory], app, root)
         dataset_tab.wire(dataset, form, root)
-        synthetic_tab.wire(synthetic, form.widgets["dataset.source"], "dataset", tabs, app, root)
+        synthetic_tab.wire(synthetic, form.widgets[dataset_tab.FIELDS.dataset.source], "dataset", tabs, app, root)
         train_tab.wire(train, form, app, root)
         test_tab.wire(test, test_container, root)
         arena_tab.wire(arena, arena_container, app, root)

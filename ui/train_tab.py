@@ -17,16 +17,18 @@ import jobs
 import model_utils
 import planning
 import runfolder
+import settings
 import stages
 import submit
 from rewards import BUILTIN_REWARDS
-from train_config import ALL_LINEAR, ALL_LINEAR_LAYERS, FUSED_LINEAR
+from train_config import ALL_LINEAR, ALL_LINEAR_LAYERS, FUSED_LINEAR, TrainConfig
 from ui import forms
 from ui.common import active_runs, duration, event_log, guarded, latest_run, loss_frame, progress_html, run_names
 from workspace import UserError
 
 POLL_S = 1.5
 KINDS = ("train",)
+FIELDS = settings.keys(TrainConfig)  # the form's keys, named through the config's fields
 
 
 @dataclass
@@ -123,47 +125,47 @@ def _settings(form: forms.Form) -> gr.Textbox:
     """The training settings; returns the GRPO judge's API key box (no setting: it is never saved)."""
     with gr.Row():
         # 0 in the widget means "no max_steps: train for the epochs" (values_to_config turns it into None).
-        forms.setting(form, "max_steps", minimum=0, elem_id="train-max-steps")
-        forms.setting(form, "num_train_epochs")
-        forms.setting(form, "learning_rate", step=1e-5, elem_id="train-lr")
+        forms.setting(form, FIELDS.max_steps, minimum=0, elem_id="train-max-steps")
+        forms.setting(form, FIELDS.num_train_epochs)
+        forms.setting(form, FIELDS.learning_rate, step=1e-5, elem_id="train-lr")
     with gr.Row():
-        forms.setting(form, "per_device_train_batch_size", elem_id="train-batch")
-        forms.setting(form, "gradient_accumulation_steps", elem_id="train-accum")
-        forms.setting(form, "max_seq_length", elem_id="train-seq")
+        forms.setting(form, FIELDS.per_device_train_batch_size, elem_id="train-batch")
+        forms.setting(form, FIELDS.gradient_accumulation_steps, elem_id="train-accum")
+        forms.setting(form, FIELDS.max_seq_length, elem_id="train-seq")
     with gr.Row():
-        forms.setting(form, "lora_r", elem_id="train-lora-r")
-        forms.setting(form, "lora_alpha")
-        forms.setting(form, "lora_dropout", step=0.05)
+        forms.setting(form, FIELDS.lora_r, elem_id="train-lora-r")
+        forms.setting(form, FIELDS.lora_alpha)
+        forms.setting(form, FIELDS.lora_dropout, step=0.05)
     # all-linear fits every family; the names are the Llama-style ones and Phi's fused layers.
     forms.setting(
-        form, "target_modules", choices=[ALL_LINEAR_LAYERS, *ALL_LINEAR, *FUSED_LINEAR], allow_custom_value=True
+        form, FIELDS.target_modules, choices=[ALL_LINEAR_LAYERS, *ALL_LINEAR, *FUSED_LINEAR], allow_custom_value=True
     )
     with gr.Row():
-        forms.setting(form, "eval_split", step=0.05, elem_id="train-eval")
-        forms.setting(form, "save_steps", elem_id="train-save-steps")
-        forms.setting(form, "early_stopping", elem_id="train-early-stopping")
+        forms.setting(form, FIELDS.eval_split, step=0.05, elem_id="train-eval")
+        forms.setting(form, FIELDS.save_steps, elem_id="train-save-steps")
+        forms.setting(form, FIELDS.early_stopping, elem_id="train-early-stopping")
     judge_api_key = _stage_settings(form)
     with gr.Accordion("Advanced", open=False, elem_id="train-advanced"):
         with gr.Row():
-            forms.setting(form, "gradient_checkpointing", elem_id="train-gc")
-            forms.setting(form, "train_on_responses_only")
-            forms.setting(form, "packing")
-            forms.setting(form, "fit_micro_batch")
+            forms.setting(form, FIELDS.gradient_checkpointing, elem_id="train-gc")
+            forms.setting(form, FIELDS.train_on_responses_only)
+            forms.setting(form, FIELDS.packing)
+            forms.setting(form, FIELDS.fit_micro_batch)
         with gr.Row():
-            forms.setting(form, "warmup_steps", elem_id="train-warmup")
-            forms.setting(form, "lr_scheduler_type")
-            forms.setting(form, "weight_decay")
+            forms.setting(form, FIELDS.warmup_steps, elem_id="train-warmup")
+            forms.setting(form, FIELDS.lr_scheduler_type)
+            forms.setting(form, FIELDS.weight_decay)
         with gr.Row():
-            forms.setting(form, "optim")
-            forms.setting(form, "eval_steps")
-            forms.setting(form, "early_stopping_patience")
-            forms.setting(form, "early_stopping_threshold", step=0.01)
-            forms.setting(form, "save_total_limit")
+            forms.setting(form, FIELDS.optim)
+            forms.setting(form, FIELDS.eval_steps)
+            forms.setting(form, FIELDS.early_stopping_patience)
+            forms.setting(form, FIELDS.early_stopping_threshold, step=0.01)
+            forms.setting(form, FIELDS.save_total_limit)
         with gr.Row():
-            forms.setting(form, "logging_steps")
-            forms.setting(form, "seed")
-            forms.setting(form, "report_to")
-            forms.setting(form, "num_gpus")
+            forms.setting(form, FIELDS.logging_steps)
+            forms.setting(form, FIELDS.seed)
+            forms.setting(form, FIELDS.report_to)
+            forms.setting(form, FIELDS.num_gpus)
 
     return judge_api_key
 
@@ -253,7 +255,14 @@ def _wire_planning(tab: TrainTab, form: forms.Form, app: gr.Blocks, workspace: P
         except (UserError, TypeError, ValueError, OSError) as exc:  # a half-typed number reaches here as None
             return f"**Time estimate unavailable:** {exc}"
 
-    triggers = ["model.name_or_path", "dataset.source", "mode", *fields, "num_train_epochs", "gradient_checkpointing"]
+    triggers = [
+        FIELDS.model.name_or_path,
+        FIELDS.dataset.source,
+        "mode",  # the form's LoRA / QLoRA / full choice, not a field
+        *fields,
+        FIELDS.num_train_epochs,
+        FIELDS.gradient_checkpointing,
+    ]
     gr.on(
         [app.load, *[form.widgets[key].change for key in triggers if key in form.widgets]],
         estimate,
@@ -308,30 +317,34 @@ def _stage_settings(form: forms.Form) -> gr.Textbox:
     (its record's `settings`), one widget each."""
     with gr.Accordion("Stage: SFT, DPO / ORPO / KTO preference tuning, GRPO reinforcement learning", open=False):
         with gr.Row():
-            forms.setting(form, "stage", elem_id="train-stage")
-            forms.setting(form, "start_from_run", elem_id="train-start-from-run")
-            forms.setting(form, "beta", step=0.01, elem_id="train-beta")
+            forms.setting(form, FIELDS.stage, elem_id="train-stage")
+            forms.setting(form, FIELDS.start_from_run, elem_id="train-start-from-run")
+            forms.setting(form, FIELDS.beta, step=0.01, elem_id="train-beta")
         with gr.Row():
-            forms.setting(form, "num_generations", elem_id="train-num-generations")
-            forms.setting(form, "max_completion_length")
-            forms.setting(form, "temperature", step=0.1)
+            forms.setting(form, FIELDS.num_generations, elem_id="train-num-generations")
+            forms.setting(form, FIELDS.max_completion_length)
+            forms.setting(form, FIELDS.temperature, step=0.1)
         with gr.Row():
-            forms.setting(form, "reward_funcs", choices=list(BUILTIN_REWARDS), scale=2, elem_id="train-rewards")
+            forms.setting(form, FIELDS.reward_funcs, choices=list(BUILTIN_REWARDS), scale=2, elem_id="train-rewards")
             forms.setting(
-                form, "reward_weights", component=gr.Textbox, placeholder="e.g. 1, 0.5", elem_id="train-reward-weights"
+                form,
+                FIELDS.reward_weights,
+                component=gr.Textbox,
+                placeholder="e.g. 1, 0.5",
+                elem_id="train-reward-weights",
             )
         with gr.Row():
-            forms.setting(form, "reward_pattern", elem_id="train-reward-pattern")
-            forms.setting(form, "reference_column")
-            forms.setting(form, "reward_min_length")
-            forms.setting(form, "reward_max_length")
+            forms.setting(form, FIELDS.reward_pattern, elem_id="train-reward-pattern")
+            forms.setting(form, FIELDS.reference_column)
+            forms.setting(form, FIELDS.reward_min_length)
+            forms.setting(form, FIELDS.reward_max_length)
         with gr.Row():
-            forms.setting(form, "judge_provider", elem_id="train-judge-provider")
-            forms.setting(form, "judge_model", elem_id="train-judge-model")
-            forms.setting(form, "judge_base_url", elem_id="train-judge-url")
-            forms.setting(form, "judge_min_score")
-            forms.setting(form, "judge_max_score")
-        forms.setting(form, "judge_rubric", lines=2, elem_id="train-judge-rubric")
+            forms.setting(form, FIELDS.judge_provider, elem_id="train-judge-provider")
+            forms.setting(form, FIELDS.judge_model, elem_id="train-judge-model")
+            forms.setting(form, FIELDS.judge_base_url, elem_id="train-judge-url")
+            forms.setting(form, FIELDS.judge_min_score)
+            forms.setting(form, FIELDS.judge_max_score)
+        forms.setting(form, FIELDS.judge_rubric, lines=2, elem_id="train-judge-rubric")
         judge_api_key = gr.Textbox(
             label="Judge API key",
             type="password",
@@ -340,9 +353,9 @@ def _stage_settings(form: forms.Form) -> gr.Textbox:
             elem_id="train-judge-api-key",
         )
         with gr.Row():
-            forms.setting(form, "reward_file", elem_id="train-reward-file")
-            forms.setting(form, "reward_file_functions", allow_custom_value=True, elem_id="train-reward-functions")
-            forms.setting(form, "allow_reward_file", elem_id="train-allow-reward-file")
+            forms.setting(form, FIELDS.reward_file, elem_id="train-reward-file")
+            forms.setting(form, FIELDS.reward_file_functions, allow_custom_value=True, elem_id="train-reward-functions")
+            forms.setting(form, FIELDS.allow_reward_file, elem_id="train-allow-reward-file")
         gr.Markdown(REWARD_FILE_WARNING, elem_id="train-reward-file-warning")
         others = [name for name in stages.own_settings() if name not in form.widgets]
         if others:
