@@ -54,6 +54,8 @@ class JobKind:
     run_name: str = ""  # function(config) -> the run's default name; "" for <kind>-<date>-<time>
     reads: tuple[str, ...] = ()  # settings naming training runs it reads (a run, or a list's `run:NAME` items)
     launch: str = ""  # function(settings) -> (processes, environment); "" for one process
+    checkpoints: bool = False  # resumes from its last checkpoint: a stopped run with none cannot resume
+    read_by_jobs: bool = False  # other kinds' jobs read its runs (their `reads`): deleting one waits for them
 
     def resolve(self, name: str) -> Callable:
         module, function = name.split(":")
@@ -72,6 +74,8 @@ KINDS = {
             env="job_checks:train_env",
             inputs="job_checks:train_inputs",
             launch="training_utils:launch_plan",
+            checkpoints=True,
+            read_by_jobs=True,
         ),
         JobKind(
             "export",
@@ -271,7 +275,8 @@ class Actions:
 def actions(run_dir: Path, status: Status | None = None) -> Actions:
     run_dir = Path(run_dir)
     status = status or job_status(run_dir)
-    state, name, kind = status.state, run_dir.name, runfolder.read_kind(run_dir)
+    state, name = status.state, run_dir.name
+    job_kind = KINDS.get(runfolder.read_kind(run_dir))
     can_stop = state in (State.QUEUED, State.RUNNING)
     stop_reason = "" if can_stop else f"Run '{name}' is not running (it is {state})."
     if status.active:
@@ -280,14 +285,14 @@ def actions(run_dir: Path, status: Status | None = None) -> Actions:
         resume_reason = f"Run '{name}' finished; start a new run instead."
     elif state not in (State.STOPPED, State.FAILED):
         resume_reason = f"Run '{name}' is {state}; only a stopped or failed run can be resumed."
-    elif kind == "train" and runfolder.last_checkpoint(run_dir) is None:
+    elif job_kind and job_kind.checkpoints and runfolder.last_checkpoint(run_dir) is None:
         resume_reason = f"Run '{name}' has no checkpoint to resume from; start a new run instead."
     else:
         resume_reason = ""
     if status.active:
         delete_reason = f"Run '{name}' is still active; stop it before deleting it."
     else:
-        user = active_user(run_dir) if kind == "train" else None
+        user = active_user(run_dir) if job_kind and job_kind.read_by_jobs else None
         delete_reason = (
             f"The {user.kind} job '{user.name}' is reading run '{name}' ({user.state}); wait for it or stop it "
             "before deleting this run."
