@@ -9,12 +9,10 @@ is GGUF's, so every export run made before targets keeps resuming.
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from workspace import UserError
+from workspace import UserError, import_function
 
 DEFAULT = "gguf"
 
@@ -27,10 +25,6 @@ class ExportTarget:
     config: str  # function(settings: dict) -> the target's config dataclass (its `run` names the training run)
     check: str  # function(config, workspace) -> the runfolder.TrainedModel it exports; UserError before a job exists
     run: str  # function(config, ctx: runfolder.JobContext) -> "done" | "stopped"
-
-    def resolve(self, name: str) -> Callable:
-        module, function = name.split(":")
-        return getattr(importlib.import_module(module), function)
 
 
 TARGETS = {
@@ -56,10 +50,10 @@ def target_of(config: Any) -> ExportTarget:
 def config_from_dict(settings: dict[str, Any]) -> Any:
     """The export job kind's config: the config dataclass of the target its settings name."""
     target = target_of(settings)
-    return target.resolve(target.config)(settings)
+    return import_function(target.config)(settings)
 
 
 def export_job(config: Any, ctx) -> str:
     """The export job kind's job function: the config's target runs it."""
     target = target_of(config)
-    return target.resolve(target.run)(config, ctx)
+    return import_function(target.run)(config, ctx)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import runfolder
-from workspace import resolve_user_path
+from workspace import import_function, resolve_user_path
 
 # ---------------------------------------------------------------- train
 
@@ -112,7 +112,7 @@ def check_export(config, workspace: str | Path | None = None, api_key: str | Non
     import export_targets
 
     target = export_targets.target_of(config)
-    model = target.resolve(target.check)(config, workspace)
+    model = import_function(target.check)(config, workspace)
     config.run = run_reference(model.run_dir, workspace)
     return config
 

@@ -10,7 +10,6 @@ stage modules never import this module: they receive a `runfolder.JobContext`.
 from __future__ import annotations
 
 import fcntl
-import importlib
 import logging
 import os
 import shutil
@@ -29,7 +28,7 @@ from typing import Any
 
 import runfolder
 from runfolder import JobContext, Progress, Reporter, State, Status, StopFlag
-from workspace import UserError
+from workspace import UserError, import_function
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +55,6 @@ class JobKind:
     launch: str = ""  # function(settings) -> (processes, environment); "" for one process
     checkpoints: bool = False  # resumes from its last checkpoint: a stopped run with none cannot resume
     read_by_jobs: bool = False  # other kinds' jobs read its runs (their `reads`): deleting one waits for them
-
-    def resolve(self, name: str) -> Callable:
-        module, function = name.split(":")
-        return getattr(importlib.import_module(module), function)
 
 
 KINDS = {
@@ -230,7 +225,7 @@ def launch_plan(run_dir: Path) -> tuple[int, dict[str, str]]:
     kind = job_kind(runfolder.read_kind(run_dir))
     if not kind.launch:
         return 1, {}
-    return kind.resolve(kind.launch)(runfolder.stage_settings(run_dir))
+    return import_function(kind.launch)(runfolder.stage_settings(run_dir))
 
 
 def launch_command(run_dir: Path, resume: bool, processes: int) -> list[str]:
@@ -509,8 +504,8 @@ def run_job(run_dir: Path, resume: bool = False) -> int:
 
 def _run_kind(kind: JobKind, settings: dict[str, Any], ctx: JobContext) -> str:
     runfolder.check_inputs(ctx.run_dir, ctx.resume)
-    config = kind.resolve(kind.config)(settings)
-    return kind.resolve(kind.entry)(config, ctx)
+    config = import_function(kind.config)(settings)
+    return import_function(kind.entry)(config, ctx)
 
 
 def _run_other_rank(

@@ -13,7 +13,6 @@ in the training job or in the check before it.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,15 +20,14 @@ from types import MappingProxyType
 from typing import Any
 
 from runfolder import TrainedModel, run_stage, trained_model
-from workspace import UserError
+from workspace import UserError, import_function
 
 
 def later(target: str) -> Callable[..., Any]:
     """The function `target` ("module:function"), imported when first called rather than now."""
-    module_name, _, function_name = target.partition(":")
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        return getattr(importlib.import_module(module_name), function_name)(*args, **kwargs)
+        return import_function(target)(*args, **kwargs)
 
     call.__name__ = call.__qualname__ = target
     call.target = target  # type: ignore[attr-defined]  # tests resolve it without calling it

@@ -13,7 +13,7 @@ from typing import Any
 
 import jobs
 import runfolder
-from workspace import UserError, config_to_dict
+from workspace import UserError, config_to_dict, import_function
 
 
 def submit(
@@ -29,14 +29,14 @@ def submit(
     `name` blank: the kind's default (export-RUN, eval-RUN, else KIND-date-time)."""
     job_kind = jobs.job_kind(kind)
     if isinstance(config, dict):
-        config = job_kind.resolve(job_kind.config)(config)
-    config = job_kind.resolve(job_kind.check)(config, workspace, api_key)
+        config = import_function(job_kind.config)(config)
+    config = import_function(job_kind.check)(config, workspace, api_key)
     settings = config_to_dict(config)
-    env = job_kind.resolve(job_kind.env)(settings, api_key) if job_kind.env else {}
-    files = job_kind.resolve(job_kind.inputs)(config) if job_kind.inputs else []
+    env = import_function(job_kind.env)(settings, api_key) if job_kind.env else {}
+    files = import_function(job_kind.inputs)(config) if job_kind.inputs else []
     inputs = {str(path): runfolder.file_sha256(path) for path in files}
     if not (name or "").strip() and job_kind.run_name:
-        name = job_kind.resolve(job_kind.run_name)(config)
+        name = import_function(job_kind.run_name)(config)
     run_dir = jobs.create_run(kind, settings, workspace, name, inputs=inputs)
     jobs.start_job(run_dir, env=env)
     return run_dir
@@ -47,7 +47,7 @@ def resume(run: str | Path, workspace: str | Path | None = None, api_key: str | 
     environment made again from its saved settings."""
     run_dir = runfolder.run_path(run, workspace)
     job_kind = jobs.job_kind(runfolder.read_kind(run_dir))
-    env = job_kind.resolve(job_kind.env)(runfolder.stage_settings(run_dir), api_key) if job_kind.env else {}
+    env = import_function(job_kind.env)(runfolder.stage_settings(run_dir), api_key) if job_kind.env else {}
     jobs.resume_job(run_dir, env=env)
     return run_dir
 

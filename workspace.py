@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -11,7 +12,7 @@ import shutil
 import tempfile
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,13 @@ def read_json(path: Path, default: Any = None) -> Any:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):
         return default
+
+
+def import_function(target: str) -> Callable[..., Any]:
+    """The function named "module:function", imported now: registries (training stages, job kinds, export targets)
+    name their functions this way so that reading a record imports none of their code."""
+    module_name, _, function_name = target.partition(":")
+    return getattr(importlib.import_module(module_name), function_name)
 
 
 def config_from_dict(cls: type, data: dict[str, Any] | None, where: str = "config") -> Any:

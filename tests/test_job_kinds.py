@@ -19,7 +19,7 @@ import gguf_utils
 import jobs
 import runfolder
 import submit
-from workspace import UserError, config_to_dict, load_yaml, resolve_user_path
+from workspace import UserError, config_to_dict, import_function, load_yaml, resolve_user_path
 
 KEY = "sk-toy-secret"
 
@@ -195,15 +195,13 @@ def test_an_export_config_that_names_no_target_is_gguf():
 def test_every_function_an_entry_names_exists():
     """Entries name their functions as text (imported when called): a misspelt one must fail here, not in a job."""
     names = [
-        (kind, getattr(kind, field))
+        getattr(kind, field)
         for kind in jobs.KINDS.values()
         for field in ("config", "check", "entry", "env", "inputs", "run_name", "launch")
         if getattr(kind, field)
     ]
     names += [
-        (target, getattr(target, field))
-        for target in export_targets.TARGETS.values()
-        for field in ("config", "check", "run")
+        getattr(target, field) for target in export_targets.TARGETS.values() for field in ("config", "check", "run")
     ]
-    for entry, name in names:
-        assert callable(entry.resolve(name)), name  # a missing module or function raises here
+    for name in names:
+        assert callable(import_function(name)), name  # a missing module or function raises here
