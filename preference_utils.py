@@ -309,28 +309,29 @@ def dpo_trainer(config, model, tokenizer, ctx: JobContext, backend: str):
     """DPO's trainer over the run's pairs (training_utils adds its events callback)."""
     from trl import DPOConfig, DPOTrainer
 
-    common, datasets = _trl_setup(config, tokenizer, ctx, backend)
-    args = DPOConfig(**common, max_length=config.max_seq_length)
-    return DPOTrainer(model=model, args=args, processing_class=tokenizer, **datasets)
+    return _preference_trainer(DPOConfig, DPOTrainer, config, model, tokenizer, ctx, backend)
 
 
 def orpo_trainer(config, model, tokenizer, ctx: JobContext, backend: str):
     """ORPO's trainer over the run's pairs."""
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-    common, datasets = _trl_setup(config, tokenizer, ctx, backend)
-    args = ORPOConfig(**common, max_length=config.max_seq_length)
-    return ORPOTrainer(model=model, args=args, processing_class=tokenizer, **datasets)
+    return _preference_trainer(ORPOConfig, ORPOTrainer, config, model, tokenizer, ctx, backend)
 
 
 def kto_trainer(config, model, tokenizer, ctx: JobContext, backend: str):
-    """KTO's trainer over the run's unpaired rows (pairs split in two)."""
+    """KTO's trainer over the run's unpaired rows (pairs split in two). A LoRA model is its own reference (the
+    adapter switched off); a full fine-tune gets a frozen copy."""
     from trl import KTOConfig, KTOTrainer
 
+    return _preference_trainer(KTOConfig, KTOTrainer, config, model, tokenizer, ctx, backend)
+
+
+def _preference_trainer(config_class, trainer_class, config, model, tokenizer, ctx: JobContext, backend: str):
+    """A TRL preference trainer (DPO, ORPO, KTO) over the run's prepared rows: they differ only in their classes."""
     common, datasets = _trl_setup(config, tokenizer, ctx, backend)
-    # A LoRA model is its own reference (the adapter switched off); a full fine-tune gets a frozen copy.
-    args = KTOConfig(**common, max_length=config.max_seq_length)
-    return KTOTrainer(model=model, args=args, processing_class=tokenizer, **datasets)
+    args = config_class(**common, max_length=config.max_seq_length)
+    return trainer_class(model=model, args=args, processing_class=tokenizer, **datasets)
 
 
 def grpo_trainer(config, model, tokenizer, ctx: JobContext, backend: str):
