@@ -113,6 +113,9 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     # Each flag was checked against its field's bounds when it was read: these go to prepare_dataset, no validate().
     prepare = {name: given.get(name, settings.default_of(TrainConfig, name)) for name in PREPARE_FLAGS}
     tokenizer = model_utils.load_tokenizer(model_utils.resolve_model_path(args.model, args.workspace))
+    stage = _dataset_stage(config, given, args.workspace)
+    if stage is not None:
+        return _stage_dataset(config, tokenizer, stage, prepare, given, args)
     if args.report or args.clean:
         return _dataset_report(config, tokenizer, prepare, args)
     prepared = dataset_utils.prepare_dataset(config, tokenizer, workspace=args.workspace, **prepare)
@@ -139,6 +142,59 @@ def _dataset_report(config, tokenizer, prepare: dict, args: argparse.Namespace) 
         path, rows = dataset_report.write_cleaned_copy(config, report, args.workspace)
         print(f"cleaned copy: {path} ({rows} of {report.rows} rows)")
     return 0
+
+
+def _dataset_stage(config, given: dict, workspace) -> str | None:
+    """The stage `main.py dataset` reads the rows as when it is not SFT: --stage, or DPO / KTO for columns of
+    pairs / KTO rows."""
+    import preference_data
+    from train_config import TrainConfig
+
+    stage = preference_data.stage_of_source(
+        config, given.get("stage", settings.default_of(TrainConfig, "stage")), workspace
+    )
+    return stage if preference_data.reads_stage_format(stage) else None
+
+
+def _stage_dataset(config, tokenizer, stage: str, prepare: dict, given: dict, args: argparse.Namespace) -> int:
+    """`main.py dataset` for preference and prompt data: the report, or the first rows rendered as `stage` trains
+    them (the replies between ⟦ and ⟧)."""
+    import dataset_report
+    import preference_data
+    import stages
+
+    reference = given.get("reference_column", "")
+    if args.report or args.clean:
+        report = preference_data.report_for_stage(
+            config, stage, tokenizer, workspace=args.workspace, reference_column=reference, **prepare_view(prepare)
+        )
+        print(report.text())
+        if args.clean:
+            path, rows = dataset_report.write_cleaned_copy(config, report, args.workspace)
+            print(f"cleaned copy: {path} ({rows} of {report.rows} rows)")
+        return 0
+    fmt, shown = preference_data.rendered_rows(config, stage, tokenizer, args.examples, args.workspace, reference)
+    print(f"format: {fmt} (read as {stages.get(stage).title} reads it)")
+    print("each example: the prompt as the chat template renders it, then each reply between ⟦ and ⟧")
+    for index, example in enumerate(shown, start=1):
+        print(f"\n--- example {index}")
+        if "error" in example:
+            print(f"cannot train: {example['error']}")
+            continue
+        print(example["prompt"], end="")
+        for side in ("chosen", "rejected", "completion"):
+            if side in example:
+                label = f" ({example['label']})" if side == "completion" else ""
+                print(f"\n[{side}{label}] ⟦{example[side]}⟧")
+        if example.get("answer"):  # GRPO's reference for its rewards: the replies are generated
+            print(f"\n[reference answer] {example['answer']}")
+    return 0
+
+
+def prepare_view(prepare: dict) -> dict:
+    """The preparation settings a preference report reads (it renders every reply: train_on_responses_only is
+    SFT's)."""
+    return {name: value for name, value in prepare.items() if name != "train_on_responses_only"}
 
 
 def _parse_mapping(pairs: list[str]) -> dict[str, str]:
@@ -515,6 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--map", action="append", metavar="FIELD=COLUMN", help="column mapping, repeatable")
     settings.add_config_flags(data, DatasetConfig, exclude=["source", "column_map"], section="dataset")
     settings.add_config_flags(data, TrainConfig, names=PREPARE_FLAGS)
+    # The stage reads the rows in its format (pairs, KTO rows, GRPO prompts); without it, columns of pairs read as DPO.
+    settings.add_config_flags(data, TrainConfig, names=("stage", "reference_column"))
     data.add_argument("--examples", type=int, default=2, help="how many rendered examples to print")
     data.add_argument(
         "--report",

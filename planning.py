@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import preference_data
 import stages
 from dataset_report import DatasetReport, report_for_training
 from model_utils import Device, count_parameters, detect_device, estimate_memory, fit_micro_batch, resolve_model_path
@@ -121,7 +122,8 @@ def dataset_report_for(config: TrainConfig, workspace: str | Path | None = None)
     stamp = (source.stat().st_size, source.stat().st_mtime_ns) if source.is_file() else None
     key = json.dumps(
         [dataclasses.asdict(config.dataset), config.model.name_or_path, config.max_seq_length, stamp]
-        + [config.train_on_responses_only, config.eval_split, config.seed, str(workspace)],
+        + [config.train_on_responses_only, config.eval_split, config.seed, str(workspace)]
+        + [config.stage, config.reference_column],
         sort_keys=True,
         default=str,
     )
@@ -138,7 +140,23 @@ def _build_report(config: TrainConfig, workspace: str | Path | None) -> DatasetR
     # A view: a Hub id not downloaded yet gives its reason (Download first) instead of downloading here.
     path = resolve_model_path(config.model.name_or_path, workspace, download=False)
     tokenizer = model_utils.load_tokenizer(path, config.model.trust_remote_code)
+    if preference_data.reads_stage_format(config.stage):
+        return report_of_stage_data(config, tokenizer, workspace)
     return report_for_training(config, tokenizer, workspace)
+
+
+def report_of_stage_data(config: TrainConfig, tokenizer, workspace: str | Path | None) -> DatasetReport:
+    """The report of a preference or GRPO run's data, read in its stage's format (pairs, KTO rows, prompts)."""
+    return preference_data.report_for_stage(
+        config.dataset,
+        config.stage,
+        tokenizer,
+        config.max_seq_length,
+        config.eval_split,
+        config.seed,
+        workspace,
+        config.reference_column,
+    )
 
 
 def suggest(
@@ -391,6 +409,9 @@ def estimate_time(
     per_step = batch * config.gradient_accumulation_steps
     layout = batch_layout(config, device)
     mean, longest = row_tokens(report.lengths, config.max_seq_length, batch)
+    sides = pair_sequences(config, report)
+    if sides == 2 and stages.get(config.stage).data_formats[0] == "unpaired":
+        train_rows, sides = train_rows * 2, 1  # KTO trains each pair as two rows
     if layout == "packed":
         real = computed = seq = float(config.max_seq_length)
         steps = config.max_steps or max(
@@ -405,7 +426,7 @@ def estimate_time(
             (mean if layout == "padding_free" else longest),
             (longest if layout == "padded" else mean),
         )
-    real_tokens, compute_tokens = steps * per_step * real, steps * per_step * computed
+    real_tokens, compute_tokens = steps * per_step * real * sides, steps * per_step * computed * sides
     # Rows of one length (all cut at max_seq_length, or packed) give every step the same shape.
     varied = layout != "packed" and mean < 0.95 * config.max_seq_length
     gpus = max(1, device.gpu_count if config.num_gpus == 0 else config.num_gpus) if device.cuda else 1
@@ -441,6 +462,12 @@ def estimate_time(
         "flop_s": compute_tokens * per_token / (probe * gpus),
     }
     return TimeEstimate(sum(parts.values()), steps, rate, device.name, basis, parts, inputs)
+
+
+def pair_sequences(config: TrainConfig, report: DatasetReport) -> int:
+    """How many sequences a row of the report is trained as: 2 for pairs (DPO and ORPO run the prompt with each
+    reply; the report's lengths are the prompt with the longer one), else 1."""
+    return 2 if report.format == "pairs" and stages.get(config.stage).data_formats[0] != "prompts" else 1
 
 
 def measured_throughput(

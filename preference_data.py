@@ -14,6 +14,7 @@ from typing import Any
 
 import dataset_utils
 import stages
+from dataset_report import DatasetReport
 from dataset_utils import DatasetConfig
 from workspace import UserError
 
@@ -173,13 +174,7 @@ def convert_rows(rows: list[dict], columns: list[str], stage: str, config: Datas
         if reference and reference not in columns:
             raise UserError(f"Reference column '{reference}' not found; columns are: {', '.join(columns)}.")
         return "prompts", [prompt_row(row, fmt, fields, reference, config.system_prompt) for row in rows]
-    fmt = detect_preference_format(columns, column_map)
-    if fmt not in formats:
-        needed = " columns, or ".join(NEEDED_COLUMNS[name] for name in formats)
-        raise UserError(
-            f"{record.title} needs {needed} columns; this dataset has: {', '.join(columns)}. "
-            "Map them in the Dataset tab (column_map)."
-        )
+    fmt = _pair_format(columns, stage, column_map)
     if fmt == "unpaired":
         converted = [unpaired_row(row, column_map, n, config.system_prompt) for n, row in enumerate(rows, start=1)]
     else:
@@ -194,6 +189,19 @@ def convert_rows(rows: list[dict], columns: list[str], stage: str, config: Datas
                 "(label false) completions; add rows of the other kind."
             )
     return fmt, converted
+
+
+def _pair_format(columns: list[str], stage: str, column_map: dict[str, str]) -> str:
+    """The columns' preference format when `stage` trains on it, else UserError naming the columns it needs."""
+    record = stages.get(stage)
+    fmt = detect_preference_format(columns, column_map)
+    if fmt not in record.data_formats:
+        needed = " columns, or ".join(NEEDED_COLUMNS[name] for name in record.data_formats)
+        raise UserError(
+            f"{record.title} needs {needed} columns; this dataset has: {', '.join(columns)}. "
+            "Map them in the Dataset tab (column_map)."
+        )
+    return fmt
 
 
 def prepare_preference_data(
@@ -255,3 +263,188 @@ def preview_pairs(rows: list[dict], columns: list[str], column_map: dict[str, st
                 }
             )
     return shown
+
+
+# ---------------------------------------------------------------- the preview and the report, as the stage reads them
+
+
+def view_stage(stage: str, columns: list[str], column_map: dict[str, str] | None = None) -> str:
+    """The stage whose data format a preview or report reads: `stage` itself unless it trains on SFT rows while the
+    columns hold preference data (then DPO for pairs, KTO for unpaired rows: how such a file is trained)."""
+    if not reads_stage_format(stage):
+        found = detect_preference_format(columns, column_map)
+        if found is not None:
+            return "dpo" if found == "pairs" else "kto"
+    return stage
+
+
+def stage_of_source(config: DatasetConfig, stage: str, workspace=None) -> str:
+    """view_stage of a dataset's columns (its rows are read for them)."""
+    return view_stage(stage, list(dataset_utils.load_rows(config, workspace).column_names), config.column_map)
+
+
+def reads_stage_format(stage: str) -> bool:
+    """Whether `stage` trains on preference or prompt rows (read here), not on SFT rows (dataset_utils)."""
+    return stages.get(stage).data_formats[0] in NEEDED_COLUMNS
+
+
+def convert_each(
+    rows: list[dict], columns: list[str], stage: str, config: DatasetConfig, reference_column: str = ""
+) -> tuple[str, list[dict | str]]:
+    """(format, per row: its example as convert_rows makes it, or why it cannot train `stage`): a view's reading,
+    where one broken row is reported with its reason instead of failing the whole view. Pairs stay pairs for KTO
+    (its trainer's data splits them in two)."""
+    if stages.get(stage).data_formats[0] == "prompts":
+        fmt, fields = _prompt_fields(columns, config)
+        reference = reference_column or next((name for name in REFERENCE_COLUMNS if name in columns), "")
+        if reference and reference not in columns:
+            raise UserError(f"Reference column '{reference}' not found; columns are: {', '.join(columns)}.")
+
+        def convert(row: dict, number: int) -> dict:
+            return prompt_row(row, fmt, fields, reference, config.system_prompt)
+
+        found = "prompts"
+    else:
+        column_map = dict(config.column_map)
+        found = _pair_format(columns, stage, column_map)
+        one = unpaired_row if found == "unpaired" else pair_row
+
+        def convert(row: dict, number: int) -> dict:
+            return one(row, column_map, number, config.system_prompt)
+
+    out: list[dict | str] = []
+    for number, row in enumerate(rows, start=1):
+        try:
+            out.append(convert(row, number))
+        except UserError as exc:
+            out.append(str(exc))
+    return found, out
+
+
+def render_example(example: dict, tokenizer) -> dict[str, str]:
+    """An example's texts as TRL renders a conversational row: the prompt with the chat template's generation
+    prompt, and each reply (chosen, rejected, completion) as the text the template adds after that prompt."""
+    prompt = dataset_utils.render_chat(example["prompt"], tokenizer, add_generation_prompt=True)
+    shown = {"prompt": prompt}
+    for side in ("chosen", "rejected", "completion"):
+        if side in example:
+            whole = dataset_utils.render_chat(example["prompt"] + example[side], tokenizer)
+            shown[side] = whole[len(prompt) :] if whole.startswith(prompt) else whole
+    if "answer" in example:
+        shown["answer"] = example["answer"]
+    if "label" in example:
+        shown["label"] = "desirable" if example["label"] else "undesirable"
+    return shown
+
+
+def rendered_rows(
+    config: DatasetConfig, stage: str, tokenizer, limit: int, workspace=None, reference_column: str = ""
+) -> tuple[str, list[dict[str, str]]]:
+    """(format, the first `limit` rows rendered as `stage` trains them, see render_example; a row that cannot
+    train it as {"row": its number, "error": why}): the Dataset tab's preview and `main.py dataset --examples`."""
+    dataset_utils.ensure_chat_template(tokenizer, config.chat_template)
+    raw = dataset_utils.load_rows(config, workspace)
+    first = raw.select(range(min(limit, len(raw)))).to_list()
+    fmt, examples = convert_each(first, list(raw.column_names), stage, config, reference_column)
+    shown = [
+        {"row": str(number), "error": example} if isinstance(example, str) else render_example(example, tokenizer)
+        for number, example in enumerate(examples, start=1)
+    ]
+    return fmt, shown
+
+
+def _example_texts(example: dict) -> tuple[str, str, list[str]]:
+    """(the whole example as text for duplicates, its prompt's text for leakage, its replies' texts)."""
+
+    def text(turns: list[dict]) -> str:
+        return "\n".join(turn["content"] for turn in turns)
+
+    replies = [text(example[side]) for side in ("chosen", "rejected", "completion") if side in example]
+    if "answer" in example:
+        replies.append(example["answer"])
+    prompt = text(example["prompt"])
+    return "\n".join([prompt, *replies]), prompt, replies
+
+
+def report_for_stage(
+    config: DatasetConfig,
+    stage: str,
+    tokenizer,
+    max_seq_length: int,
+    eval_split: float = 0.0,
+    seed: int = dataset_utils.DEFAULT_SEED,
+    workspace=None,
+    reference_column: str = "",
+) -> DatasetReport:
+    """The quality report of preference or prompt data as `stage` reads it: duplicates, rows it cannot train (an
+    empty side among them), token lengths of the prompt with its longer reply rendered with the chat template
+    (what the trainer's max_length cuts), rows cut, leakage. GRPO's lengths are its prompts': the replies are
+    generated."""
+    import datasets
+    import numpy as np
+
+    from text_duplicates import DuplicateIndex, normalize_text
+
+    dataset_utils.ensure_chat_template(tokenizer, config.chat_template)
+    raw = dataset_utils.load_rows(config, workspace)
+    fmt, examples = convert_each(raw.to_list(), list(raw.column_names), stage, config, reference_column)
+    report = DatasetReport(str(config.source), fmt, len(raw), max_seq_length, eval_split=eval_split)
+    if len(raw) < 2:
+        report.notes.append(f"only {len(raw)} row: too few for duplicates, an eval split or a useful run.")
+    index, prompts, lengths = DuplicateIndex(), {}, {}
+    generated = fmt == "prompts"
+    for number, example in enumerate(examples, start=1):
+        if isinstance(example, str):
+            # pair_row and unpaired_row name an empty side "… is empty": counted with the SFT report's empty replies
+            if " is empty" in example:
+                report.empty_replies.append(number)
+            else:
+                report.dropped[number] = example
+            continue
+        whole, prompt, _ = _example_texts(example)
+        found = index.find(whole)
+        if found:
+            kind, earlier = found
+            (report.duplicates if kind == "duplicate" else report.near_duplicates).append(number)
+            report.duplicate_of[number] = earlier
+        else:
+            index.add(number, whole)
+        shown = render_example(example, tokenizer)
+        prompt_tokens = _tokens(shown["prompt"], tokenizer)
+        replies = [_tokens(shown[side], tokenizer) for side in ("chosen", "rejected", "completion") if side in shown]
+        lengths[number] = prompt_tokens + (0 if generated else max(replies, default=0))
+        room = max(0, max_seq_length - prompt_tokens)
+        report.reply_tokens += sum(replies)
+        report.reply_tokens_lost += sum(max(0, reply - room) for reply in replies)
+        if lengths[number] > max_seq_length:
+            report.truncated.append(number)
+        if not generated and room == 0:
+            report.dropped[number] = "the prompt alone fills max_seq_length: no reply token is left to train"
+            continue
+        prompts[number] = normalize_text(prompt)
+    report.usable_rows = len(prompts)
+    if lengths:
+        values = np.percentile(list(lengths.values()), [50, 95, 99])
+        report.lengths = {
+            "p50": int(np.ceil(values[0])),
+            "p95": int(np.ceil(values[1])),
+            "p99": int(np.ceil(values[2])),
+            "max": max(lengths.values()),
+        }
+        report.longest_row = max(lengths, key=lengths.get)
+    if generated:
+        report.notes.append("lengths are the prompts': GRPO generates the replies (max_completion_length).")
+    if eval_split and report.usable_rows >= 2:
+        usable = sorted(prompts)
+        train, evaluation = dataset_utils.split_train_eval(
+            datasets.Dataset.from_dict({"row": usable}), eval_split, seed
+        )
+        train_prompts = {prompts[n] for n in train["row"] if prompts[n]}
+        report.leaked = sorted(n for n in evaluation["row"] if prompts[n] and prompts[n] in train_prompts)
+    elif eval_split:
+        report.notes.append("eval_split needs at least 2 usable rows; leakage not measured.")
+    return report
+
+
+def _tokens(text: str, tokenizer) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])

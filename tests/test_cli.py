@@ -15,6 +15,7 @@ import main
 import settings
 import submit
 from arena_utils import ArenaConfig
+from conftest import write_jsonl
 from dataset_utils import DatasetConfig
 from download_utils import DownloadConfig
 from evaluation import EvalConfig
@@ -193,3 +194,21 @@ def test_the_dashed_spellings_of_earlier_releases_still_work(submitted, tmp_path
     assert settings.given_settings(args) == {"dataset": {"system_prompt": "Be brief.", "max_rows": 3}}
     args = parser.parse_args(["chat", "--prompt", "hi", "--max-new-tokens", "20", "--temperature", "0"])
     assert settings.given_settings(args) == {"max_new_tokens": 20, "temperature": 0.0}
+
+
+def test_dataset_previews_and_reports_preference_pairs(demo_workspace, capsys):
+    rows = [
+        {"prompt": "What is the capital of France?", "chosen": "Paris.", "rejected": "Lyon."},
+        {"prompt": "What is the capital of France?", "chosen": "Paris.", "rejected": "Lyon."},
+    ]
+    data = str(write_jsonl(demo_workspace / "prefs.jsonl", rows))
+    assert main.main(["--workspace", str(demo_workspace), "dataset", data, "--examples", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "format: pairs (read as DPO reads it)" in out
+    assert "<|im_start|>user\nWhat is the capital of France?<|im_end|>" in out
+    assert "[chosen] ⟦Paris.<|im_end|>" in out and "[rejected] ⟦Lyon.<|im_end|>" in out
+    assert main.main(["--workspace", str(demo_workspace), "dataset", data, "--report", "--stage", "kto"]) == 0
+    out = capsys.readouterr().out
+    assert "(pairs, 2 rows, 2 usable)" in out and "exact duplicates: 1 (rows 2)" in out
+    code, err = run_cli(["dataset", data, "--stage", "nope"], demo_workspace, capsys)
+    assert code != 0 and err.strip() == "error: Unknown stage 'nope'; one of: sft, dpo, orpo, kto, grpo."

@@ -8,6 +8,7 @@ import pytest
 
 import jobs
 import main
+import model_utils
 import planning
 import runfolder
 import submit
@@ -166,3 +167,19 @@ def test_a_finished_run_calibrates_the_next_estimate(early_stopped_run, demo_mod
     estimate = planning.estimate_time(config, str(demo_model), report(6), ws, CPU)
     assert estimate.basis == "measured in run early"
     assert estimate.parts["start"] == planning.TIME_MODEL["cpu"]["start_s"]  # the overheads stay in
+
+
+def test_the_time_estimate_reads_preference_data_in_its_stage_s_format(demo_workspace):
+    rows = [{"prompt": f"Q{n}?", "chosen": f"A good answer {n}.", "rejected": "No."} for n in range(8)]
+    data = write_jsonl(demo_workspace / "prefs.jsonl", rows)
+    for stage in ("dpo", "orpo", "kto", "grpo"):
+        text = planning.time_estimate_text(demo_train_config(data, stage=stage, max_steps=3), demo_workspace)
+        assert text.startswith("≈ ") and "3 steps" in text, (stage, text)
+    config = demo_train_config(data, stage="dpo", max_steps=3)
+    pairs = planning.dataset_report_for(config, demo_workspace)
+    assert pairs.format == "pairs" and pairs.usable_rows == 8
+    # DPO runs both replies of a row: twice the tokens of the same rows read one sequence each
+    path = str(model_utils.demo_model_dir(demo_workspace))
+    dpo = planning.estimate_time(config, path, pairs, demo_workspace, CPU)
+    single = planning.estimate_time(config, path, dataclasses.replace(pairs, format="prompts"), demo_workspace, CPU)
+    assert dpo.inputs["real_tokens"] == 2 * single.inputs["real_tokens"]

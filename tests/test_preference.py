@@ -354,3 +354,61 @@ def test_kto_with_one_row_per_batch_is_refused(workspace):
     data = write_jsonl(workspace / "kto.jsonl", kto_rows(COUNTRIES[:1]))
     with pytest.raises(UserError, match="per_device_train_batch_size to 2"):
         preference_config(data, stage="kto", per_device_train_batch_size=1).validate()
+
+
+# ---------------------------------------------------------------- the preview and the report of pairs and prompts
+
+
+def messy_pairs(tmp_path):
+    """Pairs with a repeated row and an empty chosen reply, as a user's first preference file has."""
+    rows = [*pair_rows(COUNTRIES[:3]), pair_rows(COUNTRIES[:1])[0], {"prompt": "Hi?", "chosen": "", "rejected": "No."}]
+    return write_jsonl(tmp_path / "prefs.jsonl", rows)
+
+
+def test_pairs_are_previewed_as_the_chat_template_renders_them(tmp_path, demo_tokenizer):
+    config = DatasetConfig(source=str(messy_pairs(tmp_path)))
+    fmt, shown = preference_data.rendered_rows(config, "dpo", demo_tokenizer, 5)
+    assert fmt == "pairs" and len(shown) == 5
+    first = shown[0]
+    # TRL's reading: the prompt with the generation prompt, each reply as what the template adds after it
+    prompt = [{"role": "user", "content": pair_rows(COUNTRIES[:1])[0]["prompt"]}]
+    assert first["prompt"] == demo_tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    assert first["chosen"].startswith(pair_rows(COUNTRIES[:1])[0]["chosen"]) and first["chosen"] != first["rejected"]
+    assert "<|im_end|>" in first["chosen"]  # the reply's end of turn is part of what is trained
+    assert shown[4] == {"row": "5", "error": shown[4]["error"]} and "chosen side is empty" in shown[4]["error"]
+
+
+def test_kto_and_grpo_previews_show_their_own_reading(tmp_path, demo_tokenizer):
+    config = DatasetConfig(source=str(messy_pairs(tmp_path)))
+    _, kto = preference_data.rendered_rows(config, "kto", demo_tokenizer, 1)
+    assert {"prompt", "chosen", "rejected"} <= set(kto[0])  # pairs stay pairs: KTO's data splits them
+    rows = [{"prompt": "What is 2+2?", "answer": "4"}]
+    fmt, grpo = preference_data.rendered_rows(
+        DatasetConfig(source=str(write_jsonl(tmp_path / "p.jsonl", rows))), "grpo", demo_tokenizer, 3
+    )
+    assert fmt == "prompts" and grpo[0]["answer"] == "4" and grpo[0]["prompt"].endswith("assistant\n")
+
+
+def test_an_sft_stage_reads_preference_columns_as_their_stage():
+    assert preference_data.view_stage("sft", ["prompt", "chosen", "rejected"]) == "dpo"
+    assert preference_data.view_stage("sft", ["prompt", "completion", "label"]) == "kto"
+    assert preference_data.view_stage("sft", ["instruction", "output"]) == "sft"
+    assert preference_data.view_stage("orpo", ["prompt", "chosen", "rejected"]) == "orpo"
+
+
+def test_the_report_of_pairs_counts_duplicates_empty_sides_cuts_and_lengths(tmp_path, demo_tokenizer):
+    config = DatasetConfig(source=str(messy_pairs(tmp_path)))
+    whole = preference_data.report_for_stage(config, "dpo", demo_tokenizer, 2048)
+    assert (whole.format, whole.rows, whole.usable_rows) == ("pairs", 5, 4)
+    assert whole.duplicates == [4] and whole.duplicate_of == {4: 1} and whole.empty_replies == [5]
+    assert whole.truncated == [] and whole.reply_tokens_lost == 0 and whole.reply_tokens > 0
+    assert 30 < whole.lengths["p50"] <= whole.lengths["max"] < 100
+    cut = preference_data.report_for_stage(config, "dpo", demo_tokenizer, whole.lengths["max"] - 3)
+    assert cut.truncated and 0 < cut.reply_tokens_lost < cut.reply_tokens
+    assert "exact duplicates: 1 (rows 4)" in whole.text() and "empty replies: 1 (rows 5)" in whole.text()
+
+
+def test_sft_rows_given_to_dpo_report_name_the_columns_it_needs(tmp_path, demo_tokenizer):
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"instruction": "a", "output": "b"}])
+    with pytest.raises(UserError, match="DPO needs prompt / chosen / rejected columns"):
+        preference_data.report_for_stage(DatasetConfig(source=str(path)), "dpo", demo_tokenizer, 128)
