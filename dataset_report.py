@@ -199,6 +199,67 @@ def _report(
     return report
 
 
+def report_of_measured(
+    config: DatasetConfig,
+    fmt: str,
+    measured: list[dict | str],
+    max_seq_length: int,
+    eval_split: float = 0.0,
+    seed: int = DEFAULT_SEED,
+) -> DatasetReport:
+    """The report of preference or prompt rows (preference_data.measure_rows: per row why it cannot train, or its
+    texts and token counts): duplicates, empty sides, rows cut, leakage, and the lengths of each prompt with its
+    longer reply (what the trainer's max_length cuts); prompts alone where the replies are generated (GRPO)."""
+    import numpy as np
+
+    report = DatasetReport(str(config.source), fmt, len(measured), max_seq_length, eval_split=eval_split)
+    if len(measured) < 2:
+        report.notes.append(f"only {len(measured)} row: too few for duplicates, an eval split or a useful run.")
+    index, prompts, lengths = DuplicateIndex(), {}, {}
+    for number, row in enumerate(measured, start=1):
+        if isinstance(row, str):
+            # preference_data names an empty side "… is empty": counted with the SFT report's empty replies
+            if " is empty" in row:
+                report.empty_replies.append(number)
+            else:
+                report.dropped[number] = row
+            continue
+        found = index.find(row["text"])
+        if found:
+            kind, earlier = found
+            (report.duplicates if kind == "duplicate" else report.near_duplicates).append(number)
+            report.duplicate_of[number] = earlier
+        else:
+            index.add(number, row["text"])
+        replies, room = row["reply_tokens"], max(0, max_seq_length - row["prompt_tokens"])
+        lengths[number] = row["prompt_tokens"] + max(replies, default=0)
+        report.reply_tokens += sum(replies)
+        report.reply_tokens_lost += sum(max(0, reply - room) for reply in replies)
+        if lengths[number] > max_seq_length:
+            report.truncated.append(number)
+        if replies and room == 0:
+            report.dropped[number] = "the prompt alone fills max_seq_length: no reply token is left to train"
+            continue
+        prompts[number] = normalize_text(row["prompt"])
+    report.usable_rows = len(prompts)
+    if lengths:
+        values = np.percentile(list(lengths.values()), [50, 95, 99])
+        report.lengths = {
+            "p50": int(np.ceil(values[0])),
+            "p95": int(np.ceil(values[1])),
+            "p99": int(np.ceil(values[2])),
+            "max": max(lengths.values()),
+        }
+        report.longest_row = max(lengths, key=lengths.get)
+    if fmt == "prompts":
+        report.notes.append("lengths are the prompts': GRPO generates the replies (max_completion_length).")
+    if eval_split and report.usable_rows >= 2:
+        _leakage(report, sorted(prompts), prompts, eval_split, seed)
+    elif eval_split:
+        report.notes.append("eval_split needs at least 2 usable rows; leakage not measured.")
+    return report
+
+
 def _row_parts(
     row: dict, fmt: str, fields: dict[str, str], system_prompt: str
 ) -> tuple[str | None, str | None, str | None]:

@@ -160,13 +160,14 @@ def _stage_dataset(config, tokenizer, stage: str, prepare: dict, given: dict, ar
     """`main.py dataset` for preference and prompt data: the report, or the first rows rendered as `stage` trains
     them (the replies between ⟦ and ⟧)."""
     import dataset_report
+    import planning
     import preference_data
     import stages
 
     reference = given.get("reference_column", "")
     if args.report or args.clean:
-        report = preference_data.report_for_stage(
-            config, stage, tokenizer, workspace=args.workspace, reference_column=reference, **prepare_view(prepare)
+        report = planning.stage_data_report(
+            config, stage, tokenizer, args.workspace, reference, **prepare_view(prepare)
         )
         print(report.text())
         if args.clean:

@@ -30,7 +30,7 @@ from typing import Any
 
 import preference_data
 import stages
-from dataset_report import DatasetReport, report_for_training
+from dataset_report import DatasetReport, report_for_training, report_of_measured
 from model_utils import Device, count_parameters, detect_device, estimate_memory, fit_micro_batch, resolve_model_path
 from runfolder import read_config, read_events, read_status
 from settings import keys
@@ -147,16 +147,25 @@ def _build_report(config: TrainConfig, workspace: str | Path | None) -> DatasetR
 
 def report_of_stage_data(config: TrainConfig, tokenizer, workspace: str | Path | None) -> DatasetReport:
     """The report of a preference or GRPO run's data, read in its stage's format (pairs, KTO rows, prompts)."""
-    return preference_data.report_for_stage(
+    return stage_data_report(
         config.dataset,
         config.stage,
         tokenizer,
-        config.max_seq_length,
-        config.eval_split,
-        config.seed,
         workspace,
         config.reference_column,
+        max_seq_length=config.max_seq_length,
+        eval_split=config.eval_split,
+        seed=config.seed,
     )
+
+
+def stage_data_report(
+    dataset, stage: str, tokenizer, workspace=None, reference_column: str = "", **prepare
+) -> DatasetReport:
+    """The quality report of preference or prompt data as `stage` reads it (prepare: max_seq_length, eval_split,
+    seed); `main.py dataset --report` of such data too."""
+    fmt, measured = preference_data.measure_rows(dataset, stage, tokenizer, workspace, reference_column)
+    return report_of_measured(dataset, fmt, measured, **prepare)
 
 
 def suggest(

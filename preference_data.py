@@ -14,7 +14,6 @@ from typing import Any
 
 import dataset_utils
 import stages
-from dataset_report import DatasetReport
 from dataset_utils import DatasetConfig
 from workspace import UserError
 
@@ -353,97 +352,37 @@ def rendered_rows(
     return fmt, shown
 
 
-def _example_texts(example: dict) -> tuple[str, str, list[str]]:
-    """(the whole example as text for duplicates, its prompt's text for leakage, its replies' texts)."""
-
-    def text(turns: list[dict]) -> str:
-        return "\n".join(turn["content"] for turn in turns)
-
-    replies = [text(example[side]) for side in ("chosen", "rejected", "completion") if side in example]
-    if "answer" in example:
-        replies.append(example["answer"])
-    prompt = text(example["prompt"])
-    return "\n".join([prompt, *replies]), prompt, replies
-
-
-def report_for_stage(
-    config: DatasetConfig,
-    stage: str,
-    tokenizer,
-    max_seq_length: int,
-    eval_split: float = 0.0,
-    seed: int = dataset_utils.DEFAULT_SEED,
-    workspace=None,
-    reference_column: str = "",
-) -> DatasetReport:
-    """The quality report of preference or prompt data as `stage` reads it: duplicates, rows it cannot train (an
-    empty side among them), token lengths of the prompt with its longer reply rendered with the chat template
-    (what the trainer's max_length cuts), rows cut, leakage. GRPO's lengths are its prompts': the replies are
-    generated."""
-    import datasets
-    import numpy as np
-
-    from text_duplicates import DuplicateIndex, normalize_text
-
+def measure_rows(
+    config: DatasetConfig, stage: str, tokenizer, workspace=None, reference_column: str = ""
+) -> tuple[str, list[dict | str]]:
+    """(format, per source row: why it cannot train `stage`, or its figures for dataset_report.report_of_measured:
+    its whole text (duplicates), its prompt's text (leakage), and the token counts of its prompt and each reply
+    rendered with the chat template as the trainer reads them)."""
     dataset_utils.ensure_chat_template(tokenizer, config.chat_template)
     raw = dataset_utils.load_rows(config, workspace)
     fmt, examples = convert_each(raw.to_list(), list(raw.column_names), stage, config, reference_column)
-    report = DatasetReport(str(config.source), fmt, len(raw), max_seq_length, eval_split=eval_split)
-    if len(raw) < 2:
-        report.notes.append(f"only {len(raw)} row: too few for duplicates, an eval split or a useful run.")
-    index, prompts, lengths = DuplicateIndex(), {}, {}
-    generated = fmt == "prompts"
-    for number, example in enumerate(examples, start=1):
+    measured: list[dict | str] = []
+    for example in examples:
         if isinstance(example, str):
-            # pair_row and unpaired_row name an empty side "… is empty": counted with the SFT report's empty replies
-            if " is empty" in example:
-                report.empty_replies.append(number)
-            else:
-                report.dropped[number] = example
+            measured.append(example)
             continue
-        whole, prompt, _ = _example_texts(example)
-        found = index.find(whole)
-        if found:
-            kind, earlier = found
-            (report.duplicates if kind == "duplicate" else report.near_duplicates).append(number)
-            report.duplicate_of[number] = earlier
-        else:
-            index.add(number, whole)
         shown = render_example(example, tokenizer)
-        prompt_tokens = _tokens(shown["prompt"], tokenizer)
-        replies = [_tokens(shown[side], tokenizer) for side in ("chosen", "rejected", "completion") if side in shown]
-        lengths[number] = prompt_tokens + (0 if generated else max(replies, default=0))
-        room = max(0, max_seq_length - prompt_tokens)
-        report.reply_tokens += sum(replies)
-        report.reply_tokens_lost += sum(max(0, reply - room) for reply in replies)
-        if lengths[number] > max_seq_length:
-            report.truncated.append(number)
-        if not generated and room == 0:
-            report.dropped[number] = "the prompt alone fills max_seq_length: no reply token is left to train"
-            continue
-        prompts[number] = normalize_text(prompt)
-    report.usable_rows = len(prompts)
-    if lengths:
-        values = np.percentile(list(lengths.values()), [50, 95, 99])
-        report.lengths = {
-            "p50": int(np.ceil(values[0])),
-            "p95": int(np.ceil(values[1])),
-            "p99": int(np.ceil(values[2])),
-            "max": max(lengths.values()),
-        }
-        report.longest_row = max(lengths, key=lengths.get)
-    if generated:
-        report.notes.append("lengths are the prompts': GRPO generates the replies (max_completion_length).")
-    if eval_split and report.usable_rows >= 2:
-        usable = sorted(prompts)
-        train, evaluation = dataset_utils.split_train_eval(
-            datasets.Dataset.from_dict({"row": usable}), eval_split, seed
+        sides = [side for side in ("chosen", "rejected", "completion") if side in example]
+        prompt = _text(example["prompt"])
+        replies = [_text(example[side]) for side in sides] + ([example["answer"]] if "answer" in example else [])
+        measured.append(
+            {
+                "text": "\n".join([prompt, *replies]),
+                "prompt": prompt,
+                "prompt_tokens": _tokens(shown["prompt"], tokenizer),
+                "reply_tokens": [_tokens(shown[side], tokenizer) for side in sides],
+            }
         )
-        train_prompts = {prompts[n] for n in train["row"] if prompts[n]}
-        report.leaked = sorted(n for n in evaluation["row"] if prompts[n] and prompts[n] in train_prompts)
-    elif eval_split:
-        report.notes.append("eval_split needs at least 2 usable rows; leakage not measured.")
-    return report
+    return fmt, measured
+
+
+def _text(turns: list[dict]) -> str:
+    return "\n".join(turn["content"] for turn in turns)
 
 
 def _tokens(text: str, tokenizer) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 import jobs
+import planning
 import preference_data
 import runfolder
 import submit
@@ -398,12 +399,12 @@ def test_an_sft_stage_reads_preference_columns_as_their_stage():
 
 def test_the_report_of_pairs_counts_duplicates_empty_sides_cuts_and_lengths(tmp_path, demo_tokenizer):
     config = DatasetConfig(source=str(messy_pairs(tmp_path)))
-    whole = preference_data.report_for_stage(config, "dpo", demo_tokenizer, 2048)
+    whole = planning.stage_data_report(config, "dpo", demo_tokenizer, max_seq_length=2048)
     assert (whole.format, whole.rows, whole.usable_rows) == ("pairs", 5, 4)
     assert whole.duplicates == [4] and whole.duplicate_of == {4: 1} and whole.empty_replies == [5]
     assert whole.truncated == [] and whole.reply_tokens_lost == 0 and whole.reply_tokens > 0
     assert 30 < whole.lengths["p50"] <= whole.lengths["max"] < 100
-    cut = preference_data.report_for_stage(config, "dpo", demo_tokenizer, whole.lengths["max"] - 3)
+    cut = planning.stage_data_report(config, "dpo", demo_tokenizer, max_seq_length=whole.lengths["max"] - 3)
     assert cut.truncated and 0 < cut.reply_tokens_lost < cut.reply_tokens
     assert "exact duplicates: 1 (rows 4)" in whole.text() and "empty replies: 1 (rows 5)" in whole.text()
 
@@ -411,4 +412,4 @@ def test_the_report_of_pairs_counts_duplicates_empty_sides_cuts_and_lengths(tmp_
 def test_sft_rows_given_to_dpo_report_name_the_columns_it_needs(tmp_path, demo_tokenizer):
     path = write_jsonl(tmp_path / "sft.jsonl", [{"instruction": "a", "output": "b"}])
     with pytest.raises(UserError, match="DPO needs prompt / chosen / rejected columns"):
-        preference_data.report_for_stage(DatasetConfig(source=str(path)), "dpo", demo_tokenizer, 128)
+        planning.stage_data_report(DatasetConfig(source=str(path)), "dpo", demo_tokenizer)
