@@ -141,9 +141,21 @@ def config_differences(settings: dict[str, dict[str, Any]]) -> list[tuple[str, d
     differences = []
     for key in keys:
         values = {name: flat[name].get(key) for name in flat}
-        if len({repr(value) for value in values.values()}) > 1:
+        if len({repr(_normalised(value)) for value in values.values()}) > 1:
             differences.append((key, values))
     return differences
+
+
+def _normalised(value: Any) -> Any:
+    """A setting as compared: a run made from the UI writes 0.0 where one from YAML writes 0, and an empty mapping
+    or text where another leaves the setting out, which mean the same."""
+    if value in (None, "") or (isinstance(value, (dict, list, tuple)) and not value):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, (list, tuple)):
+        return [_normalised(item) for item in value]
+    return value
 
 
 def compare_runs(runs: list[str], workspace: str | Path | None = None) -> Comparison:

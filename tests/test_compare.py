@@ -113,3 +113,14 @@ def test_runs_of_other_stages_show_their_stage_and_its_last_metrics(workspace, c
 
     _, metrics, _ = runs_tab.comparison_view(["dpo-run", "grpo-run"], workspace)
     assert list(metrics["stage"]) == ["dpo", "grpo"] and list(metrics["format reward"]) == ["–", "0.5000"]
+
+
+def test_the_same_setting_spelled_by_the_ui_and_by_yaml_is_no_difference():
+    from_ui = {"warmup_steps": 0.0, "num_train_epochs": 1.0, "save_steps": 10.0, "dataset": {"column_map": {}}}
+    from_yaml = {"warmup_steps": 0, "num_train_epochs": 1, "save_steps": 10, "dataset": {"column_map": None}}
+    assert compare_utils.config_differences({"ui": from_ui, "yaml": from_yaml}) == []
+    changed = {**from_yaml, "warmup_steps": 0.5, "dataset": {"column_map": {"output": "reply"}}}
+    assert compare_utils.config_differences({"ui": from_ui, "yaml": changed}) == [
+        ("dataset.column_map.output", {"ui": None, "yaml": "reply"}),
+        ("warmup_steps", {"ui": 0.0, "yaml": 0.5}),
+    ]
