@@ -247,11 +247,74 @@ def job_env(config: ArenaConfig, api_key: str | None = None) -> dict[str, str]:
     return llm_clients.job_env(config.judge_client(), api_key)
 
 
+# ---------------------------------------------------------------- judges the user already has
+
+# What a judge of a few hundred million parameters is worth, said wherever one is offered.
+SMALL_JUDGE_NOTE = (
+    "A small local judge (under a few billion parameters) often misreads the task or prefers the longer answer: "
+    "its verdicts are weak evidence. The arena asks it in both orders and counts what it cannot read as unparsed; "
+    "use the largest model you have."
+)
+LLAMA_SERVER_PORT = 8000  # python -m llama_cpp.server's default
+
+
+def ollama_models(base_url: str = llm_clients.OLLAMA_DEFAULT_URL, timeout_s: float = 1.0) -> list[str]:
+    """The models a local Ollama serves (GET /api/tags), or [] when none answers there within timeout_s."""
+    import httpx
+
+    try:
+        response = httpx.get(f"{base_url.rstrip('/')}/api/tags", timeout=timeout_s)
+        response.raise_for_status()
+        return sorted(str(model["name"]) for model in response.json().get("models", []) if "name" in model)
+    except (httpx.HTTPError, ValueError, TypeError, KeyError, AttributeError):
+        return []
+
+
+def run_ggufs(workspace: str | Path | None = None) -> list[Path]:
+    """The GGUF files exported into run folders: each can judge through llama.cpp's server."""
+    return sorted(runfolder.runs_dir(workspace).glob("*/gguf/*.gguf"))
+
+
+def llama_server_command(gguf: Path, port: int = LLAMA_SERVER_PORT) -> str:
+    """The command that serves a GGUF file as an OpenAI-compatible judge (llama-cpp-python's server), the model
+    named by the file's stem (the server lists that name, which the judge check looks for)."""
+    return f"python -m llama_cpp.server --model {gguf} --model_alias {gguf.stem} --port {port}"
+
+
+def local_judges(workspace: str | Path | None = None, ollama_url: str = llm_clients.OLLAMA_DEFAULT_URL) -> list[dict]:
+    """Judges the user already has, each as the ArenaConfig settings that use it ({label, settings, start}: start
+    is the command to run first, empty when the judge is already served): a local Ollama's models, and each run's
+    GGUF file through llama-cpp-python's server."""
+    found = [
+        {
+            "label": f"Ollama: {name}",
+            "settings": {"judge_provider": "ollama", "judge_model": name, "judge_base_url": ollama_url},
+            "start": "",
+        }
+        for name in ollama_models(ollama_url)
+    ]
+    for gguf in run_ggufs(workspace):
+        found.append(
+            {
+                "label": f"GGUF: {gguf.parent.parent.name}/{gguf.name}",
+                "settings": {
+                    "judge_provider": "openai",
+                    "judge_model": gguf.stem,
+                    "judge_base_url": f"http://127.0.0.1:{LLAMA_SERVER_PORT}/v1",
+                    "judge_response_format": "json_object",  # the server's grammar holds the verdict's shape
+                },
+                "start": llama_server_command(gguf),
+            }
+        )
+    return found
+
+
 # ---------------------------------------------------------------- the job
 
 
-def check_arena(config: ArenaConfig, workspace: str | Path | None = None) -> ArenaConfig:
-    """Validate and resolve a config before a job exists: contestants found, prompts file there, key present."""
+def check_arena(config: ArenaConfig, workspace: str | Path | None = None, api_key: str | None = None) -> ArenaConfig:
+    """Validate and resolve a config before a job exists: contestants found, prompts file there, key present, and
+    the judge answering (nothing listening, a refused key or an unknown model is refused now, not by the job)."""
     config.validate(workspace)
     config.contestants = check_contestants(config, workspace)
     if config.prompt_source == "file":
@@ -266,6 +329,8 @@ def check_arena(config: ArenaConfig, workspace: str | Path | None = None) -> Are
                 "prompts file instead, or a run trained with an eval split."
             )
         config.prompts_run = str(trained.run_dir.resolve())
+    judge = config.judge_client()
+    llm_clients.check_server(judge, llm_clients.resolve_api_key(judge, api_key))
     return config
 
 

@@ -89,7 +89,7 @@ def synth_env(settings: dict[str, Any], api_key: str | None = None) -> dict[str,
 def check_arena(config, workspace: str | Path | None = None, api_key: str | None = None):
     import arena_utils
 
-    return arena_utils.check_arena(config, workspace)
+    return arena_utils.check_arena(config, workspace, api_key)
 
 
 def arena_inputs(config) -> list[str]:

@@ -19,6 +19,7 @@ import arena_judge
 import arena_report
 import arena_utils
 import jobs
+import llm_clients
 import runfolder
 import submit
 from arena_utils import ArenaConfig
@@ -259,3 +260,32 @@ def test_the_cli_arena_command_refuses_a_bad_config_in_one_line(demo_workspace):
     assert result.stderr.strip().splitlines() == [
         "error: An arena needs at least two contestants, e.g. base:demo and run:NAME."
     ]
+
+
+def test_an_ollama_judge_that_is_not_running_is_refused_before_a_job_exists(demo_workspace):
+    url = f"http://127.0.0.1:{jobs.free_port()}"
+    config = arena_config(demo_workspace, url, judge_provider="ollama", judge_model="llama3.2")
+    with pytest.raises(UserError, match=r"Cannot reach the ollama server at .*Is it running"):
+        submit.submit("arena", config, demo_workspace)
+    with FakeLLMServer(models=("qwen2.5:7b",)) as ollama:
+        config = arena_config(demo_workspace, ollama.url, judge_provider="ollama", judge_model="llama3.2")
+        with pytest.raises(UserError, match="llama3.2"):
+            submit.submit("arena", config, demo_workspace)
+    assert not (demo_workspace / "runs").exists() or not list((demo_workspace / "runs").iterdir())
+
+
+def test_judges_the_user_already_has_are_offered_with_their_settings(demo_workspace):
+    gguf = demo_workspace / "runs" / "train-1" / "gguf" / "train-1-q8_0.gguf"
+    gguf.parent.mkdir(parents=True)
+    gguf.write_bytes(b"GGUF")
+    with FakeLLMServer(models=("qwen2.5:7b",)) as ollama:
+        judges = arena_utils.local_judges(demo_workspace, ollama_url=ollama.url)
+        offered = {judge["label"]: judge for judge in judges}
+        assert set(offered) == {"Ollama: qwen2.5:7b", "GGUF: train-1/train-1-q8_0.gguf"}
+        settings = offered["Ollama: qwen2.5:7b"]["settings"]
+        # the settings offered pass the same up-front check a run gets
+        llm_clients.check_server(ArenaConfig(**settings).judge_client(), None)
+    served = offered["GGUF: train-1/train-1-q8_0.gguf"]
+    assert served["start"] == f"python -m llama_cpp.server --model {gguf} --model_alias train-1-q8_0 --port 8000"
+    assert served["settings"]["judge_model"] == "train-1-q8_0"
+    assert arena_utils.ollama_models(f"http://127.0.0.1:{jobs.free_port()}") == []

@@ -65,6 +65,8 @@ class ArenaTab:
     status: gr.HTML
     report: gr.Markdown
     timer: gr.Timer
+    local_judge: gr.Dropdown | None = None  # judges the user already has (arena_utils.local_judges)
+    local_note: gr.Markdown | None = None
 
 
 def contestant_choices(workspace: Path) -> list[str]:
@@ -98,6 +100,16 @@ def build() -> ArenaTab:
         fields["judge_model"] = forms.widget(ArenaConfig, "judge_model", elem_id="arena-judge-model")
         fields["judge_base_url"] = forms.widget(ArenaConfig, "judge_base_url", elem_id="arena-judge-url")
         api_key = gr.Textbox(label="Judge API key", type="password", info=KEY_HELP, elem_id="arena-api-key")
+    with gr.Row():
+        local_judge = gr.Dropdown(
+            label="…or a judge you already have",
+            info="A local Ollama's models and your runs' GGUF files (through llama-cpp-python's server).",
+            choices=[],
+            value=None,
+            scale=2,
+            elem_id="arena-local-judge",
+        )
+        local_note = gr.Markdown(arena_utils.SMALL_JUDGE_NOTE, elem_id="arena-local-judge-note")
     with gr.Accordion("Advanced", open=False):
         with gr.Row():
             for name in FIELDS:
@@ -131,6 +143,8 @@ def build() -> ArenaTab:
         status,
         report,
         timer,
+        local_judge=local_judge,
+        local_note=local_note,
     )
 
 
@@ -168,6 +182,26 @@ def wire(tab: ArenaTab, tab_container: gr.Tab, app: gr.Blocks, workspace: Path) 
             *arena_view(chosen, workspace),
         ]
 
+    judge_fields = ["judge_provider", "judge_model", "judge_base_url", "judge_response_format"]
+
+    def judges_found() -> gr.Dropdown:
+        found = arena_utils.local_judges(workspace)
+        return gr.Dropdown(choices=[judge["label"] for judge in found], value=None)
+
+    def use_judge(label: str | None) -> list[Any]:
+        """The judge's settings into the fields, and what to run first (a GGUF file's server)."""
+        judge = next((item for item in arena_utils.local_judges(workspace) if item["label"] == label), None)
+        if judge is None:
+            return [gr.skip() for _ in judge_fields] + [arena_utils.SMALL_JUDGE_NOTE]
+        start = (
+            f"Start its server first, in a terminal: `{judge['start']}`. " if judge["start"] else "Ollama serves it. "
+        )
+        values = [judge["settings"].get(name, gr.skip()) for name in judge_fields]
+        return [*values, start + arena_utils.SMALL_JUDGE_NOTE]
+
+    tab.local_judge.input(
+        use_judge, inputs=tab.local_judge, outputs=[*(tab.fields[name] for name in judge_fields), tab.local_note]
+    )
     inputs = [tab.contestants, tab.prompts_file, tab.upload, tab.run_name, tab.api_key]
     tab.start.click(start, inputs=[*inputs, *(tab.fields[name] for name in names)], outputs=tab.runs).success(
         show, inputs=tab.runs, outputs=view, show_progress="hidden"
@@ -180,6 +214,7 @@ def wire(tab: ArenaTab, tab_container: gr.Tab, app: gr.Blocks, workspace: Path) 
     tab.timer.tick(show, inputs=tab.runs, outputs=view, show_progress="hidden")
     for trigger in (tab.refresh.click, tab_container.select):
         trigger(opened, inputs=[tab.contestants, tab.runs], outputs=[tab.contestants, tab.runs, *view])
+    tab_container.select(judges_found, outputs=tab.local_judge, show_progress="hidden")
     app.load(opened, inputs=[tab.contestants, tab.runs], outputs=[tab.contestants, tab.runs, *view])
 
 
