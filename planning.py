@@ -482,8 +482,8 @@ def pair_sequences(config: TrainConfig, report: DatasetReport) -> int:
 def measured_throughput(
     config: TrainConfig, model_path: str, device: Device, workspace: str | Path | None
 ) -> tuple[float, str] | None:
-    """(median tokens/s, run name) of the newest run in the workspace that trained the same model in the same mode
-    on the same device at a sequence length within 2× of this one, or None."""
+    """(median tokens/s, run name) of the newest run in the workspace that trained the same model in the same stage
+    and mode on the same device at a sequence length within 2× of this one, or None."""
     runs = workspace_root(workspace) / "runs"
     candidates = sorted(runs.glob("*/events.jsonl"), key=lambda path: path.stat().st_mtime, reverse=True)
     for events_path in candidates[:50]:
@@ -498,6 +498,8 @@ def measured_throughput(
         other = settings
         same = (
             str(other.get("model", {}).get("name_or_path")) in (config.model.name_or_path, model_path)
+            # another stage's tokens/s is another measure (GRPO's steps are mostly generation)
+            and other.get("stage", "sft") == config.stage
             and bool(other.get("load_in_4bit")) == config.load_in_4bit
             and bool(other.get("full_finetuning")) == config.full_finetuning
             and 0.5 <= int(other.get("max_seq_length") or 1) / config.max_seq_length <= 2
@@ -513,4 +515,5 @@ def time_estimate_text(config: TrainConfig, workspace: str | Path | None = None)
     if not str(config.dataset.source).strip():
         return NO_DATASET + "."
     path = resolve_model_path(config.model.name_or_path, workspace, download=False)  # a view: never downloads
-    return estimate_time(config, path, dataset_report_for(config, workspace), workspace).summary()
+    summary = estimate_time(config, path, dataset_report_for(config, workspace), workspace).summary()
+    return f"{summary}; data: {Path(str(config.dataset.source).strip()).name}"  # which data the figure is for

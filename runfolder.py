@@ -434,7 +434,7 @@ def read_progress(run_dir: Path) -> Progress:
     return Progress(
         **{key: int(value) for key, value in whole.items()},
         message=data["message"] if isinstance(data.get("message"), str) else "",
-        eta_s=eta if fits(eta, float) and math.isfinite(eta) else None,
+        eta_s=_eta_now(eta, data.get("updated")) if fits(eta, float) and math.isfinite(eta) else None,
         metrics={key: value for key, value in metrics.items() if key not in NUMERIC_METRICS or _numeric(value)},
     )
 
@@ -443,6 +443,24 @@ def _numeric(value: Any) -> bool:
     if isinstance(value, list):
         return all(_numeric(item) for item in value)
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _eta_now(eta_s: float, updated: Any, clock=time.time) -> float | None:
+    """The ETA written at `updated`, counted down to now: a long step between two reports (an export's conversion)
+    must not show the same figure all along; None once it has run out (the step takes longer than its pace said)."""
+    if not fits(updated, float):
+        return eta_s
+    left = eta_s - max(0.0, clock() - updated)
+    return round(left, 1) if left > 0 else None
+
+
+def forget_eta(run_dir: Path) -> None:
+    """progress.json without its ETA: a job started again (resume) has not measured its own pace yet, and the
+    process before it was stopped on another."""
+    path = Path(run_dir) / "progress.json"
+    data = read_json(path, default={})
+    if isinstance(data, dict) and data.get("eta_s") is not None:
+        write_json(path, {**data, "eta_s": None})
 
 
 class Reporter:
@@ -464,6 +482,8 @@ class Reporter:
         self.written = float("-inf")
         self.pace_times: list[float] = []  # the clock at each new step reported since `start`
         self.pace_steps: list[int] = []
+        if self.writes:
+            forget_eta(self.run_dir)  # a new process (a resumed job): the ETA comes from its own pace
 
     def start(self, step: int = 0, total: int | None = None, message: str = "", **metrics: Any) -> None:
         self.started, self.first_step, self.total = self.clock(), step, total

@@ -167,6 +167,8 @@ def test_a_finished_run_calibrates_the_next_estimate(early_stopped_run, demo_mod
     estimate = planning.estimate_time(config, str(demo_model), report(6), ws, CPU)
     assert estimate.basis == "measured in run early"
     assert estimate.parts["start"] == planning.TIME_MODEL["cpu"]["start_s"]  # the overheads stay in
+    other_stage = planning.estimate_time(dataclasses.replace(config, stage="grpo"), str(demo_model), report(6), ws, CPU)
+    assert other_stage.basis.startswith("calibrated model")  # an SFT run's tokens/s is no GRPO pace
 
 
 def test_the_time_estimate_reads_preference_data_in_its_stage_s_format(demo_workspace):
@@ -174,7 +176,7 @@ def test_the_time_estimate_reads_preference_data_in_its_stage_s_format(demo_work
     data = write_jsonl(demo_workspace / "prefs.jsonl", rows)
     for stage in ("dpo", "orpo", "kto", "grpo"):
         text = planning.time_estimate_text(demo_train_config(data, stage=stage, max_steps=3), demo_workspace)
-        assert text.startswith("≈ ") and "3 steps" in text, (stage, text)
+        assert text.startswith("≈ ") and "3 steps" in text and text.endswith("; data: prefs.jsonl"), (stage, text)
     config = demo_train_config(data, stage="dpo", max_steps=3)
     pairs = planning.dataset_report_for(config, demo_workspace)
     assert pairs.format == "pairs" and pairs.usable_rows == 8

@@ -53,3 +53,32 @@ def test_eta_on_varied_lengths_counts_the_long_steps_too():
         etas[step] = reporter.latest.eta_s
     for step in (8, 20, 40):
         assert etas[step] == pytest.approx(sum(durations[step:]), rel=0.15), step
+
+
+def test_a_resumed_job_shows_no_eta_until_it_has_its_own_pace(tmp_path):
+    before = runfolder.Reporter(tmp_path, clock=Clock())
+    before.start(0, 100)
+    for step in range(1, 11):
+        before.clock.now = step * 30.0  # a slow pace before the stop
+        before.progress(step, 100, force=True)
+    assert runfolder.read_progress(tmp_path).eta_s == pytest.approx(2700, rel=0.01)
+    resumed = runfolder.Reporter(tmp_path, clock=Clock())  # the resumed job's process
+    assert runfolder.read_progress(tmp_path).eta_s is None and runfolder.read_progress(tmp_path).step == 10
+    resumed.start(10, 100)
+    for step in range(11, 21):
+        resumed.clock.now = (step - 10) * 1.0  # the resumed pace: 1 s a step
+        resumed.progress(step, 100, force=True)
+    assert runfolder.read_progress(tmp_path).eta_s == pytest.approx(80, rel=0.05)
+
+
+def test_the_eta_counts_down_during_a_long_step(tmp_path):
+    reporter = runfolder.Reporter(tmp_path, clock=Clock())
+    reporter.start(0, 4)
+    reporter.clock.now = 60.0
+    reporter.progress(1, 4, force=True)  # 60 s a step: 180 s to go, then no report while the next step runs
+    assert runfolder.read_progress(tmp_path).eta_s == pytest.approx(180, abs=1)
+    data = runfolder.read_json(tmp_path / "progress.json")
+    runfolder.write_json(tmp_path / "progress.json", {**data, "updated": data["updated"] - 50})
+    assert runfolder.read_progress(tmp_path).eta_s == pytest.approx(130, abs=1)
+    runfolder.write_json(tmp_path / "progress.json", {**data, "updated": data["updated"] - 500})
+    assert runfolder.read_progress(tmp_path).eta_s is None  # run out: the step takes longer than the pace said
