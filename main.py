@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -332,21 +333,34 @@ def follow(run_dir) -> int:
     import jobs
     import runfolder
 
-    seen, bar = 0, None
+    seen, bar, last_step = 0, None, None
     shown = ("loss", "eval_loss", "tokens_per_s")
+    # Piped, every redraw of a bar is a line of its own: plain lines then, one per step.
+    terminal = sys.stderr.isatty()
     try:
         while True:
             for event in runfolder.read_events(run_dir, since=seen):
                 seen += 1
-                if event.total and bar is None:
+                if event.total and bar is None and terminal:
                     bar = tqdm(total=event.total, unit="step")
-                if bar is not None and event.step is not None:
+                if event.step is None or not (event.total or bar is not None):
+                    continue
+                postfix = {key: event.metrics[key] for key in shown if key in event.metrics}
+                if event.message:
+                    postfix["at"] = event.message[:60]
+                if bar is not None:
                     bar.n = event.step
-                    postfix = {key: event.metrics[key] for key in shown if key in event.metrics}
-                    if event.message:
-                        postfix["at"] = event.message[:60]
-                    bar.set_postfix(postfix)
+                    bar.set_postfix(postfix, refresh=False)
                     bar.refresh()
+                elif event.step != last_step:
+                    figures = "".join(
+                        f", {key} {value:.4g}" if isinstance(value, (int, float)) else f", {key} {value}"
+                        for key, value in postfix.items()
+                        if key != "at"
+                    )
+                    at = f" · {postfix['at']}" if "at" in postfix else ""
+                    print(f"step {event.step}/{event.total}{figures}{at}", file=sys.stderr, flush=True)
+                last_step = event.step
             status = jobs.job_status(run_dir)
             if not status.active:
                 break
@@ -378,6 +392,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.detach:
         return 0
     code = follow(run_dir)
+    if code == 0:
+        for line in export_summary(run_dir):
+            print(line)
     if code != 0 or not args.ollama:
         return code
     gguf_dir = gguf_utils.export_source(args.run, args.workspace).run_dir / "gguf"
@@ -386,6 +403,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"created {added['model']} in Ollama at {added['host']}; asked {added['question']!r}, it answered:")
     print(added["reply"])
     return 0
+
+
+def export_summary(export_run: Path) -> list[str]:
+    """The end of `main.py export`: each file written, with its size and the agreement it scored against the HF model
+    (the exported run's gguf/report.json); nothing for an export that did not finish."""
+    import jobs
+    import runfolder
+
+    if jobs.job_status(export_run).state != "done":
+        return []
+    source = runfolder.run_path(runfolder.stage_settings(export_run)["run"], runfolder.run_workspace(export_run))
+    folder = source / "gguf"
+    report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+    lines = [
+        f"{folder / item['file']}  {item['size_bytes'] / 1e6:.1f} MB, top-1 agreement with the HF model "
+        f"{item['agreement']:.1%}"
+        for item in report.get("files", [])
+    ]
+    lora = report.get("lora")
+    if lora:
+        lines.append(
+            f"{folder / lora['file']}  {lora['size_bytes'] / 1e6:.1f} MB, the LoRA adapter on {lora['base_file']}: "
+            f"top-1 agreement {lora['agreement']:.1%}"
+        )
+    return lines
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

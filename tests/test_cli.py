@@ -4,6 +4,7 @@ a bad one is one `error:` line; a field added to a config is a flag without touc
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from gguf_utils import ExportConfig
 from inference_utils import GenerationConfig
 from synthetic_utils import SyntheticConfig
 from train_config import TrainConfig
-from workspace import dump_yaml
+from workspace import config_to_dict, dump_yaml
 
 ERROR_LINE = re.compile(r"(^|: )error: ")
 # (command, its config, the options it takes otherwise than as a flag: a positional, --map)
@@ -212,3 +213,43 @@ def test_dataset_previews_and_reports_preference_pairs(demo_workspace, capsys):
     assert "(pairs, 2 rows, 2 usable)" in out and "exact duplicates: 1 (rows 2)" in out
     code, err = run_cli(["dataset", data, "--stage", "nope"], demo_workspace, capsys)
     assert code != 0 and err.strip() == "error: Unknown stage 'nope'; one of: sft, dpo, orpo, kto, grpo."
+
+
+def test_a_followed_run_prints_one_line_per_step_when_piped(tmp_path, capsys):
+    import jobs
+    import runfolder
+
+    run_dir = jobs.create_run("train", config_to_dict(TrainConfig()), tmp_path, "piped")
+    reporter = runfolder.Reporter(run_dir)
+    reporter.start(0, 3)
+    for step in (1, 2, 3):
+        reporter.log(step, 3, loss=1.0 / step)
+        reporter.progress(step, 3, "saving a checkpoint")  # a second event of the same step
+    runfolder.write_status(run_dir, state="done")
+    assert main.follow(run_dir) == 0
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == ["step 0/3", "step 1/3, loss 1", "step 2/3, loss 0.5", "step 3/3, loss 0.3333"]
+    assert captured.out == "done\n"
+
+
+def test_export_ends_with_each_file_and_its_agreement(tmp_path):
+    import jobs
+    import runfolder
+
+    trained = jobs.create_run("train", config_to_dict(TrainConfig()), tmp_path, "trained")
+    (trained / "gguf").mkdir()
+    files = [
+        {"quant": "f16", "file": "trained-f16.gguf", "size_bytes": 271_000_000, "agreement": 1.0},
+        {"quant": "q8_0", "file": "trained-q8_0.gguf", "size_bytes": 145_000_000, "agreement": 0.973},
+    ]
+    lora = {"file": "trained-lora-f16.gguf", "size_bytes": 4_900_000, "base_file": "base-f16.gguf", "agreement": 1.0}
+    (trained / "gguf" / "report.json").write_text(json.dumps({"files": files, "lora": lora}))
+    export = jobs.create_run("export", config_to_dict(ExportConfig(run="trained")), tmp_path, "export-trained")
+    assert main.export_summary(export) == []  # not finished: nothing to show
+    runfolder.write_status(export, state="done")
+    assert main.export_summary(export) == [
+        f"{trained / 'gguf' / 'trained-f16.gguf'}  271.0 MB, top-1 agreement with the HF model 100.0%",
+        f"{trained / 'gguf' / 'trained-q8_0.gguf'}  145.0 MB, top-1 agreement with the HF model 97.3%",
+        f"{trained / 'gguf' / 'trained-lora-f16.gguf'}  4.9 MB, the LoRA adapter on base-f16.gguf: top-1 agreement "
+        "100.0%",
+    ]

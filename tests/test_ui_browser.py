@@ -397,3 +397,110 @@ def test_a_person_downloads_a_hub_model_with_progress_and_trains_on_it(browser, 
     context.close()
     run = next(info for info in jobs.list_runs(hub_app.workspace, kinds=("train",)))
     assert runfolder.stage_settings(run.path)["model"]["name_or_path"] == "tester/smol"
+
+
+# ---------------------------------------------------------------- a preference file and columns that need mapping
+
+# A reply longer than its cell, with a word longer than the cell is wide: both must wrap inside the cell.
+LONG_REPLY = (
+    "Paris-is-the-capital-of-France-" * 12 + " It sits on the Seine and has been the capital for centuries." * 6
+)
+
+
+def preference_file(folder: Path) -> Path:
+    rows = [
+        {"prompt": "What is the capital of France?", "chosen": LONG_REPLY, "rejected": "Lyon, I think."},
+        {"prompt": "Say hello.", "chosen": "Hello! How can I help?", "rejected": "No."},
+        {"prompt": "Say hello.", "chosen": "Hello! How can I help?", "rejected": "No."},
+    ]
+    return write_jsonl(folder / "prefs.jsonl", rows)
+
+
+def support_csv(folder: Path) -> Path:
+    """Columns no format names (customer_message, agent_reply), quoted commas and a line break, an empty reply."""
+    path = folder / "support.csv"
+    path.write_text(
+        "customer_message,agent_reply,category\n"
+        '"How do I reset my password, please?","Open Settings, then Security.\nClick Reset.",account\n'
+        '"Where is my order?","It ships tomorrow.",orders\n'
+        '"Can I pay by card?","",billing\n',
+        encoding="utf-8",
+    )
+    return path
+
+
+def pairs_geometry(page) -> dict:
+    """How far the chosen reply's text reaches into the rejected cell (px), and whether it overflows its own box."""
+    return page.evaluate(
+        "() => { const row = document.querySelector('#dataset-pairs table.preference-pairs').rows[1];"
+        " const pre = row.cells[0].querySelector('pre'); const rejected = row.cells[1].getBoundingClientRect();"
+        " return {into_rejected: pre.getBoundingClientRect().right - rejected.left,"
+        " overflow: pre.scrollWidth - pre.clientWidth}; }"
+    )
+
+
+def test_a_person_previews_preference_pairs_and_maps_the_columns_of_a_csv(page, app, tmp_path):
+    page.set_viewport_size({"width": 1400, "height": 900})
+    open_tab(page, "dataset")
+
+    # A preference file: detected, shown side by side without overprinting, previewed and reported as DPO reads it.
+    page.set_input_files("#dataset-upload input[type=file]", str(preference_file(tmp_path)))
+    wait_text(page, "dataset-summary", "preference pairs")
+    page.wait_for_selector("#dataset-pairs table.preference-pairs")
+    geometry = pairs_geometry(page)
+    assert geometry["into_rejected"] <= 0 and geometry["overflow"] <= 1, geometry
+    page.click("#dataset-preview")
+    wait_text(page, "dataset-stats", "read as DPO reads it")
+    wait_text(page, "dataset-stats", "The Train tab's stage is SFT")
+    wait_text(page, "dataset-rendered", "<|im_start|>assistant")
+    wait_text(page, "dataset-rendered", "Lyon, I think.<|im_end|>")
+    assert pairs_geometry(page)["into_rejected"] <= 0  # the rendered pairs too
+    page.click("#dataset-report")
+    wait_text(page, "dataset-report-text", "exact duplicates: 1 (rows 3)")
+    assert not [text for text in toast_texts(page) if "Could not tell" in text or "Error" in text]
+    screenshot(page, "dataset-pairs")
+
+    # A CSV whose columns need mapping: the mapping opens where detection fails, each column with its first value.
+    page.set_input_files("#dataset-upload input[type=file]", str(support_csv(tmp_path)))
+    wait_text(page, "dataset-summary", "Format not detected")
+    wait_text(page, "dataset-mapping", "Map your columns")
+    page.click("#map-instruction input")
+    page.click("#map-instruction li[role=option]:has-text('customer_message — “How do I reset my password')")
+    page.click("#map-output input")
+    page.click("#map-output li[role=option]:has-text('agent_reply — “Open Settings, then Security.')")
+    wait_text(page, "dataset-summary", "with your mapping")
+    page.click("#dataset-preview")
+    wait_text(page, "dataset-stats", "3 rows read")
+    wait_text(page, "dataset-rendered", "Open Settings, then Security.")
+    screenshot(page, "dataset-mapping")
+
+    # The cleaned copy (the empty reply dropped) is one click from being the dataset.
+    page.click("#dataset-clean")
+    wait_text(page, "dataset-report-text", "Saved 2 of 3 rows")
+    page.click("#dataset-use-cleaned")
+    page.wait_for_function(
+        "() => (document.querySelector('#dataset-source textarea, #dataset-source input')?.value || '')"
+        ".endsWith('support.cleaned.jsonl')"
+    )
+    wait_text(page, "dataset-summary", "2 rows")
+
+
+def test_an_arena_judge_that_is_not_running_is_one_message_and_no_run(page, app, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is the capital of France?\n", encoding="utf-8")
+    open_tab(page, "arena")
+    for contestant in ("base:demo", f"base:{app.workspace / 'models' / 'SmolLM2-135M-Instruct'}"):
+        page.click("#arena-contestants input")
+        page.keyboard.type(contestant)
+        page.keyboard.press("Enter")
+    type_into(page, "arena-prompts-file", prompts)
+    page.check("#arena-judge-provider input[value='ollama']")
+    type_into(page, "arena-judge-model", "llama3.2")
+    type_into(page, "arena-judge-url", f"http://127.0.0.1:{jobs.free_port()}")
+    before = {path.name for path in (app.workspace / "runs").glob("arena-*")}
+    page.click("#arena-start")
+    page.wait_for_selector(".toast-body:has-text('Cannot reach the ollama server')")
+    page.wait_for_timeout(3000)  # a job started anyway would fail within this
+    assert len([text for text in toast_texts(page) if "Cannot reach the ollama server" in text]) == 1
+    assert {path.name for path in (app.workspace / "runs").glob("arena-*")} == before
+    assert "Cannot reach" not in page.inner_text("#arena-status")

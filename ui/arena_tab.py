@@ -96,7 +96,9 @@ def build() -> ArenaTab:
         for name in ("max_prompts", "max_new_tokens", "temperature"):
             fields[name] = forms.widget(ArenaConfig, name)
     with gr.Row():
-        fields["judge_provider"] = forms.widget(ArenaConfig, "judge_provider", component=gr.Radio)
+        fields["judge_provider"] = forms.widget(
+            ArenaConfig, "judge_provider", component=gr.Radio, elem_id="arena-judge-provider"
+        )
         fields["judge_model"] = forms.widget(ArenaConfig, "judge_model", elem_id="arena-judge-model")
         fields["judge_base_url"] = forms.widget(ArenaConfig, "judge_base_url", elem_id="arena-judge-url")
         api_key = gr.Textbox(label="Judge API key", type="password", info=KEY_HELP, elem_id="arena-api-key")

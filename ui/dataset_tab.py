@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 from dataclasses import dataclass
@@ -25,6 +26,10 @@ from workspace import UserError
 PREVIEW_EXAMPLES = 3
 RAW_ROWS = 5
 NOT_MAPPED = ("(same name)", "")
+MAPPING_TITLE = "Column mapping (when your columns have other names)"
+FIRST_VALUE_CHARS = 40  # of a column's first value, shown beside its name in the mapping's choices
+TRAINED = "#16a34a"
+REJECTED = "#dc2626"
 FIELDS = settings.keys(TrainConfig)  # the form's keys, named through the config's fields
 
 
@@ -42,6 +47,9 @@ class DatasetTab:
     clean: gr.Button
     report_text: gr.Markdown
     pairs: gr.HTML | None = None  # preference pairs (DPO), side by side
+    mapping: gr.Accordion | None = None  # the column mapping, opened where detection fails
+    use_cleaned: gr.Button | None = None  # after Save cleaned copy: train on it
+    cleaned: gr.State | None = None  # the cleaned copy's path
 
 
 def build(form: forms.Form) -> DatasetTab:
@@ -67,25 +75,26 @@ def build(form: forms.Form) -> DatasetTab:
         )
         forms.setting(form, FIELDS.dataset.system_prompt)
         forms.setting(form, FIELDS.dataset.max_rows)
-    with gr.Accordion("Column mapping (when your columns have other names)", open=False):
+    with gr.Row():
+        load = gr.Button("Load and detect format", elem_id="dataset-load")
+        preview = gr.Button("Preview rendered rows", variant="primary", elem_id="dataset-preview")
+    summary = gr.Markdown(elem_id="dataset-summary")
+    # Right under the detection's verdict, opened when it fails: each column offered with its first value.
+    with gr.Accordion(MAPPING_TITLE, open=False, elem_id="dataset-mapping") as mapping:
         with gr.Row():
             for name in forms.MAP_FIELDS:
                 form.add(
                     f"map.{name}",
                     gr.Dropdown(
-                        choices=[NOT_MAPPED], value="", label=f"{name} ←", min_width=120, elem_id=f"map-{name}"
+                        choices=[NOT_MAPPED], value="", label=f"{name} ←", min_width=220, elem_id=f"map-{name}"
                     ),
                 )
-    with gr.Row():
-        load = gr.Button("Load and detect format", elem_id="dataset-load")
-        preview = gr.Button("Preview rendered rows", variant="primary", elem_id="dataset-preview")
-    summary = gr.Markdown(elem_id="dataset-summary")
     raw = gr.Dataframe(label="First rows as read", interactive=False, wrap=True, max_height=260, elem_id="dataset-raw")
     pairs = gr.HTML(elem_id="dataset-pairs")
     stats = gr.Markdown(elem_id="dataset-stats")
     rendered = gr.HighlightedText(
         label="Rendered rows (highlighted = trained on)",
-        color_map={"trained": "#16a34a"},
+        color_map={"trained": TRAINED},
         show_legend=True,
         combine_adjacent=True,
         elem_id="dataset-rendered",
@@ -102,9 +111,24 @@ def build(form: forms.Form) -> DatasetTab:
         with gr.Row():
             report = gr.Button("Report", elem_id="dataset-report")
             clean = gr.Button("Save cleaned copy", elem_id="dataset-clean")
+            use_cleaned = gr.Button("Use the cleaned copy", visible=False, elem_id="dataset-use-cleaned")
         report_text = gr.Markdown(elem_id="dataset-report-text")
     return DatasetTab(
-        upload, load, preview, summary, raw, stats, rendered, lengths, report, clean, report_text, pairs=pairs
+        upload,
+        load,
+        preview,
+        summary,
+        raw,
+        stats,
+        rendered,
+        lengths,
+        report,
+        clean,
+        report_text,
+        pairs=pairs,
+        mapping=mapping,
+        use_cleaned=use_cleaned,
+        cleaned=gr.State(""),
     )
 
 
@@ -117,6 +141,22 @@ def wire(tab: DatasetTab, form: forms.Form, workspace: Path) -> None:
         if not path:
             return gr.skip()
         return str(save_upload(path, workspace))
+
+    @guarded
+    def remapped(data: dict) -> list:
+        """The detection again once the user maps a column, so that the verdict above the mapping follows it."""
+        config = forms.values_to_config(form.values(data)).dataset
+        if not str(config.source).strip():
+            return [gr.skip(), gr.skip()]
+        columns = list(dataset_utils.load_rows(config, workspace).column_names)
+        try:
+            detected = dataset_utils.detect_format(columns, config.column_map)
+        except UserError as exc:
+            return [f"**Format not detected:** {exc}", mapping_section(True)]
+        return [f"Detected format: **{detected}** with your mapping.", mapping_section(False)]
+
+    for widget in map_widgets:
+        widget.input(remapped, inputs=form.inputs(), outputs=[tab.summary, tab.mapping])
 
     @guarded
     def load(data: dict) -> list:
@@ -157,17 +197,18 @@ def wire(tab: DatasetTab, form: forms.Form, workspace: Path) -> None:
         # A slice reads the first rows as columns; select() would rebuild the schema, slow for wide files.
         first = rows
         table = pd.DataFrame({column: [_cell(value) for value in values] for column, values in first.items()})
+        choices = [NOT_MAPPED, *column_choices(columns, rows)]
         maps = [
             gr.Dropdown(
-                choices=[NOT_MAPPED, *columns],
+                choices=choices,
                 visible=name in shown,
                 value=mapping.get(name, "") if mapping.get(name) in columns else "",
             )
             for name in forms.MAP_FIELDS
         ]
-        return [summary, table, *maps, pairs_html(shown_pairs)]
+        return [summary, table, *maps, pairs_html(shown_pairs), mapping_section(detected is None and not shown_pairs)]
 
-    load_outputs = [tab.summary, tab.raw, *map_widgets, tab.pairs]
+    load_outputs = [tab.summary, tab.raw, *map_widgets, tab.pairs, tab.mapping]
     tab.upload.upload(uploaded, inputs=tab.upload, outputs=source).success(
         load, inputs=form.inputs(), outputs=load_outputs
     )
@@ -181,32 +222,52 @@ def wire(tab: DatasetTab, form: forms.Form, workspace: Path) -> None:
         tokenizer = model_utils.load_tokenizer(
             model_utils.resolve_model_path(config.model.name_or_path, workspace), config.model.trust_remote_code
         )
+        stage = preference_data.stage_of_source(config.dataset, config.stage, workspace)
+        if preference_data.reads_stage_format(stage):
+            return _stage_preview(dataclasses.replace(config, stage=stage), config.stage, tokenizer, workspace)
         prepared = prepare_training_data(config, tokenizer, workspace)
         return (
             _stats(prepared),
-            _rendered(prepared.train, tokenizer),
+            gr.HighlightedText(_rendered(prepared.train, tokenizer), color_map={"trained": TRAINED}),
             _histogram([len(ids) for ids in prepared.train["input_ids"]]),
+            gr.skip(),
         )
 
-    tab.preview.click(preview, inputs=form.inputs(), outputs=[tab.stats, tab.rendered, tab.lengths])
+    tab.preview.click(preview, inputs=form.inputs(), outputs=[tab.stats, tab.rendered, tab.lengths, tab.pairs])
+
+    def report_config(data: dict) -> TrainConfig:
+        """The form's config, its stage the one whose format the data are read in (pairs as DPO under SFT)."""
+        config = forms.values_to_config(form.values(data))
+        if not str(config.dataset.source).strip():
+            raise UserError("Choose a dataset first: upload a file or name one above.")
+        stage = preference_data.stage_of_source(config.dataset, config.stage, workspace)
+        return dataclasses.replace(config, stage=stage)
 
     @guarded
     def report(data: dict) -> str:
-        config = forms.values_to_config(form.values(data))
+        config = report_config(data)
         return "```\n" + planning.dataset_report_for(config, workspace).text() + "\n```"
 
     @guarded
-    def clean(data: dict) -> str:
-        config = forms.values_to_config(form.values(data))
+    def clean(data: dict) -> list:
+        config = report_config(data)
         found = planning.dataset_report_for(config, workspace)
         path, rows = dataset_report.write_cleaned_copy(config.dataset, found, workspace)
-        return (
-            f"```\n{found.text()}\n```\nSaved **{rows} of {found.rows} rows** to `{path}`; choose it as the "
-            "dataset to train on it."
+        text = (
+            f"```\n{found.text()}\n```\nSaved **{rows} of {found.rows} rows** to `{path}`: *Use the cleaned copy* "
+            "makes it the dataset to train on."
         )
+        return [text, gr.Button(visible=True), str(path)]
 
     tab.report.click(report, inputs=form.inputs(), outputs=tab.report_text)
-    tab.clean.click(clean, inputs=form.inputs(), outputs=tab.report_text)
+    tab.clean.click(clean, inputs=form.inputs(), outputs=[tab.report_text, tab.use_cleaned, tab.cleaned])
+
+    def use_cleaned(path: str) -> list:
+        return [path, gr.Button(visible=False)]
+
+    tab.use_cleaned.click(use_cleaned, inputs=tab.cleaned, outputs=[source, tab.use_cleaned]).then(
+        load, inputs=form.inputs(), outputs=load_outputs
+    )
 
 
 def _cell(value) -> str:
@@ -242,17 +303,111 @@ def _histogram(lengths: list[int]) -> gr.BarPlot:
 
     counts, edges = np.histogram(lengths, bins=min(20, max(1, len(set(lengths)))))
     labels = [f"{int(edges[i])}–{int(edges[i + 1])}" for i in range(len(counts))]
-    return gr.BarPlot(pd.DataFrame({"tokens": labels, "rows": counts}), sort=labels)
+    return gr.BarPlot(
+        pd.DataFrame({"tokens": labels, "rows": counts}), sort=labels, visible=True, x_title="tokens", y_title="rows"
+    )
+
+
+# Long replies wrap inside their own cell: a <pre> keeps its lines whole by default and runs under the next cell.
+CELL_STYLE = "vertical-align:top;width:50%;overflow:hidden"
+PRE_STYLE = "white-space:pre-wrap;overflow-wrap:anywhere;margin:0;max-width:100%"
 
 
 def pairs_html(pairs: list[dict]) -> str:
     """Preference pairs as a table: the prompt, then the chosen and the rejected reply side by side."""
     if not pairs:
         return ""
+
+    def cell(title: str, text: str, columns: int = 1) -> str:
+        return (
+            f"<td style='{CELL_STYLE}' colspan='{columns}'><b>{title}</b>"
+            f"<pre style='{PRE_STYLE}'>{html.escape(text)}</pre></td>"
+        )
+
     cells = "".join(
-        f"<tr><td colspan='2'><b>Prompt</b><pre>{html.escape(pair['prompt'])}</pre></td></tr>"
-        f"<tr><td><b>Chosen</b><pre>{html.escape(pair['chosen'])}</pre></td>"
-        f"<td><b>Rejected</b><pre>{html.escape(pair['rejected'])}</pre></td></tr>"
+        f"<tr>{cell('Prompt', pair['prompt'], 2)}</tr>"
+        f"<tr>{cell('Chosen', pair['chosen'])}{cell('Rejected', pair['rejected'])}</tr>"
         for pair in pairs
     )
     return f"<table class='preference-pairs' style='width:100%;table-layout:fixed'>{cells}</table>"
+
+
+def column_choices(columns: list[str], rows: dict[str, list]) -> list[tuple[str, str]]:
+    """(label, column) for the mapping's dropdowns: each column with its first value, so it is known by its data."""
+    choices = []
+    for column in columns:
+        values = rows.get(column) or [None]
+        first = " ".join(_cell(values[0]).split())
+        short = first[:FIRST_VALUE_CHARS] + ("…" if len(first) > FIRST_VALUE_CHARS else "")
+        choices.append((f"{column} — “{short}”" if short else column, column))
+    return choices
+
+
+def mapping_section(failed: bool) -> gr.Accordion:
+    """The mapping opened, with a title that says why, when the format was not detected; closed otherwise."""
+    if failed:
+        return gr.Accordion(
+            "Map your columns: the format was not detected (each column shows its first value)", open=True
+        )
+    return gr.Accordion(MAPPING_TITLE, open=False)
+
+
+def _stage_preview(config: TrainConfig, chosen_stage: str, tokenizer, workspace: Path) -> tuple:
+    """The preview of preference or prompt data as config.stage reads it: the first rows rendered with the chat
+    template (prompt, then each reply coloured by its side), the report's figures and lengths, and the pairs side
+    by side as rendered."""
+    import stages
+
+    dataset = config.dataset
+    fmt, shown = preference_data.rendered_rows(
+        dataset, config.stage, tokenizer, PREVIEW_EXAMPLES, workspace, config.reference_column
+    )
+    found = planning.dataset_report_for(config, workspace)
+    title = stages.get(config.stage).title
+    unusable = found.rows - found.usable_rows
+    stats = (
+        f"Format **{fmt}**, read as **{title}** reads it: {found.rows} rows read, {found.usable_rows} usable"
+        + (f", **{unusable} cannot train** (see *Report*)" if unusable else "")
+        + "."
+    )
+    if chosen_stage != config.stage:
+        stats += (
+            f" The Train tab's stage is {stages.get(chosen_stage).title}: choose {title} (or another stage for this "
+            "data) there to train on it."
+        )
+    pieces: list[tuple[str, str | None]] = []
+    for number, example in enumerate(shown, start=1):
+        pieces.append((f"── example {number} ──\n", None))
+        if "error" in example:
+            pieces.append((f"cannot train: {example['error']}\n\n", None))
+            continue
+        pieces.append((example["prompt"], None))
+        for side in ("chosen", "rejected", "completion"):
+            if side in example:
+                label = side if side != "completion" else ("chosen" if example["label"] == "desirable" else "rejected")
+                pieces += [(f"\n[{side}]\n", None), (example[side], label)]
+        if example.get("answer"):
+            pieces.append((f"\n[reference answer, for the rewards] {example['answer']}", None))
+        pieces.append(("\n\n", None))
+    sides = [example for example in shown if "chosen" in example]
+    lengths = gr.BarPlot(visible=False)
+    if found.lengths:
+        lengths = _percentile_plot(found.lengths)
+    return (
+        stats,
+        gr.HighlightedText(pieces, color_map={"chosen": TRAINED, "rejected": REJECTED}),
+        lengths,
+        pairs_html(sides),
+    )
+
+
+def _percentile_plot(lengths: dict[str, int]) -> gr.BarPlot:
+    """The report's length percentiles (prompt with its longer reply) as bars."""
+    labels = list(lengths)
+    return gr.BarPlot(
+        pd.DataFrame({"tokens": labels, "rows": list(lengths.values())}),
+        sort=labels,
+        visible=True,
+        x_title="percentile",
+        y_title="tokens",
+    )
