@@ -374,6 +374,8 @@ class EventLog:
         self.count += 1
         if isinstance(event.step, int) and isinstance(event.total, int) and event.total > 0:
             self.step, self.total = event.step, event.total
+        if event.kind in (EventKind.START, EventKind.END):
+            self.latest.pop("eta_s", None)  # a job that ended (and one resumed) has no pace until its next steps
         if event.kind != EventKind.LOG:
             return
         self.latest.update({key: value for key, value in event.metrics.items() if value is not None})

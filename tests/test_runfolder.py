@@ -82,3 +82,21 @@ def test_the_eta_counts_down_during_a_long_step(tmp_path):
     assert runfolder.read_progress(tmp_path).eta_s == pytest.approx(130, abs=1)
     runfolder.write_json(tmp_path / "progress.json", {**data, "updated": data["updated"] - 500})
     assert runfolder.read_progress(tmp_path).eta_s is None  # run out: the step takes longer than the pace said
+
+
+def test_the_event_log_drops_the_eta_at_a_stop_and_takes_the_resumed_pace(tmp_path):
+    before = runfolder.Reporter(tmp_path, clock=Clock())
+    before.start(0, 100)
+    for step in range(1, 6):
+        before.clock.now = step * 30.0
+        before.log(step, 100, loss=1.0)
+    events = runfolder.EventLog(tmp_path).update()
+    assert events.latest["eta_s"] == pytest.approx(2850, rel=0.05)
+    before.end("stopped")
+    assert "eta_s" not in events.update().latest  # stopped: no ETA
+    resumed = runfolder.Reporter(tmp_path, clock=Clock())
+    resumed.start(5, 100)
+    for step in range(6, 11):
+        resumed.clock.now = (step - 5) * 1.0
+        resumed.log(step, 100, loss=1.0)
+    assert events.update().latest["eta_s"] == pytest.approx(90, rel=0.05)  # the resumed pace, 1 s a step

@@ -288,3 +288,17 @@ def test_the_loss_chart_of_a_long_run_stays_small_and_skips_damaged_values(tmp_p
     assert 1000 <= len(frame) <= 2001
     assert frame["step"].iloc[0] == 1 and frame["step"].iloc[-1] == 200_000  # the newest step is always shown
     assert frame["loss"].map(lambda value: isinstance(value, float)).all()
+
+
+def test_the_column_mapping_offers_each_column_with_its_first_value():
+    from ui import dataset_tab
+
+    rows = {"customer_message": ["How do I reset my password, please?\nThanks"], "agent_reply": [""], "n": [3]}
+    choices = dataset_tab.column_choices(list(rows), rows)
+    assert choices == [
+        ("customer_message — “How do I reset my password, please? Than…”", "customer_message"),
+        ("agent_reply", "agent_reply"),
+        ("n — “3”", "n"),
+    ]
+    opened, closed = dataset_tab.mapping_section(True), dataset_tab.mapping_section(False)
+    assert opened.open and "format was not detected" in opened.label and not closed.open
