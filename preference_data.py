@@ -248,17 +248,20 @@ def preview_pairs(rows: list[dict], columns: list[str], column_map: dict[str, st
 
     shown = []
     for number, row in enumerate(rows[:limit], start=1):
+        try:
+            one = pair_row(row, column_map, number) if fmt == "pairs" else unpaired_row(row, column_map, number)
+        except UserError as exc:  # shown in its place: the rows around it still preview
+            shown.append({"prompt": f"cannot train: {exc}", "chosen": "", "rejected": ""})
+            continue
         if fmt == "pairs":
-            pair = pair_row(row, column_map, number)
-            shown.append({side: text(pair[side]) for side in pair})
+            shown.append({side: text(one[side]) for side in one})
         else:
-            kto = unpaired_row(row, column_map, number)
-            completion = text(kto["completion"])
+            completion = text(one["completion"])
             shown.append(
                 {
-                    "prompt": text(kto["prompt"]),
-                    "chosen": completion if kto["label"] else "",
-                    "rejected": "" if kto["label"] else completion,
+                    "prompt": text(one["prompt"]),
+                    "chosen": completion if one["label"] else "",
+                    "rejected": "" if one["label"] else completion,
                 }
             )
     return shown

@@ -415,3 +415,9 @@ def test_sft_rows_given_to_dpo_report_name_the_columns_it_needs(tmp_path, demo_t
     path = write_jsonl(tmp_path / "sft.jsonl", [{"instruction": "a", "output": "b"}])
     with pytest.raises(UserError, match="DPO needs prompt / chosen / rejected columns"):
         planning.stage_data_report(DatasetConfig(source=str(path)), "dpo", demo_tokenizer)
+
+
+def test_a_broken_pair_is_previewed_in_its_place_with_its_reason():
+    rows = [*pair_rows(COUNTRIES[:1]), {"prompt": "Hi?", "chosen": "", "rejected": "No."}]
+    shown = preference_data.preview_pairs(rows, list(rows[0]), {})
+    assert shown[0]["chosen"].endswith("Zebra!") and "Row 2: the chosen side is empty" in shown[1]["prompt"]

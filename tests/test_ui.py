@@ -302,3 +302,16 @@ def test_the_column_mapping_offers_each_column_with_its_first_value():
     ]
     opened, closed = dataset_tab.mapping_section(True), dataset_tab.mapping_section(False)
     assert opened.open and "format was not detected" in opened.label and not closed.open
+
+
+def test_the_preview_says_why_the_first_skipped_row_is_skipped(tmp_path, demo_tokenizer):
+    from ui import dataset_tab
+
+    path = tmp_path / "support.csv"
+    path.write_text("question,answer\nWhere is my order?,It ships tomorrow.\nCan I pay by card?,\n", encoding="utf-8")
+    config = DatasetConfig(source=str(path), column_map={"instruction": "question", "output": "answer"})
+    prepared = dataset_utils.prepare_dataset(config, demo_tokenizer, workspace=tmp_path)
+    assert dataset_tab._stats(prepared) == (
+        "Format **alpaca**: 2 rows read, **1 skipped** (first: row 2: Turn 2 (assistant) is empty; *Report* lists "
+        "every one); 1 train, 0 eval."
+    )

@@ -148,12 +148,14 @@ def wire(tab: DatasetTab, form: forms.Form, workspace: Path) -> None:
         config = forms.values_to_config(form.values(data)).dataset
         if not str(config.source).strip():
             return [gr.skip(), gr.skip()]
-        columns = list(dataset_utils.load_rows(config, workspace).column_names)
+        loaded = dataset_utils.load_rows(config, workspace)
+        columns = list(loaded.column_names)
+        read = f"**{len(loaded)} rows**, columns: {', '.join(f'`{c}`' for c in columns)}."
         try:
             detected = dataset_utils.detect_format(columns, config.column_map)
         except UserError as exc:
-            return [f"**Format not detected:** {exc}", mapping_section(True)]
-        return [f"Detected format: **{detected}** with your mapping.", mapping_section(False)]
+            return [f"{read} **Format not detected:** {exc}", mapping_section(True)]
+        return [f"{read} Detected format: **{detected}** with your mapping.", gr.Accordion(MAPPING_TITLE, open=True)]
 
     for widget in map_widgets:
         widget.input(remapped, inputs=form.inputs(), outputs=[tab.summary, tab.mapping])
@@ -206,9 +208,11 @@ def wire(tab: DatasetTab, form: forms.Form, workspace: Path) -> None:
             )
             for name in forms.MAP_FIELDS
         ]
-        return [summary, table, *maps, pairs_html(shown_pairs), mapping_section(detected is None and not shown_pairs)]
+        mapping_shown = mapping_section(detected is None and not shown_pairs)
+        # a report or cleaned copy of the data shown before would read as this data's
+        return [summary, table, *maps, pairs_html(shown_pairs), mapping_shown, "", gr.Button(visible=False)]
 
-    load_outputs = [tab.summary, tab.raw, *map_widgets, tab.pairs, tab.mapping]
+    load_outputs = [tab.summary, tab.raw, *map_widgets, tab.pairs, tab.mapping, tab.report_text, tab.use_cleaned]
     tab.upload.upload(uploaded, inputs=tab.upload, outputs=source).success(
         load, inputs=form.inputs(), outputs=load_outputs
     )
@@ -276,15 +280,18 @@ def _cell(value) -> str:
 
 def _stats(prepared) -> str:
     eval_rows = len(prepared.eval) if prepared.eval is not None else 0
-    skipped = (
-        f", **{prepared.dropped_rows} skipped** (see the server log for the first reason)"
-        if prepared.dropped_rows
-        else ""
-    )
+    skipped = f", **{prepared.dropped_rows} skipped** ({_first_problem(prepared)})" if prepared.dropped_rows else ""
     return (
         f"Format **{prepared.format}**: {prepared.source_rows} rows read{skipped}; {len(prepared.train)} train, "
         f"{eval_rows} eval."
     )
+
+
+def _first_problem(prepared) -> str:
+    """Why the first skipped row is skipped, from the preparation's per-row outcomes (the *Report* lists all)."""
+    errors = list(prepared.outcomes["error"]) if prepared.outcomes is not None else []
+    first = next(((number, error) for number, error in enumerate(errors, start=1) if error), None)
+    return f"first: row {first[0]}: {first[1].rstrip('.')}; *Report* lists every one" if first else "see *Report*"
 
 
 def _rendered(train, tokenizer) -> list[tuple[str, str | None]]:
@@ -303,9 +310,7 @@ def _histogram(lengths: list[int]) -> gr.BarPlot:
 
     counts, edges = np.histogram(lengths, bins=min(20, max(1, len(set(lengths)))))
     labels = [f"{int(edges[i])}–{int(edges[i + 1])}" for i in range(len(counts))]
-    return gr.BarPlot(
-        pd.DataFrame({"tokens": labels, "rows": counts}), sort=labels, visible=True, x_title="tokens", y_title="rows"
-    )
+    return gr.BarPlot(pd.DataFrame({"tokens": labels, "rows": counts}), sort=labels)
 
 
 # Long replies wrap inside their own cell: a <pre> keeps its lines whole by default and runs under the next cell.
@@ -362,7 +367,13 @@ def _stage_preview(config: TrainConfig, chosen_stage: str, tokenizer, workspace:
     fmt, shown = preference_data.rendered_rows(
         dataset, config.stage, tokenizer, PREVIEW_EXAMPLES, workspace, config.reference_column
     )
-    found = planning.dataset_report_for(config, workspace)
+    found_format, measured = preference_data.measure_rows(
+        dataset, config.stage, tokenizer, workspace, config.reference_column
+    )
+    found = dataset_report.report_of_measured(
+        dataset, found_format, measured, config.max_seq_length, config.eval_split, config.seed
+    )
+    lengths = [row["prompt_tokens"] + max(row["reply_tokens"], default=0) for row in measured if isinstance(row, dict)]
     title = stages.get(config.stage).title
     unusable = found.rows - found.usable_rows
     stats = (
@@ -390,24 +401,9 @@ def _stage_preview(config: TrainConfig, chosen_stage: str, tokenizer, workspace:
             pieces.append((f"\n[reference answer, for the rewards] {example['answer']}", None))
         pieces.append(("\n\n", None))
     sides = [example for example in shown if "chosen" in example]
-    lengths = gr.BarPlot(visible=False)
-    if found.lengths:
-        lengths = _percentile_plot(found.lengths)
     return (
         stats,
         gr.HighlightedText(pieces, color_map={"chosen": TRAINED, "rejected": REJECTED}),
-        lengths,
+        _histogram(lengths) if lengths else gr.skip(),
         pairs_html(sides),
-    )
-
-
-def _percentile_plot(lengths: dict[str, int]) -> gr.BarPlot:
-    """The report's length percentiles (prompt with its longer reply) as bars."""
-    labels = list(lengths)
-    return gr.BarPlot(
-        pd.DataFrame({"tokens": labels, "rows": list(lengths.values())}),
-        sort=labels,
-        visible=True,
-        x_title="percentile",
-        y_title="tokens",
     )
