@@ -289,3 +289,38 @@ def test_judges_the_user_already_has_are_offered_with_their_settings(demo_worksp
     assert served["start"] == f"python -m llama_cpp.server --model {gguf} --model_alias train-1-q8_0 --port 8000"
     assert served["settings"]["judge_model"] == "train-1-q8_0"
     assert arena_utils.ollama_models(f"http://127.0.0.1:{jobs.free_port()}") == []
+
+
+@pytest.mark.slow
+def test_the_command_offered_for_a_gguf_judge_serves_it_under_the_name_the_settings_use(demo_workspace, tmp_path):
+    import shlex
+
+    import model_utils
+
+    gguf = demo_workspace / "runs" / "train-1" / "gguf" / "train-1-q4_1.gguf"
+    gguf.parent.mkdir(parents=True)
+    gguf.symlink_to(model_utils.demo_gguf_path())
+    offered = next(judge for judge in arena_utils.local_judges(demo_workspace) if judge["label"].startswith("GGUF"))
+    port = jobs.free_port()
+    command = shlex.split(offered["start"].replace(f"--port {arena_utils.LLAMA_SERVER_PORT}", f"--port {port}"))
+    assert command[:3] == ["python", "-m", "llama_cpp.server"]
+    log_path = tmp_path / "server.log"
+    with open(log_path, "wb") as log_file:
+        server = subprocess.Popen([sys.executable, *command[1:]], stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        settings = {**offered["settings"], "judge_base_url": f"http://127.0.0.1:{port}/v1", "timeout_s": 60}
+
+        def answers() -> bool:
+            assert server.poll() is None, log_path.read_text()[-2000:]
+            try:
+                judge = ArenaConfig(**settings).judge_client()
+                llm_clients.check_server(judge, llm_clients.resolve_api_key(judge))  # a local server needs no key
+                return True
+            except UserError as exc:
+                assert "Cannot reach" in str(exc), exc  # only "not up yet" may repeat
+                return False
+
+        wait_for(answers, timeout=120, what="llama_cpp.server to answer the offered judge settings")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
