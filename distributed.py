@@ -105,3 +105,87 @@ def _restore_indexed_cpu_locations() -> None:
         return storage if location.startswith("cpu:") else None
 
     torch.serialization.register_package(100, lambda storage: None, keep_on_cpu)
+
+
+# ---------------------------------------------------------------- DDP or FSDP
+
+DISTRIBUTED = ("auto", "ddp", "fsdp")
+# The strategy a launch resolved (`auto` becomes ddp or fsdp once, on the first machine), handed to every rank.
+STRATEGY_ENV = "FINETUNER_DISTRIBUTED"
+
+
+def check_distributed(config, device) -> None:
+    """UserError for a multi-GPU or multi-node setting that cannot work (config: a TrainConfig; not imported here)."""
+    if config.distributed == "fsdp" and config.stage != "sft":
+        raise UserError(
+            f"FSDP trains SFT runs; the {config.stage} stage trains with DDP here. Set distributed to ddp or auto."
+        )
+    if config.nnodes > 1:
+        endpoint_parts(config.rdzv_endpoint)
+    elif config.rdzv_endpoint.strip():
+        raise UserError("rdzv_endpoint is for runs on several nodes: set nnodes above 1, or clear the endpoint.")
+
+
+def endpoint_parts(endpoint: str) -> tuple[str, int]:
+    """(host, port) of a rendezvous endpoint written host:port; UserError otherwise."""
+    host, _, port = endpoint.strip().rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or any(char.isspace() for char in host):
+        raise UserError(
+            f"rdzv_endpoint '{endpoint}' is not host:port. With several nodes, give this machine's address that "
+            "every node can reach and a free port, e.g. 10.0.0.1:29400."
+        )
+    return host.strip("[]"), int(port)
+
+
+def resolve_strategy(choice: str, stage: str, fits_one_gpu: bool) -> str:
+    """ddp or fsdp for a run on several processes: `auto` shards only when the model does not fit one GPU (DDP is
+    faster when it fits: no weights gathered at every layer), and only SFT (the other stages train with DDP)."""
+    if choice == "auto":
+        return "fsdp" if not fits_one_gpu and stage == "sft" else "ddp"
+    return choice
+
+
+def strategy() -> str:
+    """This rank's strategy: fsdp or ddp under torchrun, "" for one process."""
+    if world_size() <= 1:
+        return ""
+    return os.environ.get(STRATEGY_ENV, "ddp") or "ddp"
+
+
+def sharded() -> bool:
+    return strategy() == "fsdp"
+
+
+def fsdp_fallback(choice: str) -> str:
+    """Under FSDP: switch this process to transformers + PEFT (Unsloth trains on one GPU or with DDP; call it before
+    Unsloth is imported) and return the note that says so for the run's live view; else "".
+
+    choice: the run's `distributed` setting, which names the strategy when no launch resolved it (a run started
+    with an explicit process count)."""
+    if world_size() > 1 and choice != "auto":
+        os.environ.setdefault(STRATEGY_ENV, choice)
+    if not sharded():
+        return ""
+    os.environ["FINETUNER_BACKEND"] = "transformers"
+    return (
+        f"FSDP shards the model over {world_size()} processes: this run uses transformers + PEFT with FSDP2 "
+        "(Unsloth trains on one GPU or with DDP)."
+    )
+
+
+def fsdp_arguments(layer_classes: list[str], checkpointing: bool) -> dict:
+    """transformers' TrainingArguments for FSDP2 through accelerate: each decoder layer (`layer_classes`) its own
+    shard group, activation checkpointing done by FSDP (the Trainer's own would wrap the layers a second time), and
+    sharded checkpoints (each rank writes its part: no rank gathers the whole model to save a resume point)."""
+    return {
+        "fsdp": True,
+        "fsdp_config": {
+            "version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "transformer_layer_cls_to_wrap": list(layer_classes),
+            "activation_checkpointing": checkpointing,
+            "state_dict_type": "SHARDED_STATE_DICT",
+            "reshard_after_forward": True,
+        },
+        "gradient_checkpointing": False,
+    }
