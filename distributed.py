@@ -175,17 +175,42 @@ def fsdp_fallback(choice: str) -> str:
 
 def fsdp_arguments(layer_classes: list[str], checkpointing: bool) -> dict:
     """transformers' TrainingArguments for FSDP2 through accelerate: each decoder layer (`layer_classes`) its own
-    shard group, activation checkpointing done by FSDP (the Trainer's own would wrap the layers a second time), and
-    sharded checkpoints (each rank writes its part: no rank gathers the whole model to save a resume point)."""
+    shard group, and sharded checkpoints (each rank writes its part: no rank gathers the whole model to save a
+    resume point). Activation checkpointing stays the model's own (gradient_checkpointing, non-reentrant as FSDP2
+    needs): FSDP's wrapper renames every layer's weights, and PEFT then finds no adapter weights to checkpoint."""
     return {
         "fsdp": True,
         "fsdp_config": {
             "version": 2,
             "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "transformer_layer_cls_to_wrap": list(layer_classes),
-            "activation_checkpointing": checkpointing,
             "state_dict_type": "SHARDED_STATE_DICT",
             "reshard_after_forward": True,
         },
-        "gradient_checkpointing": False,
+        "gradient_checkpointing": checkpointing,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False},
     }
+
+
+# ---------------------------------------------------------------- several nodes
+
+
+def node_arguments(processes: int, nodes: int, endpoint: str, node_rank: int, run_id: str) -> list[str]:
+    """torchrun's arguments for one node of a multi-node run. The static rendezvous with --node-rank (not c10d's,
+    which orders the nodes by host name) keeps node 0 on the first machine, so its first process is rank 0, the one
+    that writes the run folder; the first machine's launcher serves the rendezvous at `endpoint`."""
+    endpoint_parts(endpoint)
+    return [
+        f"--nnodes={nodes}",
+        f"--node-rank={node_rank}",
+        f"--nproc-per-node={processes}",
+        "--rdzv-backend=static",
+        f"--rdzv-endpoint={endpoint.strip()}",
+        f"--rdzv-id={run_id}",
+        "--max-restarts=0",
+    ]
+
+
+def node_rank() -> int:
+    """This process's node under torchrun (GROUP_RANK), 0 for one node."""
+    return int(os.environ.get("GROUP_RANK", "0") or 0)

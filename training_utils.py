@@ -327,7 +327,7 @@ def build_trainer(config: TrainConfig, model, tokenizer, prepared, ctx: JobConte
 
     has_eval = prepared.eval is not None
     args = SFTConfig(
-        # FSDP's arguments replace some shared ones (its activation checkpointing replaces the Trainer's).
+        # FSDP's arguments replace some shared ones (gradient checkpointing's kind).
         **{
             **preference_utils.trainer_arguments(config, ctx.run_dir, backend, has_eval),
             **sharding_arguments(config, model),
@@ -459,16 +459,14 @@ def decoder_layer_classes(model) -> list[str]:
 
 
 def full_state_dict(trainer, lora: bool) -> dict:
-    """The model's weights gathered from the FSDP shards onto rank 0 (the others get {}), as plain CPU tensors under
-    the one-GPU names (FSDP's activation checkpointing wraps each layer, which adds a name part); `lora`: the LoRA
-    weights alone, all a saved adapter holds. Every rank must call it: gathering is collective."""
+    """The model's weights gathered from the FSDP shards onto rank 0 (the others get {}), as plain CPU tensors;
+    `lora`: the LoRA weights alone, all a saved adapter holds. Every rank must call it: gathering is collective."""
     from torch.distributed.tensor import DTensor
 
     state = trainer.accelerator.get_state_dict(trainer.model) or {}
     main = trainer.is_world_process_zero()
     weights = {}
     for key, value in state.items():  # the same keys in the same order on every rank
-        key = key.replace("_checkpoint_wrapped_module.", "")
         if lora and "lora_" not in key:
             continue
         # Weights FSDP left sharded (here: the LoRA ones) come back as DTensors; gathering one is collective too.
