@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 from workspace import UserError
@@ -214,3 +215,67 @@ def node_arguments(processes: int, nodes: int, endpoint: str, node_rank: int, ru
 def node_rank() -> int:
     """This process's node under torchrun (GROUP_RANK), 0 for one node."""
     return int(os.environ.get("GROUP_RANK", "0") or 0)
+
+
+class Heartbeat:
+    """Each rank's heartbeat in torchrun's rendezvous store (served by node 0's launcher), so that when a collective
+    fails the ranks still running can name the node that died: gloo and NCCL only say that a peer went away."""
+
+    PERIOD_S = 1.0
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        import torch.distributed as dist
+
+        self.store = dist.distributed_c10d._get_default_store()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.store.set(f"finetuner/node/{self.rank}", f"{node_rank()} {socket.gethostname()}")
+        self.stopped = threading.Event()
+        threading.Thread(target=self._beat, daemon=True, name="heartbeat").start()
+
+    def _beat(self) -> None:
+        while not self.stopped.wait(self.PERIOD_S):
+            try:
+                self.store.add(f"finetuner/beat/{self.rank}", 1)
+            except Exception:  # the store is gone with node 0: lost_nodes says so
+                return
+
+    def close(self) -> None:
+        self.stopped.set()
+
+    def lost_nodes(self) -> str:
+        """'node 1 (host-b, rank 1)' for each node with a rank whose heartbeat stopped, '' when every rank still
+        beats; node 0 when its store cannot be reached. Takes a few heartbeat periods."""
+        try:
+            before = self._beats()
+            time.sleep(3 * self.PERIOD_S)
+            after = self._beats()
+            silent = [rank for rank in range(self.world) if rank != self.rank and after[rank] == before[rank]]
+            nodes: dict[str, list[int]] = {}
+            for rank in silent:
+                key = f"finetuner/node/{rank}"
+                place = self.store.get(key).decode() if self.store.check([key]) else "? unknown host"
+                nodes.setdefault(place, []).append(rank)
+        except Exception:
+            return "node 0 (the first machine, which serves the rendezvous)"
+        return ", ".join(
+            f"node {place.split(' ', 1)[0]} ({place.split(' ', 1)[1]}, rank {', '.join(map(str, ranks))})"
+            for place, ranks in sorted(nodes.items())
+        )
+
+    def _beats(self) -> dict[int, int]:
+        return {rank: int(self.store.add(f"finetuner/beat/{rank}", 0)) for rank in range(self.world)}
+
+
+def lost_node_error(heartbeat: Heartbeat | None, error: BaseException) -> UserError | None:
+    """The error that names the node that died when `error` came from a lost peer, else None."""
+    lost = heartbeat.lost_nodes() if heartbeat is not None else ""
+    if not lost:
+        return None
+    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    return UserError(
+        f"{lost} stopped during the run, so the run fails on every node ({first}). Check that machine (its log, "
+        "memory, network), then resume the run from its last checkpoint, starting every node again."
+    )

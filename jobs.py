@@ -576,7 +576,8 @@ def _run_other_rank(
         time.sleep(0.5)
     try:
         _run_kind(kind, settings, JobContext(run_dir, Reporter(run_dir, writes=False), stop, resume))
-    except UserError:
+    except UserError as exc:
+        log.error("error: %s", exc)  # on another node this log is the only one that shows it
         return 2  # every rank meets the same bad input; rank 0 records it
     except BaseException as exc:
         traceback.print_exc()

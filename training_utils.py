@@ -18,11 +18,13 @@ import stages
 from dataset_utils import prepare_training_data
 from distributed import (
     STRATEGY_ENV,
+    Heartbeat,
     ddp_fallback,
     distributed_state,
     fsdp_arguments,
     fsdp_fallback,
     gpu_launch,
+    lost_node_error,
     resolve_strategy,
     sharded,
     strategy,
@@ -138,7 +140,7 @@ def train(config: TrainConfig, ctx: JobContext) -> str:
     checkpoint = last_checkpoint(run_dir) if ctx.resume else None
     if ctx.resume and checkpoint is None:
         raise UserError("This run has no checkpoint to resume from; start a new run instead.")
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_watched(trainer, str(checkpoint) if checkpoint else None)
 
     # A stop that lands on the last step finishes the run: resuming from a checkpoint at max_steps would make the
     # Trainer run one step past it.
@@ -155,6 +157,21 @@ def train(config: TrainConfig, ctx: JobContext) -> str:
     if trainer.is_world_process_zero():
         save_final(trainer, tokenizer, config, run_dir, weights)
     return "done"
+
+
+def train_watched(trainer, checkpoint: str | None) -> None:
+    """trainer.train, and on several processes a heartbeat per rank: when a peer dies, the error names its node."""
+    heartbeat = Heartbeat() if world_size() > 1 else None
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except Exception as exc:
+        lost = lost_node_error(heartbeat, exc)
+        if lost is not None:
+            raise lost from exc
+        raise
+    finally:
+        if heartbeat is not None:
+            heartbeat.close()
 
 
 def load_for_training(config: TrainConfig, model_path: str, backend: str):
