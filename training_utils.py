@@ -219,12 +219,17 @@ def _load_transformers(config: TrainConfig, model_path: str):
     tokenizer = model_utils.load_tokenizer(model_path, config.model.trust_remote_code)
     device = model_utils.detect_device()
     on_cuda = device.cuda
+    dtype = (torch.bfloat16 if device.bf16 else torch.float16) if on_cuda else torch.float32
     model = AutoModelForCausalLM.from_pretrained(
         model_path,
-        dtype=(torch.bfloat16 if device.bf16 else torch.float16) if on_cuda else torch.float32,
+        dtype=dtype,
         use_safetensors=True,
         trust_remote_code=config.model.trust_remote_code,
-        device_map={"": torch.cuda.current_device()} if on_cuda else None,  # a DDP rank's own GPU
+        # A DDP rank's own GPU; FSDP loads into host memory and moves each rank's shard onto its GPU when it wraps.
+        device_map={"": torch.cuda.current_device()}
+        if on_cuda and not (sharded() and not config.load_in_4bit)
+        else None,
+        quantization_config=qlora_quantization(dtype, sharded()) if config.load_in_4bit else None,
     )
     if config.full_finetuning:
         return model, tokenizer
@@ -237,6 +242,21 @@ def _load_transformers(config: TrainConfig, model_path: str):
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora), tokenizer
+
+
+def qlora_quantization(compute_dtype, sharded_model: bool):
+    """bitsandbytes' 4-bit NF4 settings for QLoRA on transformers + PEFT. Sharded (FSDP-QLoRA), the packed 4-bit
+    weights are stored in the compute dtype (bnb_4bit_quant_storage): FSDP shards only tensors of one float dtype."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=compute_dtype if sharded_model else torch.uint8,
+    )
 
 
 def resolve_target_modules(model, target_modules: list[str]) -> list[str]:

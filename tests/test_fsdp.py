@@ -76,6 +76,31 @@ def test_fsdp_arguments_turn_on_fsdp2_with_sharded_checkpoints_in_transformers(t
     assert args.gradient_checkpointing and args.gradient_checkpointing_kwargs == {"use_reentrant": False}
 
 
+def test_fsdp_qlora_stores_the_4bit_weights_in_the_compute_dtype():
+    import torch
+
+    assert training_utils.qlora_quantization(torch.bfloat16, True).bnb_4bit_quant_storage == torch.bfloat16
+    assert training_utils.qlora_quantization(torch.bfloat16, False).bnb_4bit_quant_storage == torch.uint8
+
+
+def test_memory_per_gpu_shards_the_model_and_its_state_under_fsdp_only(demo_workspace, data_file):
+    import model_utils
+    import planning
+
+    estimate = model_utils.MemoryEstimate(16.0, 8.0, 4.0, 28.0, None, "GPU", 8_000_000_000, 40_000_000)
+    four = planning.per_gpu_memory(estimate, gpus=4, layers=32)
+    assert four.ddp_gib == 28.0  # every GPU holds everything
+    assert four.fsdp_gib == (16.0 + 8.0) / 4 + 2 * 16.0 / 32 + 4.0  # a quarter, two whole layers, own activations
+    assert planning.per_gpu_memory(estimate, gpus=1, layers=32).fsdp_gib == 28.0
+
+    config = small_config(data_file)
+    path = str(model_utils.demo_model_dir(demo_workspace))
+    two, eight = planning.gpu_memory_for(config, path, 2), planning.gpu_memory_for(config, path, 8)
+    assert two.ddp_gib == eight.ddp_gib == model_utils.estimate_memory(config, path).total_gib
+    assert eight.fsdp_gib < two.fsdp_gib < two.ddp_gib
+    assert "per GPU on 2 GPUs: DDP" in two.summary()
+
+
 # ---------------------------------------------------------------- several nodes
 
 
@@ -105,6 +130,20 @@ def test_each_node_gets_the_first_nodes_command_with_its_own_node_rank(demo_work
 
     assert main.main(["node-command", str(run_dir)]) == 0
     assert capsys.readouterr().out == f"# node 1\n{commands[0]}\n# node 2\n{commands[1]}\n"
+
+
+def test_the_train_tab_shows_the_nodes_and_each_other_nodes_command(demo_workspace, data_file):
+    from ui import train_tab
+
+    config = small_config(data_file, nnodes=2, rdzv_endpoint="10.0.0.1:29400")
+    run_dir = jobs.create_run("train", config_to_dict(config), demo_workspace, "tab-nodes")
+    assert train_tab.nodes_hint(run_dir, runfolder.read_status(run_dir)) == ""  # not started on several nodes
+    jobs.write_node_launch(run_dir, False, 1, 2, "10.0.0.1:29400", {})
+    (command,) = jobs.node_commands(run_dir)
+    waiting = train_tab.nodes_hint(run_dir, runfolder.Status(state=runfolder.State.QUEUED, processes=1))
+    assert waiting.startswith("Nodes: 2 × 1 process(es)") and f"node 1: `{command}`" in waiting
+    done = train_tab.nodes_hint(run_dir, runfolder.Status(state=runfolder.State.DONE, processes=1))
+    assert "Nodes: 2 × 1" in done and command not in done
 
 
 # ---------------------------------------------------------------- two CPU processes
