@@ -269,9 +269,17 @@ class Heartbeat:
         return {rank: int(self.store.add(f"finetuner/beat/{rank}", 0)) for rank in range(self.world)}
 
 
+# What gloo and NCCL say when a peer went away (a closed connection, a reset, a collective that timed out).
+PEER_LOST_WORDS = ("gloo", "nccl", "connection", "peer", "socket", "broken pipe", "timed out", "timeout")
+
+
 def lost_node_error(heartbeat: Heartbeat | None, error: BaseException) -> UserError | None:
-    """The error that names the node that died when `error` came from a lost peer, else None."""
-    lost = heartbeat.lost_nodes() if heartbeat is not None else ""
+    """The error that names the node that died when `error` came from a lost peer, else None. Only a communication
+    error is checked: on an error every rank meets (a diverged loss), the others exit at once and would read as lost."""
+    text = f"{type(error).__name__} {error}".lower()
+    if heartbeat is None or isinstance(error, UserError) or not any(word in text for word in PEER_LOST_WORDS):
+        return None
+    lost = heartbeat.lost_nodes()
     if not lost:
         return None
     first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
