@@ -1,5 +1,6 @@
-"""Training on several processes: which GPUs a run sees, how many processes torchrun starts, the DDP fallback from
-Unsloth to transformers + PEFT, and accelerate's process state that lets the ranks wait for each other."""
+"""Training on several processes: which GPUs a run sees, how many processes torchrun starts (on one node or several),
+DDP or FSDP (`distributed`) and FSDP's TrainingArguments, the fallback from Unsloth to transformers + PEFT, the
+heartbeat that names a lost node, and accelerate's process state that lets the ranks wait for each other."""
 
 from __future__ import annotations
 
