@@ -226,18 +226,24 @@ def consolidated(folder: Path) -> dict:
     return {key.removeprefix("model."): value for key, value in state.items()}
 
 
+# Both "nodes" share this machine's cores: a thread each, as torchrun gives its ranks on one node (two threads each
+# on two cores made every step ~25x slower).
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
 def start_second_node(run_dir: Path) -> subprocess.Popen:
     """Node 1 of the run, as a user would start it on another machine: the command the app shows."""
     (command,) = jobs.node_commands(run_dir)
-    log = open(run_dir.parent / f"{run_dir.name}-node1.txt", "ab")
-    return subprocess.Popen(command, shell=True, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log = open(run_dir.parent.parent / f"{run_dir.name}-node1.txt", "ab")  # beside runs/: not a run
+    env = {**os.environ, **ONE_THREAD}
+    return subprocess.Popen(command, shell=True, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
 
 @pytest.mark.slow
 def test_two_nodes_on_this_machine_train_one_run_logged_once(demo_workspace, data_file):
     config = small_config(data_file, nnodes=2, rdzv_endpoint=f"127.0.0.1:{jobs.free_port()}")
     run_dir = jobs.create_run("train", config_to_dict(config), demo_workspace, "two-nodes")
-    jobs.start_job(run_dir)
+    jobs.start_job(run_dir, env=ONE_THREAD)
     node1 = start_second_node(run_dir)
     status = wait_for(lambda: ended(run_dir), timeout=600)
     assert status.state == "done", f"{status.error}\n{runfolder.log_tail(run_dir, 40)}"
@@ -254,7 +260,7 @@ def test_two_nodes_on_this_machine_train_one_run_logged_once(demo_workspace, dat
 def test_a_killed_rank_fails_the_run_on_every_node_naming_its_node(demo_workspace, data_file):
     config = small_config(data_file, nnodes=2, rdzv_endpoint=f"127.0.0.1:{jobs.free_port()}", max_steps=500)
     run_dir = jobs.create_run("train", config_to_dict(config), demo_workspace, "node-dies")
-    jobs.start_job(run_dir)
+    jobs.start_job(run_dir, env=ONE_THREAD)
     node1 = start_second_node(run_dir)
     wait_for(lambda: logged_steps(run_dir), timeout=600)
     os.kill(wait_for(lambda: rank_pid(run_dir, 1), timeout=30), signal.SIGKILL)
