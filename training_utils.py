@@ -453,7 +453,8 @@ def save_final(trainer, tokenizer, config: TrainConfig, run_dir: Path, weights: 
     target = run_dir / ("merged" if config.full_finetuning else "adapter")
     model = trainer.accelerator.unwrap_model(trainer.model) if weights is not None else trainer.model
     with atomic_dir(target) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True, state_dict=weights)
+        gathered = {"state_dict": weights} if weights is not None else {}
+        model.save_pretrained(str(tmp), safe_serialization=True, **gathered)
         tokenizer.save_pretrained(str(tmp))
         (tmp / "train_config.yaml").write_text(dump_yaml(config_to_dict(config)))
     shutil.rmtree(run_dir / "checkpoints" / "tmp", ignore_errors=True)
