@@ -151,9 +151,8 @@ def train(config: TrainConfig, ctx: JobContext) -> str:
         log.info(stopped_early)
         ctx.note(note=stopped_early)
         ctx.reporter.progress(trainer.state.global_step, trainer.state.max_steps, stopped_early, force=True)
-    weights = (
-        full_state_dict(trainer, not config.full_finetuning) if sharded() else None
-    )  # every rank takes part in gathering the shards
+    # Sharded, every rank takes part in gathering the weights; rank 0 saves them.
+    weights = full_state_dict(trainer, not config.full_finetuning) if sharded() else None
     if trainer.is_world_process_zero():
         save_final(trainer, tokenizer, config, run_dir, weights)
     return "done"
@@ -225,10 +224,9 @@ def _load_transformers(config: TrainConfig, model_path: str):
         dtype=dtype,
         use_safetensors=True,
         trust_remote_code=config.model.trust_remote_code,
-        # A DDP rank's own GPU; FSDP loads into host memory and moves each rank's shard onto its GPU when it wraps.
-        device_map={"": torch.cuda.current_device()}
-        if on_cuda and not (sharded() and not config.load_in_4bit)
-        else None,
+        # A DDP rank's own GPU; FSDP loads into host memory and moves each rank's shard onto its GPU when it wraps
+        # (bitsandbytes quantizes on the GPU, so a 4-bit model loads there first).
+        device_map={"": torch.cuda.current_device()} if on_cuda and (config.load_in_4bit or not sharded()) else None,
         quantization_config=qlora_quantization(dtype, sharded()) if config.load_in_4bit else None,
     )
     if config.full_finetuning:
