@@ -26,9 +26,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import distributed
 import runfolder
 from runfolder import JobContext, Progress, Reporter, State, Status, StopFlag
-from workspace import UserError, import_function
+from workspace import UserError, import_function, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,10 @@ def start_job(
                 hook(run_dir)
             except Exception:  # a hook must not keep the job from starting
                 log.exception("a before-GPU-job hook failed")
-    command = launch_command(run_dir, resume, processes)
+    nodes, endpoint = node_plan(run_dir)
+    command = launch_command(run_dir, resume, processes, nodes, endpoint)
+    if nodes > 1:
+        write_node_launch(run_dir, resume, processes, nodes, endpoint, launch_env)
     child_env = {**os.environ, **launch_env, **(env or {}), "PYTHONUNBUFFERED": "1"}
     if processes > 1 and "OMP_NUM_THREADS" not in child_env:
         # torchrun would give each rank one thread; the host work of a step (collation, the optimizer's CPU side)
@@ -228,9 +232,15 @@ def launch_plan(run_dir: Path) -> tuple[int, dict[str, str]]:
     return import_function(kind.launch)(runfolder.stage_settings(run_dir))
 
 
-def launch_command(run_dir: Path, resume: bool, processes: int) -> list[str]:
-    """`python main.py run RUN`, through torchrun (one process per rank, a free rendezvous port) when processes > 1."""
+def launch_command(
+    run_dir: Path, resume: bool, processes: int, nodes: int = 1, endpoint: str = "", node_rank: int = 0
+) -> list[str]:
+    """`python main.py run RUN`, through torchrun (one process per rank, a free rendezvous port) when processes > 1;
+    on several nodes, this node's part of the run (distributed.node_arguments)."""
     entry = [str(ROOT / "main.py"), "run", str(run_dir)] + (["--resume"] if resume else [])
+    if nodes > 1:
+        arguments = distributed.node_arguments(processes, nodes, endpoint, node_rank, Path(run_dir).name)
+        return [sys.executable, "-m", "torch.distributed.run", *arguments, *entry]
     if processes <= 1:
         return [sys.executable, *entry]
     return [
@@ -243,6 +253,52 @@ def launch_command(run_dir: Path, resume: bool, processes: int) -> list[str]:
         f"--master-port={free_port()}",
         *entry,
     ]
+
+
+# ---------------------------------------------------------------- several nodes
+
+NODE_LAUNCH = "launch.json"  # how the first node started a multi-node run: what node_commands repeats
+
+
+def node_plan(run_dir: Path) -> tuple[int, str]:
+    """(nodes, rendezvous endpoint) of a run; one node for a job kind without them."""
+    settings = runfolder.stage_settings(run_dir)
+    return int(settings.get("nnodes") or 1), str(settings.get("rdzv_endpoint") or "")
+
+
+def write_node_launch(
+    run_dir: Path, resume: bool, processes: int, nodes: int, endpoint: str, env: dict[str, str]
+) -> None:
+    """Record the first node's launch: every other node's command repeats it with its own node rank."""
+    launch = {"resume": resume, "processes": processes, "nodes": nodes, "endpoint": endpoint}
+    launch["environment"] = {key: value for key, value in env.items() if key == distributed.STRATEGY_ENV}
+    write_json(Path(run_dir) / NODE_LAUNCH, launch)
+
+
+def node_commands(run_dir: Path) -> list[str]:
+    """The shell command each other node runs to join a multi-node run the first node started (node 1, 2, …), in
+    this install's folder; UserError for a run that was not started on several nodes."""
+    import shlex
+
+    run_dir = Path(run_dir)
+    launch = read_json(run_dir / NODE_LAUNCH, default=None)
+    if not isinstance(launch, dict) or int(launch.get("nodes") or 1) < 2:
+        raise UserError(
+            f"Run '{run_dir.name}' was not started on several nodes: set nnodes and rdzv_endpoint, then start it."
+        )
+    environment = [f"{key}={shlex.quote(str(value))}" for key, value in (launch.get("environment") or {}).items()]
+    commands = []
+    for node_rank in range(1, int(launch["nodes"])):
+        command = launch_command(
+            run_dir,
+            bool(launch.get("resume")),
+            int(launch["processes"]),
+            int(launch["nodes"]),
+            launch["endpoint"],
+            node_rank,
+        )
+        commands.append(" ".join([f"cd {shlex.quote(str(ROOT))} &&", *environment, shlex.join(command)]))
+    return commands
 
 
 def free_port() -> int:
@@ -513,13 +569,15 @@ def _run_other_rank(
 ) -> int:
     """A DDP rank other than 0: waits until rank 0 holds the GPU lock, then trains; it records only its failure."""
     logging.getLogger().setLevel(logging.WARNING)  # log.txt shows rank 0's progress once
-    while (state := runfolder.read_status(run_dir).state) != State.RUNNING:
+    # On another machine the run folder may be a copy rank 0 never updates: its ranks wait in the rendezvous instead.
+    while distributed.node_rank() == 0 and (state := runfolder.read_status(run_dir).state) != State.RUNNING:
         if stop.requested or state not in (State.QUEUED, State.UNKNOWN):
             return 0
         time.sleep(0.5)
     try:
         _run_kind(kind, settings, JobContext(run_dir, Reporter(run_dir, writes=False), stop, resume))
-    except UserError:
+    except UserError as exc:
+        log.error("error: %s", exc)  # on another node this log is the only one that shows it
         return 2  # every rank meets the same bad input; rank 0 records it
     except BaseException as exc:
         traceback.print_exc()

@@ -515,6 +515,15 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_node_command(args: argparse.Namespace) -> int:
+    import jobs
+    import runfolder
+
+    for node, command in enumerate(jobs.node_commands(runfolder.run_path(args.run, args.workspace)), start=1):
+        print(f"# node {node}\n{command}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import jobs
 
@@ -735,6 +744,15 @@ def build_parser() -> argparse.ArgumentParser:
     stop = commands.add_parser("stop", help="stop a running job", description="Ask a job to checkpoint and stop.")
     stop.add_argument("run", help="run name or folder")
     stop.set_defaults(handler=cmd_stop)
+
+    node = commands.add_parser(
+        "node-command",
+        help="the command each other machine runs to join a multi-node training run",
+        description="Print, for a training run started here on several nodes (nnodes, rdzv_endpoint), the shell "
+        "command to run on each other machine (node 1, 2, …): the same install path and run folder on every machine.",
+    )
+    node.add_argument("run", help="run name or folder")
+    node.set_defaults(handler=cmd_node_command)
 
     run = commands.add_parser(
         "run",

@@ -517,3 +517,35 @@ def time_estimate_text(config: TrainConfig, workspace: str | Path | None = None)
     path = resolve_model_path(config.model.name_or_path, workspace, download=False)  # a view: never downloads
     summary = estimate_time(config, path, dataset_report_for(config, workspace), workspace).summary()
     return f"{summary}; data: {Path(str(config.dataset.source).strip()).name}"  # which data the figure is for
+
+
+# ---------------------------------------------------------------- memory per GPU on several GPUs
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    """GiB one GPU needs for a training step when `gpus` GPUs train the run, under DDP and under FSDP."""
+
+    gpus: int
+    ddp_gib: float
+    fsdp_gib: float
+
+    def summary(self) -> str:
+        return f"per GPU on {self.gpus} GPUs: DDP ≈ {self.ddp_gib:.1f} GiB, FSDP ≈ {self.fsdp_gib:.1f} GiB"
+
+
+def per_gpu_memory(estimate, gpus: int, layers: int) -> GpuMemory:
+    """Split a one-GPU memory estimate (model_utils.estimate_memory) over `gpus` GPUs. DDP: every GPU holds the
+    whole model, its trainable state and its own micro-batch's activations. FSDP: the weights and the trainable state
+    (gradients, optimizer moments) are sharded, each GPU keeps its micro-batch's activations, and two decoder layers
+    (`layers` of them in the model) are gathered whole at a time: the one computing and the one prefetched."""
+    gpus = max(1, gpus)
+    gathered = 2 * estimate.weights_gib / max(1, layers) if gpus > 1 else 0.0
+    sharded = (estimate.weights_gib + estimate.trainable_gib) / gpus
+    return GpuMemory(gpus, estimate.total_gib, sharded + gathered + estimate.activations_gib)
+
+
+def gpu_memory_for(config: TrainConfig, model_path: str, gpus: int) -> GpuMemory:
+    """per_gpu_memory of the run's model and settings on `gpus` GPUs."""
+    _, shape = count_parameters(model_path)
+    return per_gpu_memory(estimate_memory(config, model_path), gpus, int(shape.get("num_hidden_layers") or 1))

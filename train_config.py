@@ -12,7 +12,7 @@ from typing import Any
 import llm_clients
 import stages
 from dataset_files import DEFAULT_MAX_SEQ_LENGTH, DEFAULT_SEED, DatasetConfig
-from distributed import check_num_gpus
+from distributed import DISTRIBUTED, check_distributed, check_num_gpus
 from model_utils import Device, ModelConfig, detect_device
 from settings import check, option
 from workspace import UserError, config_from_dict
@@ -235,9 +235,34 @@ class TrainConfig:
     )
     num_gpus: int = option(
         0,
-        help="0 = every visible GPU; more than one trains with DDP, one process per GPU (torchrun).",
+        help="0 = every visible GPU; more than one trains with DDP or FSDP (distributed), one process per GPU (torchrun).",
         minimum=0,
         label="GPUs",
+        advanced=True,
+    )
+    # Several processes: names from torchrun (--nnodes, --rdzv-endpoint) and transformers (fsdp).
+    distributed: str = option(
+        "auto",
+        help="With several GPUs: ddp = every GPU holds the whole model (fastest when it fits); fsdp = the weights, "
+        "gradients and optimizer state are sharded over the GPUs (FSDP2, transformers + PEFT) so a model larger "
+        "than one GPU trains; auto = fsdp when the memory estimate does not fit one GPU, else ddp.",
+        choices=DISTRIBUTED,
+        label="Multi-GPU strategy",
+        advanced=True,
+    )
+    nnodes: int = option(
+        1,
+        help="Machines the run spans (torchrun --nnodes); each other machine runs the command this app shows "
+        "(main.py node-command RUN).",
+        minimum=1,
+        label="Nodes",
+        advanced=True,
+    )
+    rdzv_endpoint: str = option(
+        "",
+        help="With several nodes: host:port of this (the first) machine that every node can reach (torchrun "
+        "--rdzv-endpoint, c10d rendezvous).",
+        label="Rendezvous endpoint",
         advanced=True,
     )
     # The training stage (stages): every field below is read only by the stages that name it in their settings.
@@ -362,6 +387,7 @@ class TrainConfig:
         check_early_stopping(self)
         if self.num_gpus:
             check_num_gpus(self.num_gpus)
+        check_distributed(self, device)
         stages.get(self.stage).check(self)
 
 

@@ -16,7 +16,20 @@ from typing import Any
 import preference_utils
 import stages
 from dataset_utils import prepare_training_data
-from distributed import ddp_fallback, distributed_state, gpu_launch, world_size
+from distributed import (
+    STRATEGY_ENV,
+    Heartbeat,
+    ddp_fallback,
+    distributed_state,
+    fsdp_arguments,
+    fsdp_fallback,
+    gpu_launch,
+    lost_node_error,
+    resolve_strategy,
+    sharded,
+    strategy,
+    world_size,
+)
 from model_utils import fit_checkpointing, fit_micro_batch
 from runfolder import JobContext, last_checkpoint, read_status
 from train_config import ALL_LINEAR_LAYERS, TrainConfig
@@ -35,15 +48,33 @@ def _cuda() -> bool:
 
 
 def launch_plan(settings: dict[str, Any]) -> tuple[int, dict[str, str]]:
-    """(processes, environment) for a training job: one process per GPU it trains on."""
-    return gpu_launch(int(settings.get("num_gpus") or 0))
+    """(processes, environment) for a training job: one process per GPU it trains on, and on several processes (or
+    nodes) the strategy every rank uses, `auto` resolved here once."""
+    processes, env = gpu_launch(int(settings.get("num_gpus") or 0))
+    if processes * int(settings.get("nnodes") or 1) > 1:
+        env[STRATEGY_ENV] = launch_strategy(settings)
+    return processes, env
+
+
+def launch_strategy(settings: dict[str, Any]) -> str:
+    """ddp or fsdp for a multi-process run: `auto` asks the memory estimate whether the model fits one GPU."""
+    import model_utils
+    from train_config import train_config_from_dict
+
+    config = train_config_from_dict(settings)
+    fits = True
+    if config.distributed == "auto" and config.stage == "sft":
+        fits = model_utils.estimate_memory(config, model_utils.model_reference(config.model.name_or_path)).fits
+    chosen = resolve_strategy(config.distributed, config.stage, fits)
+    log.info("multi-GPU strategy: %s (distributed: %s)", chosen, config.distributed)
+    return chosen
 
 
 def train_job(config: TrainConfig, ctx: JobContext) -> str:
     """The training stage's job: picks the backend before any ML library is imported, then trains."""
     import model_utils
 
-    fallback = ddp_fallback()
+    fallback = fsdp_fallback(config.distributed) or ddp_fallback()
     if fallback:
         ctx.note(note=fallback)
     model_utils.select_backend()  # before transformers/trl/peft are imported: Unsloth patches them
@@ -76,6 +107,8 @@ def train(config: TrainConfig, ctx: JobContext) -> str:
     log.info("backend: %s, model: %s, mode: %s, processes: %d", backend, model_path, config.mode, world_size())
     state = distributed_state(_cuda())
     ctx.note(backend=backend, processes=state.num_processes, device="GPU" if _cuda() else "CPU")
+    if strategy():
+        log.info("%s over %d processes on %d node(s)", strategy(), world_size(), _nodes())
 
     stage = stages.get(config.stage)
     # The memory estimate is SFT's: DPO holds two sequences per row and GRPO generates, so they keep theirs.
@@ -107,7 +140,7 @@ def train(config: TrainConfig, ctx: JobContext) -> str:
     checkpoint = last_checkpoint(run_dir) if ctx.resume else None
     if ctx.resume and checkpoint is None:
         raise UserError("This run has no checkpoint to resume from; start a new run instead.")
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_watched(trainer, str(checkpoint) if checkpoint else None)
 
     # A stop that lands on the last step finishes the run: resuming from a checkpoint at max_steps would make the
     # Trainer run one step past it.
@@ -118,9 +151,26 @@ def train(config: TrainConfig, ctx: JobContext) -> str:
         log.info(stopped_early)
         ctx.note(note=stopped_early)
         ctx.reporter.progress(trainer.state.global_step, trainer.state.max_steps, stopped_early, force=True)
+    # Sharded, every rank takes part in gathering the weights; rank 0 saves them.
+    weights = full_state_dict(trainer, not config.full_finetuning) if sharded() else None
     if trainer.is_world_process_zero():
-        save_final(trainer, tokenizer, config, run_dir)
+        save_final(trainer, tokenizer, config, run_dir, weights)
     return "done"
+
+
+def train_watched(trainer, checkpoint: str | None) -> None:
+    """trainer.train, and on several processes a heartbeat per rank: when a peer dies, the error names its node."""
+    heartbeat = Heartbeat() if world_size() > 1 else None
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except Exception as exc:
+        lost = lost_node_error(heartbeat, exc)
+        if lost is not None:
+            raise lost from exc
+        raise
+    finally:
+        if heartbeat is not None:
+            heartbeat.close()
 
 
 def load_for_training(config: TrainConfig, model_path: str, backend: str):
@@ -168,12 +218,16 @@ def _load_transformers(config: TrainConfig, model_path: str):
     tokenizer = model_utils.load_tokenizer(model_path, config.model.trust_remote_code)
     device = model_utils.detect_device()
     on_cuda = device.cuda
+    dtype = (torch.bfloat16 if device.bf16 else torch.float16) if on_cuda else torch.float32
     model = AutoModelForCausalLM.from_pretrained(
         model_path,
-        dtype=(torch.bfloat16 if device.bf16 else torch.float16) if on_cuda else torch.float32,
+        dtype=dtype,
         use_safetensors=True,
         trust_remote_code=config.model.trust_remote_code,
-        device_map={"": torch.cuda.current_device()} if on_cuda else None,  # a DDP rank's own GPU
+        # A DDP rank's own GPU; FSDP loads into host memory and moves each rank's shard onto its GPU when it wraps
+        # (bitsandbytes quantizes on the GPU, so a 4-bit model loads there first).
+        device_map={"": torch.cuda.current_device()} if on_cuda and (config.load_in_4bit or not sharded()) else None,
+        quantization_config=qlora_quantization(dtype, sharded()) if config.load_in_4bit else None,
     )
     if config.full_finetuning:
         return model, tokenizer
@@ -186,6 +240,21 @@ def _load_transformers(config: TrainConfig, model_path: str):
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora), tokenizer
+
+
+def qlora_quantization(compute_dtype, sharded_model: bool):
+    """bitsandbytes' 4-bit NF4 settings for QLoRA on transformers + PEFT. Sharded (FSDP-QLoRA), the packed 4-bit
+    weights are stored in the compute dtype (bnb_4bit_quant_storage): FSDP shards only tensors of one float dtype."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=compute_dtype if sharded_model else torch.uint8,
+    )
 
 
 def resolve_target_modules(model, target_modules: list[str]) -> list[str]:
@@ -293,7 +362,11 @@ def build_trainer(config: TrainConfig, model, tokenizer, prepared, ctx: JobConte
 
     has_eval = prepared.eval is not None
     args = SFTConfig(
-        **preference_utils.trainer_arguments(config, ctx.run_dir, backend, has_eval),
+        # FSDP's arguments replace some shared ones (gradient checkpointing's kind).
+        **{
+            **preference_utils.trainer_arguments(config, ctx.run_dir, backend, has_eval),
+            **sharding_arguments(config, model),
+        },
         max_length=config.max_seq_length,
         packing=config.packing,
         # Early stopping keeps the best checkpoint and reloads it at the end, so adapter/ holds the best weights.
@@ -310,6 +383,8 @@ def build_trainer(config: TrainConfig, model, tokenizer, prepared, ctx: JobConte
         train_dataset=prepared.train.select_columns(columns),
         eval_dataset=prepared.eval.select_columns(columns) if has_eval else None,
     )
+    if sharded() and not _cuda():
+        shard_on_cpu(trainer)
     if config.early_stopping and has_eval:
         from transformers import EarlyStoppingCallback
 
@@ -368,17 +443,79 @@ def batch_tokens(batch) -> int:
     return int(ids.numel()) if hasattr(ids, "numel") else 0
 
 
-def save_final(trainer, tokenizer, config: TrainConfig, run_dir: Path) -> Path:
-    """Write adapter/ (LoRA) or merged/ (full fine-tune) atomically, with the tokenizer and the train config."""
+def save_final(trainer, tokenizer, config: TrainConfig, run_dir: Path, weights: dict | None = None) -> Path:
+    """Write adapter/ (LoRA) or merged/ (full fine-tune) atomically, with the tokenizer and the train config;
+    `weights`: the gathered full state dict of a sharded (FSDP) model, saved in the one-GPU format."""
     from workspace import config_to_dict, dump_yaml
 
     target = run_dir / ("merged" if config.full_finetuning else "adapter")
+    model = trainer.accelerator.unwrap_model(trainer.model) if weights is not None else trainer.model
     with atomic_dir(target) as tmp:
-        trainer.model.save_pretrained(str(tmp), safe_serialization=True)
+        gathered = {"state_dict": weights} if weights is not None else {}
+        model.save_pretrained(str(tmp), safe_serialization=True, **gathered)
         tokenizer.save_pretrained(str(tmp))
         (tmp / "train_config.yaml").write_text(dump_yaml(config_to_dict(config)))
     shutil.rmtree(run_dir / "checkpoints" / "tmp", ignore_errors=True)
     return target
+
+
+# ---------------------------------------------------------------- FSDP
+
+
+def sharding_arguments(config: TrainConfig, model) -> dict[str, Any]:
+    """The TrainingArguments that shard the model with FSDP2 when this run's ranks do (distributed.strategy), else {}."""
+    if not sharded():
+        return {}
+    return fsdp_arguments(decoder_layer_classes(model), config.gradient_checkpointing)
+
+
+def shard_on_cpu(trainer) -> None:
+    """Turn on the Trainer's FSDP2 path on CPU ranks (gloo), as on GPUs. accelerate (1.16) keeps the FSDP plugin
+    only for GPU-like process types and drops it on CPU ranks, so they would train with DDP; torch's FSDP2 itself runs
+    over gloo. The plugin is the one the Trainer built from the same arguments."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    state.distributed_type = DistributedType.FSDP
+    trainer.is_fsdp_enabled = True
+
+
+def decoder_layer_classes(model) -> list[str]:
+    """The class names of the model's repeated blocks (transformers names them in _no_split_modules): FSDP shards
+    each one as a unit, gathered for its forward and freed after."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = list(getattr(base, "_no_split_modules", None) or [])
+    if not names:
+        raise UserError(
+            f"FSDP needs the model's decoder-layer class and {type(base).__name__} does not name it; "
+            "train it with distributed: ddp."
+        )
+    return names
+
+
+def full_state_dict(trainer, lora: bool) -> dict:
+    """The model's weights gathered from the FSDP shards onto rank 0 (the others get {}), as plain CPU tensors;
+    `lora`: the LoRA weights alone, all a saved adapter holds. Every rank must call it: gathering is collective."""
+    from torch.distributed.tensor import DTensor
+
+    state = trainer.accelerator.get_state_dict(trainer.model) or {}
+    main = trainer.is_world_process_zero()
+    weights = {}
+    for key, value in state.items():  # the same keys in the same order on every rank
+        if lora and "lora_" not in key:
+            continue
+        # Weights FSDP left sharded (here: the LoRA ones) come back as DTensors; gathering one is collective too.
+        value = value.full_tensor() if isinstance(value, DTensor) else value
+        if main:
+            weights[key] = value.detach().to("cpu").clone()
+    return weights
+
+
+def _nodes() -> int:
+    import os
+
+    return max(1, world_size() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
 
 
 # ---------------------------------------------------------------- events

@@ -31,7 +31,7 @@ LAYERS = {
     "dataset_report": "data",  # the dataset quality report
     "text_duplicates": "data",  # exact and near duplicates (datasketch): the report and the synthetic filter
     "model_utils": "data",  # models, devices, the memory estimate and the micro-batch it fits
-    "distributed": "data",  # the GPUs a training run sees, torchrun's processes, the DDP fallback
+    "distributed": "data",  # the GPUs a training run sees, torchrun's processes and nodes, DDP or FSDP
     "llm_clients": "clients",
     "stages": "stages",  # one record per training stage: read by training, planning, the comparison, chat, export, UI
     "train_config": "stages",  # TrainConfig and its checks: read by the UI, the CLI, planning, chat and evaluation

@@ -251,7 +251,8 @@ def _wire_planning(tab: TrainTab, form: forms.Form, app: gr.Blocks, workspace: P
         # Runs by itself whenever a setting changes, so a problem is shown in place instead of as a pop-up.
         try:
             config = forms.values_to_config(form.values(data))
-            return f"**Time estimate, Start to done:** {planning.time_estimate_text(config, workspace)}"
+            text = f"**Time estimate, Start to done:** {planning.time_estimate_text(config, workspace)}"
+            return text + gpu_memory_line(config, workspace)
         except (UserError, TypeError, ValueError, OSError) as exc:  # a half-typed number reaches here as None
             return f"**Time estimate unavailable:** {exc}"
 
@@ -262,6 +263,9 @@ def _wire_planning(tab: TrainTab, form: forms.Form, app: gr.Blocks, workspace: P
         *fields,
         FIELDS.num_train_epochs,
         FIELDS.gradient_checkpointing,
+        FIELDS.num_gpus,  # the memory per GPU (gpu_memory_line)
+        FIELDS.nnodes,
+        FIELDS.distributed,
     ]
     gr.on(
         [app.load, *[form.widgets[key].change for key in triggers if key in form.widgets]],
@@ -299,6 +303,7 @@ def live_view(run: str | None, workspace: Path) -> list[Any]:
         reasons.append(f"Stop: {allowed.stop_reason}")
     if not allowed.can_resume:
         reasons.append(f"Resume: {allowed.resume_reason}")
+    reasons.append(nodes_hint(run_dir, status))
     return [
         progress_html(events.step, events.total, status_line(run, status, events, model_download(run_dir))),
         loss_frame(events),
@@ -309,6 +314,31 @@ def live_view(run: str | None, workspace: Path) -> list[Any]:
         " · ".join(reason for reason in reasons if reason),
         gr.Timer(active=status.active),
     ]
+
+
+def gpu_memory_line(config: TrainConfig, workspace: Path) -> str:
+    """On several GPUs (num_gpus above 1, or several nodes of this machine's GPUs): the memory one GPU needs under
+    DDP and under FSDP, as a line under the time estimate; "" on one GPU."""
+    gpus = (config.num_gpus or model_utils.detect_device().gpu_count) * config.nnodes
+    if gpus < 2:
+        return ""
+    path = model_utils.model_reference(config.model.name_or_path, workspace)
+    return f"  \n**Memory {planning.gpu_memory_for(config, path, gpus).summary()}** (distributed: {config.distributed})"
+
+
+def nodes_hint(run_dir: Path, status: runfolder.Status) -> str:
+    """For a run on several nodes: its nodes and processes, and while it waits or runs, the command each other
+    machine runs to join it (the same as `main.py node-command RUN`)."""
+    try:
+        commands = jobs.node_commands(run_dir)
+    except UserError:
+        return ""
+    text = f"Nodes: {len(commands) + 1} × {status.processes} process(es), this machine is node 0."
+    if status.active:
+        text += " Run on each other machine: " + " ".join(
+            f"node {node}: `{command}`" for node, command in enumerate(commands, start=1)
+        )
+    return text
 
 
 def _stage_settings(form: forms.Form) -> gr.Textbox:
