@@ -716,3 +716,66 @@ def test_a_damaged_status_or_progress_file_does_not_break_the_runs_list(workspac
     )
     assert result.returncode == 0, result.stderr
     assert "damaged" in result.stdout and "healthy" in result.stdout
+
+
+# ---------------------------------------------------------------- Stop escalates
+
+
+# A job stuck where its SIGTERM handler never runs (a regular expression backtracking, a reward file looping at import,
+# a C call): a real process of its own session that ignores SIGTERM, as such a job does in effect.
+STUCK = (
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('stuck', flush=True); time.sleep(600)"
+)
+
+
+def stuck_job(workspace: Path, name: str, kind: str = "train") -> tuple[Path, subprocess.Popen]:
+    run_dir = jobs.create_run(kind, {}, workspace, name)
+    process = subprocess.Popen([sys.executable, "-c", STUCK], stdout=subprocess.PIPE, start_new_session=True)
+    assert process.stdout.readline() == b"stuck\n"  # its SIGTERM handler is in place
+    runfolder.write_status(run_dir, state="running", pid=process.pid, pid_start=jobs._process_start(process.pid))
+    return run_dir, process
+
+
+@pytest.mark.timeout(120)
+def test_stop_kills_a_job_that_ignores_it_after_the_grace_period_and_says_what_was_lost(workspace, monkeypatch):
+    monkeypatch.setenv(jobs.STOP_GRACE_ENV, "2")
+    run_dir, process = stuck_job(workspace, "stuck-train")
+    checkpoint = run_dir / "checkpoints" / "checkpoint-4"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}", encoding="utf-8")
+    try:
+        jobs.stop_job(run_dir)
+        time.sleep(1)
+        assert process.poll() is None, "killed before its grace period"
+        assert jobs.job_status(run_dir).state == "stopping"
+        assert process.wait(timeout=60) == -signal.SIGKILL
+        wait_for(lambda: "killed" in runfolder.read_status(run_dir).note, timeout=30)
+    finally:
+        process.kill()
+    status = jobs.job_status(run_dir)
+    assert status.state == "stopped" and status.ended
+    assert "had not ended 2 s after" in status.note and "Training since checkpoint-4 is lost" in status.note
+    assert "killed (SIGKILL)" in (run_dir / "log.txt").read_text(encoding="utf-8")
+    assert jobs.actions(run_dir).can_resume
+
+
+@pytest.mark.timeout(120)
+def test_a_job_that_ends_within_its_grace_period_is_not_killed(workspace, monkeypatch):
+    run_dir = jobs.create_run("synth", {}, workspace, "obedient")
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    runfolder.write_status(run_dir, state="running", pid=process.pid, pid_start=jobs._process_start(process.pid))
+    jobs.stop_job(run_dir)
+    assert process.wait(timeout=30) == -signal.SIGTERM
+    assert not jobs.kill_after_grace(run_dir, process.pid, jobs._process_start(process.pid) or "", grace=1)
+    assert jobs.job_status(run_dir).state == "stopped" and jobs.job_status(run_dir).note == ""
+
+
+def test_a_killed_job_without_checkpoints_says_its_unfinished_output_is_lost(workspace):
+    run_dir, process = stuck_job(workspace, "stuck-export", kind="export")
+    runfolder.write_status(run_dir, state="stopping")
+    try:
+        assert jobs.kill_after_grace(run_dir, process.pid, jobs._process_start(process.pid), grace=0.2)
+    finally:
+        process.kill()
+        process.wait()
+    assert "not finished writing is lost" in jobs.job_status(run_dir).note
