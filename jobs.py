@@ -448,6 +448,9 @@ def delete_run(run_dir: Path) -> None:
     allowed = actions(run_dir)
     if not allowed.can_delete:
         raise UserError(allowed.delete_reason)
+    if Path(run_dir).is_symlink():  # the link is this workspace's entry; the folder it leads to is not ours to delete
+        Path(run_dir).unlink()
+        return
     shutil.rmtree(run_dir)
 
 

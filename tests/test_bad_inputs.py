@@ -102,6 +102,10 @@ def call_export(args: dict, ctx: dict) -> None:
     submit.submit("export", args, ctx["ws"])
 
 
+def call_submit(args: dict, ctx: dict) -> None:
+    submit.submit(args["kind"], args["config"], ctx["ws"])
+
+
 def call_synth_config(args: dict, ctx: dict) -> None:
     synthetic_utils.synthetic_config_from_dict(args).validate(ctx["ws"])
 
@@ -162,6 +166,7 @@ ENTRIES = {
     "stop": call_stop,
     "preset": call_preset,
     "export": call_export,
+    "submit": call_submit,
     "synth_config": call_synth_config,
     "synth_reply": call_synth_reply,
     "synth_server": call_synth_server,
@@ -210,7 +215,7 @@ def prepare(case: dict, ws: Path, outside: Path, demo_model: Path) -> dict[str, 
     """The case's files, links and runs; returns the placeholders for its input."""
     (ws / "models").mkdir(exist_ok=True)
     (ws / "models" / demo_model.name).symlink_to(demo_model)
-    names = {"ws": str(ws), "outside": str(outside)}
+    names = {"ws": str(ws), "outside": str(outside), "long": "a" * 5000}
     if "file" in case and case["entry"] != "upload":  # an upload comes from the browser, not the workspace
         source = CORPUS / "files" / case["file"]
         target = ws / "data" / source.name
@@ -230,6 +235,8 @@ def prepare(case: dict, ws: Path, outside: Path, demo_model: Path) -> dict[str, 
         for name, text in run.get("files", {}).items():
             (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
             (run_dir / name).write_text(text, encoding="utf-8")
+        for name, target in run.get("links", {}).items():
+            (run_dir / name).symlink_to(fill(target, names))
     return names
 
 
@@ -258,6 +265,8 @@ def test_bad_input_is_refused_clearly_and_changes_nothing(
     names = prepare(case, workspace, outside, demo_model)
     if case.get("shared"):
         monkeypatch.setenv(CONFINE_ENV, "1")
+    for key, value in case.get("env", {}).items():
+        monkeypatch.setenv(key, fill(value, names))
     ctx = {
         "ws": workspace,
         "tmp": tmp_path,

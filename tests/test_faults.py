@@ -28,6 +28,7 @@ import jobs
 import main
 import model_utils
 import runfolder
+import submit
 import synthetic_utils
 from conftest import capital_rows, logged_steps, wait_for, write_jsonl
 from dataset_utils import DatasetConfig
@@ -779,3 +780,14 @@ def test_a_killed_job_without_checkpoints_says_its_unfinished_output_is_lost(wor
         process.kill()
         process.wait()
     assert "not finished writing is lost" in jobs.job_status(run_dir).note
+
+
+def test_deleting_a_run_that_is_a_link_removes_the_link_and_keeps_what_it_leads_to(workspace, tmp_path):
+    elsewhere = jobs.create_run("synth", {}, tmp_path / "other-ws", "kept")
+    runfolder.write_status(elsewhere, state="done")
+    link = runfolder.runs_dir(workspace) / "linked"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(elsewhere)
+    submit.delete("linked", workspace)
+    assert not link.exists() and not link.is_symlink()
+    assert (elsewhere / "config.yaml").exists()
