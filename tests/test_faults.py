@@ -791,3 +791,46 @@ def test_deleting_a_run_that_is_a_link_removes_the_link_and_keeps_what_it_leads_
     submit.delete("linked", workspace)
     assert not link.exists() and not link.is_symlink()
     assert (elsewhere / "config.yaml").exists()
+
+
+LOOPING_REWARDS = """
+while True:  # the job's SIGTERM handler runs between these steps, but nothing here ever looks at it
+    pass
+
+
+def reward_never(prompts, completions, **kwargs):
+    return [0.0] * len(completions)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600, method="thread")
+def test_stop_ends_a_grpo_job_whose_reward_file_loops_at_import(demo_workspace, tmp_path, monkeypatch):
+    from conftest import demo_train_config
+
+    monkeypatch.setenv(jobs.STOP_GRACE_ENV, "3")
+    rewards_file = tmp_path / "looping_rewards.py"
+    rewards_file.write_text(LOOPING_REWARDS, encoding="utf-8")
+    data = write_jsonl(
+        tmp_path / "prompts.jsonl",
+        [{"prompt": f"Capital of {c}?", "answer": a} for c, a in [("France", "Paris"), ("Italy", "Rome")]],
+    )
+    config = demo_train_config(
+        data,
+        stage="grpo",
+        per_device_train_batch_size=2,
+        num_generations=2,
+        max_completion_length=8,
+        reward_funcs=[],
+        reward_file=str(rewards_file),
+        allow_reward_file=True,
+    )
+    run_dir = submit.submit("train", config, demo_workspace, "looping-rewards")
+    status = wait_for(lambda: (s := runfolder.read_status(run_dir)).pid_start and s, timeout=300, what="the job")
+    log_text = lambda: (run_dir / "log.txt").read_text(encoding="utf-8", errors="replace")  # noqa: E731
+    wait_for(lambda: "running reward functions from" in log_text(), timeout=400, what="the reward file's import")
+    jobs.stop_job(run_dir)
+    wait_for(lambda: not jobs._alive(status.pid, status.pid_start), timeout=120, what="the job's end")
+    ended = wait_for(lambda: (s := jobs.job_status(run_dir)).note and s, timeout=30, what="the note")
+    assert ended.state == "stopped"
+    assert "killed (SIGKILL)" in ended.note and "no checkpoint" in ended.note
