@@ -156,8 +156,10 @@ class Reached(Exception):
 
 @pytest.fixture
 def no_launch(monkeypatch):
-    """serve() stops where it would build and launch the app; FINETUNER_AUTH is unset."""
+    """serve() stops where it would build and launch the app; FINETUNER_AUTH is unset, and the confinement serve()
+    turns on for a non-loopback host is put back off afterwards."""
     monkeypatch.delenv(ui.AUTH_ENV, raising=False)
+    monkeypatch.setenv(CONFINE_ENV, "0")
     monkeypatch.setattr(ui, "_import_libraries", lambda: None)
 
     def build_app(*args, **kwargs):
@@ -199,8 +201,7 @@ def test_a_non_loopback_host_with_a_login_is_served(no_launch, tmp_path, monkeyp
 
 @pytest.fixture
 def confinement_seen(no_launch, monkeypatch):
-    """Whether paths were confined when serve() reached the app; the variable starts off and is restored after."""
-    monkeypatch.setenv(CONFINE_ENV, "0")
+    """Whether paths were confined when serve() reached the app (no_launch starts it off and restores it)."""
     seen = []
 
     def build_app(*args, **kwargs):
