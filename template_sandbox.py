@@ -138,7 +138,9 @@ def render(template: str, tokens: dict[str, Any], messages: list[dict], add_gene
     with _children_lock:
         child = _children.pop(key, None)
         if child is None:
-            for old in list(_children)[: max(0, len(_children) - KEPT_CHILDREN + 1)]:
+            # Only this process's own children: a forked worker inherits its parent's entries, not their processes.
+            own = [other for other in _children if other[0] == key[0]]
+            for old in own[: max(0, len(own) - KEPT_CHILDREN + 1)]:
                 _children.pop(old).close()
             child = TemplateSandbox(template, tokens)
         _children[key] = child  # most recently used last

@@ -66,3 +66,11 @@ def test_a_template_that_raises_is_a_template_error_and_the_child_keeps_serving(
 def test_a_template_asking_for_more_memory_than_the_cap_is_refused(tokenizer):
     with pytest.raises(UserError, match="needs more than 1024 MiB of memory"):
         dataset_render.ensure_chat_template(tokenizer, "{{ 'x' * 10000000000 }} ")
+
+
+def test_at_most_kept_children_stay_alive_after_renders_of_several_templates(tokenizer):
+    for number in range(template_sandbox.KEPT_CHILDREN + 1):
+        dataset_render.ensure_chat_template(tokenizer, f"{number}{{{{ messages[0]['content'] }}}}")
+        assert dataset_render.render_chat(TURNS, tokenizer) == f"{number}Hi"
+    alive = [child for child in template_sandbox._children.values() if child.process.poll() is None]
+    assert len(alive) <= template_sandbox.KEPT_CHILDREN
