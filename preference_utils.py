@@ -19,7 +19,7 @@ import llm_clients
 import rewards
 import stages
 from runfolder import JobContext, run_path
-from workspace import UserError, paths_confined, resolve_user_path
+from workspace import UserError, path_is_file, paths_confined, resolve_user_path
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def check_references(config) -> None:
     import preference_data
 
     source = Path(str(config.dataset.source).strip()).expanduser()
-    if not source.is_file() or not set(config.reward_funcs) & set(rewards.REFERENCE_REWARDS):
+    if not path_is_file(source) or not set(config.reward_funcs) & set(rewards.REFERENCE_REWARDS):
         return
     raw = dataset_utils.load_rows(config.dataset)
     columns = list(raw.column_names)
@@ -97,7 +97,7 @@ def check_data(config) -> None:
     import preference_data
 
     source = Path(str(config.dataset.source).strip()).expanduser()
-    if source.is_file():
+    if path_is_file(source):  # False for a name too long to look up: a Hub id's form is checked at Start
         preference_data.check_rows(config.dataset, config.stage, config.reference_column)
 
 
