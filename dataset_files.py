@@ -13,10 +13,12 @@ from typing import Any
 
 from dataset_formats import FORMATS, suggest_column_map
 from settings import check, option
-from workspace import UserError, resolve_user_path
+from workspace import UserError, path_exists, resolve_user_path, shorten_path
 
 # More columns than any real dataset of these formats has; see _check_column_count.
 MAX_COLUMNS = 1000
+# Levels of lists and objects a column keeps as such (a chat's messages need three); deeper ones are kept as JSON text.
+MAX_NESTING = 32
 LOCAL_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet", ".txt")
 # The one default of each, for TrainConfig and for a preview (Dataset tab, `main.py dataset`) that has no config.
 DEFAULT_MAX_SEQ_LENGTH = 2048
@@ -96,12 +98,32 @@ def is_hub_dataset(source: str) -> bool:
     return bool(source) and not _looks_local(source)
 
 
+def check_hub_dataset(config: DatasetConfig) -> None:
+    """Before a run exists: a source that is no local file must be a Hub dataset id (owner/name, or a bare name
+    the Hub still redirects), and with HF_HUB_OFFLINE=1 one the local cache can load."""
+    import download_utils
+
+    source = str(config.source).strip()
+    owner, _, name = source.rpartition("/")
+    if not download_utils.HUB_ID.fullmatch(f"{owner or 'datasets'}/{name}") or ".." in source:
+        shown = shorten_path(source).encode("unicode_escape").decode("ascii")
+        raise UserError(
+            f"Dataset '{shown}' is neither a file here nor a Hub dataset id (owner/name); give an existing file "
+            f"({', '.join(LOCAL_SUFFIXES)}) or a Hub id."
+        )
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        import datasets
+
+        try:  # what load_dataset reads first, from the cache alone when offline; no rows are read
+            datasets.load_dataset_builder(source, config.subset or None)
+        except Exception as exc:  # datasets raises many types for an id it cannot resolve
+            raise _hub_dataset_error(exc, source, config.split, config.subset) from None
+
+
 def _looks_local(source: str) -> bool:
-    return (
-        source.startswith((".", "/", "~"))
-        or Path(source).expanduser().exists()
-        or source.lower().endswith(LOCAL_SUFFIXES)
-    )
+    return source.startswith((".", "/", "~")) or path_exists(source) or source.lower().endswith(LOCAL_SUFFIXES)
 
 
 def check_data_file(path: Path) -> None:
@@ -177,6 +199,11 @@ def table_from_rows(rows: list[dict], label: str):
     columns = {}
     for name in names:
         values = [row.get(name) for row in rows]
+        if any(_nested_deeper(value, MAX_NESTING) for value in values):
+            # Arrow and `datasets` recurse once per level of a nested type and fail past about a hundred; a column
+            # that deep (no format's column is) travels as JSON text instead.
+            columns[name] = pa.array([None if value is None else json.dumps(value) for value in values])
+            continue
         try:
             columns[name] = pa.array(values)
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
@@ -186,6 +213,18 @@ def table_from_rows(rows: list[dict], label: str):
             # next) have no single Arrow type; they travel as JSON text, which the turn readers accept.
             columns[name] = pa.array([None if value is None else json.dumps(value) for value in values])
     return pa.table(columns)
+
+
+def _nested_deeper(value: Any, limit: int) -> bool:
+    """Whether lists and objects nest more than `limit` levels deep in `value` (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
 
 
 def _kind(value: Any) -> str:

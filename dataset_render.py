@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import template_sandbox
 from dataset_formats import as_text, row_to_messages
 from workspace import UserError
 
@@ -49,14 +50,22 @@ BUILTIN_TEMPLATES = {
 }
 
 
+# Templates typed by a user in this process: rendered by template_sandbox (a child process under limits), never here.
+_USER_TEMPLATES: set[str] = set()
+
+
 def ensure_chat_template(tokenizer, chat_template: str = "") -> None:
     """Give the tokenizer the chosen template; refuse a model with none unless one is chosen."""
     if chat_template:
+        if chat_template not in BUILTIN_TEMPLATES:
+            _USER_TEMPLATES.add(chat_template)
         tokenizer.chat_template = BUILTIN_TEMPLATES.get(chat_template, chat_template)
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("This model has no chat template. Choose one (e.g. chatml) in the Dataset tab (chat_template).")
     try:
         render_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], tokenizer)
+    except template_sandbox.TemplateLimitError:
+        raise
     except Exception as exc:  # jinja2 raises several types; a broken template must not fail every row later
         raise UserError(
             f"The chat template cannot be rendered ({type(exc).__name__}: {exc}). Fix it or choose "
@@ -65,6 +74,10 @@ def ensure_chat_template(tokenizer, chat_template: str = "") -> None:
 
 
 def render_chat(messages: list[dict], tokenizer, add_generation_prompt: bool = False) -> str:
+    """The conversation as the tokenizer's chat template writes it; a user's template renders in the sandbox."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str) and template in _USER_TEMPLATES:
+        return template_sandbox.render(template, tokenizer.special_tokens_map, messages, add_generation_prompt)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from runfolder import JobContext, Reporter
 from settings import check, option
-from workspace import UserError, config_from_dict
+from workspace import UserError, config_from_dict, shorten_path
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,10 @@ log = logging.getLogger(__name__)
 # vocab/merges .txt) and chat templates (.jinja). Pickled weights (.bin, .pt, .pth) are never fetched: loading one
 # can run code, and the safetensors twin that most repos carry is what is loaded.
 TRAINING_FILES = ("*.safetensors", "*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken")
-HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+# owner/name as the Hub spells them: ASCII letters, digits, '-', '_' and '.', each part starting and ending with a
+# letter or digit (so never '.' or '..'), at most 96 characters each.
+_HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
+HUB_ID = re.compile(f"{_HUB_PART}/{_HUB_PART}")
 # Room left beside the files: the cache's metadata, and a disk that is not filled to its last byte.
 DISK_MARGIN = 64 * 1024**2
 REPORT_EVERY_S = 0.5
@@ -50,9 +53,15 @@ def download_config_from_dict(data: dict) -> DownloadConfig:
 
 
 def check_hub_id(repo_id: str) -> str:
-    if not HUB_ID.fullmatch(str(repo_id or "").strip()):
-        raise UserError(f"'{repo_id}' is not a Hub id; it has the form owner/name, e.g. unsloth/Qwen3-0.6B.")
-    return str(repo_id).strip()
+    """The id, trimmed; UserError (one line, the id shown escaped and cut) for anything but owner/name."""
+    text = str(repo_id or "").strip()
+    if not HUB_ID.fullmatch(text) or ".." in text:
+        shown = shorten_path(text).encode("unicode_escape").decode("ascii")  # a newline stays on the error's line
+        raise UserError(
+            f"'{shown}' is not a Hub id; it has the form owner/name in ASCII letters, digits, '-', '_' and '.' "
+            "(e.g. unsloth/Qwen3-0.6B)."
+        )
+    return text
 
 
 def model_page(repo_id: str) -> str:

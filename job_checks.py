@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import runfolder
-from workspace import import_function, resolve_user_path
+from workspace import UserError, import_function, resolve_user_path
 
 # ---------------------------------------------------------------- train
 
 
 def check_train(config, workspace: str | Path | None = None, api_key: str | None = None):
     """A training run's settings, its model (a download the job would need) and a GRPO judge, checked now."""
+    import dataset_files
     import preference_utils
 
     config.validate()
@@ -27,11 +28,15 @@ def check_train(config, workspace: str | Path | None = None, api_key: str | None
     preference_utils.check_judge(
         config, api_key
     )  # a judge that cannot answer is refused now, not after the model loads
-    source = Path(str(config.dataset.source).strip()).expanduser()
     # The CLI and Preview read a relative path from the user's folder, the job runs from the app's: fix its meaning
-    # once, here. A Hub id (owner/name) that is no local path stays as it is.
-    if source.exists():
-        config.dataset.source = str(resolve_user_path(source, workspace))
+    # once, here (local_file refuses a missing file, and one outside the workspace when shared). A Hub id stays as
+    # it is, once its form and (offline) the cache are checked.
+    local = dataset_files.local_file(config.dataset, workspace)
+    if local is not None:
+        dataset_files.check_data_file(local)  # a folder, a pipe, a file of no data type, an empty file
+        config.dataset.source = str(local)
+    else:
+        dataset_files.check_hub_dataset(config.dataset)
     return config
 
 
@@ -56,14 +61,17 @@ def train_env(settings: dict[str, Any], api_key: str | None = None) -> dict[str,
 
 
 def check_model(name: str, workspace: str | Path | None = None) -> None:
-    """A model a training job would have to download, checked before the job exists: a malformed id,
-    HF_HUB_OFFLINE=1 with the model not cached, a missing or gated repo, a disk too small. The demo model and local
-    folders are read by the job itself. The CLI calls it before its estimates, which read the model's config."""
+    """A model a job would load, checked before the job exists: a local folder (inside the workspace when the app
+    is shared, holding a model), a malformed id, HF_HUB_OFFLINE=1 with the model not cached, a missing or gated
+    repo, a disk too small. The CLI calls it before its estimates, which read the model's config."""
     import download_utils
     import model_utils
 
     name = str(name).strip()
-    if name == model_utils.DEMO_MODEL or model_utils.is_local_reference(name):
+    if name == model_utils.DEMO_MODEL:
+        return
+    if model_utils.is_local_reference(name):
+        model_utils.resolve_model_path(name, workspace)  # a folder: nothing is downloaded
         return
     if model_utils.local_or_cached(name, workspace) is None:
         download_utils.check_download(name)
@@ -87,9 +95,19 @@ def synth_env(settings: dict[str, Any], api_key: str | None = None) -> dict[str,
 
 
 def check_arena(config, workspace: str | Path | None = None, api_key: str | None = None):
+    """The arena's own checks, then each base: contestant as a training run's model is checked (check_model)."""
+    import arena_config
     import arena_utils
 
-    return arena_utils.check_arena(config, workspace, api_key)
+    config = arena_utils.check_arena(config, workspace, api_key)
+    for contestant in config.contestants:
+        kind, model = arena_config.parse_contestant(contestant)
+        if kind == "base":
+            try:
+                check_model(model, workspace)
+            except UserError as exc:
+                raise UserError(f"Contestant '{contestant}': {exc}") from None
+    return config
 
 
 def arena_inputs(config) -> list[str]:

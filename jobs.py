@@ -395,8 +395,23 @@ def active_user(run_dir: Path) -> RunInfo | None:
     return None
 
 
+STOP_GRACE_ENV = "FINETUNER_STOP_GRACE_S"
+# How long a job has after Stop to save and end by itself; a training step and a checkpoint of a large model fit.
+DEFAULT_STOP_GRACE_S = 300.0
+
+
+def stop_grace_s() -> float:
+    """Seconds between Stop's SIGTERM and its SIGKILL: $FINETUNER_STOP_GRACE_S, else DEFAULT_STOP_GRACE_S."""
+    try:
+        grace = float(os.environ.get(STOP_GRACE_ENV) or DEFAULT_STOP_GRACE_S)
+    except ValueError:
+        return DEFAULT_STOP_GRACE_S
+    return grace if 0 <= grace < float("inf") else DEFAULT_STOP_GRACE_S
+
+
 def stop_job(run_dir: Path) -> None:
-    """Ask a running job to save a checkpoint and stop (SIGTERM); a queued job just ends."""
+    """Ask a running job to save a checkpoint and stop (SIGTERM), and kill it (SIGKILL) if it has not ended
+    stop_grace_s() later; a queued job just ends."""
     status = job_status(run_dir)
     allowed = actions(run_dir, status)
     if not allowed.can_stop:
@@ -406,10 +421,69 @@ def stop_job(run_dir: Path) -> None:
         runfolder.write_status(run_dir, state=State.STOPPING)
         try:
             os.killpg(status.pid, signal.SIGTERM)
-            return
         except ProcessLookupError:
             pass
+        else:
+            _watch_stop(Path(run_dir), status.pid, status.pid_start, stop_grace_s())
+            return
     runfolder.write_status(run_dir, state=State.STOPPED, ended=runfolder.now())
+
+
+def _watch_stop(run_dir: Path, pid: int, pid_start: str, grace: float) -> None:
+    """Start the process that kills the job if it outlives its grace period. It is its own session, so it outlives
+    the caller (`main.py stop` ends at once, a server may be restarted), and a fresh interpreter: a job stuck in a
+    regular expression or in user code never runs its SIGTERM handler, and nothing inside it can end it."""
+    code = "import sys, jobs; jobs.kill_after_grace(sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4]))"
+    with open(run_dir / "log.txt", "ab") as log_file:
+        watcher = subprocess.Popen(
+            [sys.executable, "-c", code, str(run_dir), str(pid), pid_start, str(grace)],
+            cwd=ROOT,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    threading.Thread(target=watcher.wait, daemon=True).start()
+
+
+def kill_after_grace(run_dir: str | Path, pid: int, pid_start: str, grace: float, poll_s: float = 0.5) -> bool:
+    """Wait up to `grace` seconds for the stopped job (pid, started at pid_start) to end; kill its process group if
+    it has not, and say in the run's note what was lost. True when it had to be killed."""
+    run_dir = Path(run_dir)
+    deadline = time.monotonic() + grace
+    while _alive(pid, pid_start):
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+    else:
+        return False
+    with runfolder.status_lock(run_dir):
+        if not _alive(pid, pid_start):
+            return False
+        stopping = runfolder.read_status(run_dir).state == State.STOPPING
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return False
+    killed_by = time.monotonic() + 10  # SIGKILL cannot be caught; the kernel takes a moment to free its memory
+    while _alive(pid, pid_start) and time.monotonic() < killed_by:
+        time.sleep(0.05)
+    note = _killed_note(run_dir, grace)
+    log.warning("%s", note)
+    changes = {"state": State.STOPPED, "ended": runfolder.now()} if stopping else {}
+    runfolder.write_status(run_dir, note=note, **changes)
+    return True
+
+
+def _killed_note(run_dir: Path, grace: float) -> str:
+    """What a user lost when Stop had to kill the job."""
+    head = f"Stop: the job had not ended {grace:g} s after it was asked to, so it was killed (SIGKILL)."
+    if not job_kind(runfolder.read_kind(run_dir)).checkpoints:
+        return f"{head} What it had not finished writing is lost; run it again."
+    checkpoint = runfolder.last_checkpoint(run_dir)
+    if checkpoint is None:
+        return f"{head} It had saved no checkpoint: all its training is lost, and a resume starts from the beginning."
+    return f"{head} Training since {checkpoint.name} is lost; resume continues from there."
 
 
 def resume_job(run_dir: Path, env: dict[str, str] | None = None, processes: int | None = None) -> int:
@@ -430,6 +504,9 @@ def delete_run(run_dir: Path) -> None:
     allowed = actions(run_dir)
     if not allowed.can_delete:
         raise UserError(allowed.delete_reason)
+    if Path(run_dir).is_symlink():  # the link is this workspace's entry; the folder it leads to is not ours to delete
+        Path(run_dir).unlink()
+        return
     shutil.rmtree(run_dir)
 
 

@@ -21,6 +21,7 @@ from workspace import (
     atomic_dir,
     dump_yaml,
     load_yaml,
+    path_exists,
     paths_confined,
     resolve_user_path,
     workspace_root,
@@ -311,7 +312,7 @@ def resolve_model_path(name_or_path: str, workspace: str | Path | None = None, d
 
 def is_local_reference(name: str) -> bool:
     """Whether a model name means a folder on this machine (a path), not a Hub id."""
-    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+    return name.startswith((".", "/", "~")) or path_exists(name)
 
 
 def local_or_cached(name_or_path: str, workspace: str | Path | None = None) -> str | None:

@@ -19,7 +19,7 @@ import llm_clients
 import rewards
 import stages
 from runfolder import JobContext, run_path
-from workspace import UserError, paths_confined, resolve_user_path
+from workspace import UserError, path_is_file, paths_confined, resolve_user_path
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,25 @@ def check_grpo(config) -> None:
     check_trl_stage(config)
     check_rewards(config)
     check_data(config)
+    check_references(config)
+
+
+def check_references(config) -> None:
+    """Refuse a local file whose rows give an equals / contains reward no reference answer (every completion would
+    score 0); a Hub dataset's rows are checked by the reward in the job."""
+    import dataset_utils
+    import preference_data
+
+    source = Path(str(config.dataset.source).strip()).expanduser()
+    if not path_is_file(source) or not set(config.reward_funcs) & set(rewards.REFERENCE_REWARDS):
+        return
+    raw = dataset_utils.load_rows(config.dataset)
+    columns = list(raw.column_names)
+    column = config.reference_column or next(
+        (name for name in preference_data.REFERENCE_COLUMNS if name in columns), ""
+    )
+    _, rows = preference_data.convert_rows(raw.to_list(), columns, "grpo", config.dataset, config.reference_column)
+    rewards.check_references(config.reward_funcs, rows, columns, column)
 
 
 def check_data(config) -> None:
@@ -78,7 +97,7 @@ def check_data(config) -> None:
     import preference_data
 
     source = Path(str(config.dataset.source).strip()).expanduser()
-    if source.is_file():
+    if path_is_file(source):  # False for a name too long to look up: a Hub id's form is checked at Start
         preference_data.check_rows(config.dataset, config.stage, config.reference_column)
 
 
@@ -90,6 +109,7 @@ def check_rewards(config) -> None:
     names = [*config.reward_funcs, *reward_file_names(config)]
     if not names:
         raise UserError("GRPO needs at least one reward function (reward_funcs, or a reward_file), e.g. format.")
+    config.reward_weights = rewards.check_weights(config.reward_weights)
     if config.reward_weights and len(config.reward_weights) != len(names):
         raise UserError(
             f"reward_weights has {len(config.reward_weights)} values for {len(names)} reward functions "

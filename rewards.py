@@ -15,10 +15,12 @@ import json
 import logging
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import regex
 
 import llm_clients
 from workspace import UserError
@@ -33,6 +35,11 @@ JUDGE_SYSTEM = (
 )
 JUDGE_REPLY_CHARS = 160  # of an unreadable judge reply, quoted in the log
 Reward = Callable[..., list[float]]
+# One completion's match against reward_pattern. Python's `re` cannot be interrupted once a match backtracks (it
+# holds the interpreter until it ends, which for ^(.+)+#$ on a long completion is never); the `regex` engine stops a
+# match at its timeout, between steps of its own loop.
+PATTERN_TIMEOUT_S = 0.5
+REFERENCE_REWARDS = ("equals", "contains")  # the rewards that compare a completion with the row's reference answer
 _NUMBER = re.compile(r"^[-+]?(?:\d+(?:[.,]\d*)?|[.,]\d+)(?:[eE][-+]?\d+)?$")
 
 
@@ -64,14 +71,29 @@ def completion_text(completion: Any) -> str:
     return str(completion)
 
 
-def compile_pattern(pattern: str) -> re.Pattern:
+def compile_pattern(pattern: str) -> regex.Pattern:
     """The format reward's regular expression, or UserError saying why it does not compile."""
     if not pattern:
         raise UserError("The format reward needs a regular expression (reward_pattern), e.g. ^<answer>.*</answer>$.")
     try:
-        return re.compile(pattern, re.DOTALL)
-    except re.error as exc:
+        return regex.compile(pattern, regex.DOTALL)
+    except regex.error as exc:
         raise UserError(f"reward_pattern {pattern!r} is not a valid regular expression: {exc}.") from None
+
+
+def search_pattern(pattern: regex.Pattern, text: str) -> regex.Match | None:
+    """pattern.search(text) within PATTERN_TIMEOUT_S; a match that runs out of time is no match, and is logged."""
+    try:
+        return pattern.search(text, timeout=PATTERN_TIMEOUT_S)
+    except TimeoutError:
+        log.warning(
+            "reward_pattern %r took over %g s on a completion of %d characters and scores it 0: a nested repeat such "
+            "as (.+)+ backtracks without bound; simplify the pattern.",
+            pattern.pattern,
+            PATTERN_TIMEOUT_S,
+            len(text),
+        )
+        return None
 
 
 def as_number(text: str) -> float | None:
@@ -83,10 +105,20 @@ def as_number(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def check_weights(weights: Sequence[Any]) -> list[float]:
+    """Reward weights as finite numbers; UserError naming one that is not (NaN or infinity would train on nothing)."""
+    checked = []
+    for value in weights:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UserError(f"Reward weight {value!r} is not a finite number; give weights like 1, 0.5, 2.")
+        checked.append(float(value))
+    return checked
+
+
 def parse_weights(text: str | list | None) -> list[float]:
     """Reward weights typed as comma-separated numbers ("1, 0.5"); UserError naming one that is not a number."""
     if isinstance(text, list):
-        return [float(value) for value in text]
+        return check_weights(text)
     weights = []
     for part in str(text or "").replace(";", ",").split(","):
         if part.strip():
@@ -105,10 +137,10 @@ def same_answer(answer: str, reference: str) -> bool:
     return answer.strip().casefold() == reference.strip().casefold()
 
 
-def _extract(text: str, pattern: re.Pattern | None) -> str:
+def _extract(text: str, pattern: regex.Pattern | None) -> str:
     """The answer inside a completion: the format pattern's first group when it has one and matches."""
     if pattern is not None and pattern.groups:
-        found = pattern.search(text)
+        found = search_pattern(pattern, text)
         if found and found.group(1) is not None:
             return found.group(1)
     return text
@@ -128,7 +160,35 @@ def _references(kwargs: dict[str, Any], count: int) -> list[str]:
     answers = kwargs.get("answer")
     if answers is None:
         raise UserError("The equals / contains rewards need a reference answer column (answer) in the dataset.")
-    return [str(answer) for answer in answers][:count]
+    references = [str(answer) for answer in answers][:count]
+    if not any(reference.strip() for reference in references):
+        # Every completion would score 0 and the run would end "done" having learnt nothing.
+        raise UserError(
+            "The equals / contains rewards compare each completion with the row's reference answer, but these rows "
+            "have none: add an answer column to the dataset (or name it in reference_column)."
+        )
+    return references
+
+
+def check_references(names: Sequence[str], rows: Sequence[dict[str, Any]], columns: Sequence[str], column: str) -> None:
+    """UserError before a run when an equals / contains reward among `names` would read an empty reference answer:
+    `rows` are GRPO rows ({prompt, answer}) converted from a file of `columns`, `column` the reference column used."""
+    using = [name for name in names if name in REFERENCE_REWARDS]
+    if not using:
+        return
+    for number, row in enumerate(rows, start=1):
+        if str(row.get("answer") or "").strip():
+            continue
+        if not column:
+            raise UserError(
+                f"The {using[0]} reward compares each completion with a reference answer, but the dataset has no "
+                f"reference column (answer, reference or solution; its columns are: {', '.join(columns)}). Add one, "
+                "or name it in reference_column."
+            )
+        raise UserError(
+            f"The {using[0]} reward compares each completion with a reference answer, but row {number}'s "
+            f"'{column}' is empty; fill it in or drop the row."
+        )
 
 
 def make_reward(name: str, settings: RewardSettings) -> Reward:
@@ -137,7 +197,7 @@ def make_reward(name: str, settings: RewardSettings) -> Reward:
     if name == "format":
 
         def reward(prompts, completions, **kwargs):
-            return [1.0 if pattern.search(completion_text(c)) else 0.0 for c in completions]
+            return [1.0 if search_pattern(pattern, completion_text(c)) else 0.0 for c in completions]
 
     elif name == "equals":
 

@@ -37,6 +37,7 @@ from workspace import (
     dump_yaml,
     fits,
     load_yaml,
+    paths_confined,
     read_json,
     resolve_user_path,
     workspace_root,
@@ -81,6 +82,8 @@ def run_path(name_or_path: str | Path, workspace: str | Path | None = None) -> P
     folder = runs_dir(workspace) / check_run_name(str(name_or_path))
     if not (folder / "config.yaml").exists():
         raise UserError(f"No run named '{name_or_path}' in {runs_dir(workspace)}.")
+    if paths_confined():
+        resolve_user_path(folder, workspace)  # a run folder that is a link out of the workspace is refused
     return folder
 
 
@@ -651,6 +654,16 @@ def _check_safetensors(folder: Path, run_name: str) -> None:
         )
 
 
+def _check_inside(part: Path, run_dir: Path) -> None:
+    """When the app is shared, a run's model folder must be inside the run folder: a link out of it (to weights
+    anywhere on the machine) is refused."""
+    if paths_confined() and not part.resolve().is_relative_to(Path(run_dir).resolve()):
+        raise UserError(
+            f"Run '{Path(run_dir).name}': {part.name}/ leads outside the run folder; a shared app only reads a run's "
+            "own files."
+        )
+
+
 def trained_model(run_dir: Path) -> TrainedModel:
     """The trained model of a training run; UserError for another kind of run or one without a model yet."""
     run_dir = Path(run_dir)
@@ -660,6 +673,7 @@ def trained_model(run_dir: Path) -> TrainedModel:
     for name in ("adapter", "merged"):
         folder = run_dir / name
         if (folder / "adapter_config.json").exists() or (folder / "config.json").exists():
+            _check_inside(folder, run_dir)
             _check_safetensors(folder, run_dir.name)
             saved = folder / "train_config.yaml"
             settings = load_yaml(saved) if saved.exists() else stage_settings(run_dir)

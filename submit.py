@@ -46,7 +46,16 @@ def resume(run: str | Path, workspace: str | Path | None = None, api_key: str | 
     """Resume a stopped or failed run of any kind (a training run from its last checkpoint), with its kind's
     environment made again from its saved settings."""
     run_dir = runfolder.run_path(run, workspace)
-    job_kind = jobs.job_kind(runfolder.read_kind(run_dir))
+    try:
+        kind = runfolder.read_config(run_dir).get("kind")
+    except UserError as exc:
+        raise UserError(f"Run '{run_dir.name}' cannot be resumed: {exc} Start a new run.") from None
+    if kind not in jobs.KINDS:
+        raise UserError(
+            f"Run '{run_dir.name}' cannot be resumed: its config.yaml names no job kind ({', '.join(jobs.KINDS)}). "
+            "Start a new run."
+        )
+    job_kind = jobs.job_kind(kind)
     env = import_function(job_kind.env)(runfolder.stage_settings(run_dir), api_key) if job_kind.env else {}
     jobs.resume_job(run_dir, env=env)
     return run_dir

@@ -42,11 +42,41 @@ def paths_confined() -> bool:
     return os.environ.get(CONFINE_ENV, "") == "1"
 
 
+def path_exists(path: str | Path) -> bool:
+    """Whether a path typed by a user names something here; False for a name the system cannot look up (longer than
+    it allows, or holding a NUL byte) instead of raising."""
+    try:
+        return Path(path).expanduser().exists()
+    except (OSError, ValueError):
+        return False
+
+
+def path_is_file(path: str | Path) -> bool:
+    """Whether a path typed by a user names a file here; False where path_exists would say False."""
+    try:
+        return Path(path).expanduser().is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def shorten_path(path: str | Path, limit: int = 120) -> str:
+    """A path for a one-line message: its start and end around an ellipsis when it is long."""
+    text = str(path)
+    return text if len(text) <= limit else f"{text[: limit // 2]}…{text[-limit // 2 :]}"
+
+
 def resolve_user_path(path: str | Path, workspace: str | Path | None = None, must_exist: bool = True) -> Path:
     """Resolve a path typed or uploaded by a user; outside the workspace is refused when the app is shared."""
     if path is None or str(path).strip() == "":
         raise UserError("No path given. Type a file or folder path, or upload a file.")
-    resolved = Path(str(path).strip()).expanduser().resolve()
+    try:
+        resolved = Path(str(path).strip()).expanduser().resolve()
+        resolved.exists()  # a name too long for the system, or a NUL byte, fails here rather than in a caller
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UserError(
+            f"Path '{shorten_path(path)}' cannot be used: {reason} ({len(str(path))} characters)."
+        ) from None
     if paths_confined():
         root = workspace_root(workspace)
         if not resolved.is_relative_to(root):

@@ -86,7 +86,6 @@ def add_to_ollama(
     """Create model `name` in the Ollama at `host` (default $OLLAMA_HOST) from an export's files and ask it one
     question; returns what happened (host, statuses, question, reply). UserError when no Ollama answers."""
     import httpx
-    import ollama
 
     gguf_dir = Path(gguf_dir)
     name = (name or "").strip()
@@ -100,7 +99,9 @@ def add_to_ollama(
     spec = parse_modelfile((gguf_dir / modelfile).read_text(encoding="utf-8"))
     host = host or ollama_host()
     say = progress or (lambda message: None)
-    client = ollama.Client(host=host)
+    client = open_client(host, f"or create the model by hand: {manual_command(gguf_dir, name, modelfile)}")
+    import ollama
+
     try:
         say(f"uploading {spec.model_file} to Ollama at {host}")
         files = {spec.model_file: client.create_blob(_existing(gguf_dir, spec.model_file))}
@@ -152,20 +153,46 @@ def add_to_ollama(
     }
 
 
+def open_client(host: str, by_hand: str):
+    """The SDK's client for `host`; UserError (with `by_hand`, what to do instead) when it is no address."""
+    try:
+        # Importing the SDK builds its default client from $OLLAMA_HOST, so a bad value fails the import too.
+        import ollama
+
+        return ollama.Client(host=host)
+    except ValueError as exc:  # the address is parsed here: a bad port, an unclosed [IPv6 bracket
+        raise UserError(
+            f"{HOST_ENV} '{host}' is not an address ({exc}); set it to host:port, e.g. 127.0.0.1:11434, {by_hand}"
+        ) from None
+
+
 def check_reachable(host: str | None = None) -> None:
     """UserError with the manual command's hint when no Ollama answers at `host`, before a long export starts."""
     import httpx
-    import ollama
 
     host = host or ollama_host()
-    client = ollama.Client(host=host)
+    by_hand = (
+        "or leave out --ollama and create the model by hand after the export: ollama create NAME -f Modelfile in the "
+        "run's gguf/ folder."
+    )
+    client = open_client(host, by_hand)
+    import ollama
+
     try:
         client.list()
     except (ConnectionError, httpx.TransportError):
         raise UserError(
-            f"No Ollama answers at {host}. Start it (`ollama serve`) or set {HOST_ENV} to where it runs; or leave "
-            "out --ollama and create the model by hand after the export: ollama create NAME -f Modelfile "
-            "in the run's gguf/ folder."
+            f"No Ollama answers at {host}. Start it (`ollama serve`) or set {HOST_ENV} to where it runs; {by_hand}"
+        ) from None
+    except ollama.ResponseError as exc:
+        raise UserError(
+            f"The server at {host} answered HTTP {exc.status_code} to Ollama's model list, so it is not an Ollama (or "
+            f"not one this app can use). Set {HOST_ENV} to where Ollama runs; {by_hand}"
+        ) from None
+    except ValueError:  # a 200 that is not Ollama's JSON (a web page): json and pydantic errors are ValueErrors
+        raise UserError(
+            f"The server at {host} answered, but not as Ollama does (its reply to the model list is not Ollama's "
+            f"JSON). Set {HOST_ENV} to where Ollama runs; {by_hand}"
         ) from None
     finally:
         client.close()

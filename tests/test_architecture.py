@@ -27,6 +27,7 @@ LAYERS = {
     "dataset_files": "data",  # reading a dataset's rows (dataset_utils prepares them)
     "dataset_formats": "data",  # formats, column maps, rows as chat messages
     "dataset_render": "data",  # chat templates, reply spans, tokens with loss masks
+    "template_sandbox": "data",  # a user's chat template rendered in a child process under limits
     "dataset_utils": "data",  # preparation: the rows a training run, a preview and evaluation read
     "dataset_report": "data",  # the dataset quality report
     "text_duplicates": "data",  # exact and near duplicates (datasketch): the report and the synthetic filter

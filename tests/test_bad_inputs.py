@@ -102,6 +102,10 @@ def call_export(args: dict, ctx: dict) -> None:
     submit.submit("export", args, ctx["ws"])
 
 
+def call_submit(args: dict, ctx: dict) -> None:
+    submit.submit(args["kind"], args["config"], ctx["ws"])
+
+
 def call_synth_config(args: dict, ctx: dict) -> None:
     synthetic_utils.synthetic_config_from_dict(args).validate(ctx["ws"])
 
@@ -162,6 +166,7 @@ ENTRIES = {
     "stop": call_stop,
     "preset": call_preset,
     "export": call_export,
+    "submit": call_submit,
     "synth_config": call_synth_config,
     "synth_reply": call_synth_reply,
     "synth_server": call_synth_server,
@@ -210,7 +215,7 @@ def prepare(case: dict, ws: Path, outside: Path, demo_model: Path) -> dict[str, 
     """The case's files, links and runs; returns the placeholders for its input."""
     (ws / "models").mkdir(exist_ok=True)
     (ws / "models" / demo_model.name).symlink_to(demo_model)
-    names = {"ws": str(ws), "outside": str(outside)}
+    names = {"ws": str(ws), "outside": str(outside), "long": "a" * 5000}
     if "file" in case and case["entry"] != "upload":  # an upload comes from the browser, not the workspace
         source = CORPUS / "files" / case["file"]
         target = ws / "data" / source.name
@@ -230,6 +235,8 @@ def prepare(case: dict, ws: Path, outside: Path, demo_model: Path) -> dict[str, 
         for name, text in run.get("files", {}).items():
             (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
             (run_dir / name).write_text(text, encoding="utf-8")
+        for name, target in run.get("links", {}).items():
+            (run_dir / name).symlink_to(fill(target, names))
     return names
 
 
@@ -246,6 +253,9 @@ def test_the_corpus_covers_every_entry_point():
             assert (CORPUS / "files" / case["file"]).exists(), case["id"]
 
 
+# Every case has a time limit: some render a chat template or match a pattern, which are programs. The "thread"
+# method ends the run even while a case holds the interpreter in C code (where the "signal" method's handler waits).
+@pytest.mark.timeout(400, method="thread")
 @pytest.mark.parametrize("case", CASES, ids=[case["id"] for case in CASES])
 def test_bad_input_is_refused_clearly_and_changes_nothing(
     case, workspace, tmp_path, demo_model, demo_tokenizer, monkeypatch, capsys
@@ -255,6 +265,8 @@ def test_bad_input_is_refused_clearly_and_changes_nothing(
     names = prepare(case, workspace, outside, demo_model)
     if case.get("shared"):
         monkeypatch.setenv(CONFINE_ENV, "1")
+    for key, value in case.get("env", {}).items():
+        monkeypatch.setenv(key, fill(value, names))
     ctx = {
         "ws": workspace,
         "tmp": tmp_path,

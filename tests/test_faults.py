@@ -28,6 +28,7 @@ import jobs
 import main
 import model_utils
 import runfolder
+import submit
 import synthetic_utils
 from conftest import capital_rows, logged_steps, wait_for, write_jsonl
 from dataset_utils import DatasetConfig
@@ -716,3 +717,120 @@ def test_a_damaged_status_or_progress_file_does_not_break_the_runs_list(workspac
     )
     assert result.returncode == 0, result.stderr
     assert "damaged" in result.stdout and "healthy" in result.stdout
+
+
+# ---------------------------------------------------------------- Stop escalates
+
+
+# A job stuck where its SIGTERM handler never runs (a regular expression backtracking, a reward file looping at import,
+# a C call): a real process of its own session that ignores SIGTERM, as such a job does in effect.
+STUCK = (
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('stuck', flush=True); time.sleep(600)"
+)
+
+
+def stuck_job(workspace: Path, name: str, kind: str = "train") -> tuple[Path, subprocess.Popen]:
+    run_dir = jobs.create_run(kind, {}, workspace, name)
+    process = subprocess.Popen([sys.executable, "-c", STUCK], stdout=subprocess.PIPE, start_new_session=True)
+    assert process.stdout.readline() == b"stuck\n"  # its SIGTERM handler is in place
+    runfolder.write_status(run_dir, state="running", pid=process.pid, pid_start=jobs._process_start(process.pid))
+    return run_dir, process
+
+
+@pytest.mark.timeout(120)
+def test_stop_kills_a_job_that_ignores_it_after_the_grace_period_and_says_what_was_lost(workspace, monkeypatch):
+    monkeypatch.setenv(jobs.STOP_GRACE_ENV, "2")
+    run_dir, process = stuck_job(workspace, "stuck-train")
+    checkpoint = run_dir / "checkpoints" / "checkpoint-4"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}", encoding="utf-8")
+    try:
+        jobs.stop_job(run_dir)
+        time.sleep(1)
+        assert process.poll() is None, "killed before its grace period"
+        assert jobs.job_status(run_dir).state == "stopping"
+        assert process.wait(timeout=60) == -signal.SIGKILL
+        wait_for(lambda: "killed" in runfolder.read_status(run_dir).note, timeout=30)
+    finally:
+        process.kill()
+    status = jobs.job_status(run_dir)
+    assert status.state == "stopped" and status.ended
+    assert "had not ended 2 s after" in status.note and "Training since checkpoint-4 is lost" in status.note
+    assert "killed (SIGKILL)" in (run_dir / "log.txt").read_text(encoding="utf-8")
+    assert jobs.actions(run_dir).can_resume
+
+
+@pytest.mark.timeout(120)
+def test_a_job_that_ends_within_its_grace_period_is_not_killed(workspace, monkeypatch):
+    run_dir = jobs.create_run("synth", {}, workspace, "obedient")
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    runfolder.write_status(run_dir, state="running", pid=process.pid, pid_start=jobs._process_start(process.pid))
+    jobs.stop_job(run_dir)
+    assert process.wait(timeout=30) == -signal.SIGTERM
+    assert not jobs.kill_after_grace(run_dir, process.pid, jobs._process_start(process.pid) or "", grace=1)
+    assert jobs.job_status(run_dir).state == "stopped" and jobs.job_status(run_dir).note == ""
+
+
+def test_a_killed_job_without_checkpoints_says_its_unfinished_output_is_lost(workspace):
+    run_dir, process = stuck_job(workspace, "stuck-export", kind="export")
+    runfolder.write_status(run_dir, state="stopping")
+    try:
+        assert jobs.kill_after_grace(run_dir, process.pid, jobs._process_start(process.pid), grace=0.2)
+    finally:
+        process.kill()
+        process.wait()
+    assert "not finished writing is lost" in jobs.job_status(run_dir).note
+
+
+def test_deleting_a_run_that_is_a_link_removes_the_link_and_keeps_what_it_leads_to(workspace, tmp_path):
+    elsewhere = jobs.create_run("synth", {}, tmp_path / "other-ws", "kept")
+    runfolder.write_status(elsewhere, state="done")
+    link = runfolder.runs_dir(workspace) / "linked"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(elsewhere)
+    submit.delete("linked", workspace)
+    assert not link.exists() and not link.is_symlink()
+    assert (elsewhere / "config.yaml").exists()
+
+
+LOOPING_REWARDS = """
+while True:  # the job's SIGTERM handler runs between these steps, but nothing here ever looks at it
+    pass
+
+
+def reward_never(prompts, completions, **kwargs):
+    return [0.0] * len(completions)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600, method="thread")
+def test_stop_ends_a_grpo_job_whose_reward_file_loops_at_import(demo_workspace, tmp_path, monkeypatch):
+    from conftest import demo_train_config
+
+    monkeypatch.setenv(jobs.STOP_GRACE_ENV, "3")
+    rewards_file = tmp_path / "looping_rewards.py"
+    rewards_file.write_text(LOOPING_REWARDS, encoding="utf-8")
+    data = write_jsonl(
+        tmp_path / "prompts.jsonl",
+        [{"prompt": f"Capital of {c}?", "answer": a} for c, a in [("France", "Paris"), ("Italy", "Rome")]],
+    )
+    config = demo_train_config(
+        data,
+        stage="grpo",
+        per_device_train_batch_size=2,
+        num_generations=2,
+        max_completion_length=8,
+        reward_funcs=[],
+        reward_file=str(rewards_file),
+        allow_reward_file=True,
+    )
+    run_dir = submit.submit("train", config, demo_workspace, "looping-rewards")
+    status = wait_for(lambda: (s := runfolder.read_status(run_dir)).pid_start and s, timeout=300, what="the job")
+    log_text = lambda: (run_dir / "log.txt").read_text(encoding="utf-8", errors="replace")  # noqa: E731
+    wait_for(lambda: "running reward functions from" in log_text(), timeout=400, what="the reward file's import")
+    jobs.stop_job(run_dir)
+    wait_for(lambda: not jobs._alive(status.pid, status.pid_start), timeout=120, what="the job's end")
+    ended = wait_for(lambda: (s := jobs.job_status(run_dir)).note and s, timeout=30, what="the note")
+    assert ended.state == "stopped"
+    assert "killed (SIGKILL)" in ended.note and "no checkpoint" in ended.note

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 import rewards
@@ -55,6 +57,20 @@ def test_a_pattern_that_does_not_compile_is_named():
 def test_equals_without_a_reference_column_says_which_column_it_needs():
     with pytest.raises(UserError, match="reference answer column"):
         score("equals", [reply("3")])
+
+
+# pytest-timeout's "thread" method ends the whole run when the limit passes, which still works while a match holds
+# the interpreter inside `re` (the "signal" method's handler would wait for the match to end).
+@pytest.mark.timeout(60, method="thread")
+def test_a_backtracking_pattern_on_a_long_completion_ends_within_its_time_budget(caplog):
+    long = "a" * 5000 + "#b"
+    started = time.monotonic()
+    assert score("format", [reply(long), reply("abc#")], pattern="^(.+)+#$") == [0.0, 1.0]
+    assert score("format", [reply("a" * 50000 + "!")], pattern="^(a+)+$") == [0.0]
+    assert score("equals", [reply("a" * 50000 + "!")], pattern="^(a+)+$", answer=["a"]) == [0.0]
+    # three completions within their budgets, with room for a loaded machine
+    assert time.monotonic() - started < 3 * rewards.PATTERN_TIMEOUT_S + 10
+    assert any("backtracks without bound" in record.getMessage() for record in caplog.records)
 
 
 def test_a_length_range_upside_down_is_refused():
@@ -223,6 +239,34 @@ def test_a_reward_file_that_cannot_give_rewards_is_a_clear_error(tmp_path, text,
 
 
 # ---------------------------------------------------------------- weights typed in the UI
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), float("-inf")])
+def test_a_reward_weight_that_is_not_a_finite_number_is_refused(tmp_path, weight):
+    config = grpo_config(tmp_path, reward_funcs=["format", "json"], reward_weights=[1.0, weight])
+    with pytest.raises(UserError, match="is not a finite number"):
+        config.validate()
+
+
+@pytest.mark.parametrize("reward", ["equals", "contains"])
+def test_a_reference_reward_on_rows_without_a_reference_is_refused_naming_the_column(tmp_path, reward):
+    from conftest import write_jsonl
+
+    data = write_jsonl(tmp_path / "bare.jsonl", [{"prompt": "Capital of France?"}, {"prompt": "2 + 2?"}])
+    config = grpo_config(tmp_path, reward_funcs=[reward])
+    config.dataset.source = str(data)
+    with pytest.raises(
+        UserError, match=r"no reference column \(answer, reference or solution; its columns are: prompt"
+    ):
+        config.validate()
+    write_jsonl(data, [{"prompt": "Capital of France?", "answer": "Paris"}, {"prompt": "2 + 2?", "answer": " "}])
+    with pytest.raises(UserError, match="row 2's 'answer' is empty"):
+        config.validate()
+
+
+def test_a_batch_without_reference_answers_fails_instead_of_scoring_zero():
+    with pytest.raises(UserError, match="have none: add an answer column"):
+        score("equals", [reply("3"), reply("4")], answer=["", ""])
 
 
 def test_reward_weights_typed_as_text_are_numbers_one_per_reward(tmp_path):

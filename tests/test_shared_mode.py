@@ -18,6 +18,7 @@ from test_faults import App
 
 import main
 import ui
+import workspace
 from model_utils import ModelConfig
 from ui import common
 from workspace import CONFINE_ENV, UserError
@@ -155,8 +156,10 @@ class Reached(Exception):
 
 @pytest.fixture
 def no_launch(monkeypatch):
-    """serve() stops where it would build and launch the app; FINETUNER_AUTH is unset."""
+    """serve() stops where it would build and launch the app; FINETUNER_AUTH is unset, and the confinement serve()
+    turns on for a non-loopback host is put back off afterwards."""
     monkeypatch.delenv(ui.AUTH_ENV, raising=False)
+    monkeypatch.setenv(CONFINE_ENV, "0")
     monkeypatch.setattr(ui, "_import_libraries", lambda: None)
 
     def build_app(*args, **kwargs):
@@ -194,6 +197,43 @@ def test_a_non_loopback_host_with_a_login_is_served(no_launch, tmp_path, monkeyp
     auth_file.write_text("ana:secret\n", encoding="utf-8")
     with pytest.raises(Reached):
         main.main(["--host", "0.0.0.0", "--auth-file", str(auth_file), "--workspace", str(tmp_path)])
+
+
+@pytest.fixture
+def confinement_seen(no_launch, monkeypatch):
+    """Whether paths were confined when serve() reached the app (no_launch starts it off and restores it)."""
+    seen = []
+
+    def build_app(*args, **kwargs):
+        seen.append(workspace.paths_confined())
+        raise Reached
+
+    monkeypatch.setattr(ui, "build_app", build_app)
+    return seen
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.20", "::", "my-machine.lan"])
+def test_a_non_loopback_host_confines_paths(host, confinement_seen, tmp_path):
+    auth_file = tmp_path / "auth"
+    auth_file.write_text("ana:secret\n", encoding="utf-8")
+    with pytest.raises(Reached):
+        main.main(["--host", host, "--auth-file", str(auth_file), "--workspace", str(tmp_path / "ws")])
+    assert confinement_seen == [True]
+    with pytest.raises(UserError, match="outside the workspace"):
+        workspace.resolve_user_path("/etc/hostname")
+
+
+def test_an_open_non_loopback_host_confines_paths_too(confinement_seen, tmp_path):
+    with pytest.raises(Reached):
+        main.main(["--host", "0.0.0.0", "--insecure-no-auth", "--workspace", str(tmp_path)])
+    assert confinement_seen == [True]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1"])
+def test_a_loopback_host_does_not_confine_paths(host, confinement_seen, tmp_path):
+    with pytest.raises(Reached):
+        main.main(["--host", host, "--workspace", str(tmp_path)])
+    assert confinement_seen == [False]
 
 
 def test_auth_is_read_from_a_file(tmp_path):

@@ -287,9 +287,13 @@ def test_a_relative_dataset_path_is_read_from_the_submitting_folder(workspace, t
     assert no_launch == [run_dir]
 
 
-def test_a_hub_dataset_id_stays_as_it_is(workspace, no_launch):
+def test_a_hub_dataset_id_stays_as_it_is(workspace, no_launch, monkeypatch):
+    from huggingface_hub import constants
+
     import submit
 
+    # Online, a Hub id is read by the job (offline, Start refuses one the cache lacks: tests/bad_inputs).
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     run_dir = submit.submit("train", config_to_dict(demo_train_config(Path("owner/name"))), workspace, "hub")
     assert runfolder.stage_settings(run_dir)["dataset"]["source"] == "owner/name"
     assert runfolder.INPUTS_KEY not in runfolder.read_config(run_dir)

@@ -155,7 +155,8 @@ def serve(
             host,
             port,
         )
-    if share or space:
+    if share or space or not is_loopback(host):
+        # Anyone other than this machine's user may reach the app: keep every path they type inside the workspace.
         os.environ[CONFINE_ENV] = "1"
     root = workspace_root(workspace or space_workspace())
     _import_libraries()
