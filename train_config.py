@@ -13,7 +13,7 @@ import llm_clients
 import stages
 from dataset_files import DEFAULT_MAX_SEQ_LENGTH, DEFAULT_SEED, DatasetConfig
 from distributed import check_num_gpus
-from model_utils import Device, ModelConfig, detect_device
+from model_utils import Device, ModelConfig, backend_plan, detect_device
 from settings import check, option
 from workspace import UserError, config_from_dict
 
@@ -78,6 +78,22 @@ class TrainConfig:
         maximum=1,
         exclusive_maximum=True,
         label="LoRA dropout",
+    )
+    # PEFT's LoraConfig names. rsLoRA scales the delta by alpha/sqrt(r) instead of alpha/r, so a high rank still
+    # learns; DoRA splits each weight into a magnitude and a direction and trains both (a slower step, closer to a
+    # full fine-tune at low rank).
+    use_rslora: bool = option(
+        False,
+        help="rsLoRA: scale the adapter by alpha/sqrt(r) instead of alpha/r, which keeps high ranks (64+) learning.",
+        label="rsLoRA",
+        advanced=True,
+    )
+    use_dora: bool = option(
+        False,
+        help="DoRA: train each weight's magnitude beside the LoRA direction; better at low rank, slower steps. "
+        "Needs the transformers + PEFT backend (Unsloth cannot train it).",
+        label="DoRA",
+        advanced=True,
     )
     target_modules: list[str] = option(
         default_factory=lambda: [ALL_LINEAR_LAYERS],
@@ -359,10 +375,31 @@ class TrainConfig:
         if self.load_in_4bit and not device.cuda:
             raise UserError("4-bit QLoRA needs an NVIDIA GPU (CUDA); none is available here. Use 16-bit LoRA instead.")
         check_optimizer_device(self.optim, device)
+        check_lora_variant(self, backend_plan()[0])
         check_early_stopping(self)
         if self.num_gpus:
             check_num_gpus(self.num_gpus)
         stages.get(self.stage).check(self)
+
+
+def check_lora_variant(config: TrainConfig, backend: str) -> None:
+    """rsLoRA and DoRA change the LoRA adapter: refused for a full fine-tune, a run that continues another run's
+    adapter (its own settings hold), and DoRA on Unsloth, whose fused LoRA kernels have no magnitude vector."""
+    chosen = [name for name in ("use_rslora", "use_dora") if getattr(config, name)]
+    if not chosen:
+        return
+    if config.full_finetuning:
+        raise UserError(f"{' and '.join(chosen)} change(s) the LoRA adapter; a full fine-tune has none. Turn it off.")
+    if config.start_from_run:
+        raise UserError(
+            f"This run continues the adapter of run '{config.start_from_run}', which keeps that run's own LoRA "
+            f"settings: turn {' and '.join(chosen)} off here (set it on the SFT run instead)."
+        )
+    if config.use_dora and backend == "unsloth":
+        raise UserError(
+            "DoRA cannot train on Unsloth (its fused LoRA kernels have no DoRA magnitude). Turn DoRA off, or train "
+            "with transformers + PEFT: set FINETUNER_BACKEND=transformers before starting the app."
+        )
 
 
 def check_early_stopping(config: TrainConfig) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lora_weights
 import model_utils
 import runfolder
 import settings
@@ -249,6 +250,11 @@ def check_export(config: ExportConfig, workspace: str | Path | None = None) -> T
         raise UserError(
             f"Run '{model.run_dir.name}' is a full fine-tune: it has no LoRA adapter to write as a LoRA GGUF. "
             "Export it without the LoRA-only GGUF option."
+        )
+    if config.lora_gguf and lora_weights.adapter_variant(model.path) == "dora":
+        raise UserError(
+            f"Run '{model.run_dir.name}' trained a DoRA adapter: llama.cpp's LoRA GGUF has no place for DoRA's "
+            "magnitudes. Export it without the LoRA-only GGUF option (the merged GGUF files hold DoRA's weights)."
         )
     check_disk_space(model, config)
     for script in (CONVERTER, LORA_CONVERTER) if config.lora_gguf else (CONVERTER,):
