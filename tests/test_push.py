@@ -138,6 +138,11 @@ def test_push_uploads_the_files_and_a_card_and_a_second_push_skips_them(pushable
         assert result["uploaded"] == [] and sorted(result["skipped"]) == sorted(pushed)
         assert len(hub.lfs_uploads) == 2 and len(hub.commits) == 1
 
+    from ui import push_panel  # the Export tab's panel reads the newest push of the run
+
+    status, result, *_ = push_panel.push_view("tiny", pushable)
+    assert "push-tiny" in status and "alice/tiny-capitals" in result and "already there" in result
+
     # merged/ exists only after an export of a LoRA run (this one's export kept it) or for a full fine-tune.
     model = hub_push.push_source(hub_push.PushConfig(run=str(run_dir), repo_id="alice/x"))
     assert "model.safetensors" in hub_push.plan_files(model, ["merged", "adapter"])
