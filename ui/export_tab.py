@@ -60,6 +60,11 @@ def build() -> ExportTab:
         choices=list(gguf_utils.QUANT_FTYPES),
         elem_id="export-quants",
     )
+    gr.Markdown(
+        f"{gguf_utils.QUANT_GUIDE} {', '.join(gguf_utils.IMATRIX_TYPES)} need an importance matrix: the export "
+        "computes one from the run's own training rows (llama-cpp-python's quantizer takes it).",
+        elem_id="export-quant-guide",
+    )
     lora_gguf = forms.widget(ExportConfig, "lora_gguf", elem_id="export-lora-gguf")
     with gr.Accordion("Check and Modelfile settings", open=False):
         with gr.Row():
@@ -245,7 +250,8 @@ def report_table(report: dict) -> str:
     lines = ["| file | size | agreement with HF | tokenizer match | export time |", "|---|---:|---:|---:|---:|"]
     for item in report["files"]:
         lines.append(
-            f"| `{item['file']}` | {item['size_bytes'] / 1024**2:.1f} MiB | {item['agreement']:.1%} | "
+            f"| `{item['file']}`{' (imatrix)' if item.get('imatrix') else ''} | {item['size_bytes'] / 1024**2:.1f} MiB | "
+            f"{item['agreement']:.1%} | "
             f"{item['tokenizer_match']:.0%} | {item['export_s']:.1f} s |"
         )
     lora = report.get("lora")
