@@ -280,8 +280,6 @@ def quantize_gguf(source: Path, target: Path, quant: str, imatrix: dict[str, Any
     returns the seconds it took."""
     import llama_cpp
 
-    from gguf_utils.imatrix import imatrix_array
-
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_FTYPES[quant])
     params.nthread = os.cpu_count() or 1
@@ -299,3 +297,22 @@ def quantize_gguf(source: Path, target: Path, quant: str, imatrix: dict[str, Any
     seconds = time.monotonic() - started
     log.info("quantized to %s in %.1f s%s", quant, seconds, " with an importance matrix" if imatrix else "")
     return seconds
+
+
+def imatrix_array(imatrix: dict[str, Any]) -> tuple[Any, list[Any]]:
+    """The quantizer's null-terminated llama_model_imatrix_data array, and the buffers it points into (keep them
+    alive until the quantizer returns)."""
+    import llama_cpp
+
+    keep: list[Any] = []
+    entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+    for index, (name, values) in enumerate(sorted(imatrix.items())):
+        buffer = (ctypes.c_float * len(values))(*values.tolist())
+        label = name.encode()
+        keep += [buffer, label]
+        entries[index].name = label
+        entries[index].data = ctypes.cast(buffer, ctypes.POINTER(ctypes.c_float))
+        entries[index].size = len(values)
+    entries[len(imatrix)].name = None  # the terminator
+    keep.append(entries)
+    return entries, keep

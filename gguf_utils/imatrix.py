@@ -2,11 +2,10 @@
 one): for every matrix the GGUF holds, the mean square of each input column over the run's own training rows, as
 llama.cpp's imatrix tool measures it, here with forward hooks on the merged Hugging Face model. Names follow the GGUF
 (gguf-py's tensor name map, checked against the file's own tensors and their row width), and the quantizer takes it
-through llama-cpp-python's `llama_model_imatrix_data` array."""
+through llama-cpp-python's `llama_model_imatrix_data` array (convert.imatrix_array)."""
 
 from __future__ import annotations
 
-import ctypes
 import logging
 from pathlib import Path
 from typing import Any
@@ -87,22 +86,3 @@ def training_rows(model, workspace: Path) -> list[list[int]]:
         rows.append(list(ids))
         tokens += len(ids)
     return rows
-
-
-def imatrix_array(imatrix: dict[str, Any]) -> tuple[Any, list[Any]]:
-    """The quantizer's null-terminated llama_model_imatrix_data array, and the buffers it points into (keep them
-    alive until the quantizer returns)."""
-    import llama_cpp
-
-    keep: list[Any] = []
-    entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
-    for index, (name, values) in enumerate(sorted(imatrix.items())):
-        buffer = (ctypes.c_float * len(values))(*values.tolist())
-        label = name.encode()
-        keep += [buffer, label]
-        entries[index].name = label
-        entries[index].data = ctypes.cast(buffer, ctypes.POINTER(ctypes.c_float))
-        entries[index].size = len(values)
-    entries[len(imatrix)].name = None  # the terminator
-    keep.append(entries)
-    return entries, keep
