@@ -84,6 +84,7 @@ class FakeHub:
         self.ranged: list[str] = []  # paths of the file requests that asked for a Range (a resumed file)
         self.lfs_uploads: list[str] = []  # oids whose bytes were PUT
         self.commits: list[list[str]] = []  # the paths of each commit
+        self.fail_commits = 0  # answer this many commits with a 500, as a Hub outage would (the uploads stay)
         self._hashes: dict[tuple[Path, int, int], str] = {}
         hub = self
 
@@ -321,6 +322,9 @@ class FakeHub:
         return None
 
     def _commit(self, request, repo_id: str, repo: Repo, payload: bytes) -> None:
+        if self.fail_commits:
+            self.fail_commits -= 1
+            return self._error(request, 500, "InternalError", "Internal Error - We're working hard to fix this")
         lines = [json.loads(line) for line in payload.splitlines() if line.strip()]
         paths = []
         for line in lines:

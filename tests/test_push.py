@@ -219,3 +219,31 @@ def test_parts_are_checked_by_name():
     with pytest.raises(UserError, match="twice"):
         hub_push.PushConfig(run="tiny", repo_id="alice/x", what="gguf,gguf").validate()
     assert hub_push.PushConfig(run="tiny", repo_id="alice/x", what="adapter, GGUF").what == ["adapter", "gguf"]
+
+
+def test_a_push_that_failed_or_stopped_resumes_without_sending_stored_files_again(online, tmp_path):
+    from huggingface_hub import constants
+
+    files = {"config.json": tmp_path / "config.json", "model.safetensors": tmp_path / "model.safetensors"}
+    files["config.json"].write_text('{"model_type": "llama"}')
+    files["model.safetensors"].write_bytes(os.urandom(300_000))
+    reports: list[tuple[int, int, float]] = []
+    with FakeHub(users={"tok-alice": user("alice")}, storage=tmp_path / "hub") as hub:
+        online.setenv("HF_TOKEN", "tok-alice")
+        online.setattr(constants, "ENDPOINT", hub.url)
+        # Stopped at the first bytes read for the upload: nothing is committed.
+        with pytest.raises(hub_push.Stopped):
+            hub_push.upload("alice/resume", files, False, "first", lambda *args: None, stop=lambda: True)
+        assert hub.commits == []
+        # The weights reach the Hub's storage, then the commit fails (an outage): one message, nothing committed.
+        hub.fail_commits = 1
+        with pytest.raises(UserError, match="refused the upload"):
+            hub_push.upload("alice/resume", files, False, "second", lambda *args: None)
+        assert len(hub.lfs_uploads) == 1 and hub.commits == []
+        # Pushing again commits both files without sending the stored weights again.
+        result = hub_push.upload("alice/resume", files, False, "third", lambda *args: reports.append(args))
+    assert len(hub.lfs_uploads) == 1 and hub.commits == [["config.json", "model.safetensors"]]
+    assert sorted(result["uploaded"]) == sorted(files) and result["skipped"] == []
+    repo = hub.repos[("model", "alice/resume")].folder
+    assert (repo / "model.safetensors").read_bytes() == files["model.safetensors"].read_bytes()
+    assert reports[0][:2] == (0, result["bytes_uploaded"]) and reports[-1][0] == reports[-1][1]
