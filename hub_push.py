@@ -247,7 +247,8 @@ class Stopped(Exception):
 
 class CountingReader(io.BufferedReader):
     """A file read by huggingface_hub's upload, each read counted once `counting` is on. A buffered reader, not a
-    path, so the client takes its HTTP upload (LFS), where the bytes it sends are the bytes read here."""
+    path: the client then takes its HTTP upload (LFS), where the bytes it sends are the bytes read here (its Xet
+    upload reads paths in its own native code, whose bytes this app could not count)."""
 
     def __init__(self, path: Path, on_bytes: Callable[[int], None]) -> None:
         super().__init__(io.FileIO(path, "rb"))
@@ -269,10 +270,6 @@ def git_blob_sha1(path: Path) -> str:
     return digest.hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    return runfolder.file_sha256(path)
-
-
 def already_there(api, repo_id: str, files: dict[str, Path]) -> set[str]:
     """The paths the repo holds with the same content already (a re-run after a stop skips them)."""
     from huggingface_hub.hf_api import RepoFile
@@ -283,7 +280,7 @@ def already_there(api, repo_id: str, files: dict[str, Path]) -> set[str]:
         entry = remote.get(name)
         if entry is None or entry.size != path.stat().st_size:
             continue
-        if entry.lfs is not None and entry.lfs.sha256 == file_sha256(path):
+        if entry.lfs is not None and entry.lfs.sha256 == runfolder.file_sha256(path):
             same.add(name)
         elif entry.lfs is None and entry.blob_id == git_blob_sha1(path):
             same.add(name)

@@ -247,3 +247,4 @@ def test_a_push_that_failed_or_stopped_resumes_without_sending_stored_files_agai
     repo = hub.repos[("model", "alice/resume")].folder
     assert (repo / "model.safetensors").read_bytes() == files["model.safetensors"].read_bytes()
     assert reports[0][:2] == (0, result["bytes_uploaded"]) and reports[-1][0] == reports[-1][1]
+    assert any(0 < done < total and rate > 0 for done, total, rate in reports)  # counted as the client reads
