@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from fake_hub import FakeHub, user
+from test_ui_browser import browser  # noqa: F401 (the browser fixture, for the Export tab's panel)
 
 import hub_push
 import runfolder
@@ -248,3 +249,67 @@ def test_a_push_that_failed_or_stopped_resumes_without_sending_stored_files_agai
     assert (repo / "model.safetensors").read_bytes() == files["model.safetensors"].read_bytes()
     assert reports[0][:2] == (0, result["bytes_uploaded"]) and reports[-1][0] == reports[-1][1]
     assert any(0 < done < total and rate > 0 for done, total, rate in reports)  # counted as the client reads
+
+
+@pytest.fixture(scope="module")
+def push_app(family_model, tmp_path_factory):
+    """The app online with a finished tiny run, its Hub a local fake where the token HF_TOKEN=tok-alice is alice's."""
+    from test_ui_browser import serve_app
+
+    import jobs
+    import training_utils
+    from dataset_utils import DatasetConfig
+    from model_utils import ModelConfig
+    from workspace import config_to_dict
+
+    workspace = tmp_path_factory.mktemp("push-app")
+    folder, template = family_model("llama")
+    data = write_jsonl(workspace / "capitals.jsonl", capital_rows(8))
+    config = demo_train_config(
+        data,
+        model=ModelConfig(str(folder)),
+        dataset=DatasetConfig(source=str(data), chat_template=template or ""),
+        max_steps=2,
+        max_seq_length=96,
+        save_steps=2,
+        lora_r=4,
+        lora_alpha=8,
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FINETUNER_WORKSPACE", str(workspace))
+        run_dir = jobs.create_run("train", config_to_dict(config), workspace, "tiny")
+        training_utils.train(config, runfolder.JobContext.for_run(run_dir))
+    runfolder.write_status(run_dir, state="done")
+    with FakeHub(users={"tok-alice": user("alice")}, storage=workspace.parent / "push-app-hub") as hub:
+        env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.url, "HF_TOKEN": "tok-alice"}
+        for app in serve_app(workspace, {**env, "HF_HOME": str(workspace.parent / "push-app-home")}):
+            yield app, hub
+
+
+@pytest.mark.browser
+@pytest.mark.slow  # the app, a browser and a push job: ~1 min
+@pytest.mark.timeout(600)
+def test_a_person_pushes_a_run_from_the_export_tab(browser, push_app):  # noqa: F811 (the imported fixture)
+    from test_ui_browser import open_tab, type_into, wait_text
+
+    app, hub = push_app
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(app.url)
+    page.wait_for_selector("#tab-model-button")
+    open_tab(page, "export")
+    page.wait_for_function("() => document.querySelector('#export-run input')?.value === 'tiny'")
+    type_into(page, "push-repo", "alice/tiny-from-the-tab")
+    page.click("#push-start")
+    wait_text(page, "push-status", "done", timeout=300_000)
+    wait_text(page, "push-result", "Pushed to")
+    assert "alice/tiny-from-the-tab" in page.inner_text("#push-result")
+    repo = hub.repos[("model", "alice/tiny-from-the-tab")].folder
+    assert (repo / "adapter_model.safetensors").exists() and (repo / "README.md").exists()
+
+    # Someone else's namespace: one readable message, and no job.
+    type_into(page, "push-repo", "bob/not-mine")
+    page.click("#push-start")
+    page.wait_for_selector(".toast-body:has-text(\"belongs to 'bob'\")")
+    context.close()
