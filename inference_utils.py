@@ -401,9 +401,14 @@ def compare_deltas(chat_model: ChatModel, prompt: str, config: GenerationConfig)
     config.validate()
     check_can_compare(chat_model)
     messages = [{"role": "user", "content": prompt}]
-    if chat_model.backend == "unsloth" or chat_model.static_cache:
-        # Unsloth's fused LoRA kernels bypass PEFT's per-row adapter choice, and a static cache is built for one
-        # row: the two sides run one after the other, each at the base model's speed (adapter merged or out).
+    if (
+        chat_model.backend == "unsloth"
+        or chat_model.static_cache
+        or lora_weights.uses_dora(_adapter_layers(chat_model))
+    ):
+        # Unsloth's fused LoRA kernels bypass PEFT's per-row adapter choice, PEFT refuses a per-row choice for DoRA,
+        # and a static cache is built for one row: the two sides run one after the other, each at the base model's
+        # speed (adapter merged or out).
         for piece in chat_deltas(chat_model, messages, config, use_adapter=False):
             yield piece, ""
         for piece in chat_deltas(chat_model, messages, config, use_adapter=True):

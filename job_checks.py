@@ -171,3 +171,22 @@ def check_download(config, workspace: str | Path | None = None, api_key: str | N
     config.validate()
     download_utils.check_download(config.repo_id, config.revision)
     return config
+
+
+# ---------------------------------------------------------------- push to the Hub
+
+
+def check_push(config, workspace: str | Path | None = None, api_key: str | None = None):
+    """The run's files, the token (present, may write), the owner and the repo name, checked before a job exists;
+    `run` then names the run as the job finds it."""
+    import hub_push
+
+    model = hub_push.check_push(config, workspace)
+    config.run = run_reference(model.run_dir, workspace)
+    return config
+
+
+def push_run_name(config) -> str:
+    import hub_push
+
+    return hub_push.push_run_name(config.run)

@@ -116,6 +116,15 @@ KINDS = {
             "download_utils:download_job",
             False,
         ),
+        JobKind(
+            "push",
+            "hub_push:push_config_from_dict",
+            "job_checks:check_push",
+            "hub_push:push_job",
+            False,
+            run_name="job_checks:push_run_name",
+            reads=("run",),
+        ),
     )
 }
 

@@ -4,7 +4,9 @@ between the base and the tuned side)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 # PEFT's name for "no adapter" in a mixed batch (adapter_names), and the name PeftModel.from_pretrained gives ours.
@@ -21,13 +23,22 @@ def lora_layers(model) -> Iterator[tuple[str, Any]]:
             yield name, module
 
 
+def uses_dora(layers: list[tuple[str, Any]]) -> bool:
+    """Whether any layer is DoRA: its delta is not a sum, and PEFT cannot mix it with the base model in one batch."""
+    return any(any(getattr(module, "use_dora", {}).values()) for _, module in layers)
+
+
 def mergeable(layers: list[tuple[str, Any]]) -> bool:
     """Whether each layer's delta adds to its weight: a float weight (a 4-bit base cannot take the merge) and plain
     LoRA (DoRA's delta is not a sum)."""
-    return all(
-        module.get_base_layer().weight.dtype.is_floating_point and not any(getattr(module, "use_dora", {}).values())
-        for _, module in layers
-    )
+    return not uses_dora(layers) and all(module.get_base_layer().weight.dtype.is_floating_point for _, module in layers)
+
+
+def adapter_variant(adapter_dir: str | Path) -> str:
+    """What a saved PEFT adapter is, read from its adapter_config.json: dora, rslora or lora."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return "dora" if config.get("use_dora") else "rslora" if config.get("use_rslora") else "lora"
 
 
 def host_copy(layers: list[tuple[str, Any]]) -> dict[str, Any]:

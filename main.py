@@ -430,6 +430,23 @@ def export_summary(export_run: Path) -> list[str]:
     return lines
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    import hub_push
+    import jobs
+    import runfolder
+    import submit
+
+    config = config_from_args(args, hub_push.push_config_from_dict, {"run": args.run})
+    run_dir = submit.submit("push", config, args.workspace)
+    print(f"run: {run_dir}")
+    if args.detach:
+        return 0
+    code = follow(run_dir)
+    if jobs.job_status(run_dir).state == "done":
+        print(f"pushed: {runfolder.read_progress(run_dir).message}")
+    return code
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     import inference_utils
     from workspace import config_from_dict
@@ -556,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     from download_utils import DownloadConfig
     from evaluation import EvalConfig
     from gguf_utils import ExportConfig
+    from hub_push import PushConfig
     from inference_utils import GenerationConfig
     from synthetic_utils import SyntheticConfig
     from train_config import TrainConfig
@@ -695,6 +713,19 @@ def build_parser() -> argparse.ArgumentParser:
         "(from Modelfile.lora with --lora-gguf)",
     )
     export.set_defaults(handler=cmd_export)
+
+    push = commands.add_parser(
+        "push",
+        help="push a trained run to the Hugging Face Hub with a model card",
+        description="Upload the run's adapter, merged safetensors and/or GGUF files to a Hub repo (created if "
+        "needed) with a model card made from the run, as a job with progress; pushing again resumes (files "
+        "already there are skipped). Uses HF_TOKEN or the token of `hf auth login`, which must be able to write.",
+    )
+    push.add_argument("run", help="training run name or folder")
+    push.add_argument("--config", metavar="YAML", default=None, help=CONFIG_HELP)
+    settings.add_config_flags(push, PushConfig, exclude=["run"], aliases={"repo_id": "--repo"})
+    push.add_argument("--detach", action="store_true", help="start the job and return at once")
+    push.set_defaults(handler=cmd_push)
 
     chat = commands.add_parser(
         "chat",

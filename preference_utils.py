@@ -18,7 +18,8 @@ from typing import Any
 import llm_clients
 import rewards
 import stages
-from runfolder import JobContext, run_path
+import train_config
+from runfolder import JobContext, run_path, run_workspace
 from workspace import UserError, path_is_file, paths_confined, resolve_user_path
 
 log = logging.getLogger(__name__)
@@ -279,14 +280,28 @@ def prepare_data(config, tokenizer, workspace: Path):
 # ---------------------------------------------------------------- trainer
 
 
+def tracker_places(report_to: list[str], run_dir: Path) -> None:
+    """Where the local trackers write, when the environment does not say: TensorBoard's and W&B's files in the run
+    folder; MLflow's file store in the workspace (one experiment list over all runs). Keys are never set here."""
+    if "tensorboard" in report_to:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")  # transformers 5 reads it from here
+    if "wandb" in report_to:
+        os.environ.setdefault("WANDB_DIR", str(run_dir))
+    if "mlflow" in report_to:
+        uri = os.environ.setdefault("MLFLOW_TRACKING_URI", (run_workspace(run_dir) / "mlruns").as_uri())
+        if uri.startswith("file:"):
+            # MLflow 3 keeps its file store for those who ask for it; mlflow-skinny has no SQLite store to offer.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+
+
 def trainer_arguments(config, run_dir: Path, backend: str, has_eval: bool) -> dict[str, Any]:
     """The TrainingArguments every stage shares, SFT's too (training_utils.build_trainer adds its own; it imports
     this module, never the other way round)."""
     import model_utils
 
     device = model_utils.detect_device()
-    if config.report_to == "tensorboard":
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")  # transformers 5 reads it from here
+    report_to = train_config.report_to_list(config.report_to)
+    tracker_places(report_to, run_dir)
     return dict(
         output_dir=str(run_dir / "checkpoints"),
         learning_rate=config.learning_rate,
@@ -311,7 +326,8 @@ def trainer_arguments(config, run_dir: Path, backend: str, has_eval: bool) -> di
         save_total_limit=config.save_total_limit,
         logging_steps=config.logging_steps,
         seed=config.seed,
-        report_to=[] if config.report_to == "none" else [config.report_to],
+        report_to=report_to,
+        run_name=run_dir.name,  # the trackers' name for the run
         dataloader_num_workers=0,
         disable_tqdm=False,
         use_cpu=not device.cuda,  # several CPU processes then train with DDP over gloo

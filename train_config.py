@@ -13,7 +13,7 @@ import llm_clients
 import stages
 from dataset_files import DEFAULT_MAX_SEQ_LENGTH, DEFAULT_SEED, DatasetConfig
 from distributed import DISTRIBUTED, check_distributed, check_num_gpus
-from model_utils import Device, ModelConfig, detect_device
+from model_utils import Device, ModelConfig, backend_plan, detect_device
 from settings import check, option
 from workspace import UserError, config_from_dict
 
@@ -24,7 +24,13 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 # gate_up_proj, so only this default exists in every catalogue family (resolve_target_modules turns it into names).
 ALL_LINEAR_LAYERS = "all-linear"
 FUSED_LINEAR = ["qkv_proj", "gate_up_proj"]  # Phi-3 / Phi-4's layers in place of q/k/v_proj and gate/up_proj
-REPORT_TO = ("none", "tensorboard")
+# transformers' integrations that report_to may name: tracker → (the module it imports, the pip package to install).
+TRACKERS = {
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "wandb": ("wandb", "wandb"),
+    "mlflow": ("mlflow", "mlflow"),
+    "trackio": ("trackio", "trackio"),
+}
 
 
 # No model reads a million tokens at once: a larger value is a typo that would only fail inside the job.
@@ -78,6 +84,22 @@ class TrainConfig:
         maximum=1,
         exclusive_maximum=True,
         label="LoRA dropout",
+    )
+    # PEFT's LoraConfig names. rsLoRA scales the delta by alpha/sqrt(r) instead of alpha/r, so a high rank still
+    # learns; DoRA splits each weight into a magnitude and a direction and trains both (a slower step, closer to a
+    # full fine-tune at low rank).
+    use_rslora: bool = option(
+        False,
+        help="rsLoRA: scale the adapter by alpha/sqrt(r) instead of alpha/r, which keeps high ranks (64+) learning.",
+        label="rsLoRA",
+        advanced=True,
+    )
+    use_dora: bool = option(
+        False,
+        help="DoRA: train each weight's magnitude beside the LoRA direction; better at low rank, slower steps. "
+        "Needs the transformers + PEFT backend (Unsloth cannot train it).",
+        label="DoRA",
+        advanced=True,
     )
     target_modules: list[str] = option(
         default_factory=lambda: [ALL_LINEAR_LAYERS],
@@ -226,10 +248,12 @@ class TrainConfig:
         label="Seed",
         advanced=True,
     )
+    # A comma-separated string rather than a list: "none" and "tensorboard" in older configs keep loading.
     report_to: str = option(
         "none",
-        help="Also log to TensorBoard (run folder/tensorboard).",
-        choices=REPORT_TO,
+        help="Experiment trackers, comma-separated: tensorboard (run folder/tensorboard), wandb, mlflow, trackio; "
+        "none = only the app's own log (MLflow's default store: workspace/mlruns). Keys and servers come from the environment (WANDB_API_KEY or WANDB_MODE="
+        "offline, MLFLOW_TRACKING_URI, TRACKIO_SPACE_ID), never from here.",
         label="Report to",
         advanced=True,
     )
@@ -384,11 +408,81 @@ class TrainConfig:
         if self.load_in_4bit and not device.cuda:
             raise UserError("4-bit QLoRA needs an NVIDIA GPU (CUDA); none is available here. Use 16-bit LoRA instead.")
         check_optimizer_device(self.optim, device)
+        check_lora_variant(self, backend_plan()[0])
+        check_report_to(self.report_to)
         check_early_stopping(self)
         if self.num_gpus:
             check_num_gpus(self.num_gpus)
         check_distributed(self, device)
         stages.get(self.stage).check(self)
+
+
+def check_lora_variant(config: TrainConfig, backend: str) -> None:
+    """rsLoRA and DoRA change the LoRA adapter: refused for a full fine-tune, a run that continues another run's
+    adapter (its own settings hold), and DoRA on Unsloth, whose fused LoRA kernels have no magnitude vector."""
+    chosen = [name for name in ("use_rslora", "use_dora") if getattr(config, name)]
+    if not chosen:
+        return
+    if config.full_finetuning:
+        raise UserError(f"{' and '.join(chosen)} change(s) the LoRA adapter; a full fine-tune has none. Turn it off.")
+    if config.start_from_run:
+        raise UserError(
+            f"This run continues the adapter of run '{config.start_from_run}', which keeps that run's own LoRA "
+            f"settings: turn {' and '.join(chosen)} off here (set it on the SFT run instead)."
+        )
+    if config.use_dora and backend == "unsloth":
+        raise UserError(
+            "DoRA cannot train on Unsloth (its fused LoRA kernels have no DoRA magnitude). Turn DoRA off, or train "
+            "with transformers + PEFT: set FINETUNER_BACKEND=transformers before starting the app."
+        )
+
+
+def report_to_list(report_to: str) -> list[str]:
+    """The trackers a report_to value names ("none" = none), as transformers' TrainingArguments takes them."""
+    names = [name.strip().lower() for name in str(report_to).split(",") if name.strip()]
+    return [] if names == ["none"] else names
+
+
+def check_report_to(report_to: str) -> None:
+    """UserError for a tracker transformers cannot report to here: an unknown name, "none" beside others, a package
+    that is not installed (named for pip), W&B with no key in the environment and no offline mode."""
+    import importlib.util
+    import os
+
+    names = report_to_list(report_to)
+    unknown = [name for name in names if name not in TRACKERS]
+    if unknown:
+        raise UserError(
+            f"report_to: unknown tracker(s) {', '.join(unknown)}; choose among {', '.join(TRACKERS)} (comma-"
+            "separated), or none."
+        )
+    if len(set(names)) != len(names):
+        raise UserError(f"report_to names a tracker twice: {report_to}.")
+    for name in names:
+        module, package = TRACKERS[name]
+        if importlib.util.find_spec(module) is None:
+            raise UserError(
+                f"report_to {name} needs the {package} package, which is not installed: `pip install {package}`, "
+                "or leave it out."
+            )
+    offline = os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun")
+    if "wandb" in names and not offline and not os.environ.get("WANDB_API_KEY") and not _wandb_logged_in():
+        raise UserError(
+            "report_to wandb: no W&B key found. Set WANDB_API_KEY in the environment the app runs in (or run "
+            "`wandb login`), or WANDB_MODE=offline to log locally and `wandb sync` later."
+        )
+
+
+def _wandb_logged_in() -> bool:
+    """Whether `wandb login` stored a key (in ~/.netrc, where wandb keeps it)."""
+    import netrc
+    import os
+
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def check_early_stopping(config: TrainConfig) -> None:

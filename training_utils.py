@@ -201,6 +201,7 @@ def _load_unsloth(config: TrainConfig, model_path: str):
             target_modules=target_modules,
             bias="none",
             random_state=config.seed,
+            use_rslora=config.use_rslora,  # DoRA is refused on Unsloth (train_config.check_lora_variant)
             use_gradient_checkpointing="unsloth" if config.gradient_checkpointing else False,
         )
     if tokenizer.pad_token is None:
@@ -238,6 +239,8 @@ def _load_transformers(config: TrainConfig, model_path: str):
         target_modules=resolve_target_modules(model, config.target_modules),
         bias="none",
         task_type="CAUSAL_LM",
+        use_rslora=config.use_rslora,
+        use_dora=config.use_dora,
     )
     return get_peft_model(model, lora), tokenizer
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lora_weights
 import model_utils
 import runfolder
 import settings
@@ -27,6 +28,7 @@ from gguf_utils.check import CHECK_PROMPTS, MIN_CHECK_PROMPTS, REFERENCE_CACHE, 
 from gguf_utils.convert import (
     CONVERTER,
     FLOAT_TYPES,
+    IMATRIX_TYPES,
     LORA_CONVERTER,
     MERGE_DTYPES,
     MERGE_STAMP,
@@ -46,6 +48,7 @@ from gguf_utils.convert import (
     start_lora_conversion,
     supported_architectures,
 )
+from gguf_utils.imatrix import compute_imatrix, training_rows
 from gguf_utils.modelfile import build_modelfile
 from runfolder import JobContext, StopFlag, TrainedModel
 from workspace import UserError, config_from_dict
@@ -54,6 +57,8 @@ __all__ = [
     "CHECK_PROMPTS",
     "CONVERTER",
     "FLOAT_TYPES",
+    "IMATRIX_TYPES",
+    "QUANT_GUIDE",
     "MERGE_DTYPES",
     "MERGE_STAMP",
     "MIN_CHECK_PROMPTS",
@@ -75,6 +80,24 @@ log = logging.getLogger(__name__)
 # Bits per weight, rounded up: small models get bigger files because llama.cpp falls back to wider types for
 # rows that do not fit a k-quant's 256-wide blocks and keeps the output layer at 6-8 bits.
 BITS_PER_WEIGHT = {"f16": 16, "bf16": 16, "q8_0": 8.5, "q6_k": 8.5, "q5_k_m": 7.0, "q4_k_m": 6.5, "q4_0": 6.0}
+# The other types: llama.cpp's nominal bits per weight (llama-quantize's table) plus the same 2-bit allowance.
+BITS_PER_WEIGHT |= {
+    quant: min(16.0, bits + 2)
+    for quant, bits in {
+        "q5_1": 6.0, "q5_k_s": 5.5, "q5_0": 5.5, "q4_1": 5.0, "q4_k_s": 4.6, "iq4_nl": 4.5, "iq4_xs": 4.3,
+        "mxfp4_moe": 8.5, "q3_k_l": 4.3, "q3_k_m": 3.9, "iq3_m": 3.7, "iq3_s": 3.5, "q3_k_s": 3.5, "iq3_xs": 3.3,
+        "iq3_xxs": 3.1, "q2_k": 3.4, "q2_k_s": 3.0, "iq2_m": 2.7, "iq2_s": 2.5, "iq2_xs": 2.3, "iq2_xxs": 2.1,
+        "q2_0": 2.5, "tq2_0": 2.1, "tq1_0": 1.7, "iq1_m": 1.8, "iq1_s": 1.6, "q1_0": 1.5,
+    }.items()
+}  # fmt: skip
+# The Export tab's one line on which type to pick (file size ≈ parameters × bits per weight / 8).
+QUANT_GUIDE = (
+    "Which type: the file must fit in memory with room for the context. Plenty of memory: q8_0 (≈ 8.5 bits per "
+    "weight, nearly lossless) or f16/bf16; the usual choice: q4_k_m (≈ 4.9 bits), or q5_k_m / q6_k when a little more "
+    "fits; tight memory: iq4_xs, q3_k_m, iq3_xxs (≈ 3 bits); only as a last resort: the 2-bit and 1-bit types "
+    "(q2_k, iq2_*, iq1_*), which lose the most. tq1_0 / tq2_0 suit only ternary (BitNet-trained) models and mxfp4_moe "
+    "only mixture-of-experts ones. The agreement column shows what each file lost."
+)
 
 
 @dataclass
@@ -88,7 +111,8 @@ class ExportConfig:
     quants: list[str] = settings.option(
         default_factory=lambda: ["q8_0"],
         help="GGUF types to write (also as 'q4_k_m,q8_0'): q8_0 is nearly lossless; q4_k_m is the usual small "
-        f"choice; f16/bf16 are unquantized. One or more of: {', '.join(QUANT_FTYPES)}.",
+        f"choice; f16/bf16 are unquantized; {', '.join(IMATRIX_TYPES)} get an importance matrix computed from the "
+        f"run's own training rows. One or more of: {', '.join(QUANT_FTYPES)}.",
         label="Quant types",
     )
     check_prompts: int = settings.option(
@@ -250,6 +274,11 @@ def check_export(config: ExportConfig, workspace: str | Path | None = None) -> T
             f"Run '{model.run_dir.name}' is a full fine-tune: it has no LoRA adapter to write as a LoRA GGUF. "
             "Export it without the LoRA-only GGUF option."
         )
+    if config.lora_gguf and lora_weights.adapter_variant(model.path) == "dora":
+        raise UserError(
+            f"Run '{model.run_dir.name}' trained a DoRA adapter: llama.cpp's LoRA GGUF has no place for DoRA's "
+            "magnitudes. Export it without the LoRA-only GGUF option (the merged GGUF files hold DoRA's weights)."
+        )
     check_disk_space(model, config)
     for script in (CONVERTER, LORA_CONVERTER) if config.lora_gguf else (CONVERTER,):
         if not script.exists():
@@ -273,7 +302,8 @@ def export_job(config: ExportConfig, ctx: JobContext) -> str:
     remove_stale_temps(model)
     name = model.run_dir.name
     to_quantize = [quant for quant in config.quants if quant not in FLOAT_TYPES]
-    total = 3 + len(to_quantize) + len(config.quants)
+    needs_imatrix = any(quant in IMATRIX_TYPES for quant in config.quants)
+    total = 3 + len(to_quantize) + len(config.quants) + needs_imatrix
     if config.lora_gguf:
         total += 2 + (config.quants[0] not in FLOAT_TYPES)
     finished = iter(range(total))
@@ -303,11 +333,19 @@ def export_job(config: ExportConfig, ctx: JobContext) -> str:
         convert_s, (reference, chat, reference_cached), reference_s = _convert(merged, converted, config, ctx.stop)
 
         files = {quant: converted[quant] for quant in config.quants if quant in FLOAT_TYPES}
+        imatrix, imatrix_s = None, 0.0
+        if needs_imatrix:
+            step("computing the importance matrix from the run's training rows")
+            imatrix_started = time.monotonic()
+            rows = training_rows(model, ctx.workspace)
+            imatrix = compute_imatrix(merged, converted[base_type], rows)
+            imatrix_s = time.monotonic() - imatrix_started
         quantize_s = {}
         for quant in to_quantize:
             step(f"quantizing to {quant}")
             files[quant] = staging.file(f"{name}-{quant}.gguf")
-            quantize_s[quant] = quantize_gguf(converted[base_type], files[quant], quant)
+            uses = imatrix if quant in IMATRIX_TYPES else None
+            quantize_s[quant] = quantize_gguf(converted[base_type], files[quant], quant, uses)
 
         results = []
         for quant in config.quants:
@@ -322,12 +360,13 @@ def export_job(config: ExportConfig, ctx: JobContext) -> str:
                     "convert_s": round(converted_s, 2),
                     "quantize_s": round(quantize_s.get(quant, 0.0), 2),
                     "export_s": round(converted_s + quantize_s.get(quant, 0.0), 2),
+                    "imatrix": quant in IMATRIX_TYPES,
                     **check,
                 }
             )
             log.info("%s: agreement %.4f, %d bytes", quant, check["agreement"], results[-1]["size_bytes"])
 
-        lora = _lora_files(model, config, staging, reference, ctx.stop, step) if config.lora_gguf else None
+        lora = _lora_files(model, config, staging, reference, ctx.stop, step, imatrix) if config.lora_gguf else None
 
         step("writing the Modelfile and report.json")
         modelfile, modelfile_info = build_modelfile(
@@ -360,6 +399,7 @@ def export_job(config: ExportConfig, ctx: JobContext) -> str:
                 "merge": round(merge_s, 2),
                 "convert": {key: round(value, 2) for key, value in convert_s.items()},
                 "reference": round(reference_s, 2),
+                **({"imatrix": round(imatrix_s, 2)} if needs_imatrix else {}),
                 "total": round(time.monotonic() - started, 2),
             },
             "files": results,
@@ -379,7 +419,13 @@ def export_job(config: ExportConfig, ctx: JobContext) -> str:
 
 
 def _lora_files(
-    model: TrainedModel, config: ExportConfig, staging: _Staging, reference: Reference, stop: StopFlag, step
+    model: TrainedModel,
+    config: ExportConfig,
+    staging: _Staging,
+    reference: Reference,
+    stop: StopFlag,
+    step,
+    imatrix: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The adapter as a LoRA GGUF and the base model's GGUF in the first quant type, then both loaded together in
     llama.cpp and scored against the HF reference (the merged model) like the merged files: what report.json says
@@ -401,7 +447,8 @@ def _lora_files(
     if quantized:
         step(f"quantizing the base model to {base_quant}")
         base_file = staging.file(base_name)
-        quantize_s = quantize_gguf(base_source, base_file, base_quant)
+        # The merged model's importance matrix: the base model's tensors have the same names and widths.
+        quantize_s = quantize_gguf(base_source, base_file, base_quant, imatrix if base_quant in IMATRIX_TYPES else None)
     step(f"loading the base model ({base_quant}) + the LoRA GGUF in llama.cpp and comparing with the HF model")
     check = check_gguf(base_file, reference, lora_path=adapter_file)
     log.info("LoRA GGUF: agreement %.4f, %d bytes", check["agreement"], adapter_file.stat().st_size)

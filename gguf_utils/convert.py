@@ -30,16 +30,18 @@ CONVERTER = ROOT / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
 LORA_CONVERTER = CONVERTER.with_name("convert_lora_to_gguf.py")  # unpacked beside it by scripts/fetch_converter.py
 # The converter's `--print-supported-models`, saved by scripts/fetch_converter.py (it takes seconds to start).
 SUPPORTED_MODELS = CONVERTER.with_name("SUPPORTED_MODELS")
-# llama.cpp file types (llama_ftype) by the names users know from llama-quantize and Ollama.
+# llama.cpp file types (llama_ftype) by the names users know from llama-quantize and Ollama: every type the
+# installed llama-cpp-python's quantizer writes (NVFP4 it refuses), largest first.
 QUANT_FTYPES = {
-    "f16": "LLAMA_FTYPE_MOSTLY_F16",
-    "bf16": "LLAMA_FTYPE_MOSTLY_BF16",
-    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
-    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
-    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
-    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
-    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
-}
+    name: f"LLAMA_FTYPE_MOSTLY_{name.upper()}"
+    for name in (
+        "f16", "bf16", "q8_0", "q6_k", "q5_1", "q5_k_m", "q5_k_s", "q5_0", "q4_1", "q4_k_m", "q4_k_s", "q4_0",
+        "iq4_nl", "iq4_xs", "mxfp4_moe", "q3_k_l", "q3_k_m", "iq3_m", "iq3_s", "q3_k_s", "iq3_xs", "iq3_xxs",
+        "q2_k", "q2_k_s", "iq2_m", "iq2_s", "iq2_xs", "iq2_xxs", "q2_0", "tq2_0", "tq1_0", "iq1_m", "iq1_s", "q1_0",
+    )
+}  # fmt: skip
+# Types llama.cpp's quantizer refuses without an importance matrix ("this quantization requires an imatrix").
+IMATRIX_TYPES = ("iq3_xxs", "iq3_xs", "q2_k_s", "iq2_m", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s")
 FLOAT_TYPES = ("f16", "bf16")  # written by the converter itself; the others are quantized from one of these
 MERGE_DTYPES = ("auto", "float16", "bfloat16")
 MERGE_STAMP = "merge_source.json"  # in merged/: which adapter file it was made from, so a retrained run re-merges
@@ -273,19 +275,44 @@ def _die_with_parent(parent: int):
 # ---------------------------------------------------------------- quantize
 
 
-def quantize_gguf(source: Path, target: Path, quant: str) -> float:
-    """Quantize a 16-bit GGUF with llama.cpp (llama_model_quantize); returns the seconds it took."""
+def quantize_gguf(source: Path, target: Path, quant: str, imatrix: dict[str, Any] | None = None) -> float:
+    """Quantize a 16-bit GGUF with llama.cpp (llama_model_quantize), with an importance matrix (imatrix) when given;
+    returns the seconds it took."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_FTYPES[quant])
     params.nthread = os.cpu_count() or 1
+    keep = None
+    if imatrix:
+        params.imatrix, keep = imatrix_array(imatrix)
     started = time.monotonic()
     code = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
+    del keep  # the quantizer has copied the matrix
     if code != 0 or not target.exists():
+        need = " without an importance matrix" if quant in IMATRIX_TYPES and not imatrix else ""
         raise UserError(
-            f"llama.cpp could not quantize the model to {quant} (code {code}); its messages are in log.txt."
+            f"llama.cpp could not quantize the model to {quant}{need} (code {code}); its messages are in log.txt."
         )
     seconds = time.monotonic() - started
-    log.info("quantized to %s in %.1f s", quant, seconds)
+    log.info("quantized to %s in %.1f s%s", quant, seconds, " with an importance matrix" if imatrix else "")
     return seconds
+
+
+def imatrix_array(imatrix: dict[str, Any]) -> tuple[Any, list[Any]]:
+    """The quantizer's null-terminated llama_model_imatrix_data array, and the buffers it points into (keep them
+    alive until the quantizer returns)."""
+    import llama_cpp
+
+    keep: list[Any] = []
+    entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+    for index, (name, values) in enumerate(sorted(imatrix.items())):
+        buffer = (ctypes.c_float * len(values))(*values.tolist())
+        label = name.encode()
+        keep += [buffer, label]
+        entries[index].name = label
+        entries[index].data = ctypes.cast(buffer, ctypes.POINTER(ctypes.c_float))
+        entries[index].size = len(values)
+    entries[len(imatrix)].name = None  # the terminator
+    keep.append(entries)
+    return entries, keep

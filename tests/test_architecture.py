@@ -52,6 +52,8 @@ LAYERS = {
     "arena_utils": "tasks",
     "gguf_utils": "tasks",
     "export_targets": "tasks",  # export targets (GGUF): the export job kind's config and job function
+    "hub_push": "tasks",  # pushing a run to the Hub: the push job kind's config, checks and upload
+    "model_card": "tasks",  # the pushed run's model card (README.md and the loss curve)
     "compare_utils": "tasks",
     "planning": "tasks",  # suggested settings and the time estimate
     "jobs": "jobs",

@@ -478,3 +478,111 @@ def test_template_that_renders_differently_is_left_out_with_the_reason(tmp_path)
     text, info = modelfile.build_modelfile("x.gguf", chat, tmp_path, 0.7, 0.9, 4096)
     assert not any(line.startswith("TEMPLATE") for line in text.splitlines()) and not info["template"]
     assert "# No TEMPLATE: the chat template's pieces, joined per message, do not give what" in text
+
+
+# ---------------------------------------------------------------- every quant type, the importance matrix
+
+
+@pytest.fixture(scope="module")
+def wide_run(tmp_path_factory):
+    """A finished 2-step LoRA run of a tiny Mistral whose rows are 256 wide (the k- and i-quants' block, so every
+    type quantizes its matrices rather than falling back), with Llama's SentencePiece vocabulary."""
+    import torch
+    import transformers
+
+    import training_utils
+    from conftest import capital_rows, demo_train_config, write_jsonl
+    from dataset_utils import DatasetConfig
+    from gguf_utils import vocab
+    from model_utils import ModelConfig
+
+    workspace = tmp_path_factory.mktemp("wide")
+    tokenizer, proto = vocab.tokenizer_from_vocab("llama-spm")
+    config = transformers.MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    folder = workspace / "wide-model"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    vocab.save_tokenizer(tokenizer, proto, folder)
+    data = write_jsonl(workspace / "capitals.jsonl", capital_rows(8))
+    train = demo_train_config(
+        data,
+        model=ModelConfig(str(folder)),
+        dataset=DatasetConfig(source=str(data), chat_template="mistral"),
+        max_steps=2,
+        max_seq_length=96,
+        save_steps=2,
+        lora_r=4,
+        lora_alpha=8,
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FINETUNER_WORKSPACE", str(workspace))
+        run_dir = jobs.create_run("train", config_to_dict(train), workspace, "wide")
+        training_utils.train(train, runfolder.JobContext.for_run(run_dir))
+    runfolder.write_status(run_dir, state="done")
+    return workspace, run_dir
+
+
+@pytest.mark.slow  # an export with an importance matrix, then every type quantized once: ~2 min on two CPU cores
+def test_every_offered_type_is_written_and_the_low_bit_ones_take_the_runs_importance_matrix(wide_run, monkeypatch):
+    import llama_cpp
+
+    from gguf_utils.convert import quantize_gguf
+    from gguf_utils.imatrix import compute_imatrix, gguf_matrices, training_rows
+
+    workspace, run_dir = wide_run
+    monkeypatch.setenv("FINETUNER_WORKSPACE", str(workspace))
+    export = gguf_utils.ExportConfig(run="wide", quants=["f16", "q4_k_m", "iq2_xxs"], check_prompts=10, check_tokens=4)
+    export_dir = jobs.create_run("export", config_to_dict(export), workspace)
+    assert gguf_utils.export_job(export, runfolder.JobContext.for_run(export_dir)) == "done"
+    report = json.loads((run_dir / "gguf" / "report.json").read_text())
+    files = {item["quant"]: item for item in report["files"]}
+    assert files["iq2_xxs"]["imatrix"] and not files["q4_k_m"]["imatrix"]
+    assert files["iq2_xxs"]["size_bytes"] < files["q4_k_m"]["size_bytes"] < files["f16"]["size_bytes"]
+    assert all(0 <= item["agreement"] <= 1 for item in files.values()) and report["times_s"]["imatrix"] > 0
+
+    # The matrix covers every 2-D tensor of the GGUF that a linear layer reads, at the file's own row width.
+    source = run_dir / "gguf" / "wide-f16.gguf"
+    model = gguf_utils.export_source("wide", workspace)
+    rows = training_rows(model, workspace)
+    imatrix = compute_imatrix(run_dir / "merged", source, rows)
+    _, widths = gguf_matrices(source)
+    assert {name for name in widths if name.startswith("blk.")} <= set(imatrix)
+    assert all(len(values) == widths[name] and (values >= 0).all() for name, values in imatrix.items())
+
+    # Every other offered type is written by the installed quantizer and loads in llama.cpp; a type that needs the
+    # matrix is refused without it, with the reason.
+    scratch = run_dir / "types"
+    scratch.mkdir()
+    for quant in gguf_utils.QUANT_FTYPES:
+        if quant in gguf_utils.FLOAT_TYPES or quant in files:
+            continue
+        target = scratch / f"{quant}.gguf"
+        if quant in gguf_utils.IMATRIX_TYPES:
+            with pytest.raises(UserError, match="without an importance matrix"):
+                quantize_gguf(source, scratch / f"{quant}-plain.gguf", quant)
+            quantize_gguf(source, target, quant, imatrix)
+        else:
+            quantize_gguf(source, target, quant)
+        llm = llama_cpp.Llama(str(target), n_ctx=64, verbose=False)  # raises when the file does not load
+        llm.eval(llm.tokenize(b"The capital of France is"))  # the type's matmuls run on this CPU
+        assert llm.n_tokens > 0, quant
+        llm.close()
+
+
+def test_the_export_tab_offers_every_type_with_the_guide(workspace):
+    import gradio as gr
+
+    with gr.Blocks():
+        tab = export_tab.build()
+    assert list(tab.quants.choices[i][1] for i in range(len(tab.quants.choices))) == list(gguf_utils.QUANT_FTYPES)
+    assert "q4_k_m" in gguf_utils.QUANT_GUIDE and set(gguf_utils.BITS_PER_WEIGHT) == set(gguf_utils.QUANT_FTYPES)

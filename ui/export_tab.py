@@ -14,7 +14,7 @@ import runfolder
 import stages
 import submit
 from gguf_utils import ExportConfig, ollama
-from ui import forms
+from ui import forms, push_panel
 from ui.common import download_links, guarded, job_html, run_names
 from workspace import UserError, read_json
 
@@ -41,6 +41,7 @@ class ExportTab:
     ollama_modelfile: gr.Dropdown
     ollama_add: gr.Button
     ollama_result: gr.Markdown
+    push: push_panel.PushPanel
 
 
 def build() -> ExportTab:
@@ -58,6 +59,11 @@ def build() -> ExportTab:
         component=gr.CheckboxGroup,
         choices=list(gguf_utils.QUANT_FTYPES),
         elem_id="export-quants",
+    )
+    gr.Markdown(
+        f"{gguf_utils.QUANT_GUIDE} {', '.join(gguf_utils.IMATRIX_TYPES)} need an importance matrix: the export "
+        "computes one from the run's own training rows (llama-cpp-python's quantizer takes it).",
+        elem_id="export-quant-guide",
     )
     lora_gguf = forms.widget(ExportConfig, "lora_gguf", elem_id="export-lora-gguf")
     with gr.Accordion("Check and Modelfile settings", open=False):
@@ -97,6 +103,7 @@ def build() -> ExportTab:
             )
             ollama_add = gr.Button("Add to Ollama", interactive=False, scale=1, elem_id="ollama-add")
         ollama_result = gr.Markdown(elem_id="ollama-result")
+    push = push_panel.build()
     timer = gr.Timer(POLL_S, active=False)
     return ExportTab(
         run,
@@ -116,6 +123,7 @@ def build() -> ExportTab:
         ollama_modelfile,
         ollama_add,
         ollama_result,
+        push,
     )
 
 
@@ -170,6 +178,7 @@ def wire(tab: ExportTab, tab_container: gr.Tab, workspace: Path) -> None:
     tab.stop.click(stop, inputs=tab.run).success(show, inputs=tab.run, outputs=view, show_progress="hidden")
     tab.timer.tick(show, inputs=tab.run, outputs=view, show_progress="hidden")
     tab.ollama_add.click(add, inputs=[tab.run, tab.ollama_name, tab.ollama_modelfile], outputs=tab.ollama_result)
+    push_panel.wire(tab.push, tab.run, workspace)
 
 
 def export_view(run: str | None, workspace: Path) -> list[Any]:
@@ -241,7 +250,8 @@ def report_table(report: dict) -> str:
     lines = ["| file | size | agreement with HF | tokenizer match | export time |", "|---|---:|---:|---:|---:|"]
     for item in report["files"]:
         lines.append(
-            f"| `{item['file']}` | {item['size_bytes'] / 1024**2:.1f} MiB | {item['agreement']:.1%} | "
+            f"| `{item['file']}`{' (imatrix)' if item.get('imatrix') else ''} | {item['size_bytes'] / 1024**2:.1f} MiB | "
+            f"{item['agreement']:.1%} | "
             f"{item['tokenizer_match']:.0%} | {item['export_s']:.1f} s |"
         )
     lora = report.get("lora")

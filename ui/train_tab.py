@@ -151,6 +151,9 @@ def _settings(form: forms.Form) -> gr.Textbox:
             forms.setting(form, FIELDS.train_on_responses_only)
             forms.setting(form, FIELDS.packing)
             forms.setting(form, FIELDS.fit_micro_batch)
+        with gr.Row():  # PEFT's LoRA variants
+            forms.setting(form, FIELDS.use_rslora, elem_id="train-rslora")
+            forms.setting(form, FIELDS.use_dora, elem_id="train-dora")
         with gr.Row():
             forms.setting(form, FIELDS.warmup_steps, elem_id="train-warmup")
             forms.setting(form, FIELDS.lr_scheduler_type)
