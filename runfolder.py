@@ -608,7 +608,7 @@ class TrainedModel:
     """The model a finished training run produced: a LoRA adapter on a base model, or a full fine-tune."""
 
     run_dir: Path
-    path: Path  # adapter/ or merged/
+    path: Path  # adapter/ or merged/ (a stopped run: its last checkpoint)
     kind: str  # "adapter" or "merged"
     base_model: str | None  # the base model's name or folder (adapters only)
     trust_remote_code: bool
@@ -630,7 +630,8 @@ def _check_safetensors(folder: Path, run_name: str) -> None:
 
 
 def trained_model(run_dir: Path) -> TrainedModel:
-    """The trained model of a training run; UserError for another kind of run or one without a model yet."""
+    """The trained model of a training run; UserError for another kind of run or one without a model yet. A run
+    stopped (or failed) before its end offers its last checkpoint, which holds the same kind of weights."""
     run_dir = Path(run_dir)
     kind = read_kind(run_dir)
     if kind != "train":
@@ -638,20 +639,39 @@ def trained_model(run_dir: Path) -> TrainedModel:
     for name in ("adapter", "merged"):
         folder = run_dir / name
         if (folder / "adapter_config.json").exists() or (folder / "config.json").exists():
-            _check_safetensors(folder, run_dir.name)
-            saved = folder / "train_config.yaml"
-            settings = load_yaml(saved) if saved.exists() else stage_settings(run_dir)
-            settings.pop("kind", None)
-            model = settings.get("model") or {}
-            base = None
-            if name == "adapter":
-                base = model.get("name_or_path") or (read_json(folder / "adapter_config.json", {}) or {}).get(
-                    "base_model_name_or_path"
-                )
-            stage = str(settings.get("stage") or "sft")
-            return TrainedModel(run_dir, folder, name, base, bool(model.get("trust_remote_code")), settings, stage)
+            return _trained(run_dir, folder, name)
     state = read_status(run_dir).state
+    checkpoint = checkpoint_model(run_dir)
+    if checkpoint is not None:
+        return _trained(run_dir, checkpoint, "adapter" if (checkpoint / "adapter_config.json").exists() else "merged")
     raise UserError(
-        f"Run '{run_dir.name}' has no trained model yet (no adapter/ or merged/ folder; the run is {state}). "
-        "Wait for it to finish, resume it, or choose another run."
+        f"Run '{run_dir.name}' has no trained model yet (no adapter/ or merged/ folder and no checkpoint; the run is "
+        f"{state}). Wait for it to finish, resume it, or choose another run."
     )
+
+
+def checkpoint_model(run_dir: Path) -> Path | None:
+    """The last checkpoint of a training run that ended without its final model (stopped or failed), when it holds
+    weights (an adapter or a full model); None for a run still going, a finished one or one without checkpoints."""
+    run_dir = Path(run_dir)
+    if (run_dir / "adapter").is_dir() or (run_dir / "merged").is_dir() or read_status(run_dir).state in ACTIVE:
+        return None
+    checkpoint = last_checkpoint(run_dir)
+    if checkpoint is None:
+        return None
+    return checkpoint if any((checkpoint / name).exists() for name in ("adapter_config.json", "config.json")) else None
+
+
+def _trained(run_dir: Path, folder: Path, kind: str) -> TrainedModel:
+    _check_safetensors(folder, run_dir.name)
+    saved = folder / "train_config.yaml"
+    settings = load_yaml(saved) if saved.exists() else stage_settings(run_dir)
+    settings.pop("kind", None)
+    model = settings.get("model") or {}
+    base = None
+    if kind == "adapter":
+        base = model.get("name_or_path") or (read_json(folder / "adapter_config.json", {}) or {}).get(
+            "base_model_name_or_path"
+        )
+    stage = str(settings.get("stage") or "sft")
+    return TrainedModel(run_dir, folder, kind, base, bool(model.get("trust_remote_code")), settings, stage)

@@ -11,11 +11,10 @@ import gradio as gr
 
 import gguf_utils
 import runfolder
-import stages
 import submit
 from gguf_utils import ExportConfig, ollama
 from ui import forms
-from ui.common import download_links, guarded, job_html, run_names
+from ui.common import download_links, guarded, job_html, model_runs
 from workspace import UserError, read_json
 
 SETTINGS = ("check_prompts", "check_tokens", "merge_dtype", "temperature", "top_p", "num_ctx", "lora_gguf")
@@ -134,10 +133,11 @@ def wire(tab: ExportTab, tab_container: gr.Tab, workspace: Path) -> None:
     ]
 
     def run_choices(current: str | None) -> gr.Dropdown:
-        names = run_names(workspace, ("train",), states=("done",))
-        # Runs whose stage made a causal LM, the model a GGUF file holds (its record says).
-        names = [name for name in names if stages.generates_text(runfolder.runs_dir(workspace) / name)]
-        return gr.Dropdown(choices=names, value=current if current in names else (names[0] if names else None))
+        # Runs whose stage made a causal LM, the model a GGUF file holds (its record says), a stopped run's
+        # checkpoint included.
+        runs = model_runs(workspace)
+        names = [name for _, name in runs]
+        return gr.Dropdown(choices=runs, value=current if current in names else (names[0] if names else None))
 
     @guarded
     def show(run: str | None) -> list[Any]:

@@ -356,13 +356,44 @@ def _stage_settings(form: forms.Form) -> gr.Textbox:
             forms.setting(form, FIELDS.reward_file, elem_id="train-reward-file")
             forms.setting(form, FIELDS.reward_file_functions, allow_custom_value=True, elem_id="train-reward-functions")
             forms.setting(form, FIELDS.allow_reward_file, elem_id="train-allow-reward-file")
-        gr.Markdown(REWARD_FILE_WARNING, elem_id="train-reward-file-warning")
+        warning = gr.Markdown(REWARD_FILE_WARNING, elem_id="train-reward-file-warning")
         others = [name for name in stages.own_settings() if name not in form.widgets]
         if others:
             with gr.Row():
                 for name in others:
                     forms.setting(form, name)
+    _stage_fields_follow_stage(form, [judge_api_key, warning])
     return judge_api_key
+
+
+def stage_field_visibility(stage: str) -> dict[str, bool]:
+    """Which of the stages' own settings the chosen stage has (its record's `settings`), by TrainConfig field."""
+    try:
+        own = set(stages.get(stage).settings)
+    except UserError:  # an unknown stage (a stale value): show every field rather than none
+        own = set(stages.own_settings())
+    return {name: name in own for name in stages.own_settings()}
+
+
+def _stage_fields_follow_stage(form: forms.Form, reward_extras: list[gr.components.Component]) -> None:
+    """Show only the chosen stage's own fields (SFT has none; GRPO about twenty); `reward_extras` (the judge's key,
+    the reward-file warning) go with the stage that runs reward functions."""
+    names = stages.own_settings()
+    targets = [form.widgets[name] for name in names] + reward_extras
+
+    def follow(stage: str) -> list[Any]:
+        shown = stage_field_visibility(stage)
+        try:
+            rewards = stages.get(stage).reward_functions
+        except UserError:
+            rewards = True
+        return [gr.update(visible=shown[name]) for name in names] + [gr.update(visible=rewards)] * len(reward_extras)
+
+    for target, update in zip(targets, follow(forms.DEFAULTS[FIELDS.stage]), strict=True):
+        target.visible = update["visible"]  # the page opens with the default stage's fields only
+    form.widgets[FIELDS.stage].change(
+        follow, inputs=form.widgets[FIELDS.stage], outputs=targets, show_progress="hidden"
+    )
 
 
 # Shown under the reward file's settings: what ticking the box means.
