@@ -366,3 +366,17 @@ def test_chat_compares_greedily_unless_asked_to_sample():
     from inference_utils import GenerationConfig
 
     assert GenerationConfig().temperature == 0
+
+
+def test_skipped_rows_say_why_in_the_page(demo_workspace, demo_tokenizer):
+    from conftest import write_jsonl
+    from dataset_utils import prepare_training_data
+    from ui import dataset_tab
+
+    rows = [{"instruction": f"Question {index}?", "output": f"Answer {index}."} for index in range(6)]
+    rows[3]["output"] = ""
+    data = write_jsonl(demo_workspace / "support.jsonl", rows)
+    config = TrainConfig(dataset=DatasetConfig(source=str(data)))
+    prepared = prepare_training_data(config, demo_tokenizer, demo_workspace)
+    stats = dataset_tab._stats(prepared)
+    assert "**1 skipped** (first: row 4:" in stats and "server log" not in stats

@@ -215,11 +215,7 @@ def _cell(value) -> str:
 
 def _stats(prepared) -> str:
     eval_rows = len(prepared.eval) if prepared.eval is not None else 0
-    skipped = (
-        f", **{prepared.dropped_rows} skipped** (see the server log for the first reason)"
-        if prepared.dropped_rows
-        else ""
-    )
+    skipped = f", **{prepared.dropped_rows} skipped** ({skipped_reason(prepared)})" if prepared.dropped_rows else ""
     return (
         f"Format **{prepared.format}**: {prepared.source_rows} rows read{skipped}; {len(prepared.train)} train, "
         f"{eval_rows} eval."
@@ -256,3 +252,13 @@ def pairs_html(pairs: list[dict]) -> str:
         for pair in pairs
     )
     return f"<table class='preference-pairs' style='width:100%;table-layout:fixed'>{cells}</table>"
+
+
+def skipped_reason(prepared) -> str:
+    """Why rows were skipped, for the page: the first bad row's problem, else truncation (rows whose reply
+    max_seq_length cut off whole train nothing)."""
+    errors = prepared.outcomes["error"] if prepared.outcomes is not None else []
+    for index, message in enumerate(errors):
+        if message:
+            return html.escape(f"first: row {index + 1}: {message}")
+    return "their replies fall entirely beyond max_seq_length: raise it to keep them"
