@@ -348,6 +348,8 @@ class EventLog:
         self.step: int | None = None
         self.total: int | None = None
         self.latest: dict[str, Any] = {}  # the newest value of each logged metric, and eta_s
+        self.step_s: float | None = None  # seconds the newest logged step took (between the last two logged steps)
+        self._last_logged: tuple[float, int] | None = None  # (time, step) of the newest logged step
         self._losses: dict[str, dict[int, float]] = {"train": {}, "eval": {}}
 
     def update(self) -> EventLog:
@@ -376,6 +378,10 @@ class EventLog:
             self.step, self.total = event.step, event.total
         if event.kind != EventKind.LOG:
             return
+        if isinstance(event.step, int):
+            if self._last_logged is not None and event.step > self._last_logged[1] and event.time:
+                self.step_s = (event.time - self._last_logged[0]) / (event.step - self._last_logged[1])
+            self._last_logged = (event.time, event.step)
         self.latest.update({key: value for key, value in event.metrics.items() if value is not None})
         if event.eta_s is not None:
             self.latest["eta_s"] = event.eta_s

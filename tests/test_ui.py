@@ -380,3 +380,31 @@ def test_skipped_rows_say_why_in_the_page(demo_workspace, demo_tokenizer):
     prepared = prepare_training_data(config, demo_tokenizer, demo_workspace)
     stats = dataset_tab._stats(prepared)
     assert "**1 skipped** (first: row 4:" in stats and "server log" not in stats
+
+
+def test_the_train_tab_says_which_model_and_data_start_takes():
+    line = train_tab.start_summary(dict(forms.DEFAULTS))
+    assert "`demo` (16-bit LoRA)" in line and "no dataset chosen yet" in line and "SFT, 60 steps" in line
+    values = {
+        **forms.DEFAULTS,
+        "dataset.source": "uploads/prefs.jsonl",
+        "stage": "dpo",
+        "start_from_run": "sft-run",
+        "max_steps": 0,
+        "num_train_epochs": 2,
+    }
+    assert "on `uploads/prefs.jsonl`: DPO, from run `sft-run`, 2 epochs." in train_tab.start_summary(values)
+
+
+def test_stop_says_it_waits_for_the_current_step_and_how_long_the_last_took(workspace):
+    run_dir = jobs.create_run("train", config_to_dict(TrainConfig()), workspace, "train-slow")
+    logged = [
+        {"event": "log", "time": 1000.0 + 156.0 * step, "step": step, "max_steps": 10, "loss": 2.0} for step in (1, 2)
+    ]
+    (run_dir / "events.jsonl").write_text("".join(json.dumps(line) + "\n" for line in logged))
+    assert runfolder.EventLog(run_dir).update().step_s == 156.0
+    runfolder.write_status(run_dir, state="running")
+    *_, hint, _timer = train_tab.live_view("train-slow", workspace)
+    assert "Stop: ends the run once the current step is done (the last one took 2:36)" in hint
+    assert "waiting for the current step" in train_tab.stop_note("stopping", 156.0)
+    assert "(the last one took 2:36)" in train_tab.stop_note("stopping", 156.0)
