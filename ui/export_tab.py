@@ -75,7 +75,16 @@ def build() -> ExportTab:
     status = gr.HTML(elem_id="export-status")
     results = gr.Markdown(elem_id="export-results")
     downloads = gr.HTML(elem_id="export-downloads")
-    modelfile = gr.Code(label="Modelfile", language=None, interactive=False, lines=8, elem_id="export-modelfile")
+    # No line numbers: CodeMirror measures its gutter while the Export tab is hidden and keeps rows shorter than the
+    # lines, so the numbers drifted away from them; a Modelfile is a few lines.
+    modelfile = gr.Code(
+        label="Modelfile",
+        language=None,
+        interactive=False,
+        lines=8,
+        show_line_numbers=False,
+        elem_id="export-modelfile",
+    )
     log = gr.Textbox(label="Log (last lines)", lines=8, max_lines=12, interactive=False, elem_id="export-log")
     with gr.Group():
         gr.Markdown(
