@@ -148,15 +148,21 @@ def test_loading_says_what_it_does_and_a_second_request_waits_and_says_why(worke
 
 
 @pytest.mark.slow
-def test_a_job_started_during_a_comparison_ends_it_with_the_reply_so_far_and_a_true_reason(worker):
+def test_a_job_started_during_a_reply_ends_it_with_the_text_so_far_and_a_true_reason(demo_workspace):
     import model_utils
 
-    story = "Write a long story about a cat who learns to sail, with many details."
-    stream = worker.compare(TUNED, story, GenerationConfig(temperature=0, max_new_tokens=300))
-    assert next(stream)
-    worker.end_for_job(worker.workspace / "runs" / "export-trained")
-    with pytest.raises(chat_worker.WorkerEnded, match="'export-trained' started and needs") as ended:
-        list(stream)
-    # The machine's own words: "the GPU" only where there is one.
-    assert ("the GPU" in str(ended.value)) == model_utils.detect_device().cuda
-    assert "Zebra" in ask(worker)[-1]  # the next message loads the model again
+    worker = chat_worker.ChatWorker(demo_workspace)
+    base = ("", "", "")  # the demo model alone: no run needed
+    story = [{"role": "user", "content": "Write a long story about a cat who learns to sail, with many details."}]
+    try:
+        stream = worker.chat(base, story, GenerationConfig(temperature=0, max_new_tokens=400), True)
+        assert next(stream)
+        worker.end_for_job(demo_workspace / "runs" / "export-trained")
+        with pytest.raises(chat_worker.WorkerEnded, match="'export-trained' started and needs") as ended:
+            list(stream)
+        # The machine's own words: "the GPU" only where there is one.
+        assert ("the GPU" in str(ended.value)) == model_utils.detect_device().cuda
+        assert "export-trained" in worker.state_line()
+        assert list(worker.chat(base, story, GenerationConfig(temperature=0, max_new_tokens=4), True))
+    finally:
+        worker.end()
