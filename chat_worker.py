@@ -42,6 +42,18 @@ POLL_S = 1.0  # how often a waiting worker looks at its idle time and the GPU lo
 # ---------------------------------------------------------------- the server's side
 
 
+class WorkerEnded(UserError):
+    """The worker was ended in the middle of a request (a job took the machine); the reply so far stands."""
+
+
+def job_needs() -> str:
+    """What a training or export job takes from the chat model on this machine: the GPU, or without one the
+    memory and the cores (a model loaded twice on the CPU can run the machine out of memory)."""
+    import model_utils
+
+    return "the GPU" if model_utils.detect_device().cuda else "this machine's memory and CPU cores"
+
+
 class ChatWorker:
     """The server's handle on the one chat worker of a workspace: starts it when needed, one request at a time."""
 
@@ -130,7 +142,7 @@ class ChatWorker:
         if process is None:
             return ""
         if self._ended_because or process.returncode == EXIT_GPU_JOB:
-            because = self._ended_because or "a GPU job started"
+            because = self._ended_because or f"a training or export job started and needs {job_needs()}"
             return f"The chat model was unloaded because {because}; the next message loads it again."
         if process.returncode not in (0, None):
             return f"The chat worker ended (exit code {process.returncode}); the next message starts it again."
@@ -139,7 +151,7 @@ class ChatWorker:
     def end_for_job(self, run_dir: Path) -> None:
         """jobs.before_gpu_job's hook: the card goes to the job."""
         if self.alive:
-            self.end(f"run '{Path(run_dir).name}' started and needs the GPU")
+            self.end(f"run '{Path(run_dir).name}' started and needs {job_needs()}")
 
     # ------------------------------------------------------------ inside
 
@@ -184,7 +196,10 @@ class ChatWorker:
         if self._ended_because:
             self.notice = f"The chat model was unloaded because {self._ended_because}; it was loaded again."
         elif code == EXIT_GPU_JOB:
-            self.notice = "The chat model was unloaded because a GPU job started; it was loaded again."
+            self.notice = (
+                f"The chat model was unloaded because a training or export job started and needs {job_needs()}; "
+                "it was loaded again."
+            )
         elif code not in (0, None):
             self.notice = f"The chat worker had ended (exit code {code}); it was started again."
         else:
@@ -250,7 +265,10 @@ class ChatWorker:
         # The process ended in the middle of a request.
         self._key = None
         if self._ended_because:
-            raise UserError(f"The chat model was unloaded because {self._ended_because}; send the message again.")
+            raise WorkerEnded(
+                f"The chat model was unloaded because {self._ended_because}; the reply stops here. Send the message "
+                "again to load the model again."
+            )
         raise UserError(
             f"The chat worker crashed (exit code {reply.get('code')}); the next message starts it again. "
             f"Last lines of {self.log_path.name}:\n{_tail(self.log_path)}"

@@ -32,9 +32,10 @@ class GenerationConfig:
     system_prompt: str = option(
         "", help="Added as a system turn when the conversation has none.", label="System prompt"
     )
+    # Greedy by default: base and tuned then differ by their weights, not by the dice; sampling is on request.
     temperature: float = option(
-        0.7,
-        help="0 = greedy (always the most likely token); higher gives more varied replies.",
+        0.0,
+        help="0 = greedy (always the most likely token, the same reply each time); higher samples more varied replies.",
         minimum=0,
         maximum=2,
         label="Temperature",

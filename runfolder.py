@@ -351,6 +351,8 @@ class EventLog:
         self.step: int | None = None
         self.total: int | None = None
         self.latest: dict[str, Any] = {}  # the newest value of each logged metric, and eta_s
+        self.step_s: float | None = None  # seconds the newest logged step took (between the last two logged steps)
+        self._last_logged: tuple[float, int] | None = None  # (time, step) of the newest logged step
         self._losses: dict[str, dict[int, float]] = {"train": {}, "eval": {}}
 
     def update(self) -> EventLog:
@@ -381,6 +383,10 @@ class EventLog:
             self.latest.pop("eta_s", None)  # a job that ended (and one resumed) has no pace until its next steps
         if event.kind != EventKind.LOG:
             return
+        if isinstance(event.step, int):
+            if self._last_logged is not None and event.step > self._last_logged[1] and event.time:
+                self.step_s = (event.time - self._last_logged[0]) / (event.step - self._last_logged[1])
+            self._last_logged = (event.time, event.step)
         self.latest.update({key: value for key, value in event.metrics.items() if value is not None})
         if event.eta_s is not None:
             self.latest["eta_s"] = event.eta_s
@@ -633,7 +639,7 @@ class TrainedModel:
     """The model a finished training run produced: a LoRA adapter on a base model, or a full fine-tune."""
 
     run_dir: Path
-    path: Path  # adapter/ or merged/
+    path: Path  # adapter/ or merged/ (a stopped run: its last checkpoint)
     kind: str  # "adapter" or "merged"
     base_model: str | None  # the base model's name or folder (adapters only)
     trust_remote_code: bool
@@ -665,7 +671,8 @@ def _check_inside(part: Path, run_dir: Path) -> None:
 
 
 def trained_model(run_dir: Path) -> TrainedModel:
-    """The trained model of a training run; UserError for another kind of run or one without a model yet."""
+    """The trained model of a training run; UserError for another kind of run or one without a model yet. A run
+    stopped (or failed) before its end offers its last checkpoint, which holds the same kind of weights."""
     run_dir = Path(run_dir)
     kind = read_kind(run_dir)
     if kind != "train":
@@ -673,21 +680,40 @@ def trained_model(run_dir: Path) -> TrainedModel:
     for name in ("adapter", "merged"):
         folder = run_dir / name
         if (folder / "adapter_config.json").exists() or (folder / "config.json").exists():
-            _check_inside(folder, run_dir)
-            _check_safetensors(folder, run_dir.name)
-            saved = folder / "train_config.yaml"
-            settings = load_yaml(saved) if saved.exists() else stage_settings(run_dir)
-            settings.pop("kind", None)
-            model = settings.get("model") or {}
-            base = None
-            if name == "adapter":
-                base = model.get("name_or_path") or (read_json(folder / "adapter_config.json", {}) or {}).get(
-                    "base_model_name_or_path"
-                )
-            stage = str(settings.get("stage") or "sft")
-            return TrainedModel(run_dir, folder, name, base, bool(model.get("trust_remote_code")), settings, stage)
+            return _trained(run_dir, folder, name)
     state = read_status(run_dir).state
+    checkpoint = checkpoint_model(run_dir)
+    if checkpoint is not None:
+        return _trained(run_dir, checkpoint, "adapter" if (checkpoint / "adapter_config.json").exists() else "merged")
     raise UserError(
-        f"Run '{run_dir.name}' has no trained model yet (no adapter/ or merged/ folder; the run is {state}). "
-        "Wait for it to finish, resume it, or choose another run."
+        f"Run '{run_dir.name}' has no trained model yet (no adapter/ or merged/ folder and no checkpoint; the run is "
+        f"{state}). Wait for it to finish, resume it, or choose another run."
     )
+
+
+def checkpoint_model(run_dir: Path) -> Path | None:
+    """The last checkpoint of a training run that ended without its final model (stopped or failed), when it holds
+    weights (an adapter or a full model); None for a run still going, a finished one or one without checkpoints."""
+    run_dir = Path(run_dir)
+    if (run_dir / "adapter").is_dir() or (run_dir / "merged").is_dir() or read_status(run_dir).state in ACTIVE:
+        return None
+    checkpoint = last_checkpoint(run_dir)
+    if checkpoint is None:
+        return None
+    return checkpoint if any((checkpoint / name).exists() for name in ("adapter_config.json", "config.json")) else None
+
+
+def _trained(run_dir: Path, folder: Path, kind: str) -> TrainedModel:
+    _check_inside(folder, run_dir)
+    _check_safetensors(folder, run_dir.name)
+    saved = folder / "train_config.yaml"
+    settings = load_yaml(saved) if saved.exists() else stage_settings(run_dir)
+    settings.pop("kind", None)
+    model = settings.get("model") or {}
+    base = None
+    if kind == "adapter":
+        base = model.get("name_or_path") or (read_json(folder / "adapter_config.json", {}) or {}).get(
+            "base_model_name_or_path"
+        )
+    stage = str(settings.get("stage") or "sft")
+    return TrainedModel(run_dir, folder, kind, base, bool(model.get("trust_remote_code")), settings, stage)

@@ -86,7 +86,7 @@ def test_starting_a_gpu_job_ends_the_worker_and_the_next_message_reloads(worker,
     finally:
         jobs.GPU_JOB_HOOKS.remove(worker.end_for_job)
     assert not worker.alive  # ended before the job's process was started
-    assert "unloaded because run 'eval-trained' started and needs the GPU" in worker.state_line()
+    assert f"unloaded because run 'eval-trained' started and needs {chat_worker.job_needs()}" in worker.state_line()
     wait_for(lambda: not jobs.job_status(job).active, timeout=600, what="the eval job")
     assert "Zebra" in ask(worker)[-1]
     assert worker.pid != first
@@ -102,9 +102,9 @@ def test_a_gpu_job_started_elsewhere_ends_the_worker(worker, own_workspace):
     finally:
         lock.close()
     assert worker._process.returncode == chat_worker.EXIT_GPU_JOB
-    assert "unloaded because a GPU job started" in worker.state_line()
+    assert "unloaded because a training or export job started" in worker.state_line()
     worker.load(*TUNED)
-    assert "a GPU job started; it was loaded again" in worker.notice
+    assert f"job started and needs {chat_worker.job_needs()}; it was loaded again" in worker.notice
 
 
 @pytest.mark.slow
@@ -145,3 +145,24 @@ def test_loading_says_what_it_does_and_a_second_request_waits_and_says_why(worke
     finally:
         first.join()
     assert "Zebra" in ask(worker)[-1]
+
+
+@pytest.mark.slow
+def test_a_job_started_during_a_reply_ends_it_with_the_text_so_far_and_a_true_reason(demo_workspace):
+    import model_utils
+
+    worker = chat_worker.ChatWorker(demo_workspace)
+    base = ("", "", "")  # the demo model alone: no run needed
+    story = [{"role": "user", "content": "Write a long story about a cat who learns to sail, with many details."}]
+    try:
+        stream = worker.chat(base, story, GenerationConfig(temperature=0, max_new_tokens=400), True)
+        assert next(stream)
+        worker.end_for_job(demo_workspace / "runs" / "export-trained")
+        with pytest.raises(chat_worker.WorkerEnded, match="'export-trained' started and needs") as ended:
+            list(stream)
+        # The machine's own words: "the GPU" only where there is one.
+        assert ("the GPU" in str(ended.value)) == model_utils.detect_device().cuda
+        assert "export-trained" in worker.state_line()
+        assert list(worker.chat(base, story, GenerationConfig(temperature=0, max_new_tokens=4), True))
+    finally:
+        worker.end()

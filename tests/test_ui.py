@@ -315,3 +315,109 @@ def test_the_preview_says_why_the_first_skipped_row_is_skipped(tmp_path, demo_to
         "Format **alpaca**: 2 rows read, **1 skipped** (first: row 2: Turn 2 (assistant) is empty; *Report* lists "
         "every one); 1 train, 0 eval."
     )
+
+
+# ---------------------------------------------------------------- a newcomer's first hour (issue 30, part B)
+
+
+def test_the_test_tab_lists_a_new_gguf_of_the_same_run_and_keeps_the_chosen_file(workspace):
+    from ui import test_tab
+
+    run_dir = finished_run(workspace, "train-gguf", "done")
+    assert test_tab.weights_dropdown("train-gguf", "", workspace).choices == [test_tab.PYTORCH]
+    (run_dir / "gguf").mkdir()
+    (run_dir / "gguf" / "model-q8_0.gguf").write_bytes(b"GGUF")
+    refreshed = test_tab.weights_dropdown("train-gguf", "", workspace)
+    assert ("GGUF: model-q8_0.gguf", "model-q8_0.gguf") in refreshed.choices and refreshed.value == ""
+    assert test_tab.weights_dropdown("train-gguf", "model-q8_0.gguf", workspace).value == "model-q8_0.gguf"
+    assert test_tab.weights_dropdown("train-gguf", "gone.gguf", workspace).value == ""
+
+
+def test_a_finished_job_line_says_done_once(workspace):
+    run_dir = finished_run(workspace, "export-x", "done")
+    runfolder.Reporter(run_dir).progress(4, 4, "done", force=True)
+    line = common.job_html("export-x", jobs.job_status(run_dir), runfolder.read_progress(run_dir))
+    import re
+
+    assert re.sub("<[^>]+>", "", line).count("done") == 1  # the text a person reads, not "done · done"
+
+
+def test_disabled_stop_buttons_are_not_red_and_hints_are_not_errors():
+    assert "button.stop:disabled" in ui.CSS
+    assert "#train-hint" in ui.CSS and "#export-hint" in ui.CSS
+
+
+def test_a_hub_id_not_downloaded_gets_downloads_words_at_once_when_the_hub_is_out_of_reach(workspace):
+    import time
+
+    import download_utils
+    from ui import model_tab
+
+    config = TrainConfig(model=ModelConfig(name_or_path="someone/not-downloaded-model"))
+    started = time.monotonic()
+    with pytest.raises(UserError) as estimate:
+        model_tab.memory_estimate(config, workspace)
+    assert time.monotonic() - started < 10  # no background retries (they took ~40 s)
+    with pytest.raises(UserError) as download:
+        download_utils.check_download("someone/not-downloaded-model")
+    assert str(estimate.value) == str(download.value)
+
+
+def test_the_stage_section_shows_only_the_chosen_stages_fields():
+    assert not any(train_tab.stage_field_visibility("sft").values())  # SFT has no fields of its own
+    dpo = train_tab.stage_field_visibility("dpo")
+    assert dpo["beta"] and dpo["start_from_run"] and not dpo["judge_model"] and not dpo["num_generations"]
+    grpo = train_tab.stage_field_visibility("grpo")
+    assert grpo["judge_model"] and grpo["reward_funcs"] and grpo["beta"]
+
+
+def test_a_stopped_run_with_a_checkpoint_offers_it_as_its_model(workspace):
+    run_dir = finished_run(workspace, "train-halfway", "stopped")
+    with pytest.raises(UserError, match="no trained model yet"):
+        runfolder.trained_model(run_dir)
+    assert common.model_runs(workspace) == []
+    checkpoint = run_dir / "checkpoints" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    (checkpoint / "adapter_config.json").write_text('{"base_model_name_or_path": "demo"}')
+    (checkpoint / "adapter_model.safetensors").write_bytes(b"")
+    trained = runfolder.trained_model(run_dir)
+    assert (trained.path, trained.kind, trained.base_model) == (checkpoint, "adapter", "demo")
+    assert common.model_runs(workspace) == [("train-halfway (stopped: checkpoint-2)", "train-halfway")]
+    runfolder.write_status(run_dir, state="running")  # a run still going: its checkpoints are not its model
+    with pytest.raises(UserError, match="no trained model yet"):
+        runfolder.trained_model(run_dir)
+
+
+def test_chat_compares_greedily_unless_asked_to_sample():
+    from inference_utils import GenerationConfig
+
+    assert GenerationConfig().temperature == 0
+
+
+def test_the_train_tab_says_which_model_and_data_start_takes():
+    line = train_tab.start_summary(dict(forms.DEFAULTS))
+    assert "`demo` (16-bit LoRA)" in line and "no dataset chosen yet" in line and "SFT, 60 steps" in line
+    values = {
+        **forms.DEFAULTS,
+        "dataset.source": "uploads/prefs.jsonl",
+        "stage": "dpo",
+        "start_from_run": "sft-run",
+        "max_steps": 0,
+        "num_train_epochs": 2,
+    }
+    assert "on `uploads/prefs.jsonl`: DPO, from run `sft-run`, 2 epochs." in train_tab.start_summary(values)
+
+
+def test_stop_says_it_waits_for_the_current_step_and_how_long_the_last_took(workspace):
+    run_dir = jobs.create_run("train", config_to_dict(TrainConfig()), workspace, "train-slow")
+    logged = [
+        {"event": "log", "time": 1000.0 + 156.0 * step, "step": step, "max_steps": 10, "loss": 2.0} for step in (1, 2)
+    ]
+    (run_dir / "events.jsonl").write_text("".join(json.dumps(line) + "\n" for line in logged))
+    assert runfolder.EventLog(run_dir).update().step_s == 156.0
+    runfolder.write_status(run_dir, state="running")
+    *_, hint, _timer = train_tab.live_view("train-slow", workspace)
+    assert "Stop: ends the run once the current step is done (the last one took 2:36)" in hint
+    assert "waiting for the current step" in train_tab.stop_note("stopping", 156.0)
+    assert "(the last one took 2:36)" in train_tab.stop_note("stopping", 156.0)

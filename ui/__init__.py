@@ -27,6 +27,9 @@ CSS = """
 .run-note { color: #92400e; }
 .state { font-weight: 600; }
 .state-running, .state-queued { color: #2563eb; } .state-done { color: #16a34a; } .state-failed { color: #b91c1c; }
+button.stop:disabled { background: var(--button-secondary-background-fill); color: var(--body-text-color-subdued);
+  border-color: var(--border-color-primary); box-shadow: none; opacity: 0.7; }
+#train-hint, #export-hint, #synth-hint, #arena-hint { color: var(--body-text-color-subdued); font-size: var(--text-sm); }
 """
 
 
@@ -61,6 +64,7 @@ def build_app(workspace: str | Path | None = None) -> gr.Blocks:
         arena_tab.wire(arena, arena_container, app, root)
         export_tab.wire(export, export_container, root)
         runs_tab.wire(runs, runs_container, root)
+        forms.keep_in_browser(form, app, root)
     return app
 
 

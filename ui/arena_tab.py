@@ -18,7 +18,7 @@ import runfolder
 import submit
 from arena_utils import ArenaConfig
 from ui import forms
-from ui.common import guarded, job_html, latest_run, run_names, save_upload
+from ui.common import guarded, job_html, latest_run, model_runs, run_names, save_upload
 
 KINDS = ("arena",)
 POLL_S = 2.0
@@ -70,8 +70,9 @@ class ArenaTab:
 
 
 def contestant_choices(workspace: Path) -> list[str]:
-    """base:demo, every finished training run, and every GGUF file exported into a run folder."""
-    runs = [f"run:{name}" for name in run_names(workspace, ("train",), states=("done",))]
+    """base:demo, every training run with a model (a stopped one's checkpoint too), and every GGUF file exported
+    into a run folder."""
+    runs = [f"run:{name}" for _, name in model_runs(workspace)]
     ggufs = sorted(str(path) for path in runfolder.runs_dir(workspace).glob("*/gguf/*.gguf"))
     return ["base:demo", *runs, *(f"gguf:{path}" for path in ggufs)]
 

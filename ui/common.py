@@ -20,6 +20,7 @@ from gradio.utils import get_upload_folder
 
 import jobs
 import runfolder
+import stages
 from workspace import UserError, workspace_root
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,18 @@ def run_names(workspace: Path, kinds: tuple[str, ...] = ("train",), states: tupl
     return [run.name for run in jobs.list_runs(workspace, kinds) if states is None or run.state in states]
 
 
+def model_runs(workspace: Path) -> list[tuple[str, str]]:
+    """(label, name) of the training runs that have a model that writes text, newest first: finished ones, and those
+    stopped or failed with a checkpoint (labelled with it: its weights are what chat, export and the arena load)."""
+    choices = []
+    for run in jobs.list_runs(workspace, ("train",)):
+        checkpoint = None if run.state == runfolder.State.DONE else runfolder.checkpoint_model(run.path)
+        if (run.state == runfolder.State.DONE or checkpoint is not None) and stages.generates_text(run.path):
+            label = f"{run.name} ({run.state}: {checkpoint.name})" if checkpoint is not None else run.name
+            choices.append((label, run.name))
+    return choices
+
+
 def latest_run(workspace: Path, kinds: tuple[str, ...]) -> str | None:
     """The newest active run of these kinds, else the newest one, else None: what a freshly opened page shows."""
     runs = jobs.list_runs(workspace, kinds)
@@ -119,7 +132,7 @@ def event_log(run_dir: Path) -> runfolder.EventLog:
 def job_html(name: str, status: runfolder.Status, progress: runfolder.Progress) -> str:
     """A job's progress bar and line (name, state, its newest message, ETA) and its error, the same for every kind."""
     text = f"<b>{html.escape(name)}</b> · <span class='state state-{status.state}'>{status.state}</span>"
-    if progress.message:
+    if progress.message and progress.message.strip().lower() != status.state:  # not "done · done"
         text += f" · {html.escape(progress.message)}"
     if progress.eta_s is not None and status.state == runfolder.State.RUNNING:
         text += f" · ETA {duration(progress.eta_s)}"

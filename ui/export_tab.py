@@ -11,11 +11,10 @@ import gradio as gr
 
 import gguf_utils
 import runfolder
-import stages
 import submit
 from gguf_utils import ExportConfig, ollama
 from ui import forms, push_panel
-from ui.common import download_links, guarded, job_html, run_names
+from ui.common import download_links, guarded, job_html, model_runs
 from workspace import UserError, read_json
 
 SETTINGS = ("check_prompts", "check_tokens", "merge_dtype", "temperature", "top_p", "num_ctx", "lora_gguf")
@@ -82,7 +81,16 @@ def build() -> ExportTab:
     status = gr.HTML(elem_id="export-status")
     results = gr.Markdown(elem_id="export-results")
     downloads = gr.HTML(elem_id="export-downloads")
-    modelfile = gr.Code(label="Modelfile", language=None, interactive=False, lines=8, elem_id="export-modelfile")
+    # No line numbers: CodeMirror measures its gutter while the Export tab is hidden and keeps rows shorter than the
+    # lines, so the numbers drifted away from them; a Modelfile is a few lines.
+    modelfile = gr.Code(
+        label="Modelfile",
+        language=None,
+        interactive=False,
+        lines=8,
+        show_line_numbers=False,
+        elem_id="export-modelfile",
+    )
     log = gr.Textbox(label="Log (last lines)", lines=8, max_lines=12, interactive=False, elem_id="export-log")
     with gr.Group():
         gr.Markdown(
@@ -142,10 +150,11 @@ def wire(tab: ExportTab, tab_container: gr.Tab, workspace: Path) -> None:
     ]
 
     def run_choices(current: str | None) -> gr.Dropdown:
-        names = run_names(workspace, ("train",), states=("done",))
-        # Runs whose stage made a causal LM, the model a GGUF file holds (its record says).
-        names = [name for name in names if stages.generates_text(runfolder.runs_dir(workspace) / name)]
-        return gr.Dropdown(choices=names, value=current if current in names else (names[0] if names else None))
+        # Runs whose stage made a causal LM, the model a GGUF file holds (its record says), a stopped run's
+        # checkpoint included.
+        runs = model_runs(workspace)
+        names = [name for _, name in runs]
+        return gr.Dropdown(choices=runs, value=current if current in names else (names[0] if names else None))
 
     @guarded
     def show(run: str | None) -> list[Any]:

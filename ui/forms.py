@@ -7,7 +7,9 @@ defaults, presets and the config of a new run all go through `config_to_values` 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import MISSING, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -140,3 +142,53 @@ def widget(cls: type, name: str, value: Any = MISSING, component: type | None = 
 def setting(form: Form, key: str, **kwargs: Any) -> Any:
     """Add the widget of TrainConfig option `key` ("lora_r", "dataset.source") to `form`, at its default."""
     return form.add(key, widget(TrainConfig, key, DEFAULTS[key], **kwargs))
+
+
+# ---------------------------------------------------------------- the form kept across page reloads
+
+
+def keep_in_browser(form: Form, app: gr.Blocks, workspace: Path) -> gr.BrowserState:
+    """Keep the form's values in this browser's localStorage and put them back when the page is opened again, so a
+    reload keeps the dataset, the column mapping, applied suggestions and every training setting.
+
+    One key per workspace: another workspace served to the same browser does not get this one's paths. The values
+    are encrypted with a key of this server process, so a restarted server starts from the defaults.
+    """
+    storage_key = "llm-finetuner-form-" + hashlib.sha256(str(Path(workspace).resolve()).encode()).hexdigest()[:16]
+    stored = gr.BrowserState({}, storage_key=storage_key)
+    keys = list(form.widgets)
+    widgets = [form.widgets[key] for key in keys]
+
+    def save(*values: Any) -> dict[str, Any]:
+        return dict(zip(keys, values, strict=True))
+
+    def restore(saved: dict[str, Any] | None) -> list[Any]:
+        saved = saved or {}
+        return [restored(form.widgets[key], key, saved[key]) if key in saved else gr.skip() for key in keys]
+
+    gr.on(
+        [widget.change for widget in widgets],
+        save,
+        inputs=widgets,
+        outputs=stored,
+        trigger_mode="always_last",
+        show_progress="hidden",
+    )
+    app.load(restore, inputs=stored, outputs=widgets, show_progress="hidden")
+    return stored
+
+
+def restored(widget: gr.components.Component, key: str, value: Any) -> Any:
+    """The update that puts a stored value back, or gr.skip() when the widget cannot take it any more (a choice
+    that is gone). A column mapping names a column of the dataset, whose columns the Dataset tab lists only after
+    Load: its one choice is kept until then."""
+    choices = getattr(widget, "choices", None)
+    if choices is None or getattr(widget, "allow_custom_value", False):
+        return value
+    allowed = {choice[1] if isinstance(choice, tuple) else choice for choice in choices}
+    wanted = value if isinstance(value, list) else [value]
+    if all(item in allowed for item in wanted):
+        return value
+    if key.startswith("map.") and isinstance(value, str):
+        return gr.Dropdown(choices=[*choices, (value, value)], value=value)
+    return gr.skip()

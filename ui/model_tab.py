@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
+import download_utils
 import gguf_utils
 import jobs
 import model_utils
@@ -110,14 +112,20 @@ def wire(tab: ModelTab, form: forms.Form, memory_outputs: list[gr.Markdown], app
 
     @guarded
     def check_model(data: dict) -> tuple[str, str, str]:
-        config = forms.values_to_config(form.values(data))
-        config.model.validate()
-        facts = model_utils.model_facts(config.model.name_or_path, workspace)
+        # The reason stays in place (no pop-up, no error badge on three boxes) until the model changes.
+        try:
+            config = forms.values_to_config(form.values(data))
+            config.model.validate()
+            facts = model_utils.model_facts(config.model.name_or_path, workspace)
+        except UserError as exc:
+            return f"**Cannot check this model:** {exc}", gr.skip(), gr.skip()
         where = f"  \nModel files: `{facts.path}`" if facts.path else ""
         estimate = memory_estimate(config, workspace)
         return facts.summary() + where, estimate, estimate
 
     tab.check.click(check_model, inputs=form.inputs(), outputs=[tab.info, *memory_outputs])
+    # Another model: the facts shown were the previous one's.
+    form.widgets[FIELDS.model.name_or_path].change(lambda: "", outputs=tab.info, show_progress="hidden")
 
     name_widget = form.widgets[FIELDS.model.name_or_path]
     view = [tab.download_status, tab.download, tab.stop_download, tab.timer]
@@ -153,13 +161,17 @@ def wire(tab: ModelTab, form: forms.Form, memory_outputs: list[gr.Markdown], app
 
     tab.save_preset.click(save, inputs={tab.preset_name, *form.inputs()}, outputs=[tab.presets, tab.preset_status])
 
-    def estimate(data: dict) -> tuple[str, str]:
-        # Runs by itself whenever a setting changes, so a problem is shown in place instead of as a pop-up.
+    def estimate(data: dict) -> Iterator[tuple[str, str]]:
+        # Runs by itself whenever a setting changes, so a problem is shown in place instead of as a pop-up; the
+        # previous model's figure goes at once, since asking the Hub about a new one can take a second.
         try:
-            text = memory_estimate(forms.values_to_config(form.values(data)), workspace)
+            config = forms.values_to_config(form.values(data))
+            waiting = f"_Estimating the memory of `{config.model.name_or_path.strip()}`…_"
+            yield waiting, waiting
+            text = memory_estimate(config, workspace)
         except (UserError, TypeError, ValueError) as exc:  # a half-typed number reaches here as None
             text = f"**Memory estimate unavailable:** {exc}"
-        return text, text
+        yield text, text
 
     triggers = [
         FIELDS.model.name_or_path,
@@ -234,7 +246,13 @@ def catalogue_choices() -> list[tuple[str, str]]:
 def memory_estimate(config, workspace: Path) -> str:
     """The estimate as one line of Markdown, and a warning when the model cannot be exported to GGUF; a model that
     cannot be read yet gives its reason instead."""
-    path = model_utils.model_reference(config.model.name_or_path, workspace)
+    name = config.model.name_or_path.strip()
+    path = model_utils.local_or_cached(name, workspace)
+    if path is None:
+        # A Hub id not downloaded yet: one quick question to the Hub first. Reading its config.json directly retries
+        # for ~40 s when the Hub cannot be reached, and then says less than Download does (the same words here).
+        download_utils.plan_download(name)
+        path = name
     estimate = model_utils.estimate_memory(config, path)
     text = f"**Memory estimate:** {estimate.summary()}"
     warning = gguf_utils.conversion_warning(model_utils.model_architectures(path))

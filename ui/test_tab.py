@@ -14,12 +14,11 @@ import chat_worker
 import inference_utils
 import jobs
 import runfolder
-import stages
 import submit
 from evaluation import EvalConfig
 from inference_utils import GenerationConfig
 from ui import forms
-from ui.common import guarded, job_html, run_names
+from ui.common import guarded, job_html, model_runs
 
 BASE_ONLY = ("Base model only (no run)", "")
 PYTORCH = ("PyTorch weights (adapter or merged model)", "")
@@ -59,7 +58,8 @@ def build() -> TestTab:
     gr.Markdown(
         "Talk to a trained run, or put the same prompt to the base model and the tuned one side by side. "
         "The model is loaded on first use into a worker process of its own (a few seconds for small models); it "
-        "is unloaded after a while unused, and when a training or export job needs the GPU."
+        "is unloaded after a while unused, and when a training or export job starts (the job gets the GPU, or on a "
+        "machine without one its memory)."
     )
     with gr.Row(equal_height=True):
         run = gr.Dropdown(label="Training run", choices=[BASE_ONLY], value=None, scale=3, elem_id="test-run")
@@ -160,16 +160,15 @@ def wire(tab: TestTab, tab_container: gr.Tab, workspace: Path) -> None:
         return config
 
     def run_choices(current: str | None) -> gr.Dropdown:
-        names = run_names(workspace, ("train",), states=("done",))
-        # Runs whose stage made a model that writes text (every stage's so far; its record says).
-        names = [name for name in names if stages.generates_text(runfolder.runs_dir(workspace) / name)]
+        # Runs whose stage made a model that writes text (its record says), a stopped run's checkpoint included.
+        runs = model_runs(workspace)
+        names = [name for _, name in runs]
         # First visit: the newest finished run; afterwards the person's choice, "base model only" included.
         chosen = current if current == "" or current in names else (names[0] if names else "")
-        return gr.Dropdown(choices=[BASE_ONLY, *names], value=chosen)
+        return gr.Dropdown(choices=[BASE_ONLY, *runs], value=chosen)
 
     def weight_choices(run: str | None) -> gr.Dropdown:
-        files = inference_utils.gguf_files(run, workspace)
-        return gr.Dropdown(choices=[PYTORCH, *[(f"GGUF: {name}", name) for name in files]], value="")
+        return weights_dropdown(run, "", workspace)
 
     def load(key: tuple[str, str, str]) -> Iterator[str]:
         """Lines while the worker loads (waiting, loading, warming up), then what it loaded."""
@@ -187,13 +186,16 @@ def wire(tab: TestTab, tab_container: gr.Tab, workspace: Path) -> None:
         config = generation(*values)
         key = (model.strip(), run or "", gguf or "")
         history = [*history, {"role": "user", "content": message}]
-        reply = ""
-        for line in load(key):
-            yield "", history + [{"role": "assistant", "content": "…"}], history, line
-        for reply in worker.chat(key, history, config, use_adapter):
-            yield "", history + [{"role": "assistant", "content": reply}], history, gr.skip()
-        history = [*history, {"role": "assistant", "content": reply}]
-        yield "", history, history, gr.skip()
+        reply, ended = "", ""
+        try:
+            for line in load(key):
+                yield "", history + [{"role": "assistant", "content": "…"}], history, line
+            for reply in worker.chat(key, history, config, use_adapter):
+                yield "", history + [{"role": "assistant", "content": reply}], history, gr.skip()
+        except chat_worker.WorkerEnded as exc:  # a job took the machine: keep what was said, tell why it stopped
+            ended = f"⚠️ {exc}"
+        history = [*history, {"role": "assistant", "content": reply}] if reply else history[:-1]
+        yield "" if reply else message, history, history, ended or gr.skip()
 
     @guarded
     def compare(prompt: str, run: str, model: str, gguf: str, *values: Any):
@@ -201,10 +203,13 @@ def wire(tab: TestTab, tab_container: gr.Tab, workspace: Path) -> None:
             raise gr.Error("Type a prompt first.")
         config = generation(*values)
         key = (model.strip(), run or "", gguf or "")
-        for line in load(key):
-            yield "", "", line
-        for base, tuned in worker.compare(key, prompt, config):
-            yield base, tuned, gr.skip()
+        try:
+            for line in load(key):
+                yield "", "", line
+            for base, tuned in worker.compare(key, prompt, config):
+                yield base, tuned, gr.skip()
+        except chat_worker.WorkerEnded as exc:  # the replies so far stay in their boxes; the line says why
+            yield gr.skip(), gr.skip(), f"⚠️ {exc}"
 
     @guarded
     def evaluate(run: str, max_rows: int, batch_size: int) -> None:
@@ -215,9 +220,21 @@ def wire(tab: TestTab, tab_container: gr.Tab, workspace: Path) -> None:
         return evaluation_view(run, workspace)
 
     for trigger in (tab.refresh.click, tab_container.select):
-        trigger(run_choices, inputs=tab.run, outputs=tab.run)
+        # The run may stay the same (no .change), while an export made a new GGUF of it: list its files again.
+        trigger(run_choices, inputs=tab.run, outputs=tab.run).then(
+            lambda run, current: weights_dropdown(run, current, workspace),
+            inputs=[tab.run, tab.weights],
+            outputs=tab.weights,
+            show_progress="hidden",
+        )
     tab_container.select(worker.state_line, outputs=tab.loaded, show_progress="hidden")
     tab.run.change(weight_choices, inputs=tab.run, outputs=tab.weights, show_progress="hidden")
+    # Another run: the conversation and the replies shown were the previous model's.
+    tab.run.change(
+        lambda: ([], [], "", ""),
+        outputs=[tab.chatbot, tab.history, tab.base_reply, tab.tuned_reply],
+        show_progress="hidden",
+    )
     tab.run.change(
         eval_view, inputs=tab.run, outputs=[tab.eval_status, tab.eval_result, tab.timer], show_progress="hidden"
     )
@@ -235,6 +252,14 @@ def wire(tab: TestTab, tab_container: gr.Tab, workspace: Path) -> None:
     )
     tab.timer.tick(
         eval_view, inputs=tab.run, outputs=[tab.eval_status, tab.eval_result, tab.timer], show_progress="hidden"
+    )
+
+
+def weights_dropdown(run: str | None, current: str | None, workspace: Path) -> gr.Dropdown:
+    """The run's weights: its PyTorch ones and each GGUF it exported; `current` stays chosen while it exists."""
+    files = inference_utils.gguf_files(run, workspace)
+    return gr.Dropdown(
+        choices=[PYTORCH, *[(f"GGUF: {name}", name) for name in files]], value=current if current in files else ""
     )
 
 

@@ -50,6 +50,7 @@ class TrainTab:
     log: gr.Textbox
     timer: gr.Timer
     judge_api_key: gr.Textbox
+    uses: gr.Markdown
 
 
 def build(form: forms.Form) -> TrainTab:
@@ -60,6 +61,7 @@ def build(form: forms.Form) -> TrainTab:
         start = gr.Button("Start training", variant="primary", scale=1, elem_id="train-start")
         stop = gr.Button("Stop", variant="stop", interactive=False, scale=1, elem_id="train-stop")
         resume = gr.Button("Resume", interactive=False, scale=1, elem_id="train-resume")
+    uses = gr.Markdown(elem_id="train-uses")
     hint = gr.Markdown(elem_id="train-hint")
     memory = gr.Markdown(elem_id="train-memory")
     time_estimate = gr.Markdown(elem_id="train-time")
@@ -118,6 +120,7 @@ def build(form: forms.Form) -> TrainTab:
         log,
         timer,
         judge_api_key,
+        uses,
     )
 
 
@@ -205,6 +208,7 @@ def wire(tab: TrainTab, form: forms.Form, app: gr.Blocks, workspace: Path) -> No
         return gr.Dropdown(choices=names, value=current if current in names else (names[0] if names else None))
 
     _wire_planning(tab, form, app, workspace)
+    _wire_start_summary(tab, form, app)
     tab.start.click(start, inputs={tab.run_name, tab.judge_api_key, *form.inputs()}, outputs=tab.runs).success(
         show, inputs=tab.runs, outputs=view, show_progress="hidden"
     )
@@ -280,6 +284,47 @@ def _wire_planning(tab: TrainTab, form: forms.Form, app: gr.Blocks, workspace: P
     )
 
 
+def _wire_start_summary(tab: TrainTab, form: forms.Form, app: gr.Blocks) -> None:
+    """The line beside Start that says which model and data a new run takes, kept current as they change."""
+    keys = [
+        FIELDS.model.name_or_path,
+        "mode",
+        FIELDS.dataset.source,
+        FIELDS.stage,
+        FIELDS.start_from_run,
+        FIELDS.max_steps,
+        FIELDS.num_train_epochs,
+    ]
+    gr.on(
+        [app.load, *[form.widgets[key].change for key in keys]],
+        lambda data: start_summary(form.values(data)),
+        inputs=form.inputs(),
+        outputs=tab.uses,
+        trigger_mode="always_last",
+        show_progress="hidden",
+    )
+
+
+def start_summary(values: dict[str, Any]) -> str:
+    """'Start trains demo (16-bit LoRA) on uploads/support.csv: SFT, 60 steps.' from the form's values."""
+    try:
+        config = forms.values_to_config(values)
+    except (UserError, TypeError, ValueError) as exc:  # a half-typed value: the estimate below says more
+        return f"**Start:** the settings are not complete yet ({html.escape(str(exc))})."
+    modes = {value: label for label, value in forms.MODES}
+    model = config.model.name_or_path.strip() or "no model chosen (Model tab)"
+    source = config.dataset.source.strip()
+    data = f"`{source}`" if source else "**no dataset chosen yet** (Dataset tab)"
+    stage = stages.get(config.stage) if config.stage in stages.names() else None
+    length = f"{config.max_steps} steps" if config.max_steps else f"{config.num_train_epochs:g} epochs"
+    own = stage.settings if stage else ()
+    start_from = f", from run `{config.start_from_run}`" if config.start_from_run and "start_from_run" in own else ""
+    return (
+        f"**Start trains** `{model}` ({modes.get(config.mode, config.mode)}) on {data}: "
+        f"{stage.title if stage else config.stage}{start_from}, {length}."
+    )
+
+
 def live_view(run: str | None, workspace: Path) -> list[Any]:
     """status, loss plot, log tail, Start / Stop / Resume, the reason a button is off, and whether to keep polling."""
     running = active_runs(workspace, KINDS)
@@ -302,6 +347,8 @@ def live_view(run: str | None, workspace: Path) -> list[Any]:
     allowed = jobs.actions(run_dir, status)
     events = event_log(run_dir)
     reasons = [queue_note]
+    if allowed.can_stop or status.state == runfolder.State.STOPPING:
+        reasons.append(stop_note(status.state, events.step_s))
     if not allowed.can_stop:
         reasons.append(f"Stop: {allowed.stop_reason}")
     if not allowed.can_resume:
@@ -389,13 +436,44 @@ def _stage_settings(form: forms.Form) -> gr.Textbox:
             forms.setting(form, FIELDS.reward_file, elem_id="train-reward-file")
             forms.setting(form, FIELDS.reward_file_functions, allow_custom_value=True, elem_id="train-reward-functions")
             forms.setting(form, FIELDS.allow_reward_file, elem_id="train-allow-reward-file")
-        gr.Markdown(REWARD_FILE_WARNING, elem_id="train-reward-file-warning")
+        warning = gr.Markdown(REWARD_FILE_WARNING, elem_id="train-reward-file-warning")
         others = [name for name in stages.own_settings() if name not in form.widgets]
         if others:
             with gr.Row():
                 for name in others:
                     forms.setting(form, name)
+    _stage_fields_follow_stage(form, [judge_api_key, warning])
     return judge_api_key
+
+
+def stage_field_visibility(stage: str) -> dict[str, bool]:
+    """Which of the stages' own settings the chosen stage has (its record's `settings`), by TrainConfig field."""
+    try:
+        own = set(stages.get(stage).settings)
+    except UserError:  # an unknown stage (a stale value): show every field rather than none
+        own = set(stages.own_settings())
+    return {name: name in own for name in stages.own_settings()}
+
+
+def _stage_fields_follow_stage(form: forms.Form, reward_extras: list[gr.components.Component]) -> None:
+    """Show only the chosen stage's own fields (SFT has none; GRPO about twenty); `reward_extras` (the judge's key,
+    the reward-file warning) go with the stage that runs reward functions."""
+    names = stages.own_settings()
+    targets = [form.widgets[name] for name in names] + reward_extras
+
+    def follow(stage: str) -> list[Any]:
+        shown = stage_field_visibility(stage)
+        try:
+            rewards = stages.get(stage).reward_functions
+        except UserError:
+            rewards = True
+        return [gr.update(visible=shown[name]) for name in names] + [gr.update(visible=rewards)] * len(reward_extras)
+
+    for target, update in zip(targets, follow(forms.DEFAULTS[FIELDS.stage]), strict=True):
+        target.visible = update["visible"]  # the page opens with the default stage's fields only
+    form.widgets[FIELDS.stage].change(
+        follow, inputs=form.widgets[FIELDS.stage], outputs=targets, show_progress="hidden"
+    )
 
 
 # Shown under the reward file's settings: what ticking the box means.
@@ -403,6 +481,16 @@ REWARD_FILE_WARNING = (
     "⚠️ A reward file is Python code: with **Run reward file code** ticked it runs inside the training job with this "
     "app's rights. Use only a file you wrote or trust. A shared app refuses reward files."
 )
+
+
+def stop_note(state: str, step_s: float | None) -> str:
+    """What Stop does while a run goes: the trainer stops between steps, so the current one ends first."""
+    took = f" (the last one took {duration(step_s)})" if step_s else ""
+    if state == runfolder.State.STOPPING:
+        return f"Stopping: waiting for the current step to end{took}; a checkpoint is saved to resume from."
+    if state == runfolder.State.RUNNING:
+        return f"Stop: ends the run once the current step is done{took}, saving a checkpoint to resume from."
+    return "Stop: takes the run out of the queue."
 
 
 def stage_parts(latest: dict[str, Any]) -> list[str]:
