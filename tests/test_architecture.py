@@ -53,6 +53,9 @@ LAYERS = {
     "export_targets": "tasks",  # export targets (GGUF): the export job kind's config and job function
     "compare_utils": "tasks",
     "planning": "tasks",  # suggested settings and the time estimate
+    "benchmark": "tasks",  # lm-evaluation-harness tasks on a run's base, tuned and GGUF models (the benchmark job)
+    "serving": "tasks",  # a run's OpenAI-compatible endpoint: checks, start, reuse, stop (loads no model)
+    "serving_app": "tasks",  # the endpoint's process: llama.cpp's server app or our FastAPI app over transformers
     "jobs": "jobs",
     "job_checks": "jobs",  # what submit checks per job kind before a run exists, named by jobs.KINDS
     "submit": "submit",

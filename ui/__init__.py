@@ -1,4 +1,4 @@
-"""Gradio app: tabs Model · Dataset · Synthetic data · Train · Test & compare · Export · Runs.
+"""Gradio app: tabs Model · Dataset · Synthetic data · Train · Test & compare · Arena · Benchmarks · Export · Runs.
 
 One module per tab builds its widgets and wires each event to one utility function; no logic lives here.
 `python main.py` calls `serve()`.
@@ -13,7 +13,18 @@ from pathlib import Path
 
 import gradio as gr
 
-from ui import arena_tab, dataset_tab, export_tab, forms, model_tab, runs_tab, synthetic_tab, test_tab, train_tab
+from ui import (
+    arena_tab,
+    bench_tab,
+    dataset_tab,
+    export_tab,
+    forms,
+    model_tab,
+    runs_tab,
+    synthetic_tab,
+    test_tab,
+    train_tab,
+)
 from workspace import CONFINE_ENV, WORKSPACE_ENV, UserError, workspace_root
 
 log = logging.getLogger(__name__)
@@ -49,6 +60,8 @@ def build_app(workspace: str | Path | None = None) -> gr.Blocks:
                 test = test_tab.build()
             with gr.Tab("Arena", id="arena", elem_id="tab-arena") as arena_container:
                 arena = arena_tab.build()
+            with gr.Tab("Benchmarks", id="benchmarks", elem_id="tab-benchmarks") as bench_container:
+                bench = bench_tab.build()
             with gr.Tab("Export", id="export", elem_id="tab-export") as export_container:
                 export = export_tab.build()
             with gr.Tab("Runs", id="runs", elem_id="tab-runs") as runs_container:
@@ -59,6 +72,7 @@ def build_app(workspace: str | Path | None = None) -> gr.Blocks:
         train_tab.wire(train, form, app, root)
         test_tab.wire(test, test_container, root)
         arena_tab.wire(arena, arena_container, app, root)
+        bench_tab.wire(bench, bench_container, app, root)
         export_tab.wire(export, export_container, root)
         runs_tab.wire(runs, runs_container, root)
     return app
