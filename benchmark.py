@@ -48,7 +48,7 @@ class BenchmarkConfig:
 
     run: str = option("", help="The training run whose tuned model (adapter or merged) is benchmarked.", label="Run")
     tasks: list[str] = option(
-        default_factory=lambda: ["arc_easy"],
+        default_factory=list,
         help="lm-evaluation-harness task, group or tag names (e.g. arc_easy, hellaswag, mmlu, gsm8k); their data "
         "comes from the Hugging Face Hub on first use.",
         label="Tasks",
