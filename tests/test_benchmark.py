@@ -225,3 +225,23 @@ def test_the_table_has_each_metric_with_its_stderr_and_the_difference():
         }
     ]
     assert benchmark.table_rows(table)[1] == [["mmlu_x", "acc ↑", "20", "0.2500 ± 0.1000", "0.5000", "+0.2500"]]
+
+
+def test_the_benchmarks_tab_shows_the_table_and_the_jobs_buttons(adapter_run, workspace):
+    import benchmark
+    import jobs
+    import runfolder
+    from ui import bench_tab
+    from workspace import atomic_write_text, config_to_dict
+
+    config = benchmark.BenchmarkConfig(run=adapter_run, task_file=str(TASK_FILE))
+    job_dir = jobs.create_run("benchmark", config_to_dict(config), workspace, "bench-view")
+    status, table, stop, resume, hint, timer = bench_tab.bench_view("bench-view", workspace)
+    assert "bench-view" in status and "queued" in status and table == "" and timer.active is True
+    scored = {"capitals_mc": {"results": {"capitals_mc": {"acc,none": 0.5}}, "n-samples": {}, "higher_is_better": {}}}
+    written = benchmark.benchmark_table({"base": scored, "tuned": scored}, adapter_run, "demo", 5)
+    atomic_write_text(job_dir / benchmark.TABLE_FILE, benchmark.benchmark_markdown(written))
+    runfolder.write_status(job_dir, state="done")
+    status, table, stop, resume, hint, timer = bench_tab.bench_view("bench-view", workspace)
+    assert "| capitals_mc | acc |  | 0.5000 | 0.5000 | +0.0000 |" in table
+    assert stop.interactive is False
