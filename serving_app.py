@@ -141,11 +141,20 @@ def _chat_request(body: dict[str, Any]):
         if not isinstance(content, str) or message.get("role") not in ("system", "user", "assistant"):
             raise UserError("Each message needs a role (system, user or assistant) and text content.")
         plain.append({"role": message["role"], "content": content})
-    config = GenerationConfig(
-        temperature=float(body.get("temperature", 0.7) if body.get("temperature") is not None else 0.7),
-        top_p=float(body.get("top_p") or 0.9),
-        max_new_tokens=int(body.get("max_completion_tokens") or body.get("max_tokens") or 256),
-    )
+    # OpenAI's defaults where the request leaves a value out (null included): temperature 1, top_p 1.
+    values = {
+        "temperature": body.get("temperature"),
+        "top_p": body.get("top_p"),
+        "max_new_tokens": body.get("max_completion_tokens") or body.get("max_tokens"),
+    }
+    try:
+        config = GenerationConfig(
+            temperature=float(1.0 if values["temperature"] is None else values["temperature"]),
+            top_p=float(1.0 if values["top_p"] is None else values["top_p"]),
+            max_new_tokens=int(values["max_new_tokens"] or GenerationConfig.max_new_tokens),
+        )
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"temperature, top_p and max_tokens must be numbers ({exc}).") from exc
     config.validate()
     return plain, config
 

@@ -141,3 +141,20 @@ def test_the_snippets_name_the_endpoint():
     curl, python = serving.snippets(endpoint)
     assert "curl http://127.0.0.1:8000/v1/chat/completions" in curl and "Bearer $API_KEY" in curl
     assert 'OpenAI(base_url="http://127.0.0.1:8000/v1"' in python and 'model="r"' in python
+
+
+def test_a_chat_request_takes_openai_defaults_and_refuses_what_the_model_cannot_take():
+    import serving_app
+    from workspace import UserError
+
+    messages, config = serving_app._chat_request(
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], "max_tokens": 7}
+    )
+    assert messages == [{"role": "user", "content": "Hi"}]
+    assert (config.temperature, config.top_p, config.max_new_tokens) == (1.0, 1.0, 7)
+    with pytest.raises(UserError, match="temperature must be at least 0 and at most 2"):
+        serving_app._chat_request({"messages": [{"role": "user", "content": "Hi"}], "temperature": 5})
+    with pytest.raises(UserError, match="Each message needs a role"):
+        serving_app._chat_request({"messages": [{"role": "tool", "content": "Hi"}]})
+    with pytest.raises(UserError, match="messages must be a non-empty list"):
+        serving_app._chat_request({"messages": []})
