@@ -16,7 +16,8 @@ TASK_FILE = TASK_DIR / "capitals_mc.yaml"
 
 def by_hand_accuracy(model, tokenizer) -> tuple[float, float, int]:
     """(acc, acc_norm, rows) of the capitals task counted here: each choice's summed log-likelihood after the
-    question, the highest wins; acc_norm divides it by the choice's length in bytes (the harness's definitions)."""
+    question, the highest wins; acc_norm divides it by the choice's length in characters (the harness's
+    definitions)."""
     import torch
 
     rows = [json.loads(line) for line in (TASK_DIR / "capitals.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -33,7 +34,7 @@ def by_hand_accuracy(model, tokenizer) -> tuple[float, float, int]:
             logprobs = torch.log_softmax(logits, dim=-1)
             total = sum(float(logprobs[index - 1, whole[index]]) for index in range(len(context_ids), len(whole)))
             scores.append(total)
-            normed.append(total / len(continuation.encode("utf-8")))
+            normed.append(total / len(choice))
         right += max(range(len(scores)), key=scores.__getitem__) == row["answer"]
         right_norm += max(range(len(normed)), key=normed.__getitem__) == row["answer"]
     return right / len(rows), right_norm / len(rows), len(rows)
@@ -245,3 +246,12 @@ def test_the_benchmarks_tab_shows_the_table_and_the_jobs_buttons(adapter_run, wo
     status, table, stop, resume, hint, timer = bench_tab.bench_view("bench-view", workspace)
     assert "| capitals_mc | acc |  | 0.5000 | 0.5000 | +0.0000 |" in table
     assert stop.interactive is False
+
+
+def test_the_cli_refuses_bad_input_with_one_error_line(adapter_run, workspace, capsys):
+    import main
+
+    assert main.main(["--workspace", str(workspace), "benchmark", adapter_run, "--limit", "0"]) == 2
+    assert capsys.readouterr().err == "error: limit must be at least 1 (got 0); try 100 (the default).\n"
+    assert main.main(["--workspace", str(workspace), "benchmark", adapter_run]) == 2
+    assert capsys.readouterr().err.startswith("error: No task chosen; pick one (e.g. arc_easy")
