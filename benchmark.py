@@ -230,6 +230,7 @@ class _Pace:
     total: int
     scoring: str = ""
     calls: int = 0
+    rows: int = 0  # rows scored by this job so far (all contestants)
 
 
 def benchmark_job(config: BenchmarkConfig, ctx: runfolder.JobContext) -> str:
@@ -279,7 +280,9 @@ def run_benchmark(
                 write_json(_unit_path(folder, contestant, name), scored)
                 pace.done += 1
                 rows = sum(item.get("effective", 0) for item in scored["n-samples"].values())
-                reporter.progress(pace.done, pace.total, f"{contestant}: {name} scored on {rows} rows", rows=rows)
+                pace.rows += rows
+                message = f"{contestant}: {name} scored on {rows} rows"
+                reporter.progress(pace.done, pace.total, message, rows=pace.rows)
                 if stop.requested:
                     return None
     table = benchmark_table(
