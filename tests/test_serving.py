@@ -98,6 +98,32 @@ def test_the_transformers_endpoint_answers_with_the_runs_chat_template(served_ru
     assert served.choices[0].message.content == expected
 
 
+def test_the_endpoint_ends_with_the_app_that_started_it(served_run, workspace):
+    import os
+    import subprocess
+    import sys
+
+    import serving
+    from conftest import ROOT, wait_for
+
+    app = (
+        "import sys, time, serving\n"
+        f"endpoint = serving.start_endpoint('served', {str(workspace)!r}, port={free_port()}, api_key='k', timeout=120)\n"
+        "print(endpoint.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", app], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(process.stdout.readline())
+        assert serving.running_endpoint(served_run).pid == pid
+    finally:
+        process.kill()  # as a crashed app: no atexit handler runs
+        process.wait()
+    wait_for(lambda: not serving._alive(pid), timeout=60, what="the endpoint to end with its app")
+    assert serving.running_endpoint(served_run) is None
+    assert os.path.exists(served_run / "serve.log")
+
+
 def test_a_port_in_use_is_refused_before_anything_starts(served_run, workspace):
     import serving
     from workspace import UserError
