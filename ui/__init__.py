@@ -13,18 +13,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from ui import (
-    arena_tab,
-    bench_tab,
-    dataset_tab,
-    export_tab,
-    forms,
-    model_tab,
-    runs_tab,
-    synthetic_tab,
-    test_tab,
-    train_tab,
-)
+from ui import arena_tab, dataset_tab, export_tab, forms, model_tab, runs_tab, synthetic_tab, test_tab, train_tab
 from workspace import CONFINE_ENV, WORKSPACE_ENV, UserError, workspace_root
 
 log = logging.getLogger(__name__)
@@ -43,6 +32,8 @@ CSS = """
 
 def build_app(workspace: str | Path | None = None) -> gr.Blocks:
     """The whole app for one workspace; every tab reads and writes only inside it."""
+    from ui import bench_tab  # here, not in the import line above that every new tab edits: merges stay small
+
     root = workspace_root(workspace)
     form = forms.Form()
     with gr.Blocks(title="LLM Finetuner") as app:
