@@ -54,6 +54,7 @@ class Comparison:
     runs: list[RunMetrics]
     curves: list[tuple[str, str, int, float]]  # (run, "train" | "eval", step, loss)
     differences: list[tuple[str, dict[str, Any]]]  # (dotted setting, {run: value}) where the runs disagree
+    benchmarks: dict[str, dict[str, Any]] = field(default_factory=dict)  # run → its benchmark table (benchmark.py)
 
 
 def _finite(value: Any) -> bool:
@@ -175,7 +176,31 @@ def compare_runs(runs: list[str], workspace: str | Path | None = None) -> Compar
         [metrics for metrics, _ in measured],
         [point for _, curves in measured for point in curves],
         config_differences({folder.name: runfolder.stage_settings(folder) for folder in folders}),
+        _benchmarks(folders),
     )
+
+
+def _benchmarks(folders: list[Path]) -> dict[str, dict[str, Any]]:
+    import benchmark
+
+    tables = {folder.name: benchmark.benchmark_results(folder) for folder in folders}
+    return {name: table for name, table in tables.items() if table}
+
+
+BENCHMARK_COLUMNS = ["run", "task", "metric", "rows", "base", "tuned", "tuned − base"]
+
+
+def benchmark_rows(comparison: Comparison) -> list[list[str]]:
+    """One row per (run, task, metric) of the runs' benchmark tables, under BENCHMARK_COLUMNS."""
+    import benchmark
+
+    rows = []
+    for run, table in comparison.benchmarks.items():
+        headers, cells = benchmark.table_rows(table)
+        for row in cells:
+            values = dict(zip(headers, row, strict=True))
+            rows.append([run, *(values.get(column, "–") for column in BENCHMARK_COLUMNS[1:])])
+    return rows
 
 
 def _number(value: float | None, digits: int = 4) -> str:
@@ -245,4 +270,6 @@ def comparison_text(comparison: Comparison) -> str:
         parts += ["settings that differ:", _table(["setting", *names], difference_rows(comparison))]
     else:
         parts.append("the runs' settings are the same")
+    if comparison.benchmarks:
+        parts += ["", "benchmarks (value ± standard error):", _table(BENCHMARK_COLUMNS, benchmark_rows(comparison))]
     return "\n".join(parts)

@@ -155,6 +155,26 @@ def eval_run_name(config) -> str:
     return evaluation.eval_run_name(config.run)
 
 
+def check_benchmark(config, workspace: str | Path | None = None, api_key: str | None = None):
+    """The run's trained model (and GGUF), every task's name and, offline, its data, checked now."""
+    import benchmark
+
+    config = benchmark.check_benchmark(config, workspace)
+    config.run = run_reference(runfolder.run_path(config.run, workspace), workspace)
+    return config
+
+
+def benchmark_inputs(config) -> list[str]:
+    """A custom task file: the job refuses to run if it changed since the start."""
+    return [config.task_file] if config.task_file else []
+
+
+def benchmark_run_name(config) -> str:
+    import benchmark
+
+    return benchmark.benchmark_run_name(config)
+
+
 def run_reference(run_dir: Path, workspace: str | Path | None) -> str:
     """How a job's config names its training run: by name inside this workspace, else by its full path (the job
     resolves names in its own folder's workspace)."""

@@ -110,6 +110,16 @@ KINDS = {
             reads=("prompts_run", "contestants"),
         ),
         JobKind(
+            "benchmark",
+            "benchmark:benchmark_config_from_dict",
+            "job_checks:check_benchmark",
+            "benchmark:benchmark_job",
+            True,
+            inputs="job_checks:benchmark_inputs",
+            run_name="job_checks:benchmark_run_name",
+            reads=("run",),
+        ),
+        JobKind(
             "download",
             "download_utils:download_config_from_dict",
             "job_checks:check_download",

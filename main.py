@@ -496,6 +496,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    import benchmark
+    import jobs
+    import submit
+
+    if args.resume:
+        run_dir = submit.resume(args.resume, args.workspace)
+    else:
+        config = config_from_args(args, benchmark.benchmark_config_from_dict, {"run": args.run} if args.run else None)
+        run_dir = submit.submit("benchmark", config, args.workspace)
+    print(f"run: {run_dir}")
+    if args.detach:
+        return 0
+    code = follow(run_dir)
+    if jobs.job_status(run_dir).state == "done":
+        print((run_dir / benchmark.TABLE_FILE).read_text(encoding="utf-8"))
+    return code
+
+
+def cmd_serve_run(args: argparse.Namespace) -> int:
+    import serving
+
+    api_key = args.api_key or os.environ.get(serving.API_KEY_ENV, "")
+    existing = serving.running_endpoint(serving.model_to_serve(args.run, args.workspace, args.weights)[0])
+    if existing is not None:
+        print(f"already serving {existing.model} ({existing.backend}) at {existing.base_url} (pid {existing.pid})")
+        return 0
+    import serving_app
+
+    serving_app.serve_forever(args.run, args.workspace, args.host, args.port, api_key, args.weights)
+    return 0
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     import jobs
 
@@ -762,6 +795,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--detach", action="store_true", help="start the job and return at once")
     evaluate.set_defaults(handler=cmd_eval)
 
+    _add_benchmark_command(commands)
+    _add_serve_command(commands)
+
     runs = commands.add_parser("runs", help="list runs and their state", description="List every run on disk.")
     runs.add_argument(
         "--compare",
@@ -794,6 +830,49 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true")
     run.set_defaults(handler=cmd_run)
     return parser
+
+
+def _add_benchmark_command(commands) -> None:
+    from benchmark import BenchmarkConfig
+
+    bench = commands.add_parser(
+        "benchmark",
+        help="benchmark a run's base and tuned models with lm-evaluation-harness (or resume one)",
+        description="Score the run's base model, its tuned model and (with --contestants gguf) its exported GGUF on "
+        "lm-evaluation-harness tasks (any task name the harness knows, or --task_file a custom task YAML), at most "
+        "--limit rows each, and print a table of base vs tuned with each metric's standard error and the "
+        "difference (benchmark.md, also in the training run's folder). Standard tasks download their data from "
+        "the Hugging Face Hub on first use.",
+    )
+    bench.add_argument("run", nargs="?", help="training run name or folder")
+    bench.add_argument("--config", metavar="YAML", default=None, help=CONFIG_HELP)
+    settings.add_config_flags(bench, BenchmarkConfig, exclude=["run"])
+    bench.add_argument("--resume", metavar="RUN", default=None, help="resume this benchmark run; scored tasks are kept")
+    bench.add_argument("--detach", action="store_true", help="start the job and return at once")
+    bench.set_defaults(handler=cmd_benchmark)
+
+
+def _add_serve_command(commands) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="serve a run as an OpenAI-compatible endpoint (/v1/chat/completions)",
+        description="Serve the run's exported GGUF through llama-cpp-python's server or, without an export, its "
+        "transformers model, as an OpenAI-compatible API at http://HOST:PORT/v1 until Ctrl+C. A second serve of "
+        "the same run prints the running one's address.",
+    )
+    serve.add_argument("run", help="training run name or folder")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument(
+        "--api-key", default=None, help="key clients must send (required beyond loopback; or FINETUNER_SERVE_API_KEY)"
+    )
+    serve.add_argument(
+        "--weights",
+        default="auto",
+        help="auto (the run's largest GGUF if it exported one, else its transformers model), transformers, or a GGUF "
+        "file name in the run's gguf/ folder",
+    )
+    serve.set_defaults(handler=cmd_serve_run)
 
 
 def _add_keyed_job_flags(parser: argparse.ArgumentParser, kind: str, resume_help: str, key_help: str) -> None:

@@ -56,6 +56,9 @@ LAYERS = {
     "model_card": "tasks",  # the pushed run's model card (README.md and the loss curve)
     "compare_utils": "tasks",
     "planning": "tasks",  # suggested settings and the time estimate
+    "benchmark": "tasks",  # lm-evaluation-harness tasks on a run's base, tuned and GGUF models (the benchmark job)
+    "serving": "tasks",  # a run's OpenAI-compatible endpoint: checks, start, reuse, stop (loads no model)
+    "serving_app": "tasks",  # the endpoint's process: llama.cpp's server app or our FastAPI app over transformers
     "jobs": "jobs",
     "job_checks": "jobs",  # what submit checks per job kind before a run exists, named by jobs.KINDS
     "submit": "submit",

@@ -1,4 +1,4 @@
-"""Gradio app: tabs Model · Dataset · Synthetic data · Train · Test & compare · Export · Runs.
+"""Gradio app: tabs Model · Dataset · Synthetic data · Train · Test & compare · Arena · Benchmarks · Export · Runs.
 
 One module per tab builds its widgets and wires each event to one utility function; no logic lives here.
 `python main.py` calls `serve()`.
@@ -35,6 +35,8 @@ button.stop:disabled { background: var(--button-secondary-background-fill); colo
 
 def build_app(workspace: str | Path | None = None) -> gr.Blocks:
     """The whole app for one workspace; every tab reads and writes only inside it."""
+    from ui import bench_tab  # here, not in the import line above that every new tab edits: merges stay small
+
     root = workspace_root(workspace)
     form = forms.Form()
     with gr.Blocks(title="LLM Finetuner") as app:
@@ -52,6 +54,8 @@ def build_app(workspace: str | Path | None = None) -> gr.Blocks:
                 test = test_tab.build()
             with gr.Tab("Arena", id="arena", elem_id="tab-arena") as arena_container:
                 arena = arena_tab.build()
+            with gr.Tab("Benchmarks", id="benchmarks", elem_id="tab-benchmarks") as bench_container:
+                bench = bench_tab.build()
             with gr.Tab("Export", id="export", elem_id="tab-export") as export_container:
                 export = export_tab.build()
             with gr.Tab("Runs", id="runs", elem_id="tab-runs") as runs_container:
@@ -62,6 +66,7 @@ def build_app(workspace: str | Path | None = None) -> gr.Blocks:
         train_tab.wire(train, form, app, root)
         test_tab.wire(test, test_container, root)
         arena_tab.wire(arena, arena_container, app, root)
+        bench_tab.wire(bench, bench_container, app, root)
         export_tab.wire(export, export_container, root)
         runs_tab.wire(runs, runs_container, root)
         forms.keep_in_browser(form, app, root)

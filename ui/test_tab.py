@@ -17,7 +17,7 @@ import runfolder
 import submit
 from evaluation import EvalConfig
 from inference_utils import GenerationConfig
-from ui import forms
+from ui import forms, serve_panel
 from ui.common import guarded, job_html, model_runs
 
 BASE_ONLY = ("Base model only (no run)", "")
@@ -52,6 +52,7 @@ class TestTab:
     eval_status: gr.HTML
     eval_result: gr.Markdown
     timer: gr.Timer
+    serve: serve_panel.ServePanel | None = None
 
 
 def build() -> TestTab:
@@ -119,6 +120,8 @@ def build() -> TestTab:
             evaluate = gr.Button("Evaluate", elem_id="test-evaluate")
         eval_status = gr.HTML(elem_id="test-eval-status")
         eval_result = gr.Markdown(elem_id="test-eval-result")
+    with gr.Tab("Serve"):
+        serve = serve_panel.build()
     timer = gr.Timer(POLL_S, active=False)
     return TestTab(
         run,
@@ -146,6 +149,7 @@ def build() -> TestTab:
         eval_status,
         eval_result,
         timer,
+        serve,
     )
 
 
@@ -253,6 +257,7 @@ def wire(tab: TestTab, tab_container: gr.Tab, workspace: Path) -> None:
     tab.timer.tick(
         eval_view, inputs=tab.run, outputs=[tab.eval_status, tab.eval_result, tab.timer], show_progress="hidden"
     )
+    serve_panel.wire(tab.serve, tab.run, tab.weights, workspace)
 
 
 def weights_dropdown(run: str | None, current: str | None, workspace: Path) -> gr.Dropdown:
