@@ -312,9 +312,8 @@ def local_judges(workspace: str | Path | None = None, ollama_url: str = llm_clie
 # ---------------------------------------------------------------- the job
 
 
-def check_arena(config: ArenaConfig, workspace: str | Path | None = None, api_key: str | None = None) -> ArenaConfig:
-    """Validate and resolve a config before a job exists: contestants found, prompts file there, key present, and
-    the judge answering (nothing listening, a refused key or an unknown model is refused now, not by the job)."""
+def check_arena(config: ArenaConfig, workspace: str | Path | None = None) -> ArenaConfig:
+    """Validate and resolve a config before a job exists: contestants found, prompts file there."""
     config.validate(workspace)
     config.contestants = check_contestants(config, workspace)
     if config.prompt_source == "file":
@@ -329,9 +328,14 @@ def check_arena(config: ArenaConfig, workspace: str | Path | None = None, api_ke
                 "prompts file instead, or a run trained with an eval split."
             )
         config.prompts_run = str(trained.run_dir.resolve())
+    return config
+
+
+def check_judge(config: ArenaConfig, api_key: str | None = None) -> None:
+    """The judge answering before a job exists: nothing listening, a refused key or an unknown model is refused now,
+    not by the job. Checked last, after the local checks, since it asks a server."""
     judge = config.judge_client()
     llm_clients.check_server(judge, llm_clients.resolve_api_key(judge, api_key))
-    return config
 
 
 def _read_lines(path: Path) -> list[dict]:

@@ -95,11 +95,12 @@ def synth_env(settings: dict[str, Any], api_key: str | None = None) -> dict[str,
 
 
 def check_arena(config, workspace: str | Path | None = None, api_key: str | None = None):
-    """The arena's own checks, then each base: contestant as a training run's model is checked (check_model)."""
+    """The arena's own checks, each base: contestant as a training run's model is checked (check_model), then the
+    judge is asked whether it answers."""
     import arena_config
     import arena_utils
 
-    config = arena_utils.check_arena(config, workspace, api_key)
+    config = arena_utils.check_arena(config, workspace)
     for contestant in config.contestants:
         kind, model = arena_config.parse_contestant(contestant)
         if kind == "base":
@@ -107,6 +108,7 @@ def check_arena(config, workspace: str | Path | None = None, api_key: str | None
                 check_model(model, workspace)
             except UserError as exc:
                 raise UserError(f"Contestant '{contestant}': {exc}") from None
+    arena_utils.check_judge(config, api_key)
     return config
 
 

@@ -285,7 +285,7 @@ class TrainConfig:
     rdzv_endpoint: str = option(
         "",
         help="With several nodes: host:port of this (the first) machine that every node can reach (torchrun "
-        "--rdzv-endpoint, c10d rendezvous).",
+        "--rdzv-endpoint, static rendezvous: rank 0 stays on this machine).",
         label="Rendezvous endpoint",
         advanced=True,
     )

@@ -172,6 +172,10 @@ def _settings(form: forms.Form) -> gr.Textbox:
             forms.setting(form, FIELDS.seed)
             forms.setting(form, FIELDS.report_to)
             forms.setting(form, FIELDS.num_gpus)
+        with gr.Row():  # several GPUs or machines: DDP or FSDP, and the rendezvous the other machines join
+            forms.setting(form, FIELDS.distributed)
+            forms.setting(form, FIELDS.nnodes)
+            forms.setting(form, FIELDS.rdzv_endpoint)
 
     return judge_api_key
 
