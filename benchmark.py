@@ -4,7 +4,7 @@ as one table of base vs tuned with each metric's standard error and the differen
 
 Each (contestant, task) pair is saved to the job's folder as soon as it is scored, so a stopped job resumes with the
 pairs it has not scored yet. The finished table goes to the job's folder and to the training run's folder
-(benchmark.json, benchmark.md), where the run comparison and a model card read it (`benchmark_results`).
+(benchmark.json, benchmark.md), where the run comparison and a model card read it (benchmark_report).
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from __future__ import annotations
 import difflib
 import functools
 import logging
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import runfolder
+from benchmark_report import RESULT_FILE, benchmark_markdown, is_number
 from settings import check, option
 from workspace import UserError, atomic_write_text, read_json, resolve_user_path, write_json
 
@@ -38,7 +38,6 @@ COMMON_TASKS = (
 )
 CONTESTANTS = ("base", "tuned", "gguf")
 RESULTS_FOLDER = "benchmark"  # in the job's folder: one JSON per scored (contestant, task)
-RESULT_FILE = "benchmark.json"
 TABLE_FILE = "benchmark.md"
 
 
@@ -400,7 +399,7 @@ def benchmark_table(scored: dict[str, dict[str, Any]], run: str, base_model: str
             higher = first[unit]["higher_is_better"].get(task, {})
             for key in metrics:
                 metric, _, filter_name = key.partition(",")
-                if not filter_name or metric.endswith("_stderr") or not _number(metrics[key]):
+                if not filter_name or metric.endswith("_stderr") or not is_number(metrics[key]):
                     continue
                 row = {
                     "task": task,
@@ -413,11 +412,11 @@ def benchmark_table(scored: dict[str, dict[str, Any]], run: str, base_model: str
                     stderr = values.get(f"{metric}_stderr,{filter_name}")
                     row[contestant] = {
                         "value": values.get(key),
-                        "stderr": stderr if _number(stderr) else None,
+                        "stderr": stderr if is_number(stderr) else None,
                     }
                 if "base" in scored and "tuned" in scored:
                     base, tuned = row["base"]["value"], row["tuned"]["value"]
-                    row["difference"] = tuned - base if _number(base) and _number(tuned) else None
+                    row["difference"] = tuned - base if is_number(base) and is_number(tuned) else None
                 rows.append(row)
     return {
         "run": run,
@@ -427,52 +426,3 @@ def benchmark_table(scored: dict[str, dict[str, Any]], run: str, base_model: str
         "harness": f"lm-evaluation-harness {_harness_version()}",
         "rows": rows,
     }
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _cell(entry: dict[str, Any] | None) -> str:
-    if not entry or not _number(entry.get("value")):
-        return "–"
-    stderr = f" ± {entry['stderr']:.4f}" if _number(entry.get("stderr")) else ""
-    return f"{entry['value']:.4f}{stderr}"
-
-
-def table_rows(table: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """(headers, rows) of a benchmark table as text: task, metric, rows, each contestant (value ± stderr), tuned − base."""
-    contestants = table["contestants"]
-    difference = "base" in contestants and "tuned" in contestants
-    headers = ["task", "metric", "rows", *contestants, *(["tuned − base"] if difference else [])]
-    rows = []
-    for row in table["rows"]:
-        arrow = {True: " ↑", False: " ↓"}.get(row.get("higher_is_better"), "")
-        cells = [row["task"], row["metric"] + arrow, str(row.get("rows") or "")]
-        cells += [_cell(row.get(contestant)) for contestant in contestants]
-        if difference:
-            cells.append(f"{row['difference']:+.4f}" if _number(row.get("difference")) else "–")
-        rows.append(cells)
-    return headers, rows
-
-
-def benchmark_markdown(table: dict[str, Any]) -> str:
-    """The table as markdown, with what was run."""
-    headers, rows = table_rows(table)
-    lines = [
-        f"# Benchmarks of {table['run']}",
-        "",
-        "| " + " | ".join(headers) + " |",
-        "|" + "|".join(["---"] * 3 + ["---:"] * (len(headers) - 3)) + "|",
-        *("| " + " | ".join(cells) + " |" for cells in rows),
-        "",
-        f"{table['harness']}, at most {table['limit']} rows per task; base is {table['base_model']}; value ± the "
-        "harness's standard error; ↑ higher is better.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def benchmark_results(run_dir: str | Path) -> dict[str, Any] | None:
-    """A training run's latest benchmark table (see benchmark_table), or None when it has none: for a model card."""
-    return read_json(Path(run_dir) / RESULT_FILE, None)

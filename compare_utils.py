@@ -181,9 +181,9 @@ def compare_runs(runs: list[str], workspace: str | Path | None = None) -> Compar
 
 
 def _benchmarks(folders: list[Path]) -> dict[str, dict[str, Any]]:
-    import benchmark
+    import benchmark_report
 
-    tables = {folder.name: benchmark.benchmark_results(folder) for folder in folders}
+    tables = {folder.name: benchmark_report.benchmark_results(folder) for folder in folders}
     return {name: table for name, table in tables.items() if table}
 
 
@@ -192,11 +192,11 @@ BENCHMARK_COLUMNS = ["run", "task", "metric", "rows", "base", "tuned", "tuned âˆ
 
 def benchmark_rows(comparison: Comparison) -> list[list[str]]:
     """One row per (run, task, metric) of the runs' benchmark tables, under BENCHMARK_COLUMNS."""
-    import benchmark
+    import benchmark_report
 
     rows = []
     for run, table in comparison.benchmarks.items():
-        headers, cells = benchmark.table_rows(table)
+        headers, cells = benchmark_report.table_rows(table)
         for row in cells:
             values = dict(zip(headers, row, strict=True))
             rows.append([run, *(values.get(column, "â€“") for column in BENCHMARK_COLUMNS[1:])])

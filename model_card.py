@@ -105,6 +105,24 @@ def related_results(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str,
     return evaluations, arenas
 
 
+def benchmark_lines(run_dir: Path) -> list[str]:
+    """The run's latest benchmark table (the benchmark job's benchmark.json), base vs tuned; nothing without one."""
+    import benchmark_report
+
+    table = benchmark_report.benchmark_results(run_dir)
+    if not table:
+        return []
+    headers, rows = benchmark_report.table_rows(table)
+    return [
+        "",
+        f"Benchmarks ({table['harness']}, at most {table['limit']} rows per task; value ± standard error):",
+        "",
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join(["---"] * 3 + ["---:"] * (len(headers) - 3)) + "|",
+        *("| " + " | ".join(cells) + " |" for cells in rows),
+    ]
+
+
 def card_text(model: TrainedModel, repo_id: str, files: dict[str, Path], curve: bool) -> str:
     """README.md of the repo: the Hub's metadata header, then the card."""
     from huggingface_hub import ModelCardData
@@ -191,6 +209,7 @@ def card_text(model: TrainedModel, repo_id: str, files: dict[str, Path], curve: 
                 f"| {row['contestant']} | {row['wins']} | {row['ties']} | {row['losses']} | "
                 f"{100 * row['score']:.1f} % |"
             )
+    lines += benchmark_lines(run_dir)
     report = _gguf_report(run_dir)
     if ggufs and report:
         lines += [

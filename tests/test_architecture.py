@@ -57,6 +57,7 @@ LAYERS = {
     "compare_utils": "tasks",
     "planning": "tasks",  # suggested settings and the time estimate
     "benchmark": "tasks",  # lm-evaluation-harness tasks on a run's base, tuned and GGUF models (the benchmark job)
+    "benchmark_report": "settings",  # a saved benchmark table and its rows as text (no harness import)
     "serving": "tasks",  # a run's OpenAI-compatible endpoint: checks, start, reuse, stop (loads no model)
     "serving_app": "tasks",  # the endpoint's process: llama.cpp's server app or our FastAPI app over transformers
     "jobs": "jobs",

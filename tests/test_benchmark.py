@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import benchmark_report
+
 TASK_DIR = Path(__file__).resolve().parent / "data" / "bench_task"
 TASK_FILE = TASK_DIR / "capitals_mc.yaml"
 
@@ -103,13 +105,13 @@ def test_custom_task_scores_base_and_tuned_as_counted_by_hand_and_resumes(traine
     assert rows["acc"]["difference"] == pytest.approx(expected_tuned[0] - expected_base[0])
 
     # Saved in the training run's folder, where the comparison and a model card read it.
-    assert benchmark.benchmark_results(trained_run) == table
+    assert benchmark_report.benchmark_results(trained_run) == table
     markdown = (trained_run / benchmark.TABLE_FILE).read_text(encoding="utf-8")
     assert f"| capitals_mc | acc ↑ | {expected_base[2]} | {expected_base[0]:.4f} ± " in markdown
     copy = workspace / "runs" / "trained-copy"  # a second run without benchmarks, to compare with
     shutil.copytree(trained_run, copy)
     try:
-        (copy / benchmark.RESULT_FILE).unlink()
+        (copy / benchmark_report.RESULT_FILE).unlink()
         comparison = compare_utils.compare_runs([trained_run.name, copy.name], workspace)
     finally:
         shutil.rmtree(copy)
@@ -225,7 +227,7 @@ def test_the_table_has_each_metric_with_its_stderr_and_the_difference():
             "difference": 0.25,
         }
     ]
-    assert benchmark.table_rows(table)[1] == [["mmlu_x", "acc ↑", "20", "0.2500 ± 0.1000", "0.5000", "+0.2500"]]
+    assert benchmark_report.table_rows(table)[1] == [["mmlu_x", "acc ↑", "20", "0.2500 ± 0.1000", "0.5000", "+0.2500"]]
 
 
 def test_the_benchmarks_tab_shows_the_table_and_the_jobs_buttons(adapter_run, workspace):
@@ -241,7 +243,7 @@ def test_the_benchmarks_tab_shows_the_table_and_the_jobs_buttons(adapter_run, wo
     assert "bench-view" in status and "queued" in status and table == "" and timer.active is True
     scored = {"capitals_mc": {"results": {"capitals_mc": {"acc,none": 0.5}}, "n-samples": {}, "higher_is_better": {}}}
     written = benchmark.benchmark_table({"base": scored, "tuned": scored}, adapter_run, "demo", 5)
-    atomic_write_text(job_dir / benchmark.TABLE_FILE, benchmark.benchmark_markdown(written))
+    atomic_write_text(job_dir / benchmark.TABLE_FILE, benchmark_report.benchmark_markdown(written))
     runfolder.write_status(job_dir, state="done")
     status, table, stop, resume, hint, timer = bench_tab.bench_view("bench-view", workspace)
     assert "| capitals_mc | acc |  | 0.5000 | 0.5000 | +0.0000 |" in table

@@ -313,3 +313,26 @@ def test_a_person_pushes_a_run_from_the_export_tab(browser, push_app):  # noqa: 
     page.click("#push-start")
     page.wait_for_selector(".toast-body:has-text(\"belongs to 'bob'\")")
     context.close()
+
+
+def test_the_card_carries_the_runs_benchmark_table(tmp_path):
+    import benchmark
+    import benchmark_report
+    import model_card
+
+    def harness_result(accuracy: float) -> dict:  # the shape of lm-eval's simple_evaluate result for one task
+        return {
+            "results": {"capitals_mc": {"acc,none": accuracy, "acc_stderr,none": 0.125, "alias": "capitals_mc"}},
+            "higher_is_better": {"capitals_mc": {"acc": True}},
+            "n-samples": {"capitals_mc": {"original": 16, "effective": 16}},
+        }
+
+    run_dir = tmp_path / "runs" / "tiny"
+    run_dir.mkdir(parents=True)
+    assert model_card.benchmark_lines(run_dir) == []  # no benchmark yet: no section
+    scored = {"base": {"capitals_mc": harness_result(0.4375)}, "tuned": {"capitals_mc": harness_result(0.5)}}
+    table = benchmark.benchmark_table(scored, run="tiny", base_model="demo", limit=16)
+    (run_dir / benchmark_report.RESULT_FILE).write_text(json.dumps(table))
+    text = "\n".join(model_card.benchmark_lines(run_dir))
+    assert "| task | metric | rows | base | tuned | tuned − base |" in text
+    assert "| capitals_mc | acc ↑ | 16 | 0.4375 ± 0.1250 | 0.5000 ± 0.1250 | +0.0625 |" in text
