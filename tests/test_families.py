@@ -188,3 +188,12 @@ def test_a_model_that_never_trained_its_chat_tokens_is_refused_before_the_first_
     full = family_config(base, data, template)
     full.full_finetuning = True
     training_utils.check_untrained_tokens(full, model, tokenizer, prepared.train)
+
+
+def test_the_catalogue_says_how_the_demo_and_the_hubs_smollm2_differ():
+    from ui import model_tab
+
+    labels = dict((value, label) for label, value in model_tab.catalogue_choices())
+    assert "offline" in labels["demo"] and "Q4_1" in labels["demo"]
+    assert "full precision" in labels["unsloth/SmolLM2-135M-Instruct"]
+    assert "from the Hub" in labels["unsloth/SmolLM2-135M-Instruct"]

