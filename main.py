@@ -310,16 +310,24 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return code
 
 
-def cmd_arena(args: argparse.Namespace) -> int:
-    import arena_utils
+def follow_job(run_dir, detach: bool) -> tuple[int, bool]:
+    """Print the new run's folder, then (unless detached) follow it to its end: (exit code, whether it ended done,
+    so the command prints its result)."""
     import jobs
 
-    run_dir = _start_keyed_job(args, "arena", arena_utils.arena_config_from_dict)
     print(f"run: {run_dir}")
-    if args.detach:
-        return 0
+    if detach:
+        return 0, False
     code = follow(run_dir)
-    if jobs.job_status(run_dir).state == "done":
+    return code, jobs.job_status(run_dir).state == "done"
+
+
+def cmd_arena(args: argparse.Namespace) -> int:
+    import arena_utils
+
+    run_dir = _start_keyed_job(args, "arena", arena_utils.arena_config_from_dict)
+    code, done = follow_job(run_dir, args.detach)
+    if done:
         print((run_dir / "report.md").read_text(encoding="utf-8"))
     return code
 
@@ -432,17 +440,13 @@ def export_summary(export_run: Path) -> list[str]:
 
 def cmd_push(args: argparse.Namespace) -> int:
     import hub_push
-    import jobs
     import runfolder
     import submit
 
     config = config_from_args(args, hub_push.push_config_from_dict, {"run": args.run})
     run_dir = submit.submit("push", config, args.workspace)
-    print(f"run: {run_dir}")
-    if args.detach:
-        return 0
-    code = follow(run_dir)
-    if jobs.job_status(run_dir).state == "done":
+    code, done = follow_job(run_dir, args.detach)
+    if done:
         print(f"pushed: {runfolder.read_progress(run_dir).message}")
     return code
 
@@ -480,17 +484,13 @@ def _print_stream(replies) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import evaluation
-    import jobs
     import runfolder
     import submit
 
     config = config_from_args(args, evaluation.eval_config_from_dict, {"run": args.run})
     run_dir = submit.submit("eval", config, args.workspace)
-    print(f"run: {run_dir}")
-    if args.detach:
-        return 0
-    code = follow(run_dir)
-    if jobs.job_status(run_dir).state == "done":
+    code, done = follow_job(run_dir, args.detach)
+    if done:
         target = runfolder.run_path(config.run, args.workspace)
         print((target / "eval.md").read_text(encoding="utf-8"))
     return code
@@ -498,7 +498,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
     import benchmark
-    import jobs
     import submit
 
     if args.resume:
@@ -506,11 +505,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     else:
         config = config_from_args(args, benchmark.benchmark_config_from_dict, {"run": args.run} if args.run else None)
         run_dir = submit.submit("benchmark", config, args.workspace)
-    print(f"run: {run_dir}")
-    if args.detach:
-        return 0
-    code = follow(run_dir)
-    if jobs.job_status(run_dir).state == "done":
+    code, done = follow_job(run_dir, args.detach)
+    if done:
         print((run_dir / benchmark.TABLE_FILE).read_text(encoding="utf-8"))
     return code
 

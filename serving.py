@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import ipaddress
 import logging
 import os
 import signal
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import runfolder
-from workspace import UserError, read_json
+from workspace import UserError, is_loopback, read_json
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +51,6 @@ class Endpoint:
 
 
 # ---------------------------------------------------------------- checks
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_port(host: str, port: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import ipaddress
 import json
 import math
 import os
@@ -36,6 +37,16 @@ def workspace_root(workspace: str | Path | None = None) -> Path:
         raise UserError(f"The workspace '{root}' is a file; give a folder (--workspace).")
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach a server bound to host (the app, or a run's endpoint)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def paths_confined() -> bool:

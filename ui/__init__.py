@@ -6,7 +6,6 @@ One module per tab builds its widgets and wires each event to one utility functi
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import gradio as gr
 
 from ui import arena_tab, dataset_tab, export_tab, forms, model_tab, runs_tab, synthetic_tab, test_tab, train_tab
-from workspace import CONFINE_ENV, WORKSPACE_ENV, UserError, workspace_root
+from workspace import CONFINE_ENV, WORKSPACE_ENV, UserError, is_loopback, workspace_root
 
 log = logging.getLogger(__name__)
 
@@ -104,16 +103,6 @@ def parse_auth(auth: str | None, auth_file: str | Path | None = None) -> tuple[s
     if not sep or not user or not password:
         raise UserError("--auth-file holds one USER:PASS line." if auth_file else "--auth takes USER:PASS.")
     return user, password
-
-
-def is_loopback(host: str) -> bool:
-    """Whether only this machine can reach an app served on host."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def space_workspace() -> Path | None:

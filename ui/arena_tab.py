@@ -13,12 +13,11 @@ from typing import Any
 import gradio as gr
 
 import arena_utils
-import jobs
 import runfolder
 import submit
 from arena_utils import ArenaConfig
 from ui import forms
-from ui.common import guarded, job_html, latest_run, model_runs, run_names, save_upload
+from ui.common import guarded, job_view, latest_run, model_runs, run_names, save_upload
 
 KINDS = ("arena",)
 POLL_S = 2.0
@@ -223,23 +222,4 @@ def wire(tab: ArenaTab, tab_container: gr.Tab, app: gr.Blocks, workspace: Path) 
 
 def arena_view(run: str | None, workspace: Path) -> list[Any]:
     """status, the report (once written), Stop / Resume, the reason a button is off, and polling."""
-    if not run:
-        off = gr.Button(interactive=False)
-        return ["", "", off, off, "", gr.Timer(active=False)]
-    run_dir = runfolder.run_path(run, workspace)
-    status = jobs.job_status(run_dir)
-    allowed = jobs.actions(run_dir, status)
-    report = run_dir / arena_utils.REPORT_MD
-    reasons = []
-    if not allowed.can_stop:
-        reasons.append(f"Stop: {allowed.stop_reason}")
-    if not allowed.can_resume:
-        reasons.append(f"Resume: {allowed.resume_reason}")
-    return [
-        job_html(run, status, runfolder.read_progress(run_dir)),
-        report.read_text(encoding="utf-8") if report.exists() else "",
-        gr.Button(interactive=allowed.can_stop),
-        gr.Button(interactive=allowed.can_resume),
-        " · ".join(reasons),
-        gr.Timer(active=status.active),
-    ]
+    return job_view(run, workspace, arena_utils.REPORT_MD)

@@ -10,12 +10,10 @@ from typing import Any
 import gradio as gr
 
 import benchmark
-import jobs
-import runfolder
 import submit
 from benchmark import BenchmarkConfig
 from ui import forms
-from ui.common import guarded, job_html, latest_run, run_names, save_upload
+from ui.common import guarded, job_view, latest_run, run_names, save_upload
 
 KINDS = ("benchmark",)
 POLL_S = 2.0
@@ -160,23 +158,4 @@ def wire(tab: BenchTab, tab_container: gr.Tab, app: gr.Blocks, workspace: Path) 
 
 def bench_view(run: str | None, workspace: Path) -> list[Any]:
     """status, the table (once written), Stop / Resume, the reason a button is off, and polling."""
-    if not run:
-        off = gr.Button(interactive=False)
-        return ["", "", off, off, "", gr.Timer(active=False)]
-    run_dir = runfolder.run_path(run, workspace)
-    status = jobs.job_status(run_dir)
-    allowed = jobs.actions(run_dir, status)
-    table = run_dir / benchmark.TABLE_FILE
-    reasons = []
-    if not allowed.can_stop:
-        reasons.append(f"Stop: {allowed.stop_reason}")
-    if not allowed.can_resume:
-        reasons.append(f"Resume: {allowed.resume_reason}")
-    return [
-        job_html(run, status, runfolder.read_progress(run_dir)),
-        table.read_text(encoding="utf-8") if table.exists() else "",
-        gr.Button(interactive=allowed.can_stop),
-        gr.Button(interactive=allowed.can_resume),
-        " · ".join(reasons),
-        gr.Timer(active=status.active),
-    ]
+    return job_view(run, workspace, benchmark.TABLE_FILE)

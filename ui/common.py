@@ -189,3 +189,28 @@ def loss_frame(events: runfolder.EventLog) -> pd.DataFrame | None:
     """A run's train and eval loss by step (the Train tab's live plot, the Runs tab's details) (None before the first one), thinned out for a long run."""
     rows = [{"step": step, "loss": loss, "series": series} for series, step, loss in events.losses()]
     return pd.DataFrame(rows, columns=["step", "loss", "series"]) if rows else None
+
+
+def job_view(run: str | None, workspace: Path, result_file: str) -> list[Any]:
+    """A job tab's view of its run: status, the result file (markdown, once written), Stop / Resume, the reason a
+    button is off, and polling while the job is active."""
+    if not run:
+        off = gr.Button(interactive=False)
+        return ["", "", off, off, "", gr.Timer(active=False)]
+    run_dir = runfolder.run_path(run, workspace)
+    status = jobs.job_status(run_dir)
+    allowed = jobs.actions(run_dir, status)
+    result = run_dir / result_file
+    reasons = []
+    if not allowed.can_stop:
+        reasons.append(f"Stop: {allowed.stop_reason}")
+    if not allowed.can_resume:
+        reasons.append(f"Resume: {allowed.resume_reason}")
+    return [
+        job_html(run, status, runfolder.read_progress(run_dir)),
+        result.read_text(encoding="utf-8") if result.exists() else "",
+        gr.Button(interactive=allowed.can_stop),
+        gr.Button(interactive=allowed.can_resume),
+        " · ".join(reasons),
+        gr.Timer(active=status.active),
+    ]
