@@ -146,6 +146,24 @@ def demo_workspace(workspace, demo_model) -> Path:
     return workspace
 
 
+def family_config(folder, data: Path, template: str | None, **changes):
+    """demo_train_config's settings on a family's tiny model (family_model): 2 steps, a smaller LoRA, short rows."""
+    from dataset_utils import DatasetConfig
+    from model_utils import ModelConfig
+
+    values = dict(
+        model=ModelConfig(str(folder)),
+        dataset=DatasetConfig(source=str(data), chat_template=template or ""),
+        max_steps=2,
+        max_seq_length=96,
+        save_steps=2,
+        lora_r=4,
+        lora_alpha=8,
+    )
+    values.update(changes)
+    return demo_train_config(data, **values)
+
+
 def wait_for(predicate, timeout: float = 900, interval: float = 0.5, what: str = "the condition"):
     """predicate()'s first true value, polled every `interval` seconds; fails the test after `timeout`."""
     deadline = time.monotonic() + timeout

@@ -16,7 +16,7 @@ import jobs
 import model_utils
 import runfolder
 import training_utils
-from conftest import MODEL_FAMILIES, capital_rows, demo_train_config, write_jsonl
+from conftest import MODEL_FAMILIES, capital_rows, family_config, write_jsonl
 from dataset_utils import DatasetConfig
 from gguf_utils import modelfile
 from model_utils import ModelConfig
@@ -34,20 +34,6 @@ CHATS = [
         {"role": "user", "content": "How are you?"},
     ],
 ]
-
-
-def family_config(folder, data, template: str | None) -> TrainConfig:
-    """conftest's demo settings on a family's tiny model: 2 steps, a smaller LoRA, short rows."""
-    return demo_train_config(
-        data,
-        model=ModelConfig(str(folder)),
-        dataset=DatasetConfig(source=str(data), chat_template=template or ""),
-        max_steps=2,
-        max_seq_length=96,
-        save_steps=2,
-        lora_r=4,
-        lora_alpha=8,
-    )
 
 
 @pytest.mark.slow  # each family trains, exports and loads a GGUF: 9–40 s apiece on the CPU

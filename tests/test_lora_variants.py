@@ -14,26 +14,10 @@ import jobs
 import lora_weights
 import runfolder
 import training_utils
-from conftest import capital_rows, demo_train_config, write_jsonl
-from dataset_utils import DatasetConfig
+from conftest import capital_rows, family_config, write_jsonl
 from gguf_utils import convert
-from model_utils import ModelConfig
 from train_config import TrainConfig, check_lora_variant
 from workspace import UserError, config_to_dict
-
-
-def tiny_config(folder, data, template, **changes) -> TrainConfig:
-    return demo_train_config(
-        data,
-        model=ModelConfig(str(folder)),
-        dataset=DatasetConfig(source=str(data), chat_template=template or ""),
-        max_steps=2,
-        max_seq_length=96,
-        save_steps=2,
-        lora_r=4,
-        lora_alpha=8,
-        **changes,
-    )
 
 
 def test_dora_is_refused_on_unsloth_with_the_way_out():
@@ -54,7 +38,7 @@ def test_lora_variants_are_refused_where_no_new_adapter_is_made(changes):
 def test_rslora_and_dora_reach_peft(family_model, tmp_path):
     folder, template = family_model("llama")
     data = write_jsonl(tmp_path / "rows.jsonl", capital_rows(4))
-    config = tiny_config(folder, data, template, use_rslora=True, use_dora=True)
+    config = family_config(folder, data, template, use_rslora=True, use_dora=True)
     model, _ = training_utils.load_for_training(config, str(folder), "transformers")
     layers = list(lora_weights.lora_layers(model))
     assert layers and lora_weights.uses_dora(layers) and not lora_weights.mergeable(layers)
@@ -71,7 +55,7 @@ def test_a_dora_run_chats_compares_and_merges_to_its_adapters_outputs(family_mod
 
     folder, template = family_model("llama")
     data = write_jsonl(workspace / "capitals.jsonl", capital_rows(8))
-    config = tiny_config(folder, data, template, use_dora=True, learning_rate=5e-2)
+    config = family_config(folder, data, template, use_dora=True, learning_rate=5e-2)
     run_dir = jobs.create_run("train", config_to_dict(config), workspace, "dora")
     training_utils.train(config, runfolder.JobContext.for_run(run_dir))
     runfolder.write_status(run_dir, state="done")
