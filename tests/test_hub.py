@@ -377,5 +377,10 @@ def test_the_memory_estimate_of_an_id_it_cannot_read_says_why(tmp_path, workspac
     from workspace import UserError
 
     config = train_config_from_dict({"model": "tester/not-cached", "dataset": str(tmp_path / "data.jsonl")})
-    with pytest.raises(UserError, match="Cannot read the config of 'tester/not-cached': .*click Download first"):
+    # Download's own words, at once: offline, the id is neither cached nor reachable.
+    with pytest.raises(
+        UserError,
+        match="The model 'tester/not-cached' is not in the local Hugging Face cache, and "
+        "HF_HUB_OFFLINE=1 keeps this app off the Hub",
+    ):
         memory_estimate(config, workspace)
