@@ -296,7 +296,7 @@ def test_a_null_run_name_through_the_api_is_a_blank_name_not_a_crash(shared_app)
         for name, info in endpoints.items()
         if any(parameter["label"] == "Run name" for parameter in info["parameters"])
     }
-    assert len(starts) == 3, list(starts)  # Train, Synthetic data and Arena
+    assert len(starts) == 4, list(starts)  # Train, Synthetic data, Arena and Benchmarks
     session = shared_app.login()
     for api_name, parameters in starts.items():
         args = [None if p["label"] == "Run name" else p.get("parameter_default") for p in parameters]
