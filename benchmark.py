@@ -340,6 +340,29 @@ def _watched(call, stop: runfolder.StopFlag, pace: _Pace, reporter: runfolder.Re
     return watched
 
 
+def _gguf_model(base_url: str):
+    """The harness's gguf model over llama-cpp-python's server. The harness asks for the context and continuation
+    echoed with one generated token and drops the last log-probability as that token's; llama-cpp-python's echo
+    holds only the prompt's tokens, so the continuation's last token would be dropped instead (a one-token answer
+    would score 0). An empty entry stands in for the generated token; the harness's own scoring does the rest."""
+    from lm_eval.models.gguf import GGUFLM
+
+    class LlamaCppServerLM(GGUFLM):
+        def gguf_completion(self, context, continuation=None, stop=None, retries=3, delay=5, **kwargs):
+            response = super().gguf_completion(context, continuation, stop, retries, delay, **kwargs)
+            if continuation:
+                for choice in response.get("choices") or []:
+                    logprobs = choice.get("logprobs") or {}
+                    if logprobs.get("tokens"):
+                        logprobs["tokens"].append("")
+                        logprobs["token_logprobs"].append(0.0)
+                        logprobs["text_offset"].append(len(context) + len(continuation))
+                        logprobs["top_logprobs"].append({"": 0.0})
+            return response
+
+    return LlamaCppServerLM(base_url=base_url)
+
+
 class _contestant_model:
     """The harness's model of one contestant, freed (or its llama.cpp server stopped) on exit."""
 
@@ -361,12 +384,10 @@ class _contestant_model:
             batch_size=self.config.batch_size, device=device, trust_remote_code=self.trained.trust_remote_code
         )
         if self.contestant == "gguf":
-            from lm_eval.models.gguf import GGUFLM
-
             import serving
 
             self.server = serving.start_llama_server(gguf_file(self.trained.run_dir, self.config.gguf), logits_all=True)
-            return GGUFLM(base_url=self.server.base_url)
+            return _gguf_model(self.server.base_url)
         from lm_eval.models.huggingface import HFLM
 
         if self.trained.kind == "merged" and self.contestant == "tuned":

