@@ -17,7 +17,7 @@ import runfolder
 import submit
 from arena_utils import ArenaConfig
 from ui import forms
-from ui.common import guarded, job_view, latest_run, model_runs, run_names, save_upload
+from ui.common import guarded, job_controls, job_view, latest_run, model_runs, run_names, save_upload
 
 KINDS = ("arena",)
 POLL_S = 2.0
@@ -117,34 +117,14 @@ def build() -> ArenaTab:
             for name in FIELDS:
                 if name not in fields:
                     fields[name] = forms.widget(ArenaConfig, name)
-    with gr.Row(equal_height=True):
-        run_name = gr.Textbox(label="Run name", placeholder="optional: arena-<date>-<time>", scale=3)
-        start = gr.Button("Start arena", variant="primary", scale=1, elem_id="arena-start")
-        stop = gr.Button("Stop", variant="stop", interactive=False, scale=1, elem_id="arena-stop")
-        resume = gr.Button("Resume", interactive=False, scale=1, elem_id="arena-resume")
-    hint = gr.Markdown(elem_id="arena-hint")
-    with gr.Row(equal_height=True):
-        runs = gr.Dropdown(label="Arena run", choices=[], scale=4, elem_id="arena-runs")
-        refresh = gr.Button("Refresh", size="sm", scale=1)
-    status = gr.HTML(elem_id="arena-status")
-    report = gr.Markdown(elem_id="arena-report")
-    timer = gr.Timer(POLL_S, active=False)
+    controls = job_controls("arena", "arena", "optional: arena-<date>-<time>", "arena-report", POLL_S)
     return ArenaTab(
         contestants,
         fields,
         prompts_file,
         upload,
         api_key,
-        run_name,
-        start,
-        stop,
-        resume,
-        refresh,
-        hint,
-        runs,
-        status,
-        report,
-        timer,
+        *controls,
         local_judge=local_judge,
         local_note=local_note,
     )

@@ -13,7 +13,7 @@ import benchmark
 import submit
 from benchmark import BenchmarkConfig
 from ui import forms
-from ui.common import guarded, job_view, latest_run, run_names, save_upload
+from ui.common import guarded, job_controls, job_view, latest_run, run_names, save_upload
 
 KINDS = ("benchmark",)
 POLL_S = 2.0
@@ -74,18 +74,7 @@ def build() -> BenchTab:
     with gr.Row():
         for name in FIELDS:
             fields[name] = forms.widget(BenchmarkConfig, name)
-    with gr.Row(equal_height=True):
-        run_name = gr.Textbox(label="Run name", placeholder="optional: bench-<run>", scale=3)
-        start = gr.Button("Start benchmark", variant="primary", scale=1, elem_id="bench-start")
-        stop = gr.Button("Stop", variant="stop", interactive=False, scale=1, elem_id="bench-stop")
-        resume = gr.Button("Resume", interactive=False, scale=1, elem_id="bench-resume")
-    hint = gr.Markdown(elem_id="bench-hint")
-    with gr.Row(equal_height=True):
-        runs = gr.Dropdown(label="Benchmark run", choices=[], scale=4, elem_id="bench-runs")
-        refresh = gr.Button("Refresh", size="sm", scale=1)
-    status = gr.HTML(elem_id="bench-status")
-    table = gr.Markdown(elem_id="bench-table")
-    timer = gr.Timer(POLL_S, active=False)
+    controls = job_controls("bench", "benchmark", "optional: bench-<run>", "bench-table", POLL_S)
     return BenchTab(
         run,
         tasks,
@@ -93,16 +82,7 @@ def build() -> BenchTab:
         upload,
         contestants,
         fields,
-        run_name,
-        start,
-        stop,
-        resume,
-        refresh,
-        hint,
-        runs,
-        status,
-        table,
-        timer,
+        *controls,
     )
 
 

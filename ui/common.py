@@ -214,3 +214,22 @@ def job_view(run: str | None, workspace: Path, result_file: str) -> list[Any]:
         " · ".join(reasons),
         gr.Timer(active=status.active),
     ]
+
+
+def job_controls(prefix: str, noun: str, run_placeholder: str, result_id: str, poll_s: float) -> tuple:
+    """A job tab's bottom half, built alike for the Arena and the Benchmarks: run name, Start / Stop / Resume, the hint
+    under them, the runs list with Refresh, the run's status, its result (markdown) and the polling timer; in that
+    order. Element ids start with `prefix` (the browser tests find them by it)."""
+    with gr.Row(equal_height=True):
+        run_name = gr.Textbox(label="Run name", placeholder=run_placeholder, scale=3)
+        start = gr.Button(f"Start {noun}", variant="primary", scale=1, elem_id=f"{prefix}-start")
+        stop = gr.Button("Stop", variant="stop", interactive=False, scale=1, elem_id=f"{prefix}-stop")
+        resume = gr.Button("Resume", interactive=False, scale=1, elem_id=f"{prefix}-resume")
+    hint = gr.Markdown(elem_id=f"{prefix}-hint")
+    with gr.Row(equal_height=True):
+        runs = gr.Dropdown(label=f"{noun.capitalize()} run", choices=[], scale=4, elem_id=f"{prefix}-runs")
+        refresh = gr.Button("Refresh", size="sm", scale=1)
+    status = gr.HTML(elem_id=f"{prefix}-status")
+    result = gr.Markdown(elem_id=result_id)
+    timer = gr.Timer(poll_s, active=False)
+    return run_name, start, stop, resume, refresh, hint, runs, status, result, timer
