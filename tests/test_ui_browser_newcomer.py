@@ -13,7 +13,15 @@ import json
 from pathlib import Path
 
 import pytest
-from test_ui_browser import CHROMIUM, CHROMIUM_ARGS, DEMO_LABEL, choose, open_tab, serve_app, type_into, wait_text
+from test_ui_browser import (
+    DEMO_LABEL,
+    browser,  # noqa: F401 (the module's chromium, as a fixture here)
+    choose,
+    open_tab,
+    serve_app,
+    type_into,
+    wait_text,
+)
 
 import jobs
 import runfolder
@@ -31,20 +39,8 @@ def app(tmp_path_factory, demo_model):
     yield from serve_app(workspace, {"HF_HUB_OFFLINE": "1"})
 
 
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Debian's chromium is missing: apt-get install chromium (make test does it)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
 @pytest.fixture
-def page(browser, app):
+def page(browser, app):  # noqa: F811 (the imported fixture)
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     page.set_default_timeout(60_000)
