@@ -491,10 +491,8 @@ def wide_run(tmp_path_factory):
     import transformers
 
     import training_utils
-    from conftest import capital_rows, demo_train_config, write_jsonl
-    from dataset_utils import DatasetConfig
+    from conftest import capital_rows, family_config, write_jsonl
     from gguf_utils import vocab
-    from model_utils import ModelConfig
 
     workspace = tmp_path_factory.mktemp("wide")
     tokenizer, proto = vocab.tokenizer_from_vocab("llama-spm")
@@ -514,16 +512,7 @@ def wide_run(tmp_path_factory):
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     vocab.save_tokenizer(tokenizer, proto, folder)
     data = write_jsonl(workspace / "capitals.jsonl", capital_rows(8))
-    train = demo_train_config(
-        data,
-        model=ModelConfig(str(folder)),
-        dataset=DatasetConfig(source=str(data), chat_template="mistral"),
-        max_steps=2,
-        max_seq_length=96,
-        save_steps=2,
-        lora_r=4,
-        lora_alpha=8,
-    )
+    train = family_config(folder, data, "mistral")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FINETUNER_WORKSPACE", str(workspace))
         run_dir = jobs.create_run("train", config_to_dict(train), workspace, "wide")

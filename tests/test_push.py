@@ -18,7 +18,7 @@ from test_ui_browser import browser  # noqa: F401 (the browser fixture, for the 
 
 import hub_push
 import runfolder
-from conftest import ROOT, capital_rows, demo_train_config, family_config, write_jsonl
+from conftest import ROOT, capital_rows, family_config, write_jsonl
 from workspace import UserError
 
 UPLOADS = ("POST /api/repos/create", "/preupload/", "/info/lfs/objects/batch", "PUT /lfs-upload/", "/commit/")
@@ -245,23 +245,12 @@ def push_app(family_model, tmp_path_factory):
 
     import jobs
     import training_utils
-    from dataset_utils import DatasetConfig
-    from model_utils import ModelConfig
     from workspace import config_to_dict
 
     workspace = tmp_path_factory.mktemp("push-app")
     folder, template = family_model("llama")
     data = write_jsonl(workspace / "capitals.jsonl", capital_rows(8))
-    config = demo_train_config(
-        data,
-        model=ModelConfig(str(folder)),
-        dataset=DatasetConfig(source=str(data), chat_template=template or ""),
-        max_steps=2,
-        max_seq_length=96,
-        save_steps=2,
-        lora_r=4,
-        lora_alpha=8,
-    )
+    config = family_config(folder, data, template)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FINETUNER_WORKSPACE", str(workspace))
         run_dir = jobs.create_run("train", config_to_dict(config), workspace, "tiny")
